@@ -1,0 +1,36 @@
+"""Command groups whose work lands in later issues: they say so plainly and exit 1."""
+
+from __future__ import annotations
+
+import typer
+
+from provision.errors import ClawError
+
+PENDING = {
+    "provision": ("Provision devices with Ansible (zram, hugepages, governor, OpenCL, Docker).", 5),
+    "image": ("Render, build, smoke-test and export runtime and dev-env container images.", 6),
+    "fleet": ("Roll out updates across the fleet: canary, batches, rollback, history.", 9),
+    "os": ("Build or customise bootable arm64 OS images.", 10),
+    "runtime": ("Run, serve and benchmark quantized LLMs on the device.", 4),
+}
+
+
+def _not_yet(name: str, issue: int) -> typer.Typer:
+    group = typer.Typer(help=f"{PENDING[name][0]} (not yet available: issue #{issue})",
+                        invoke_without_command=True)
+
+    @group.callback()
+    def _pending() -> None:
+        raise ClawError(f"claw {name}: not yet available (tracked in issue #{issue})")
+
+    return group
+
+
+def register(app: typer.Typer) -> None:
+    for name, (_, issue) in PENDING.items():
+        app.add_typer(_not_yet(name, issue), name=name)
+
+    @app.command("flash", help="Write an OS image to an SD card or disk, verified "
+                 "(not yet available: issue #10).")
+    def flash(image: str = typer.Argument(None), device: str = typer.Argument(None)) -> None:
+        raise ClawError("claw flash: not yet available (tracked in issue #10)")

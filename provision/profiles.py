@@ -1,0 +1,267 @@
+"""Device profiles: the hardware abstraction every other part of ClawForge reads.
+
+A profile names what is board-specific (CPU clusters, RAM options, GPU and OpenCL stack, kernel
+and bootloader packages, zram/hugepages sizing, runtime defaults). Profiles ship in
+`provision/data/profiles/`; a user directory may add new ones or override shipped ones by name,
+and a profile may `extends:` another and change only what differs.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from provision.errors import BadInput, BadInputs
+from provision.paths import user_profiles_dir
+from provision.yamlsource import SourcedYaml, format_loc, load_yaml
+
+Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=64)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+Governor = Literal["performance", "schedutil", "ondemand", "conservative", "powersave", "userspace"]
+OpenCLStackName = Literal["pocl", "pocl-cuda", "rusticl", "mali-blob", "nvidia", "none"]
+Bootloader = Literal["u-boot", "rpi-firmware", "uefi", "l4t", "direct-kernel"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CpuCluster(Strict):
+    """A set of identical cores; inference threads are pinned to the fastest cluster."""
+
+    name: Name
+    core: str = Field(min_length=1, description="core type, e.g. Cortex-A76")
+    cores: list[Annotated[int, Field(ge=0, le=255)]] = Field(min_length=1)
+    max_mhz: int = Field(gt=0, le=6000)
+
+
+class OpenCLStack(Strict):
+    """One way to get an OpenCL ICD on the board."""
+
+    name: OpenCLStackName
+    packages: list[str] = Field(default_factory=list, description="Debian packages to install")
+    icd: str | None = Field(None, description="file under /etc/OpenCL/vendors/")
+    kernel_driver: str | None = Field(None, description="kernel module this stack needs")
+    env: dict[str, str] = Field(default_factory=dict, description="environment the ICD needs")
+
+
+class Gpu(Strict):
+    name: str | None = Field(None, description="None on boards with no OpenCL-capable GPU")
+    opencl: list[OpenCLStack] = Field(min_length=1, description="supported stacks, default first")
+
+
+class OsImage(Strict):
+    """What `claw os build` puts on the disk for this board."""
+
+    distro: Literal["debian", "ubuntu"] = "debian"
+    suite: Literal["bookworm", "trixie", "jammy", "noble"] = "bookworm"
+    kernel_packages: list[str] = Field(min_length=1)
+    firmware_packages: list[str] = Field(default_factory=list)
+    bootloader: Bootloader
+    dtb: str | None = None
+    console: str = Field(min_length=1)
+    boot_partition_mb: int = Field(ge=64, le=4096)
+    root_device: str = Field(min_length=1, description="root= on the kernel command line")
+
+
+class ZramRule(Strict):
+    fraction_of_ram: float = Field(gt=0, le=1.5, description="zram disk size / physical RAM")
+    algorithm: Literal["lz4", "zstd", "lzo-rle", "lzo"]
+    max_mb: int | None = Field(None, gt=0)
+    priority: int = Field(100, ge=-1, le=32767)
+
+
+class HugepagesRule(Strict):
+    page_kb: Literal[64, 2048, 32768, 524288, 1048576]
+    fraction_of_model: float = Field(ge=0, le=2, description="pages reserved per model byte")
+    max_fraction_of_ram: Fraction
+
+
+class RuntimeDefaults(Strict):
+    backend: Literal["numpy", "opencl", "auto"]
+    threads: int = Field(ge=1, le=256)
+    cpu_affinity: list[int] = Field(min_length=1, description="cores kept for inference")
+    memory_budget_fraction: Fraction = Field(description="share of RAM the runtime may hold")
+    prefill_chunk: int = Field(ge=16, le=8192)
+    context: int = Field(ge=128, le=1_048_576)
+
+
+class PressureThresholds(Strict):
+    """When the runtime starts offloading non-critical work (issue: serving and offload)."""
+
+    psi_some_avg10: float = Field(ge=0, le=100, description="/proc/pressure/memory some avg10")
+    mem_available_min_fraction: Fraction
+
+
+class DeviceProfile(Strict):
+    name: Name
+    description: str = Field(min_length=1)
+    extends: Name | None = None
+    arch: Literal["arm64", "amd64"]
+    soc: str = Field(min_length=1)
+    boards: list[str] = Field(min_length=1)
+    ram_gb: list[Annotated[int, Field(ge=1, le=1024)]] = Field(min_length=1)
+    cpu: list[CpuCluster] = Field(min_length=1)
+    gpu: Gpu
+    governor: Governor
+    zram: ZramRule
+    hugepages: HugepagesRule
+    os: OsImage
+    runtime: RuntimeDefaults
+    pressure: PressureThresholds
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeviceProfile:
+        ids = [c for cluster in self.cpu for c in cluster.cores]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"cpu: a core id appears in two clusters ({sorted(ids)})")
+        unknown = sorted(set(self.runtime.cpu_affinity) - set(ids))
+        if unknown:
+            raise ValueError(f"runtime.cpu_affinity: cores {unknown} are not in any cpu cluster "
+                             f"(expected a subset of {sorted(ids)})")
+        if self.runtime.threads > len(ids):
+            raise ValueError(f"runtime.threads: {self.runtime.threads} exceeds the "
+                             f"{len(ids)} cores (expected ≤ {len(ids)})")
+        if sorted(set(self.ram_gb)) != self.ram_gb:
+            raise ValueError(f"ram_gb: {self.ram_gb} must be ascending without repeats")
+        return self
+
+    @cached_property
+    def core_ids(self) -> list[int]:
+        return sorted(c for cluster in self.cpu for c in cluster.cores)
+
+    @property
+    def opencl_stacks(self) -> list[str]:
+        return [s.name for s in self.gpu.opencl]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "soc": self.soc,
+            "cores": len(self.core_ids),
+            "ram_gb": self.ram_gb,
+            "gpu": self.gpu.name or "-",
+            "opencl": self.opencl_stacks,
+            "description": self.description,
+        }
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; lists and scalars in `over` replace those in `base`."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _expected(err: dict[str, Any]) -> str:
+    """Pydantic's message, phrased as `what is wrong (expected …)`."""
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown field (expected a profile schema field; see `claw profiles show`)"
+    if kind == "missing":
+        return "missing (expected a value)"
+    if kind == "literal_error":
+        return f"{err['input']!r} is not allowed ({msg[0].lower() + msg[1:]})"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict | list) else f"{got!r}: "
+    return f"{shown}{msg[0].lower() + msg[1:]}".replace("Value error, ", "")
+
+
+def validation_lines(src: SourcedYaml, exc: ValidationError) -> list[str]:
+    """Turn a pydantic error into `FILE:LINE: field: what is wrong (expected …)` lines."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        text = _expected(err)
+        if err["type"] == "value_error" and ": " in text and not loc:
+            field_name, _, text = text.partition(": ")  # our model validators name the field
+            loc = tuple(field_name.split("."))
+        lines.append(f"{src.where(loc)}: {format_loc(loc)}: {text}")
+    return lines
+
+
+class ProfileStore:
+    """All known profiles: shipped ones, then the user's directory (which wins by name)."""
+
+    def __init__(self, user_dir: Path | None = None):
+        self.user_dir = user_dir if user_dir is not None else user_profiles_dir()
+        self._sources: dict[str, SourcedYaml] = {}
+        self._origin: dict[str, str] = {}
+        self._cache: dict[str, DeviceProfile] = {}
+        shipped = resources.files("provision.data") / "profiles"
+        for entry in sorted(shipped.iterdir(), key=lambda p: p.name):
+            if entry.name.endswith(".yml"):
+                self._add(Path(str(entry)), "shipped")
+        if self.user_dir.is_dir():
+            for path in sorted(self.user_dir.glob("*.y*ml")):
+                self._add(path, "user")
+
+    def _add(self, path: Path, origin: str) -> None:
+        src = load_yaml(path, "device profile")
+        if not isinstance(src.data, dict):
+            raise BadInput(f"{path}:1: profile: expected a mapping of profile fields")
+        name = src.data.get("name")
+        if not isinstance(name, str):
+            raise BadInput(f"{src.where(('name',))}: name: missing or not a string "
+                           "(expected the profile's name)")
+        if name != path.stem:
+            raise BadInput(f"{src.where(('name',))}: name: {name!r} differs from the file name "
+                           f"(expected {path.stem!r})")
+        self._sources[name] = src
+        self._origin[name] = origin
+
+    def names(self) -> list[str]:
+        return sorted(self._sources)
+
+    def origin(self, name: str) -> str:
+        return self._origin[name]
+
+    def source(self, name: str) -> SourcedYaml:
+        return self._sources[name]
+
+    def get(self, name: str) -> DeviceProfile:
+        if name not in self._cache:
+            self._cache[name] = self._resolve(name, ())
+        return self._cache[name]
+
+    def _resolve(self, name: str, chain: tuple[str, ...]) -> DeviceProfile:
+        if name not in self._sources:
+            raise BadInput(f"unknown profile {name!r} (expected one of: {', '.join(self.names())})")
+        src = self._sources[name]
+        data = dict(src.data)
+        parent = data.get("extends")
+        if parent is not None:
+            if parent in (*chain, name):
+                raise BadInput(f"{src.where(('extends',))}: extends: cycle "
+                               f"{' -> '.join((*chain, name, parent))}")
+            if parent not in self._sources:
+                raise BadInput(f"{src.where(('extends',))}: extends: unknown profile {parent!r} "
+                               f"(expected one of: {', '.join(self.names())})")
+            base = self._resolve(parent, (*chain, name)).model_dump(mode="json")
+            base.pop("extends", None)
+            data = _deep_merge(base, data)
+        try:
+            return DeviceProfile.model_validate(data)
+        except ValidationError as exc:
+            raise BadInputs(validation_lines(src, exc)) from None
+
+    def check_all(self) -> list[str]:
+        """Every problem in every profile, for `claw profiles check`."""
+        problems: list[str] = []
+        for name in self.names():
+            try:
+                self.get(name)
+            except BadInputs as exc:
+                problems.extend(exc.problems)
+            except BadInput as exc:
+                problems.append(str(exc))
+        return problems
