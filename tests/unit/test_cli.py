@@ -1,0 +1,44 @@
+"""The CLI's contract: every command has help with an example, and honest exit codes."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+COMMANDS = [
+    ["profiles", "list"], ["profiles", "show"], ["profiles", "check"],
+    ["inventory", "check"], ["doctor"],
+]
+PENDING = ["provision", "image", "fleet", "os", "runtime"]
+
+
+def test_root_help_lists_every_group(claw):
+    result = claw("--help")
+    assert result.code == 0
+    for group in ["profiles", "inventory", "doctor", "flash", *PENDING]:
+        assert group in result.out
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help_with_an_example(claw, command):
+    result = claw(*command, "--help")
+    assert result.code == 0
+    assert "Example:" in result.out and "claw " in result.out
+
+
+@pytest.mark.parametrize("group", PENDING)
+def test_pending_groups_say_so_and_fail(claw, group):
+    result = claw(group)
+    assert result.code == 1
+    assert f"claw {group}: not yet available (tracked in issue #" in result.err
+
+
+def test_unknown_command_and_option_are_bad_input(claw):
+    assert claw("frobnicate").code == 2
+    assert claw("profiles", "list", "--colour").code == 2
+
+
+def test_version(claw):
+    result = claw("--version")
+    assert result.code == 0 and result.out.startswith("claw 0.")
