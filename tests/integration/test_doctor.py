@@ -46,7 +46,8 @@ def test_stopped_engine_is_reported(tmp_path):
 
 
 def test_missing_opencl_driver_is_reported(tmp_path):
-    result = claw_subprocess("doctor", "--json", env={"OCL_ICD_VENDORS": str(tmp_path / "no-vendors")})
+    no_vendors = str(tmp_path / "no-vendors")  # the ICD loader finds no driver at all
+    result = claw_subprocess("doctor", "--json", env={"OCL_ICD_VENDORS": no_vendors})
     fault = findings(result)["opencl-no-platform"]
     assert fault["status"] == "fault" and "PLATFORM_NOT_FOUND" in fault["detail"]
 
