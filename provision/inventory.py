@@ -26,6 +26,7 @@ from provision.profiles import (
     OpenCLStackName,
     ProfileStore,
 )
+from provision.validation import describe
 from provision.yamlsource import SourcedYaml, YamlPath, load_yaml
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -41,7 +42,7 @@ class HostVars(BaseModel):
     Ansible's connection variables are type-checked; all other variables pass through.
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     claw_profile: Name
     claw_ram_gb: int | None = Field(None, ge=1, description="one of the profile's ram_gb")
@@ -300,8 +301,7 @@ def _check_host(host: Host, store: ProfileStore) -> list[str]:
     except ValidationError as exc:
         for err in exc.errors():
             var = str(err["loc"][0])
-            got = err.get("input")
-            bad(var, f"{got!r}: {err['msg'][0].lower() + err['msg'][1:]}")
+            bad(var + "".join(f"[{p}]" for p in err["loc"][1:]), describe(err))
         return problems
     s = host.settings
     if s.claw_profile not in store.names():

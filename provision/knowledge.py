@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from provision.errors import BadInputs
-from provision.profiles import validation_lines
+from provision.validation import validation_lines
 from provision.yamlsource import load_yaml
 
 Facts = dict[str, Any]
@@ -25,7 +25,7 @@ SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
 
 class Fault(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     scope: Literal["controller", "device"]

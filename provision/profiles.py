@@ -8,6 +8,7 @@ and a profile may `extends:` another and change only what differs.
 
 from __future__ import annotations
 
+import difflib
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -17,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from provision.errors import BadInput, BadInputs
 from provision.paths import user_profiles_dir
-from provision.yamlsource import SourcedYaml, format_loc, load_yaml
+from provision.validation import validation_lines
+from provision.yamlsource import SourcedYaml, load_yaml
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=64)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
@@ -27,7 +29,7 @@ Bootloader = Literal["u-boot", "rpi-firmware", "uefi", "l4t", "direct-kernel"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class CpuCluster(Strict):
@@ -118,7 +120,9 @@ class DeviceProfile(Strict):
     def _consistent(self) -> DeviceProfile:
         ids = [c for cluster in self.cpu for c in cluster.cores]
         if len(ids) != len(set(ids)):
-            raise ValueError(f"cpu: a core id appears in two clusters ({sorted(ids)})")
+            twice = sorted({c for c in ids if ids.count(c) > 1})
+            raise ValueError(f"cpu: cores {twice} appear in two clusters (expected each core "
+                             "id in exactly one cluster)")
         unknown = sorted(set(self.runtime.cpu_affinity) - set(ids))
         if unknown:
             raise ValueError(f"runtime.cpu_affinity: cores {unknown} are not in any cpu cluster "
@@ -127,7 +131,8 @@ class DeviceProfile(Strict):
             raise ValueError(f"runtime.threads: {self.runtime.threads} exceeds the "
                              f"{len(ids)} cores (expected ≤ {len(ids)})")
         if sorted(set(self.ram_gb)) != self.ram_gb:
-            raise ValueError(f"ram_gb: {self.ram_gb} must be ascending without repeats")
+            raise ValueError(f"ram_gb: {self.ram_gb} is not valid (expected sizes in ascending "
+                             "order without repeats)")
         return self
 
     @cached_property
@@ -160,33 +165,6 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
-
-
-def _expected(err: dict[str, Any]) -> str:
-    """Pydantic's message, phrased as `what is wrong (expected …)`."""
-    kind, msg = err["type"], err["msg"]
-    if kind == "extra_forbidden":
-        return "unknown field (expected a profile schema field; see `claw profiles show`)"
-    if kind == "missing":
-        return "missing (expected a value)"
-    if kind == "literal_error":
-        return f"{err['input']!r} is not allowed ({msg[0].lower() + msg[1:]})"
-    got = err.get("input")
-    shown = "" if isinstance(got, dict | list) else f"{got!r}: "
-    return f"{shown}{msg[0].lower() + msg[1:]}".replace("Value error, ", "")
-
-
-def validation_lines(src: SourcedYaml, exc: ValidationError) -> list[str]:
-    """Turn a pydantic error into `FILE:LINE: field: what is wrong (expected …)` lines."""
-    lines = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        text = _expected(err)
-        if err["type"] == "value_error" and ": " in text and not loc:
-            field_name, _, text = text.partition(": ")  # our model validators name the field
-            loc = tuple(field_name.split("."))
-        lines.append(f"{src.where(loc)}: {format_loc(loc)}: {text}")
-    return lines
 
 
 class ProfileStore:
@@ -235,7 +213,10 @@ class ProfileStore:
 
     def _resolve(self, name: str, chain: tuple[str, ...]) -> DeviceProfile:
         if name not in self._sources:
-            raise BadInput(f"unknown profile {name!r} (expected one of: {', '.join(self.names())})")
+            near = difflib.get_close_matches(name, self.names(), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise BadInput(f"unknown profile {name!r} (expected one of: "
+                           f"{', '.join(self.names())}{hint})")
         src = self._sources[name]
         data = dict(src.data)
         parent = data.get("extends")

@@ -51,7 +51,8 @@ def format_loc(loc: YamlPath) -> str:
 def read_text(path: Path, what: str) -> str:
     """Read a user file, turning OS errors into one-line bad-input messages."""
     try:
-        return path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise BadInput(f"{path}: {what} not found") from None
     except IsADirectoryError:
@@ -59,7 +60,9 @@ def read_text(path: Path, what: str) -> str:
     except PermissionError:
         raise BadInput(f"{path}: cannot read {what}: permission denied") from None
     except UnicodeDecodeError as exc:
-        raise BadInput(f"{path}: {what} is not UTF-8 text (byte {exc.start})") from None
+        line = data[: exc.start].count(b"\n") + 1
+        raise BadInput(f"{path}:{line}: {what}: byte {data[exc.start]:#04x} is not UTF-8 "
+                       "(expected UTF-8 text)") from None
     except OSError as exc:
         raise BadInput(f"{path}: cannot read {what}: {exc.strerror}") from None
 
@@ -72,7 +75,7 @@ def load_yaml(path: Path, what: str = "YAML file") -> SourcedYaml:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
-        problem = exc.problem or exc.context or "invalid YAML"
+        problem = ", ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
         raise BadInput(f"{path}:{line}: malformed YAML: {problem}") from None
     except yaml.YAMLError as exc:
         raise BadInput(f"{path}: malformed YAML: {exc}") from None

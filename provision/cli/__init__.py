@@ -11,6 +11,7 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 
 from provision import __version__
 from provision.cli import doctor, inventory, pending, profiles
@@ -53,10 +54,11 @@ def main() -> None:
         app()
     except BadInputs as exc:
         for line in exc.problems:
-            err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except ClawError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False,
+                          soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -64,7 +66,7 @@ def main() -> None:
     except Exception as exc:  # the last line of defence: no traceback for users
         if os.environ.get("CLAW_DEBUG"):
             raise
-        err_console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
+        err_console.print(f"[red]internal error:[/red] {type(exc).__name__}: {escape(str(exc))} "
                           "(run with CLAW_DEBUG=1 for the traceback)", highlight=False,
                           soft_wrap=True)
         sys.exit(EXIT_FAILED)

@@ -84,4 +84,5 @@ def test_malformed_knowledge_base_is_reported_with_its_line(tmp_path, capsys):
     """))
     with pytest.raises(BadInputs) as exc:
         load_faults(path)
-    assert f"{path}:3: [0].severity: 'fatal' is not allowed" in exc.value.problems[0]
+    assert exc.value.problems[0] == (f"{path}:3: [0].severity: 'fatal' is not valid "
+                                      "(expected 'error', 'warning' or 'info')")
