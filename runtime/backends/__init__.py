@@ -1,0 +1,85 @@
+"""Compute backends behind one interface: `numpy` (the readable reference) and `opencl`.
+
+A backend holds a model's weights and runs its forward pass over a KV cache; the generator,
+the server and the benchmarks only ever call `new_cache` and `forward`, so a faster backend
+plugs in without touching them, and tests compare any two backends on the same inputs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from runtime.config import ModelConfig
+from runtime.errors import ModelError
+from runtime.model_file import ModelSource
+
+BACKENDS = ("numpy", "opencl", "auto")
+
+
+class KVCache:
+    """Keys and values of every layer for one sequence: (layers, n_ctx, kv_heads, head_dim)."""
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int):
+        shape = (cfg.n_layers, n_ctx, cfg.n_kv_heads, cfg.head_dim)
+        self.k = np.zeros(shape, np.float32)  # zero pages are only committed when written
+        self.v = np.zeros(shape, np.float32)
+        self.n_ctx = n_ctx
+        self.length = 0  # positions filled so far
+
+    def truncate(self, length: int) -> None:
+        """Forget positions ≥ length (to reuse a shared prompt prefix)."""
+        self.length = min(self.length, length)
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, source: ModelSource):
+        self.source = source
+        self.config = source.config
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        return KVCache(self.config, n_ctx)
+
+    @abstractmethod
+    def forward(self, tokens: Sequence[int], cache: KVCache, *,
+                all_logits: bool = False) -> np.ndarray:
+        """Run `tokens` at positions cache.length…; return logits (len(tokens) or 1, vocab)."""
+
+    def check_room(self, tokens: Sequence[int], cache: KVCache) -> None:
+        if not tokens:
+            raise ValueError("forward needs at least one token")
+        if cache.length + len(tokens) > cache.n_ctx:
+            raise ModelError(f"context full: {cache.length} + {len(tokens)} tokens exceed "
+                             f"n_ctx {cache.n_ctx} (expected a shorter prompt or a larger "
+                             "--ctx)")
+        bad = [t for t in tokens if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ModelError(f"token id {bad[0]} is out of range "
+                             f"(expected 0 ≤ id < {self.config.vocab_size})")
+
+
+@dataclass
+class Choice:
+    backend: Backend
+    reason: str
+
+
+def create_backend(name: str, source: ModelSource, *, memory_budget: int | None = None) -> Choice:
+    """Make the backend `name` (numpy, opencl or auto), saying why `auto` picked what it did."""
+    if name not in BACKENDS:
+        raise ModelError(f"backend {name!r} is not known (expected one of: {', '.join(BACKENDS)})")
+    from runtime.backends.numpy_backend import NumpyBackend
+
+    if name == "numpy":
+        return Choice(NumpyBackend(source, memory_budget=memory_budget), "asked for numpy")
+    if name == "opencl":
+        raise ModelError("the OpenCL backend is not available yet (tracked in issue #7; "
+                         "expected --backend numpy or auto)")
+    return Choice(NumpyBackend(source, memory_budget=memory_budget),
+                  "auto: numpy (the OpenCL backend is not built yet)")

@@ -1,0 +1,166 @@
+"""The reference forward pass of a llama-family decoder, in numpy.
+
+Written to be read top to bottom next to the model's definition: embedding → for each layer
+(RMSNorm → attention with RoPE, KV cache and grouped-query heads → residual → RMSNorm → SwiGLU
+MLP → residual) → RMSNorm → output head. Shapes are in the comments: T new tokens, S cached
+positions, H query heads, KV key/value heads, D head size, C model width, F FFN width.
+Weights are dequantized to float32 when first used and kept while they fit the memory budget;
+past it, the least recently used are dropped and dequantized again when next needed, so a model
+larger than the budget still runs (slower).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+
+from runtime.backends import Backend, KVCache
+from runtime.config import ModelConfig
+from runtime.model_file import ModelSource
+
+
+class WeightCache:
+    """float32 weights by name, least recently used dropped past `budget` bytes."""
+
+    def __init__(self, source: ModelSource, budget: int | None):
+        self.source = source
+        self.budget = budget
+        self.held: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.bytes = 0
+        self.loads = 0  # dequantizations so far: tests and benchmarks read it
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name in self.held:
+            self.held.move_to_end(name)
+            return self.held[name]
+        array = self.source.tensors[name].to_float32()
+        self.loads += 1
+        if self.budget is None or array.nbytes <= self.budget:
+            self.held[name] = array
+            self.bytes += array.nbytes
+            while self.budget is not None and self.bytes > self.budget:
+                _, old = self.held.popitem(last=False)
+                self.bytes -= old.nbytes
+        return array
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x²) + eps) · weight, over the last axis."""
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def rope_inv_freq(cfg: ModelConfig, freq_factors: np.ndarray | None) -> np.ndarray:
+    """θ_i = base^(-2i/d) for i < d/2, rescaled for long contexts (Llama 3 / linear)."""
+    d = cfg.rope_dim
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)  # (d/2,)
+    s = cfg.rope_scaling
+    if freq_factors is not None:  # GGUF stores Llama 3's per-frequency divisors as a tensor
+        inv = inv / freq_factors.astype(np.float64)
+    elif s.kind == "llama3":  # Llama 3.1's rule: slow the low frequencies, keep the high ones
+        wavelen = 2 * np.pi / inv
+        low_wavelen = s.original_context / s.low_freq_factor
+        high_wavelen = s.original_context / s.high_freq_factor
+        smooth = (s.original_context / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor)
+        blended = (1 - smooth) * inv / s.factor + smooth * inv
+        inv = np.where(wavelen > low_wavelen, inv / s.factor,
+                       np.where(wavelen < high_wavelen, inv, blended))
+    return inv
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str) -> np.ndarray:
+    """Rotate x (T, heads, D) by position. `normal` pairs (0,1),(2,3)…; `neox` pairs (i, i+d/2)."""
+    d = cos.shape[-1] * 2
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, d/2)
+    out = x.copy()
+    if style == "normal":
+        x0, x1 = x[..., 0:d:2], x[..., 1:d:2]
+        out[..., 0:d:2] = x0 * cos - x1 * sin
+        out[..., 1:d:2] = x0 * sin + x1 * cos
+    else:
+        x0, x1 = x[..., : d // 2], x[..., d // 2: d]
+        out[..., : d // 2] = x0 * cos - x1 * sin
+        out[..., d // 2: d] = x1 * cos + x0 * sin
+    return out
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+
+    def __init__(self, source: ModelSource, *, memory_budget: int | None = None):
+        super().__init__(source)
+        self.w = WeightCache(source, memory_budget)
+        factors = source.tensors.get("rope_freqs.weight")
+        self.inv_freq = rope_inv_freq(self.config,
+                                      factors.to_float32() if factors is not None else None)
+
+    def embed(self, tokens: Sequence[int]) -> np.ndarray:
+        """Rows of the embedding table, dequantized one token at a time: (T, C)."""
+        table = self.source.tensors["token_embd.weight"]
+        return np.concatenate([table.rows(t, t + 1) for t in tokens])
+
+    def attention(self, x: np.ndarray, layer: int, cache: KVCache) -> np.ndarray:
+        cfg, w, b = self.config, self.w, f"blk.{layer}."
+        T, H, KV, D = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q, k, v = x @ w(b + "attn_q.weight").T, x @ w(b + "attn_k.weight").T, \
+            x @ w(b + "attn_v.weight").T  # (T, H·D), (T, KV·D), (T, KV·D)
+        if cfg.qkv_bias:
+            q, k, v = q + w(b + "attn_q.bias"), k + w(b + "attn_k.bias"), v + w(b + "attn_v.bias")
+        q, k, v = q.reshape(T, H, D), k.reshape(T, KV, D), v.reshape(T, KV, D)
+
+        start = cache.length
+        positions = np.arange(start, start + T, dtype=np.float64)
+        if cfg.rope_scaling.kind == "linear":
+            positions = positions / cfg.rope_scaling.factor
+        angles = positions[:, None] * self.inv_freq[None, :]  # (T, rope_dim/2)
+        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        r = cfg.rope_dim
+        q[..., :r] = apply_rope(q[..., :r], cos, sin, cfg.rope_style)
+        k[..., :r] = apply_rope(k[..., :r], cos, sin, cfg.rope_style)
+
+        cache.k[layer, start:start + T] = k
+        cache.v[layer, start:start + T] = v
+        S = start + T
+        keys, values = cache.k[layer, :S], cache.v[layer, :S]  # (S, KV, D)
+
+        # Grouped-query attention: query head h reads key/value head h // (H / KV).
+        group = H // KV
+        qg = q.reshape(T, KV, group, D).transpose(1, 2, 0, 3)  # (KV, G, T, D)
+        scores = qg @ keys.transpose(1, 2, 0)[:, None] / np.sqrt(D)  # (KV, G, T, S)
+        causal = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # (T, S): future
+        scores = np.where(causal, -np.inf, scores)
+        out = softmax(scores) @ values.transpose(1, 0, 2)[:, None]  # (KV, G, T, D)
+        out = out.transpose(2, 0, 1, 3).reshape(T, H * D)
+        return out @ w(b + "attn_output.weight").T  # (T, C)
+
+    def mlp(self, x: np.ndarray, layer: int) -> np.ndarray:
+        w, b = self.w, f"blk.{layer}."
+        gate = silu(x @ w(b + "ffn_gate.weight").T)  # (T, F)
+        return (gate * (x @ w(b + "ffn_up.weight").T)) @ w(b + "ffn_down.weight").T  # (T, C)
+
+    def forward(self, tokens: Sequence[int], cache: KVCache, *,
+                all_logits: bool = False) -> np.ndarray:
+        self.check_room(tokens, cache)
+        cfg, w = self.config, self.w
+        x = self.embed(tokens)  # (T, C)
+        for layer in range(cfg.n_layers):
+            b = f"blk.{layer}."
+            x = x + self.attention(rms_norm(x, w(b + "attn_norm.weight"), cfg.norm_eps),
+                                   layer, cache)
+            x = x + self.mlp(rms_norm(x, w(b + "ffn_norm.weight"), cfg.norm_eps), layer)
+        cache.length += len(tokens)
+        x = x if all_logits else x[-1:]
+        x = rms_norm(x, w("output_norm.weight"), cfg.norm_eps)
+        head = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+        return x @ w(head).T  # (T or 1, vocab)

@@ -1,0 +1,429 @@
+"""GGML block quantization: the tensor formats of GGUF files, in numpy.
+
+A quantized row is a run of fixed-size *blocks*; each block stores `QK` weights in `nbytes` bytes.
+Every layout below is a packed little-endian numpy structured dtype whose itemsize is exactly the
+block's byte size, so raw file bytes are viewed as an array of blocks without copying, and the
+field names follow llama.cpp's ggml-common.h. All work is vectorized over blocks; large tensors
+are processed in chunks of blocks only to keep temporaries in cache.
+
+Legacy formats (32 weights per block, one fp16 scale `d`, maybe an fp16 offset `m`):
+    Q8_0  x = d * q                  q int8
+    Q4_0  x = d * (q - 8)            q 4 bit
+    Q4_1  x = d * q + m              q 4 bit
+    Q5_0  x = d * (q - 16)           q 5 bit (4 low bits in nibbles, 5th bit in a 32-bit mask)
+    Q5_1  x = d * q + m              q 5 bit
+K formats (256-weight super-blocks of 8 x 32 or 16 x 16 sub-blocks, quantized sub-block scales):
+    Q4_K  x = (d * sc_j) * q - (dmin * m_j)       6-bit sc/m per 32, q 4 bit
+    Q5_K  x = (d * sc_j) * q - (dmin * m_j)       6-bit sc/m per 32, q 5 bit
+    Q6_K  x = (d * sc_j) * (q - 32)               int8 sc per 16,    q 6 bit
+Dequantization does the float32 arithmetic in llama.cpp's order, so it is bit-exact with
+`gguf.quants.dequantize`. The quantizers round to nearest (no search); for the legacy formats
+they reproduce ggml's reference quantizers byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from math import prod
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+QK = 32  # weights per block, legacy formats
+QK_K = 256  # weights per super-block, K formats
+_CHUNK = 1 << 12  # K-blocks per chunk: 1M weights, 4 MB of float32 (measured best, 2 cores)
+
+
+class QuantError(ValueError):
+    """Unsupported type, a byte count that does not match the shape, or a bad row length."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+_NIB = np.array([0, 4], dtype=np.uint8)
+
+
+def _f32(h: np.ndarray) -> np.ndarray:
+    """fp16 field (n,) -> float32 (n, 1), ready to broadcast over a block."""
+    return h.astype(np.float32)[:, None]
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(..., k) bytes -> (..., 2k): the k low nibbles, then the k high nibbles (ggml order)."""
+    return (qs[..., None, :] >> _NIB[:, None] & 15).reshape(*qs.shape[:-1], 2 * qs.shape[-1])
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """Inverse of `_nibbles`: (..., 2k) values < 16 -> (..., k) bytes."""
+    k = q.shape[-1] // 2
+    return q[..., :k] | (q[..., k:] << 4)
+
+
+def _round_away(v: np.ndarray) -> np.ndarray:
+    """C `roundf`: to nearest, halves away from zero (np.round goes to even)."""
+    a = np.abs(v)
+    f = np.floor(a)
+    return np.copysign(f + (a - f >= 0.5), v)
+
+
+def _inv(d: np.ndarray) -> np.ndarray:
+    """1/d, and 0 where d == 0 (an all-zero block)."""
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+
+
+def _signed_absmax(x: np.ndarray) -> np.ndarray:
+    """(..., k) -> (..., 1): the element of largest magnitude, sign kept (first one on ties)."""
+    return np.take_along_axis(x, np.abs(x).argmax(axis=-1, keepdims=True), axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# float formats: "blocks" of one element
+
+
+def _dq_f32(b: np.ndarray, out: np.ndarray) -> None:
+    out[:, 0] = b
+
+
+def _q_f32(x: np.ndarray, out: np.ndarray) -> None:
+    out[:] = x[:, 0]
+
+
+def _dq_f16(b: np.ndarray, out: np.ndarray) -> None:
+    out[:, 0] = b
+
+
+def _q_f16(x: np.ndarray, out: np.ndarray) -> None:
+    out[:] = x[:, 0]  # float32 -> float16 rounds to nearest even, as ggml does
+
+
+def _dq_bf16(b: np.ndarray, out: np.ndarray) -> None:
+    """BF16 (2 bytes): the high half of a float32."""
+    out[:, 0] = (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def _q_bf16(x: np.ndarray, out: np.ndarray) -> None:
+    """Round to nearest even on the dropped 16 bits; NaN stays a (quiet) NaN."""
+    u = x[:, 0].view(np.uint32)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    out[:] = np.where(nan, (u >> 16) | 64, (u + (0x7FFF + ((u >> 16) & 1))) >> 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# legacy formats: 32 weights per block
+
+Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
+
+
+def _dq_q8_0(b: np.ndarray, out: np.ndarray) -> None:
+    """Q8_0 (34 bytes): d f16 | qs[32] int8.  x[j] = d * qs[j]."""
+    np.multiply(b["qs"], _f32(b["d"]), out=out)  # (n, 32)
+
+
+def _q_q8_0(x: np.ndarray, out: np.ndarray) -> None:
+    d = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)  # (n, 1)
+    out["d"] = d[:, 0]
+    out["qs"] = _round_away(x * _inv(d))
+
+
+Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
+
+
+def _dq_q4_0(b: np.ndarray, out: np.ndarray) -> None:
+    """Q4_0 (18 bytes): d f16 | qs[16] nibbles.
+
+    x[j] = d * ((qs[j] & 15) - 8),  x[j + 16] = d * ((qs[j] >> 4) - 8),  j < 16.
+    """
+    np.multiply(_f32(b["d"]), _nibbles(b["qs"]).view(np.int8) - np.int8(8), out=out)
+
+
+def _q_q4_0(x: np.ndarray, out: np.ndarray) -> None:
+    d = _signed_absmax(x) / np.float32(-8)  # the largest magnitude maps to q = 0 exactly
+    q = np.trunc(x * _inv(d) + np.float32(8.5)).clip(0, 15).astype(np.uint8)
+    out["d"] = d[:, 0]
+    out["qs"] = _pack_nibbles(q)
+
+
+Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
+
+
+def _dq_q4_1(b: np.ndarray, out: np.ndarray) -> None:
+    """Q4_1 (20 bytes): d f16 | m f16 | qs[16] nibbles (order as Q4_0).  x = d * q + m."""
+    np.multiply(_f32(b["d"]), _nibbles(b["qs"]), out=out)
+    out += _f32(b["m"])
+
+
+def _q_q4_1(x: np.ndarray, out: np.ndarray) -> None:
+    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    d = (hi - lo) / np.float32(15)
+    q = np.trunc((x - lo) * _inv(d) + np.float32(0.5)).clip(0, 15).astype(np.uint8)
+    out["d"], out["m"] = d[:, 0], lo[:, 0]
+    out["qs"] = _pack_nibbles(q)
+
+
+Q5_0 = np.dtype([("d", "<f2"), ("qh", "u1", 4), ("qs", "u1", 16)])
+
+
+def _q5_bits(b: np.ndarray) -> np.ndarray:
+    """Low nibbles | 5th bits -> q (n, 32) uint8; bit j of the little-endian qh is for x[j]."""
+    return _nibbles(b["qs"]) | np.unpackbits(b["qh"], axis=1, bitorder="little") << 4
+
+
+def _pack_q5(q: np.ndarray, out: np.ndarray) -> None:
+    out["qs"] = _pack_nibbles(q & 15)
+    out["qh"] = np.packbits(q >> 4, axis=1, bitorder="little")
+
+
+def _dq_q5_0(b: np.ndarray, out: np.ndarray) -> None:
+    """Q5_0 (22 bytes): d f16 | qh[4] | qs[16] nibbles.  x[j] = d * (q[j] - 16),
+    q[j] = nibble j (order as Q4_0) | bit j of qh (as a little-endian u32) << 4."""
+    np.multiply(_f32(b["d"]), _q5_bits(b).view(np.int8) - np.int8(16), out=out)
+
+
+def _q_q5_0(x: np.ndarray, out: np.ndarray) -> None:
+    d = _signed_absmax(x) / np.float32(-16)
+    q = np.trunc(x * _inv(d) + np.float32(16.5)).clip(0, 31).astype(np.uint8)
+    out["d"] = d[:, 0]
+    _pack_q5(q, out)
+
+
+Q5_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "u1", 4), ("qs", "u1", 16)])
+
+
+def _dq_q5_1(b: np.ndarray, out: np.ndarray) -> None:
+    """Q5_1 (24 bytes): d f16 | m f16 | qh[4] | qs[16]; q as Q5_0.  x = d * q + m."""
+    np.multiply(_f32(b["d"]), _q5_bits(b), out=out)
+    out += _f32(b["m"])
+
+
+def _q_q5_1(x: np.ndarray, out: np.ndarray) -> None:
+    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    d = (hi - lo) / np.float32(31)
+    q = np.trunc((x - lo) * _inv(d) + np.float32(0.5)).clip(0, 31).astype(np.uint8)
+    out["d"], out["m"] = d[:, 0], lo[:, 0]
+    _pack_q5(q, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# K formats: 256 weights per super-block
+
+Q4_K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)])
+Q5_K = np.dtype(
+    [("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qh", "u1", 32), ("qs", "u1", 128)]
+)
+
+
+def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """12 bytes -> eight 6-bit scales and eight 6-bit mins, (n, 8) each.
+
+    bytes 0-3:  sc[0:4] in bits 0-5, bits 4-5 of sc[4:8] in bits 6-7
+    bytes 4-7:  m[0:4]  in bits 0-5, bits 4-5 of m[4:8]  in bits 6-7
+    bytes 8-11: low 4 bits of sc[4:8] in bits 0-3, low 4 bits of m[4:8] in bits 4-7
+    """
+    a, b, c = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([a & 63, (c & 15) | (a >> 6 << 4)], axis=1)
+    m = np.concatenate([b & 63, (c >> 4) | (b >> 6 << 4)], axis=1)
+    return sc, m
+
+
+def _pack_scale_min_k4(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Inverse of `_scale_min_k4`: (n, 8) values < 64 each -> (n, 12) bytes."""
+    a = sc[:, :4] | (sc[:, 4:] >> 4 << 6)
+    b = m[:, :4] | (m[:, 4:] >> 4 << 6)
+    c = (sc[:, 4:] & 15) | (m[:, 4:] << 4)
+    return np.concatenate([a, b, c], axis=1)
+
+
+def _dq_k4(b: np.ndarray, q: np.ndarray, out: np.ndarray) -> None:
+    """x = (d * sc) * q - (dmin * m) for q (n, 8, 32) into out (n, 256)."""
+    sc, m = _scale_min_k4(b["scales"])
+    d, dm = _f32(b["d"]) * sc, _f32(b["dmin"]) * m  # (n, 8)
+    out = out.reshape(-1, 8, 32)
+    np.multiply(d[:, :, None], q, out=out)
+    out -= dm[:, :, None]
+
+
+def _dq_q4_k(b: np.ndarray, out: np.ndarray) -> None:
+    """Q4_K (144 bytes): d f16 | dmin f16 | scales[12] (6-bit sc, m x 8) | qs[128] nibbles.
+
+    Sub-block j (32 weights) holds the low nibbles (j even) or high nibbles (j odd) of
+    qs[32 * (j // 2) : 32 * (j // 2) + 32].  x = (d * sc[j]) * q - (dmin * m[j]).
+    """
+    _dq_k4(b, _nibbles(b["qs"].reshape(-1, 4, 32)).reshape(-1, 8, 32), out)
+
+
+def _dq_q5_k(b: np.ndarray, out: np.ndarray) -> None:
+    """Q5_K (176 bytes): d f16 | dmin f16 | scales[12] | qh[32] | qs[128] nibbles.
+
+    Low 4 bits as Q4_K; the 5th bit of weight l of sub-block j is bit j of qh[l].
+    """
+    lo = _nibbles(b["qs"].reshape(-1, 4, 32)).reshape(-1, 8, 32)
+    hi = np.unpackbits(b["qh"][:, None, :], axis=1, bitorder="little")  # (n, 8, 32)
+    _dq_k4(b, lo | hi << 4, out)
+
+
+def _q_k4(x: np.ndarray, out: np.ndarray, nmax: int) -> np.ndarray:
+    """Asymmetric RTN for Q4_K/Q5_K: x (n, 256) -> q (n, 8, 32) in [0, nmax]; fills d/dmin/scales.
+
+    Per sub-block: offset mn = -min(x, 0) >= 0 and step s = (max - min) / nmax; the eight s and
+    eight mn are quantized to 6 bits against the super-block's fp16 d = max s / 63 and
+    dmin = max mn / 63, and the weights against the quantized step and offset.
+    """
+    x = x.reshape(-1, 8, 32)
+    mn = -np.minimum(x.min(axis=2), 0)  # (n, 8)
+    s = (x.max(axis=2) + mn) / np.float32(nmax)
+    d = (s.max(axis=1) / np.float32(63)).astype(np.float16)  # (n,)
+    dmin = (mn.max(axis=1) / np.float32(63)).astype(np.float16)
+    sc = np.rint(s * _inv(_f32(d))).clip(0, 63).astype(np.uint8)  # (n, 8)
+    m = np.rint(mn * _inv(_f32(dmin))).clip(0, 63).astype(np.uint8)
+    step, off = _f32(d) * sc, _f32(dmin) * m  # what the dequantizer will use, (n, 8)
+    q = np.rint((x + off[:, :, None]) * _inv(step)[:, :, None]).clip(0, nmax).astype(np.uint8)
+    out["d"], out["dmin"], out["scales"] = d, dmin, _pack_scale_min_k4(sc, m)
+    return q
+
+
+def _q_q4_k(x: np.ndarray, out: np.ndarray) -> None:
+    q = _q_k4(x, out, 15)
+    out["qs"] = _pack_nibbles(q.reshape(-1, 4, 64)).reshape(-1, 128)
+
+
+def _q_q5_k(x: np.ndarray, out: np.ndarray) -> None:
+    q = _q_k4(x, out, 31)  # (n, 8, 32)
+    out["qs"] = _pack_nibbles((q & 15).reshape(-1, 4, 64)).reshape(-1, 128)
+    out["qh"] = np.packbits(q >> 4, axis=1, bitorder="little")[:, 0, :]
+
+
+Q6_K = np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])
+_SH6 = np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]
+
+
+def _dq_q6_k(b: np.ndarray, out: np.ndarray) -> None:
+    """Q6_K (210 bytes): ql[128] | qh[64] | scales[16] int8 | d f16.
+
+    Two halves of 128 weights, each from ql[64 h : 64 h + 64] and qh[32 h : 32 h + 32]; for l < 32
+    weights l, l + 32, l + 64, l + 96 of the half take ql[l] & 15, ql[l + 32] & 15, ql[l] >> 4,
+    ql[l + 32] >> 4 as low bits and bits (0,1), (2,3), (4,5), (6,7) of qh[l] as high bits.
+    x = (d * scales[i // 16]) * (q - 32).
+    """
+    lo = _nibbles(b["ql"].reshape(-1, 2, 64)).reshape(-1, 2, 4, 32)  # [half, quarter, l]
+    hi = b["qh"].reshape(-1, 2, 1, 32) >> _SH6 & 3  # (n, 2, 4, 32)
+    q = ((lo | hi << 4).view(np.int8) - np.int8(32)).reshape(-1, 16, 16)
+    d = _f32(b["d"]) * b["scales"]  # (n, 16)
+    np.multiply(d[:, :, None], q, out=out.reshape(-1, 16, 16))
+
+
+def _q_q6_k(x: np.ndarray, out: np.ndarray) -> None:
+    """Symmetric RTN: per 16 weights the step s = (signed absmax) / -32, so the largest magnitude
+    maps to q - 32 = -32 exactly; the sixteen s are int8 against the fp16 d = max |s| / 127."""
+    x = x.reshape(-1, 16, 16)
+    s = _signed_absmax(x)[:, :, 0] / np.float32(-32)  # (n, 16)
+    d = (np.abs(s).max(axis=1) / np.float32(127)).astype(np.float16)  # (n,)
+    sc = np.rint(s * _inv(_f32(d))).clip(-128, 127).astype(np.int8)
+    step = _f32(d) * sc  # (n, 16)
+    q = (np.rint(x * _inv(step)[:, :, None]).clip(-32, 31) + 32).astype(np.uint8)
+    q = q.reshape(-1, 2, 4, 32)  # [half, quarter, l]
+    out["ql"] = (q[:, :, 0:2] & 15 | q[:, :, 2:4] << 4).reshape(-1, 128)
+    hi = q >> 4 << _SH6
+    out["qh"] = (hi[:, :, 0] | hi[:, :, 1] | hi[:, :, 2] | hi[:, :, 3]).reshape(-1, 64)
+    out["scales"], out["d"] = sc, d
+
+
+# ---------------------------------------------------------------------------------------------
+# registry and public API
+
+
+@dataclass(frozen=True)
+class _Format:
+    qk: int  # weights per block
+    dtype: np.dtype  # one block
+    dequant: Callable[[np.ndarray, np.ndarray], None]  # blocks (n,) -> float32 out (n, qk)
+    quant: Callable[[np.ndarray, np.ndarray], None]  # float32 (n, qk), blocks (n,) to fill
+
+
+_FORMATS: dict[T, _Format] = {
+    T.F32: _Format(1, np.dtype("<f4"), _dq_f32, _q_f32),
+    T.F16: _Format(1, np.dtype("<f2"), _dq_f16, _q_f16),
+    T.BF16: _Format(1, np.dtype("<u2"), _dq_bf16, _q_bf16),
+    T.Q8_0: _Format(QK, Q8_0, _dq_q8_0, _q_q8_0),
+    T.Q4_0: _Format(QK, Q4_0, _dq_q4_0, _q_q4_0),
+    T.Q4_1: _Format(QK, Q4_1, _dq_q4_1, _q_q4_1),
+    T.Q5_0: _Format(QK, Q5_0, _dq_q5_0, _q_q5_0),
+    T.Q5_1: _Format(QK, Q5_1, _dq_q5_1, _q_q5_1),
+    T.Q4_K: _Format(QK_K, Q4_K, _dq_q4_k, _q_q4_k),
+    T.Q5_K: _Format(QK_K, Q5_K, _dq_q5_k, _q_q5_k),
+    T.Q6_K: _Format(QK_K, Q6_K, _dq_q6_k, _q_q6_k),
+}
+SUPPORTED: frozenset[T] = frozenset(_FORMATS)
+
+
+def _format(qtype: T | int) -> tuple[T, _Format]:
+    try:
+        qtype = T(qtype)
+    except ValueError:
+        raise QuantError(f"unknown GGML quantization type {qtype!r}") from None
+    if qtype not in _FORMATS:
+        raise QuantError(f"unsupported quantization type {qtype.name}")
+    return qtype, _FORMATS[qtype]
+
+
+def block_shape(qtype: T) -> tuple[int, int]:
+    """(weights per block, bytes per block)."""
+    _, f = _format(qtype)
+    return f.qk, f.dtype.itemsize
+
+
+def row_bytes(qtype: T, n_cols: int) -> int:
+    """Bytes of one row of `n_cols` weights; QuantError unless n_cols is a multiple of the block."""
+    qtype, f = _format(qtype)
+    if n_cols < 0 or n_cols % f.qk:
+        raise QuantError(f"{qtype.name}: row length {n_cols} is not a multiple of {f.qk}")
+    return n_cols // f.qk * f.dtype.itemsize
+
+
+def dequantize(raw: np.ndarray, qtype: T, shape: tuple[int, ...]) -> np.ndarray:
+    """Bytes of a tensor (any dtype, file order) -> float32 array of `shape` (numpy order).
+
+    `raw` may be any number of whole rows of a bigger tensor (e.g. a memmap slice). The byte
+    count is checked against `shape` before anything is allocated. For F32 the result is a view
+    of `raw` (read-only if `raw` is).
+    """
+    qtype, f = _format(qtype)
+    if not isinstance(raw, np.ndarray):
+        raw = np.frombuffer(raw, np.uint8)  # bytes, memoryview, mmap
+    shape = tuple(int(n) for n in shape)
+    if any(n < 0 for n in shape):
+        raise QuantError(f"{qtype.name}: bad shape {shape}")
+    n_cols = shape[-1] if shape else 1
+    row_bytes(qtype, n_cols)
+    want = prod(shape) // f.qk * f.dtype.itemsize
+    if raw.nbytes != want:
+        raise QuantError(
+            f"{qtype.name} tensor of shape {shape} needs {want} bytes, got {raw.nbytes}"
+        )
+    raw = raw if raw.flags.c_contiguous else np.ascontiguousarray(raw)
+    blocks = raw.reshape(-1).view(np.uint8).view(f.dtype)  # (n_blocks,), no copy
+    if qtype == T.F32:
+        return blocks.view(np.float32).reshape(shape)
+    out = np.empty((len(blocks), f.qk), np.float32)
+    step = _CHUNK * QK_K // f.qk
+    for i in range(0, len(blocks), step):
+        f.dequant(blocks[i : i + step], out[i : i + step])
+    return out.reshape(shape)
+
+
+def quantize(x: np.ndarray, qtype: T) -> np.ndarray:
+    """float32 (..., n_cols) -> uint8 (..., row_bytes(qtype, n_cols)), in llama.cpp's layout."""
+    qtype, f = _format(qtype)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim == 0:
+        raise QuantError(f"{qtype.name}: cannot quantize a scalar")
+    nb = row_bytes(qtype, x.shape[-1])
+    xb = x.reshape(-1, f.qk)  # (n_blocks, qk)
+    out = np.zeros(len(xb), f.dtype)
+    step = _CHUNK * QK_K // f.qk
+    with np.errstate(invalid="ignore", over="ignore"):
+        for i in range(0, len(xb), step):
+            f.quant(xb[i : i + step], out[i : i + step])
+    return out.view(np.uint8).reshape(*x.shape[:-1], nb)
