@@ -15,8 +15,10 @@ from rich.markup import escape
 
 from provision import __version__
 from provision.cli import doctor, inventory, pending, profiles
-from provision.errors import EXIT_FAILED, BadInputs, ClawError
+from provision.errors import EXIT_BAD_INPUT, EXIT_FAILED, BadInputs, ClawError
 from provision.output import err_console
+from runtime import cli as runtime_cli
+from runtime.errors import ModelError
 
 app = typer.Typer(
     name="claw",
@@ -29,6 +31,7 @@ app = typer.Typer(
 app.add_typer(profiles.app, name="profiles")
 app.add_typer(inventory.app, name="inventory")
 app.command("doctor")(doctor.doctor)
+app.add_typer(runtime_cli.app, name="runtime")
 pending.register(app)
 
 
@@ -56,10 +59,11 @@ def main() -> None:
         for line in exc.problems:
             err_console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
-    except ClawError as exc:
+    except (ClawError, ModelError) as exc:
+        code = exc.exit_code if isinstance(exc, ClawError) else EXIT_BAD_INPUT
         err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False,
                           soft_wrap=True)
-        sys.exit(exc.exit_code)
+        sys.exit(code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)

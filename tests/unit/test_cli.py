@@ -9,14 +9,15 @@ pytestmark = pytest.mark.unit
 COMMANDS = [
     ["profiles", "list"], ["profiles", "show"], ["profiles", "check"],
     ["inventory", "check"], ["doctor"],
+    ["runtime", "info"], ["runtime", "generate"], ["runtime", "convert"],
 ]
-PENDING = ["provision", "image", "fleet", "os", "runtime"]
+PENDING = ["provision", "image", "fleet", "os"]
 
 
 def test_root_help_lists_every_group(claw):
     result = claw("--help")
     assert result.code == 0
-    for group in ["profiles", "inventory", "doctor", "flash", *PENDING]:
+    for group in ["profiles", "inventory", "doctor", "runtime", "flash", *PENDING]:
         assert group in result.out
 
 

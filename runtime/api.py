@@ -1,0 +1,101 @@
+"""The runtime's Python API, used by the CLI, the HTTP server and the benchmarks.
+
+    model = Model.load("model.gguf", backend="auto")
+    ids = model.tokenize("Hello")
+    for piece in model.generate("Once upon a time", SamplingParams(seed=1)):
+        print(piece, end="")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from runtime.backends import create_backend
+from runtime.errors import ModelError
+from runtime.generate import Generation
+from runtime.model_file import open_model
+from runtime.sampling import SamplingParams
+
+
+class Model:
+    def __init__(self, path: str | os.PathLike[str], *, backend: str = "auto",
+                 n_ctx: int | None = None, memory_budget: int | None = None,
+                 prefill_chunk: int = 256):
+        self.source = open_model(path)
+        self.config = self.source.config
+        choice = create_backend(backend, self.source, memory_budget=memory_budget)
+        self.backend, self.backend_reason = choice.backend, choice.reason
+        self.tokenizer = self.source.load_tokenizer() if self.source.load_tokenizer else None
+        self.n_ctx = min(n_ctx or self.config.context_length, self.config.context_length)
+        if prefill_chunk < 1:
+            raise ModelError(f"prefill_chunk {prefill_chunk} is not valid (expected ≥ 1)")
+        self.prefill_chunk = prefill_chunk
+
+    load = classmethod(lambda cls, path, **kw: cls(path, **kw))
+
+    def tokenize(self, text: str, *, add_bos: bool | None = None,
+                 parse_special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos, parse_special=parse_special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits at every position of `ids`, from an empty cache: (len(ids), vocab)."""
+        cache = self.backend.new_cache(max(len(ids), 1))
+        return self.backend.forward(list(ids), cache, all_logits=True)
+
+    def chat_prompt(self, messages: list[dict[str, Any]],
+                    add_generation_prompt: bool = True) -> str:
+        from runtime.chat import DEFAULT_CHATML, render_chat
+
+        meta = self.source.metadata
+        template = meta.get("tokenizer.chat_template") or self._hf_chat_template() or DEFAULT_CHATML
+        tok = self.tokenizer
+        bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
+        eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
+        return render_chat(template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=bos, eos_token=eos)
+
+    def _hf_chat_template(self) -> str | None:
+        import json
+
+        path = self.source.path / "tokenizer_config.json"
+        if self.source.format == "safetensors" and path.is_file():
+            return json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+        return None
+
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
+                 add_bos: bool | None = None) -> Generation:
+        params = params or SamplingParams()
+        ids = self.tokenize(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ModelError("the prompt is empty (expected at least one token)")
+        if len(ids) >= self.n_ctx:
+            raise ModelError(f"the prompt has {len(ids)} tokens, more than the context of "
+                             f"{self.n_ctx} allows (expected fewer, or a larger --ctx)")
+        cache = self.backend.new_cache(self.n_ctx)
+        return Generation(self.backend, self.tokenizer, ids, params, cache, self.prefill_chunk)
+
+    def info(self) -> dict[str, Any]:
+        cfg, src = self.config, self.source
+        tok = self.tokenizer
+        return {
+            "path": str(src.path), "format": src.format, "name": cfg.name, "arch": cfg.arch,
+            "parameters": src.n_params(), "layers": cfg.n_layers, "dim": cfg.dim,
+            "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+            "ffn_dim": cfg.ffn_dim, "vocab_size": cfg.vocab_size,
+            "context_length": cfg.context_length, "rope": {
+                "theta": cfg.rope_theta, "style": cfg.rope_style,
+                "scaling": cfg.rope_scaling.kind},
+            "tied_embeddings": cfg.tied_embeddings,
+            "tensor_bytes": src.bytes_by_type(),
+            "tokenizer": None if tok is None else {
+                "kind": type(tok).__name__, "vocab_size": tok.vocab_size,
+                "bos_id": tok.bos_id, "eos_id": tok.eos_id},
+            "backend": self.backend.name, "backend_reason": self.backend_reason,
+        }

@@ -1,0 +1,140 @@
+"""`claw runtime`: inspect, convert and run models on this machine.
+
+Imports numpy and the model code only inside commands, so `claw --help` stays fast and the
+controller works without the runtime extra.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Run, inspect and convert quantized LLMs (GGUF or Hugging Face).",
+                  no_args_is_help=True)
+
+BACKEND_HELP = "numpy, opencl or auto (OpenCL when present and faster, else numpy)."
+
+
+@app.command("info")
+def info(
+    model: Path = typer.Argument(..., help="A GGUF file or a Hugging Face model directory."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Architecture, parameters, bytes per tensor type, context length and tokenizer.
+
+    Example: [bold]claw runtime info smollm-135m-q8_0.gguf[/bold]
+    """
+    from runtime.api import Model
+
+    data = Model(model, backend="numpy").info()
+    if json_out:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    from rich.table import Table
+
+    from provision.output import console
+
+    table = Table(title=f"{model}", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key in ("format", "name", "arch", "parameters", "layers", "dim", "heads", "kv_heads",
+                "head_dim", "ffn_dim", "vocab_size", "context_length", "tied_embeddings"):
+        value = data[key]
+        table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool)
+                      else str(value))
+    table.add_row("rope", ", ".join(f"{k} {v}" for k, v in data["rope"].items()))
+    for qtype, nbytes in sorted(data["tensor_bytes"].items()):
+        table.add_row(f"{qtype} tensors", f"{nbytes / 2**20:,.2f} MiB")
+    tok = data["tokenizer"]
+    table.add_row("tokenizer", "-" if tok is None else
+                  f"{tok['kind']}, {tok['vocab_size']} tokens, bos {tok['bos_id']}, "
+                  f"eos {tok['eos_id']}")
+    console.print(table)
+
+
+@app.command("generate")
+def generate(
+    model: Path = typer.Argument(..., help="A GGUF file or a Hugging Face model directory."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt (or the user message)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the chat template."),
+    system: str | None = typer.Option(None, "--system", help="System message (with --chat)."),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0,
+                                      help="0 is greedy."),
+    top_k: int = typer.Option(40, "--top-k", min=0),
+    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
+    min_p: float = typer.Option(0.05, "--min-p", min=0.0, max=1.0),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", min=0.0),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    ctx: int | None = typer.Option(None, "--ctx", min=16, help="Context size (tokens)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result and stats as JSON."),
+) -> None:
+    """Generate text, streaming it as it is made; speed goes to stderr.
+
+    Example: [bold]claw runtime generate model.gguf -p "Why is the sky blue?" --chat -n 64[/bold]
+    """
+    from runtime.api import Model
+    from runtime.sampling import SamplingParams
+
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repeat_penalty, seed=seed,
+                            max_tokens=max_tokens, stop=list(stop))
+    runtime = Model(model, backend=backend, n_ctx=ctx)
+    text = prompt
+    add_bos = None
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}]
+        text = runtime.chat_prompt(messages)
+        add_bos = False if runtime.tokenizer.bos_id is not None and \
+            text.startswith(runtime.tokenizer.token_text(runtime.tokenizer.bos_id)) else None
+    generation = runtime.generate(text, params, add_bos=add_bos)
+    for piece in generation:
+        if not json_out:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    result = generation.result
+    stats = result.stats()
+    if json_out:
+        sys.stdout.write(json.dumps({"text": result.text, "backend": runtime.backend.name,
+                                     **stats}, indent=2) + "\n")
+        return
+    sys.stdout.write("\n")
+    pp = stats["prefill_tokens_per_s"]
+    tg = stats["decode_tokens_per_s"]
+    sys.stderr.write(f"[{runtime.backend.name}] prompt {stats['prompt_tokens']} tokens"
+                     + (f" at {pp:.1f} tok/s" if pp else "")
+                     + f", generated {stats['completion_tokens']}"
+                     + (f" at {tg:.1f} tok/s" if tg else "")
+                     + f", finish: {stats['finish_reason']}\n")
+
+
+@app.command("convert")
+def convert_cmd(
+    source: Path = typer.Argument(..., help="A Hugging Face llama/qwen2 model directory."),
+    output: Path = typer.Option(..., "-o", "--output", help="The GGUF file to write."),
+    qtype: str = typer.Option("f16", "--type", help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, "
+                              "q5_1, q4_k, q5_k or q6_k (norms and biases stay f32)."),
+) -> None:
+    """Convert a Hugging Face checkpoint to GGUF (llama.cpp's layout), quantizing its weights.
+
+    Example: [bold]claw runtime convert ./SmolLM-135M -o smollm-q8_0.gguf --type q8_0[/bold]
+    """
+
+    from runtime.convert import convert
+    from runtime.errors import ModelError
+    from runtime.quant import SUPPORTED
+    from runtime.tokenizer import gguf_metadata_from_hf_dir
+
+    names = {t.name.lower(): t for t in SUPPORTED}
+    if qtype.lower() not in names:
+        raise ModelError(f"--type {qtype!r} is not supported (expected one of: "
+                         f"{', '.join(sorted(names))})")
+    out = convert(source, output, names[qtype.lower()],
+                  tokenizer_metadata=gguf_metadata_from_hf_dir(source))
+    typer.echo(f"wrote {out} ({out.stat().st_size / 2**20:,.1f} MiB, {qtype.lower()})")
