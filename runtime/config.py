@@ -67,19 +67,18 @@ class ModelConfig:
 
 def _need(meta: dict[str, Any], key: str, kind: type | tuple[type, ...], source: str) -> Any:
     if key not in meta:
-        raise ModelError(f"{source}: metadata {key} is missing (expected a {_kind_name(kind)})")
+        raise ModelError(f"{source}: metadata {key} is missing (expected {_kind_name(kind)})")
     value = meta[key]
     if isinstance(value, bool) or not isinstance(value, kind):
         raise ModelError(f"{source}: metadata {key} = {value!r:.60} is not valid "
-                         f"(expected a {_kind_name(kind)})")
+                         f"(expected {_kind_name(kind)})")
     return value
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join({"int": "integer", "float": "number", "str": "string"}.get(k.__name__,
-                                                                                  k.__name__)
-                       for k in kinds)
+    names = {"int": "an integer", "float": "a number", "str": "a string"}
+    return " or ".join(names.get(k.__name__, k.__name__) for k in kinds)
 
 
 def config_from_gguf(meta: dict[str, Any], source: str, vocab_size: int,
