@@ -55,6 +55,8 @@ make_venv() {
   want=$(cat pyproject.toml | sha256sum | cut -c1-16)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then log ".venv up to date"; return; fi
   [ -x .venv/bin/python ] || python3 -m venv .venv
+  # This kind of machine keeps a CPU build of torch in /opt/wheels; PyPI's is a CUDA build.
+  if [ -d /opt/wheels ]; then export PIP_FIND_LINKS="${PIP_FIND_LINKS:-/opt/wheels}"; fi
   log "installing clawforge[all,test] into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[all,test]'

@@ -11,6 +11,7 @@ larger than the budget still runs (slower).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -137,7 +138,7 @@ class NumpyBackend(Backend):
         # Grouped-query attention: query head h reads key/value head h // (H / KV).
         group = H // KV
         qg = q.reshape(T, KV, group, D).transpose(1, 2, 0, 3)  # (KV, G, T, D)
-        scores = qg @ keys.transpose(1, 2, 0)[:, None] / np.sqrt(D)  # (KV, G, T, S)
+        scores = qg @ keys.transpose(1, 2, 0)[:, None] / math.sqrt(D)  # (KV, G, T, S)
         causal = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # (T, S): future
         scores = np.where(causal, -np.inf, scores)
         out = softmax(scores) @ values.transpose(1, 0, 2)[:, None]  # (KV, G, T, D)
@@ -160,6 +161,7 @@ class NumpyBackend(Backend):
                                    layer, cache)
             x = x + self.mlp(rms_norm(x, w(b + "ffn_norm.weight"), cfg.norm_eps), layer)
         cache.length += len(tokens)
+        assert x.dtype == np.float32, "a float64 value leaked into the forward pass"
         x = x if all_logits else x[-1:]
         x = rms_norm(x, w("output_norm.weight"), cfg.norm_eps)
         head = "token_embd.weight" if cfg.tied_embeddings else "output.weight"

@@ -159,3 +159,11 @@ def test_chunked_prefill_and_weight_budget_change_nothing(hf_models, tmp_path):
     assert np.abs(np.concatenate(parts) - whole).max() <= 1e-5
     assert backend.w.bytes <= 300_000
     assert backend.w.loads > 2 * 9  # weights were streamed: dequantized again, layer by layer
+
+
+def test_sharded_safetensors_directory(hf_models, tmp_path):
+    model, _ = hf_models["llama-gqa"]
+    model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="300KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    ids = prompt()
+    assert np.abs(our_logits(tmp_path, ids) - hf_logits(model, ids)).max() <= 1e-4
