@@ -126,15 +126,14 @@ def convert_cmd(
     Example: [bold]claw runtime convert ./SmolLM-135M -o smollm-q8_0.gguf --type q8_0[/bold]
     """
 
-    from runtime.convert import convert
+    from runtime.convert import convert, tokenizer_metadata
     from runtime.errors import ModelError
     from runtime.quant import SUPPORTED
-    from runtime.tokenizer import gguf_metadata_from_hf_dir
 
     names = {t.name.lower(): t for t in SUPPORTED}
     if qtype.lower() not in names:
         raise ModelError(f"--type {qtype!r} is not supported (expected one of: "
                          f"{', '.join(sorted(names))})")
     out = convert(source, output, names[qtype.lower()],
-                  tokenizer_metadata=gguf_metadata_from_hf_dir(source))
+                  tokenizer_metadata=tokenizer_metadata(source))
     typer.echo(f"wrote {out} ({out.stat().st_size / 2**20:,.1f} MiB, {qtype.lower()})")

@@ -138,6 +138,97 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, qtype: T,
         _add_kv(w, key, value)
 
 
+def _pre_tokenizer_name(pre: dict[str, Any] | None, source: Path) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` name for a byte-level pre-tokenizer, by its regex."""
+    from runtime.tokenizer import LLAMA3_PATTERN, QWEN2_PATTERN
+
+    steps = (pre or {}).get("pretokenizers") or ([pre] if pre else [])
+    kinds = [step.get("type") for step in steps]
+    split = next((s for s in steps if s.get("type") == "Split"), None)
+    if split is not None:
+        regex = split.get("pattern", {}).get("Regex", "")
+        as_gguf = regex.replace("(?i:'s|'t|'re|'ve|'m|'ll|'d)",
+                                "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])")
+        if as_gguf == LLAMA3_PATTERN:
+            return "llama-bpe"
+        if as_gguf == QWEN2_PATTERN:
+            return "qwen2"
+        raise ModelError(f"{source}: pre-tokenizer regex {regex[:60]!r}… is not one llama.cpp "
+                         "names (expected Llama 3's or Qwen2's)")
+    if kinds == ["Digits", "ByteLevel"]:
+        return "smollm"
+    if kinds == ["ByteLevel"]:
+        return "gpt2"
+    raise ModelError(f"{source}: pre-tokenizer {kinds} has no llama.cpp name "
+                     "(expected ByteLevel, Digits+ByteLevel or a Llama 3/Qwen2 Split)")
+
+
+def _template_specials(post: Any) -> set[str]:
+    """Special tokens a TemplateProcessing post-processor puts around a single sequence."""
+    if not isinstance(post, dict):
+        return set()
+    if post.get("type") == "Sequence":
+        return set().union(*(_template_specials(p) for p in post.get("processors", [])))
+    if post.get("type") != "TemplateProcessing":
+        return set()
+    return {part["SpecialToken"]["id"] for part in post.get("single", [])
+            if "SpecialToken" in part}
+
+
+def tokenizer_metadata(hf_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """GGUF tokenizer keys for a byte-level BPE tokenizer.json, as llama.cpp's converter writes
+    them (`tokenizer.ggml.model = "gpt2"`): tokens in id order, merges, token types, pre-tokenizer
+    name, special ids and the chat template from tokenizer_config.json."""
+    import json
+
+    folder = Path(hf_dir)
+    path = folder / "tokenizer.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{folder}: no tokenizer.json (expected the model's tokenizer)") \
+            from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from None
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ModelError(f"{path}: only byte-level BPE tokenizers convert to GGUF here "
+                         "(expected model.type BPE without byte_fallback; Llama-2 style "
+                         "vocabularies come from tokenizer.model)")
+    added = {t["id"]: t for t in data.get("added_tokens", [])}
+    vocab = {**model["vocab"], **{t["content"]: i for i, t in added.items()}}
+    tokens = [""] * (max(vocab.values()) + 1)
+    for text, i in vocab.items():
+        tokens[i] = text
+    types = [(3 if added[i]["special"] else 4) if i in added else 1 for i in range(len(tokens))]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    meta: dict[str, Any] = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": _pre_tokenizer_name(data.get("pre_tokenizer"), path),
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+    }
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+
+    def token_id(value: Any) -> int | None:
+        text = value.get("content") if isinstance(value, dict) else value
+        return vocab.get(text) if isinstance(text, str) else None
+
+    bos, eos = token_id(config.get("bos_token")), token_id(config.get("eos_token"))
+    if bos is not None:
+        meta["tokenizer.ggml.bos_token_id"] = bos
+    if eos is not None:
+        meta["tokenizer.ggml.eos_token_id"] = eos
+    meta["tokenizer.ggml.add_bos_token"] = bool(config.get(
+        "add_bos_token", bos is not None and tokens[bos] in _template_specials(
+            data.get("post_processor"))))
+    if isinstance(config.get("chat_template"), str):
+        meta["tokenizer.chat_template"] = config["chat_template"]
+    return meta
+
+
 def _add_kv(w: gguf.GGUFWriter, key: str, value: Any) -> None:
     """Typed metadata the way llama.cpp's converter writes tokenizer keys."""
     if isinstance(value, bool):
