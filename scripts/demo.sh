@@ -21,4 +21,10 @@ $CLAW inventory check examples/fleet.yml
 step "claw doctor -i examples/local.yml: device checks over Ansible (this machine as the device)"
 $CLAW doctor -i examples/local.yml || echo "(device faults reported above; the demo goes on)"
 
-printf '\nDemo done. Still to land: provisioning (#5), images (#6), runtime (#4, #7, #8), rollouts (#9), OS images (#10).\n'
+step "claw runtime: a tiny Llama made here (random weights, a trained tokenizer), converted and run"
+.venv/bin/python scripts/make_demo_model.py .demo/tiny-llama
+$CLAW runtime convert .demo/tiny-llama -o .demo/tiny-llama-q8_0.gguf --type q8_0
+$CLAW runtime info .demo/tiny-llama-q8_0.gguf
+$CLAW runtime generate .demo/tiny-llama-q8_0.gguf -p "The edge fleet" -n 24 --seed 1 --backend numpy
+
+printf '\nDemo done (the model has random weights: its text is noise, its speed and plumbing are real).\nStill to land: provisioning (#5), images (#6), OpenCL (#7), serving (#8), rollouts (#9), OS images (#10).\n'
