@@ -35,7 +35,10 @@ class Model:
             raise ModelError(f"prefill_chunk {prefill_chunk} is not valid (expected ≥ 1)")
         self.prefill_chunk = prefill_chunk
 
-    load = classmethod(lambda cls, path, **kw: cls(path, **kw))
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], **options: Any) -> Model:
+        """`Model.load(path, backend=..., n_ctx=...)`: the same as `Model(path, ...)`."""
+        return cls(path, **options)
 
     def tokenize(self, text: str, *, add_bos: bool | None = None,
                  parse_special: bool = True) -> list[int]:

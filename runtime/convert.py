@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as T
 from runtime.backends.numpy_backend import rope_inv_freq
 from runtime.config import ModelConfig, RopeScaling
 from runtime.errors import ModelError
-from runtime.model_file import ModelSource, open_model
+from runtime.model_file import ModelSource, open_model, read_json
 from runtime.quant import block_shape, quantize
 
 FILE_TYPES = {  # llama.cpp's general.file_type numbers (LLAMA_FTYPE_*)
@@ -179,17 +179,9 @@ def tokenizer_metadata(hf_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """GGUF tokenizer keys for a byte-level BPE tokenizer.json, as llama.cpp's converter writes
     them (`tokenizer.ggml.model = "gpt2"`): tokens in id order, merges, token types, pre-tokenizer
     name, special ids and the chat template from tokenizer_config.json."""
-    import json
-
     folder = Path(hf_dir)
     path = folder / "tokenizer.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{folder}: no tokenizer.json (expected the model's tokenizer)") \
-            from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json(path, "the model's tokenizer")
     model = data.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise ModelError(f"{path}: only byte-level BPE tokenizers convert to GGUF here "
@@ -210,7 +202,7 @@ def tokenizer_metadata(hf_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "tokenizer.ggml.merges": merges,
     }
     config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config = read_json(config_path, "tokenizer settings") if config_path.is_file() else {}
 
     def token_id(value: Any) -> int | None:
         text = value.get("content") if isinstance(value, dict) else value

@@ -276,15 +276,19 @@ def read_safetensors(path: Path) -> dict[str, TensorRef]:
     return out
 
 
+def read_json(path: Path, expected: str) -> Any:
+    """A JSON file of a model directory; a missing or malformed one is a ModelError."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path.parent}: no {path.name} (expected {expected})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from None
+
+
 def _open_hf_dir(path: Path) -> ModelSource:
     config_path = path / "config.json"
-    try:
-        cfg = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{path}: no config.json (expected a Hugging Face model directory)") \
-            from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{config_path}: not valid JSON ({exc})") from None
+    cfg = read_json(config_path, "a Hugging Face model directory")
     config = config_from_hf(cfg, str(config_path))
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -307,4 +311,5 @@ def _open_hf_dir(path: Path) -> ModelSource:
     return ModelSource(path, "safetensors", config, tensors, {"config": cfg}, load_tokenizer)
 
 
-__all__ = ["ModelSource", "QuantError", "TensorRef", "expected_shapes", "gguf_name", "open_model"]
+__all__ = ["ModelSource", "QuantError", "TensorRef", "expected_shapes", "gguf_name",
+           "open_model", "read_json"]

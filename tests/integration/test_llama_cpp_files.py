@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from runtime.api import Model  # noqa: E402
+from tests.tiny_models import tiny_hf_model  # noqa: E402
 from tests.unit import tokenizer_fixtures as fx  # noqa: E402
 from tests.unit.test_model import hf_logits, load_reference_weights  # noqa: E402
 
@@ -56,16 +57,9 @@ def model_dir(tmp_path_factory):
     sp = fx.sp_processor(sp_model)
     folder = tmp_path_factory.mktemp("hf-sp")
     (folder / "tokenizer.model").write_bytes(sp_model)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=sp.get_piece_size(), hidden_size=256, intermediate_size=512,
-        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-        max_position_embeddings=256, bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id())
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.08)
-    model.eval().save_pretrained(folder, safe_serialization=True)
+    model = tiny_hf_model(vocab_size=sp.get_piece_size(), bos_token_id=sp.bos_id(),
+                          eos_token_id=sp.eos_id())
+    model.save_pretrained(folder, safe_serialization=True)
     return folder, model, sp
 
 

@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from runtime.backends.numpy_backend import NumpyBackend  # noqa: E402
 from runtime.convert import convert  # noqa: E402
 from runtime.model_file import gguf_name, open_model  # noqa: E402
+from tests.tiny_models import tiny_hf_model  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
@@ -36,19 +37,8 @@ CONFIGS = {
 QUANT_TYPES = [T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 
 
-def build_hf(arch: str, extra: dict, seed: int = 0):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
-                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
-    if arch == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, **extra))
-    else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, **extra))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.08)  # larger than the init, so logits are not flat
-    return model.eval()
+def build_hf(arch: str, extra: dict):
+    return tiny_hf_model(arch, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from runtime.api import Model  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
+from tests.tiny_models import tiny_hf_model  # noqa: E402
 from tests.unit import tokenizer_fixtures as fx  # noqa: E402
 
 pytestmark = pytest.mark.unit
@@ -30,18 +31,10 @@ def hf_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf")
     fx.save(tok, folder, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
                           "chat_template": CHAT_TEMPLATE})
-    torch.manual_seed(3)
-    cfg = transformers.LlamaConfig(
-        vocab_size=tok.get_vocab_size(with_added_tokens=True), hidden_size=256,
-        intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tok.token_to_id("<|begin_of_text|>"),
-        eos_token_id=tok.token_to_id("<|eot_id|>"))
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.08)
-    model.eval().save_pretrained(folder, safe_serialization=True)
+    model = tiny_hf_model(vocab_size=tok.get_vocab_size(with_added_tokens=True), seed=3,
+                          bos_token_id=tok.token_to_id("<|begin_of_text|>"),
+                          eos_token_id=tok.token_to_id("<|eot_id|>"))
+    model.save_pretrained(folder, safe_serialization=True)
     return folder, model, tok
 
 
