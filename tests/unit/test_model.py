@@ -157,3 +157,15 @@ def test_sharded_safetensors_directory(hf_models, tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) > 2
     ids = prompt()
     assert np.abs(our_logits(tmp_path, ids) - hf_logits(model, ids)).max() <= 1e-4
+
+
+def test_mixed_types_like_q4_k_m(hf_models, tmp_path):
+    """Q4_K_M files keep some tensors in Q6_K and the embeddings higher: one file, many types."""
+    _, path = hf_models["llama-gqa"]
+    mixed = {"ffn_down.weight": T.Q6_K, "attn_v.weight": T.Q6_K, "token_embd.weight": T.Q8_0}
+    gguf_path = convert(path, tmp_path / "m-q4_k_m.gguf", T.Q4_K, overrides=mixed)
+    assert set(open_model(gguf_path).bytes_by_type()) == {"Q4_K", "Q6_K", "Q8_0", "F32"}
+    reference = build_hf(*CONFIGS["llama-gqa"])
+    load_reference_weights(reference, gguf_path)
+    ids = prompt()
+    assert np.abs(our_logits(gguf_path, ids) - hf_logits(reference, ids)).max() <= 1e-4

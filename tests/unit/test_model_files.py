@@ -25,7 +25,7 @@ DIM, FFN, LAYERS, HEADS, KV, VOCAB = 32, 64, 1, 4, 2, 64
 
 
 def write_model(path, *, skip: str = "", meta_override: dict | None = None,
-                arch: str = "llama") -> None:
+                arch: str = "llama", dtypes: dict | None = None) -> None:
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(path, arch)
     meta = {
@@ -54,7 +54,8 @@ def write_model(path, *, skip: str = "", meta_override: dict | None = None,
                    f"blk.{i}.ffn_down.weight": (DIM, FFN)}
     for name, shape in shapes.items():
         if name != skip:
-            w.add_tensor(name, rng.standard_normal(shape).astype(np.float32) * 0.1)
+            dtype = (dtypes or {}).get(name, np.float32)
+            w.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(dtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -137,6 +138,13 @@ def test_unknown_architecture(tmp_path):
     path = tmp_path / "arch.gguf"
     write_model(path, arch="mamba")
     expect_error(path, "architecture 'mamba' is not supported (expected one of: llama, qwen2)")
+
+
+def test_unsupported_tensor_type(tmp_path):
+    path = tmp_path / "i32.gguf"
+    write_model(path, dtypes={"output_norm.weight": np.int32})
+    expect_error(path, "tensor output_norm.weight has type I32, which is not supported",
+                 "(expected one of: ")
 
 
 def test_shape_disagreeing_with_metadata(tmp_path):
