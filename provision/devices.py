@@ -1,0 +1,258 @@
+"""Emulated devices: Debian bookworm containers that Ansible reaches exactly like real boards.
+
+Each device runs systemd as PID 1 and sshd with key login on its own loopback port. The
+containers share the host's network namespace (this machine has no Docker bridge, and nothing
+but loopback may be a target), so a device is `127.0.0.1:PORT`. Base images come from a
+debootstrap root (`docker import`), because no registry can be reached; they are cached by
+their inputs. Kernel-level settings cannot be shown honestly in a container (its /proc/sys is
+read-only and shared with the host): those are checked on the QEMU VM instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from provision.errors import BadInput, ClawError
+from provision.paths import state_dir
+from provision.yamlsource import dump_yaml_atomic
+
+SUITE = "bookworm"
+MIRROR = "http://deb.debian.org/debian"
+PACKAGES = ["systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "sudo",
+            "ca-certificates", "iproute2", "procps", "kmod"]
+RECIPE = 1  # bump when the way a base image is made changes
+LABEL = "clawforge.device"
+FIRST_PORT = 2200
+ARCHES = ("amd64", "arm64")
+# What a systemd container needs here; --privileged fails on this machine (see DESIGN.md).
+SYSTEMD_RUN = dict(
+    cap_add=["ALL"], cap_drop=["SYS_RESOURCE"],
+    security_opt=["seccomp=unconfined", "apparmor=unconfined"],
+    tmpfs={"/run": "", "/run/lock": ""}, environment={"container": "docker"},
+    network_mode="host", stop_signal="SIGRTMIN+3",  # systemd's "halt" signal
+)
+
+Progress = Callable[[str], None]
+
+
+def _docker():
+    try:
+        import docker
+    except ImportError:
+        raise ClawError("the Docker SDK is not installed (pip install 'clawforge[controller]'; "
+                        "see `claw doctor`)") from None
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+    except Exception as exc:
+        raise ClawError(f"the Docker engine is not reachable ({str(exc).splitlines()[0][:120]}); "
+                        "run `claw doctor`") from None
+    return client
+
+
+def devices_dir() -> Path:
+    return state_dir() / "devices"
+
+
+def base_image_tag(arch: str) -> str:
+    key = hashlib.sha256(json.dumps([SUITE, arch, MIRROR, PACKAGES, RECIPE]).encode()).hexdigest()
+    return f"clawforge/device-base:{SUITE}-{arch}-{key[:12]}"
+
+
+def ensure_base_image(arch: str, progress: Progress = print) -> str:
+    """The device base image for `arch`, made from a debootstrap root unless cached."""
+    if arch not in ARCHES:
+        raise BadInput(f"--arch {arch!r} is not supported (expected one of: {', '.join(ARCHES)})")
+    client = _docker()
+    tag = base_image_tag(arch)
+    if client.images.list(name=tag):
+        return tag
+    if shutil.which("debootstrap") is None:
+        raise ClawError("debootstrap is not installed (apt-get install debootstrap; see "
+                        "`claw doctor`)")
+    work = Path(tempfile.mkdtemp(prefix=f"claw-rootfs-{arch}-", dir=_scratch()))
+    try:
+        root = work / "root"
+        progress(f"debootstrap {SUITE} {arch} (about 1 min amd64, 2 min arm64)")
+        done = subprocess.run(
+            ["debootstrap", f"--arch={arch}", "--variant=minbase",
+             f"--include={','.join(PACKAGES)}", SUITE, str(root), MIRROR],
+            capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = " | ".join(done.stdout.strip().splitlines()[-3:])
+            raise ClawError(f"debootstrap {arch} failed: {tail}")
+        _tidy_root(root)
+        progress(f"docker import → {tag}")
+        archive = work / "root.tar"
+        with tarfile.open(archive, "w") as tar:
+            tar.add(root, arcname=".")
+        client.api.import_image(src=str(archive), repository=tag.split(":")[0],
+                                tag=tag.split(":")[1],
+                                changes=['CMD ["/lib/systemd/systemd"]'])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return tag
+
+
+def _scratch() -> Path:
+    path = state_dir() / "tmp"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _tidy_root(root: Path) -> None:
+    """Make the root a template: no apt lists, an empty machine-id, no getty on a console."""
+    shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
+    (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
+    (root / "etc/machine-id").write_text("")
+    for unit in ("getty@tty1.service", "serial-getty@.service"):
+        link = root / "etc/systemd/system" / unit
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to("/dev/null")
+
+
+def _ssh_key() -> Path:
+    key = devices_dir() / "id_ed25519"
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "clawforge-devices",
+                        "-f", str(key)], check=True)
+    return key
+
+
+def _free_ports(n: int, taken: set[int]) -> list[int]:
+    ports, port = [], FIRST_PORT
+    while len(ports) < n:
+        if port not in taken:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                    ports.append(port)
+                except OSError:
+                    pass
+        port += 1
+    return ports
+
+
+@dataclass
+class Device:
+    name: str
+    port: int
+    profile: str
+    arch: str
+    status: str
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "address": f"127.0.0.1:{self.port}", "profile": self.profile,
+                "arch": self.arch, "status": self.status}
+
+
+def list_devices() -> list[Device]:
+    client = _docker()
+    out = []
+    for c in client.containers.list(all=True, filters={"label": LABEL}):
+        labels = c.labels
+        out.append(Device(c.name, int(labels["clawforge.port"]), labels["clawforge.profile"],
+                          labels["clawforge.arch"], c.status))
+    return sorted(out, key=lambda d: d.port)
+
+
+def _wait_for_ssh(port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+                if conn.recv(64).startswith(b"SSH-2.0"):
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def devices_up(n: int, profile: str, arch: str, inventory: Path | None = None,
+               progress: Progress = print) -> Path:
+    """Start `n` more devices and write an inventory of all of them; return its path."""
+    from provision.profiles import ProfileStore
+
+    if n < 1:
+        raise BadInput(f"N = {n} is not valid (expected at least 1 device)")
+    ProfileStore().get(profile)  # an unknown profile is bad input before anything starts
+    tag = ensure_base_image(arch, progress)
+    client = _docker()
+    existing = list_devices()
+    key = _ssh_key()
+    ports = _free_ports(n, {d.port for d in existing})
+    used = {d.name for d in existing}
+    index = 1
+    for port in ports:
+        while f"claw-dev-{index}" in used:
+            index += 1
+        name = f"claw-dev-{index}"
+        used.add(name)
+        conf = devices_dir() / f"{name}-sshd.conf"
+        conf.write_text(f"Port {port}\nListenAddress 127.0.0.1\n"
+                        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n")
+        progress(f"starting {name} ({profile}, {arch}) on 127.0.0.1:{port}")
+        client.containers.run(
+            tag, ["/lib/systemd/systemd"], name=name, detach=True,
+            labels={LABEL: "1", "clawforge.port": str(port), "clawforge.profile": profile,
+                    "clawforge.arch": arch},
+            volumes={"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"},
+                     str(conf): {"bind": "/etc/ssh/sshd_config.d/claw.conf", "mode": "ro"},
+                     f"{key}.pub": {"bind": "/root/.ssh/authorized_keys", "mode": "ro"}},
+            **SYSTEMD_RUN)
+    for port in ports:
+        if not _wait_for_ssh(port, 90 if arch == "arm64" else 30):
+            raise ClawError(f"device on 127.0.0.1:{port} did not answer SSH in time; "
+                            f"`docker logs` of its container may say why")
+    return write_inventory(inventory)
+
+
+def write_inventory(path: Path | None = None) -> Path:
+    """An Ansible inventory of every emulated device, ready for `claw provision -i`."""
+    path = path or devices_dir() / "inventory.yml"
+    hosts = {d.name: {"ansible_port": d.port, "claw_profile": d.profile}
+             for d in list_devices()}
+    dump_yaml_atomic(path, {"all": {"children": {"emulated": {
+        "vars": {
+            "ansible_host": "127.0.0.1",
+            "ansible_user": "root",
+            "ansible_ssh_private_key_file": str(_ssh_key()),
+            # Emulated devices get new host keys with every start: don't pin them.
+            "ansible_ssh_common_args": "-o StrictHostKeyChecking=no "
+                                       "-o UserKnownHostsFile=/dev/null",
+            "ansible_python_interpreter": "/usr/bin/python3",
+            "docker_engine_bridge": "none",  # they share the host's network namespace
+        },
+        "hosts": hosts,
+    }}}})
+    return path
+
+
+def devices_down(names: list[str] | None = None) -> list[str]:
+    client = _docker()
+    removed = []
+    for c in client.containers.list(all=True, filters={"label": LABEL}):
+        if names and c.name not in names:
+            continue
+        c.remove(force=True)
+        (devices_dir() / f"{c.name}-sshd.conf").unlink(missing_ok=True)
+        removed.append(c.name)
+    if list_devices():
+        write_inventory()
+    else:
+        (devices_dir() / "inventory.yml").unlink(missing_ok=True)
+    return removed
