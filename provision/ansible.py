@@ -52,14 +52,26 @@ def _message(res: dict[str, Any]) -> str:
     return " ".join(str(text).split())[:500]
 
 
+def new_run_dir(kind: str) -> tuple[str, Path]:
+    """A fresh private data directory for one run, kept under the state directory."""
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + f"{kind}-" + uuid.uuid4().hex[:6]
+    private = state_dir() / "runs" / run_id
+    private.mkdir(parents=True, exist_ok=True)
+    return run_id, private
+
+
 def run_playbook(
     playbook: str,
     inventory: Path,
     *,
     extravars: dict[str, Any] | None = None,
     limit: str | None = None,
+    tags: list[str] | None = None,
+    check: bool = False,
+    diff: bool = False,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     kind: str = "run",
+    run: tuple[str, Path] | None = None,
 ) -> RunResult:
     """Run `playbooks/<playbook>` against `inventory` and fold its events per host."""
     try:
@@ -67,9 +79,7 @@ def run_playbook(
     except ImportError:
         raise ClawError("ansible-runner is not installed (pip install 'clawforge[controller]'; "
                         "see `claw doctor`)") from None
-    run_id = time.strftime("%Y%m%d-%H%M%S-") + f"{kind}-" + uuid.uuid4().hex[:6]
-    private = state_dir() / "runs" / run_id
-    private.mkdir(parents=True, exist_ok=True)
+    run_id, private = run or new_run_dir(kind)
     # ansible-runner starts `ansible-playbook` by name: make the one beside this Python findable.
     bin_dir = str(Path(sys.executable).parent)
     path = os.environ.get("PATH", "")
@@ -106,6 +116,8 @@ def run_playbook(
         inventory=str(inventory.resolve()),
         extravars=extravars or {},
         limit=limit,
+        tags=",".join(tags) if tags else None,
+        cmdline=" ".join(flag for flag, on in (("--check", check), ("--diff", diff)) if on) or None,
         quiet=True,
         event_handler=handle,
         envvars={"ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "0"},
