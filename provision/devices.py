@@ -34,6 +34,7 @@ PACKAGES = ["systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "sud
 RECIPE = 1  # bump when the way a base image is made changes
 LABEL = "clawforge.device"
 FIRST_PORT = 2200
+DEFAULT_FLEET = "dev"
 ARCHES = ("amd64", "arm64")
 # What a systemd container needs here; --privileged fails on this machine (see DESIGN.md).
 SYSTEMD_RUN = dict(
@@ -149,24 +150,38 @@ def _free_ports(n: int, taken: set[int]) -> list[int]:
 @dataclass
 class Device:
     name: str
+    fleet: str
     port: int
     profile: str
     arch: str
     status: str
 
     def record(self) -> dict[str, Any]:
-        return {"name": self.name, "address": f"127.0.0.1:{self.port}", "profile": self.profile,
-                "arch": self.arch, "status": self.status}
+        return {"name": self.name, "fleet": self.fleet, "address": f"127.0.0.1:{self.port}",
+                "profile": self.profile, "arch": self.arch, "status": self.status}
 
 
-def list_devices() -> list[Device]:
+def _check_fleet(fleet: str) -> str:
+    if not fleet.replace("-", "").isalnum() or len(fleet) > 32:
+        raise BadInput(f"fleet {fleet!r} is not valid (expected letters, digits and '-')")
+    return fleet
+
+
+def list_devices(fleet: str | None = None) -> list[Device]:
+    """Emulated devices of one fleet (a named group of them), or of every fleet."""
     client = _docker()
+    labels = [LABEL] + ([f"clawforge.fleet={_check_fleet(fleet)}"] if fleet else [])
     out = []
-    for c in client.containers.list(all=True, filters={"label": LABEL}):
-        labels = c.labels
-        out.append(Device(c.name, int(labels["clawforge.port"]), labels["clawforge.profile"],
-                          labels["clawforge.arch"], c.status))
+    for c in client.containers.list(all=True, filters={"label": labels}):
+        lb = c.labels
+        out.append(Device(c.name, lb.get("clawforge.fleet", DEFAULT_FLEET),
+                          int(lb["clawforge.port"]), lb["clawforge.profile"],
+                          lb["clawforge.arch"], c.status))
     return sorted(out, key=lambda d: d.port)
+
+
+def inventory_path(fleet: str) -> Path:
+    return devices_dir() / f"{fleet}-inventory.yml"
 
 
 def _wait_for_ssh(port: int, timeout: float) -> bool:
@@ -183,8 +198,9 @@ def _wait_for_ssh(port: int, timeout: float) -> bool:
 
 
 def devices_up(n: int, profile: str, arch: str, inventory: Path | None = None,
-               progress: Progress = print) -> Path:
-    """Start `n` more devices and write an inventory of all of them; return its path."""
+               progress: Progress = print, fleet: str = DEFAULT_FLEET) -> Path:
+    """Start `n` more devices in `fleet` and write an inventory of all of its devices."""
+    _check_fleet(fleet)
     from provision.profiles import ProfileStore
 
     if n < 1:
@@ -192,15 +208,15 @@ def devices_up(n: int, profile: str, arch: str, inventory: Path | None = None,
     ProfileStore().get(profile)  # an unknown profile is bad input before anything starts
     tag = ensure_base_image(arch, progress)
     client = _docker()
-    existing = list_devices()
+    every = list_devices()
     key = _ssh_key()
-    ports = _free_ports(n, {d.port for d in existing})
-    used = {d.name for d in existing}
+    ports = _free_ports(n, {d.port for d in every})
+    used = {d.name for d in every}
     index = 1
     for port in ports:
-        while f"claw-dev-{index}" in used:
+        while f"claw-{fleet}-{index}" in used:
             index += 1
-        name = f"claw-dev-{index}"
+        name = f"claw-{fleet}-{index}"
         used.add(name)
         conf = devices_dir() / f"{name}-sshd.conf"
         conf.write_text(f"Port {port}\nListenAddress 127.0.0.1\n"
@@ -208,8 +224,8 @@ def devices_up(n: int, profile: str, arch: str, inventory: Path | None = None,
         progress(f"starting {name} ({profile}, {arch}) on 127.0.0.1:{port}")
         client.containers.run(
             tag, ["/lib/systemd/systemd"], name=name, detach=True,
-            labels={LABEL: "1", "clawforge.port": str(port), "clawforge.profile": profile,
-                    "clawforge.arch": arch},
+            labels={LABEL: "1", "clawforge.fleet": fleet, "clawforge.port": str(port),
+                    "clawforge.profile": profile, "clawforge.arch": arch},
             volumes={"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"},
                      str(conf): {"bind": "/etc/ssh/sshd_config.d/claw.conf", "mode": "ro"},
                      f"{key}.pub": {"bind": "/root/.ssh/authorized_keys", "mode": "ro"}},
@@ -218,14 +234,14 @@ def devices_up(n: int, profile: str, arch: str, inventory: Path | None = None,
         if not _wait_for_ssh(port, 90 if arch == "arm64" else 30):
             raise ClawError(f"device on 127.0.0.1:{port} did not answer SSH in time; "
                             f"`docker logs` of its container may say why")
-    return write_inventory(inventory)
+    return write_inventory(fleet, inventory)
 
 
-def write_inventory(path: Path | None = None) -> Path:
-    """An Ansible inventory of every emulated device, ready for `claw provision -i`."""
-    path = path or devices_dir() / "inventory.yml"
+def write_inventory(fleet: str, path: Path | None = None) -> Path:
+    """An Ansible inventory of a fleet's emulated devices, ready for `claw provision -i`."""
+    path = path or inventory_path(fleet)
     hosts = {d.name: {"ansible_port": d.port, "claw_profile": d.profile}
-             for d in list_devices()}
+             for d in list_devices(fleet)}
     dump_yaml_atomic(path, {"all": {"children": {"emulated": {
         "vars": {
             "ansible_host": "127.0.0.1",
@@ -242,17 +258,17 @@ def write_inventory(path: Path | None = None) -> Path:
     return path
 
 
-def devices_down(names: list[str] | None = None) -> list[str]:
-    client = _docker()
+def devices_down(names: list[str] | None = None, fleet: str = DEFAULT_FLEET) -> list[str]:
+    """Remove a fleet's devices (all, or those named); its inventory follows."""
     removed = []
-    for c in client.containers.list(all=True, filters={"label": LABEL}):
-        if names and c.name not in names:
+    for device in list_devices(fleet):
+        if names and device.name not in names:
             continue
-        c.remove(force=True)
-        (devices_dir() / f"{c.name}-sshd.conf").unlink(missing_ok=True)
-        removed.append(c.name)
-    if list_devices():
-        write_inventory()
+        _docker().containers.get(device.name).remove(force=True)
+        (devices_dir() / f"{device.name}-sshd.conf").unlink(missing_ok=True)
+        removed.append(device.name)
+    if list_devices(fleet):
+        write_inventory(fleet)
     else:
-        (devices_dir() / "inventory.yml").unlink(missing_ok=True)
+        inventory_path(fleet).unlink(missing_ok=True)
     return removed

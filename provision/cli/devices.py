@@ -9,6 +9,10 @@ import typer
 from provision import devices
 from provision.output import console, emit
 
+FLEET_HELP = "A name for a group of emulated devices (tests use their own)."
+COLUMNS = {"name": "Device", "fleet": "Fleet", "address": "Address", "profile": "Profile",
+           "arch": "Arch", "status": "Status"}
+
 app = typer.Typer(help="Emulated devices (systemd + sshd containers) to provision and test on.",
                   no_args_is_help=True)
 
@@ -20,36 +24,40 @@ def up(
     arch: str = typer.Option("amd64", "--arch", help="amd64 (fast) or arm64 (emulated)."),
     inventory: Path | None = typer.Option(None, "-o", "--inventory",
                                           help="Where to write the inventory."),
+    fleet: str = typer.Option(devices.DEFAULT_FLEET, "--fleet", help=FLEET_HELP),
 ) -> None:
     """Start N emulated devices and write an Ansible inventory for them.
 
     Example: [bold]claw devices up 3 --profile rk3588[/bold], then
-    [bold]claw provision -i ~/.local/state/clawforge/devices/inventory.yml[/bold]
+    [bold]claw provision -i ~/.local/state/clawforge/devices/dev-inventory.yml[/bold]
     """
     path = devices.devices_up(n, profile, arch, inventory,
-                              progress=lambda m: console.print(f"[dim]{m}[/]"))
+                              progress=lambda m: console.print(f"[dim]{m}[/]"), fleet=fleet)
     console.print(f"inventory: {path}")
-    emit("Emulated devices", [d.record() for d in devices.list_devices()],
-         {"name": "Device", "address": "Address", "profile": "Profile", "arch": "Arch",
-          "status": "Status"}, False)
+    emit("Emulated devices", [d.record() for d in devices.list_devices(fleet)], COLUMNS, False)
 
 
 @app.command("list")
-def list_(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List the emulated devices.
+def list_(
+    fleet: str | None = typer.Option(None, "--fleet", help="Only this fleet."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the emulated devices (every fleet unless --fleet).
 
     Example: [bold]claw devices list --json[/bold]
     """
-    emit("Emulated devices", [d.record() for d in devices.list_devices()],
-         {"name": "Device", "address": "Address", "profile": "Profile", "arch": "Arch",
-          "status": "Status"}, json_out)
+    emit("Emulated devices", [d.record() for d in devices.list_devices(fleet)], COLUMNS,
+         json_out)
 
 
 @app.command("down")
-def down(names: list[str] = typer.Argument(None, help="Devices to remove (default: all).")) -> None:
-    """Remove emulated devices (all, or the ones named).
+def down(
+    names: list[str] = typer.Argument(None, help="Devices to remove (default: all)."),
+    fleet: str = typer.Option(devices.DEFAULT_FLEET, "--fleet", help=FLEET_HELP),
+) -> None:
+    """Remove a fleet's emulated devices (all, or the ones named).
 
     Example: [bold]claw devices down[/bold]
     """
-    removed = devices.devices_down(names or None)
+    removed = devices.devices_down(names or None, fleet)
     console.print(f"removed {len(removed)} device(s){': ' + ', '.join(removed) if removed else ''}")
