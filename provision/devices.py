@@ -199,7 +199,8 @@ def _wait_for_ssh(port: int, timeout: float) -> bool:
 
 def devices_up(n: int, profile: str, arch: str, inventory: Path | None = None,
                progress: Progress = print, fleet: str = DEFAULT_FLEET) -> Path:
-    """Start `n` more devices in `fleet` and write an inventory of all of its devices."""
+    """Make `fleet` have `n` devices (starting only the missing ones: running it twice starts
+    nothing more) and write an inventory of all of them."""
     _check_fleet(fleet)
     from provision.profiles import ProfileStore
 
@@ -210,7 +211,8 @@ def devices_up(n: int, profile: str, arch: str, inventory: Path | None = None,
     client = _docker()
     every = list_devices()
     key = _ssh_key()
-    ports = _free_ports(n, {d.port for d in every})
+    missing = n - sum(1 for d in every if d.fleet == fleet)
+    ports = _free_ports(max(missing, 0), {d.port for d in every})
     used = {d.name for d in every}
     index = 1
     for port in ports:
@@ -230,7 +232,11 @@ def devices_up(n: int, profile: str, arch: str, inventory: Path | None = None,
                      str(conf): {"bind": "/etc/ssh/sshd_config.d/claw.conf", "mode": "ro"},
                      f"{key}.pub": {"bind": "/root/.ssh/authorized_keys", "mode": "ro"}},
             **SYSTEMD_RUN)
-    for port in ports:
+    for device in list_devices(fleet):
+        if device.status != "running":
+            progress(f"restarting {device.name}")
+            client.containers.get(device.name).start()
+    for port in [d.port for d in list_devices(fleet)]:
         if not _wait_for_ssh(port, 90 if arch == "arm64" else 30):
             raise ClawError(f"device on 127.0.0.1:{port} did not answer SSH in time; "
                             f"`docker logs` of its container may say why")

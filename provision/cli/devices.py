@@ -19,14 +19,15 @@ app = typer.Typer(help="Emulated devices (systemd + sshd containers) to provisio
 
 @app.command("up")
 def up(
-    n: int = typer.Argument(1, help="How many devices to start."),
+    n: int = typer.Argument(1, help="How many devices the fleet should have."),
     profile: str = typer.Option("qemu-virt", "--profile", help="Device profile they claim."),
     arch: str = typer.Option("amd64", "--arch", help="amd64 (fast) or arm64 (emulated)."),
     inventory: Path | None = typer.Option(None, "-o", "--inventory",
                                           help="Where to write the inventory."),
     fleet: str = typer.Option(devices.DEFAULT_FLEET, "--fleet", help=FLEET_HELP),
 ) -> None:
-    """Start N emulated devices and write an Ansible inventory for them.
+    """Make the fleet have N emulated devices (starting the missing ones) and write an
+    Ansible inventory for them.
 
     Example: [bold]claw devices up 3 --profile rk3588[/bold], then
     [bold]claw provision -i ~/.local/state/clawforge/devices/dev-inventory.yml[/bold]
