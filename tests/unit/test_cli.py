@@ -10,14 +10,16 @@ COMMANDS = [
     ["profiles", "list"], ["profiles", "show"], ["profiles", "check"],
     ["inventory", "check"], ["doctor"],
     ["runtime", "info"], ["runtime", "generate"], ["runtime", "convert"],
+    ["provision"], ["devices", "up"], ["devices", "list"], ["devices", "down"],
 ]
-PENDING = ["provision", "image", "fleet", "os"]
+PENDING = ["image", "fleet", "os"]
 
 
 def test_root_help_lists_every_group(claw):
     result = claw("--help")
     assert result.code == 0
-    for group in ["profiles", "inventory", "doctor", "runtime", "flash", *PENDING]:
+    for group in ["profiles", "inventory", "doctor", "runtime", "provision", "devices", "flash",
+                  *PENDING]:
         assert group in result.out
 
 
