@@ -43,12 +43,13 @@ def role_vars(host: Host) -> dict[str, Any]:
         "hugepages_page_kb": profile.hugepages.page_kb,
         "hugepages_mb": hugepages_mb,
         "cpu_governor_name": eff["governor"],
-        "opencl_stack": stack.name,
-        "opencl_packages": stack.packages,
-        "opencl_icd": stack.icd or "",
-        "opencl_env": stack.env,
+        "hugepages_max_fraction_of_ram": profile.hugepages.max_fraction_of_ram,
+        "opencl_drivers_stack": stack.name,
+        "opencl_drivers_packages": stack.packages,
+        "opencl_drivers_icd": stack.icd or "",
+        "opencl_drivers_env": stack.env,
         "tuning_inference_cpus": eff["runtime"]["cpu_affinity"],
-        "tuning_all_cpus": profile.core_ids,
+        "tuning_cpus": profile.core_ids,
     }
 
 
@@ -140,8 +141,10 @@ def _skipped_live(hr: HostResult) -> list[str]:
     for res in hr.results.values():
         facts = res.get("ansible_facts", {}) if isinstance(res, dict) else {}
         for note in facts.get("claw_skipped", []) or []:
-            if note not in notes:
-                notes.append(str(note))
+            text = (f"{note.get('role')}: {note.get('what')} skipped: {note.get('why')}"
+                    if isinstance(note, dict) else str(note))
+            if text not in notes:
+                notes.append(text)
     return notes
 
 

@@ -13,6 +13,7 @@ import os
 import subprocess
 
 import pytest
+import yaml
 
 from provision import devices
 from provision.provisioning import provision
@@ -38,6 +39,9 @@ def summary(result) -> dict:
 def fleet():
     inventory = devices.devices_up(3, "qemu-virt", "amd64", fleet=FLEET,
                                    progress=lambda _: None)
+    data = yaml.safe_load(inventory.read_text())
+    data["all"]["children"]["emulated"]["vars"]["claw_hugepages_mb"] = 64  # 32 pages of 2 MB
+    inventory.write_text(yaml.safe_dump(data))
     yield inventory, [d.name for d in devices.list_devices(FLEET)]
     devices.devices_down(fleet=FLEET)
 
@@ -59,8 +63,8 @@ def test_first_run_provisions_every_device(fleet, first_run):
         assert any("zram" in note for note in host["skipped_live"]), host["skipped_live"]
         zram = dexec(name, "cat /etc/systemd/zram-generator.conf")
         assert "compression-algorithm = zstd" in zram and "zram-size" in zram
-        assert dexec(name, "cat /etc/sysctl.d/*claw*hugepages*.conf").startswith(
-            "# ") or "vm.nr_hugepages" in dexec(name, "cat /etc/sysctl.d/*claw*.conf")
+        assert "vm.nr_hugepages = 32" in dexec(name, "cat /etc/sysctl.d/60-claw-hugepages.conf")
+        assert "vm.swappiness" in dexec(name, "cat /etc/sysctl.d/70-claw-tuning.conf")
         assert dexec(name, "systemctl is-enabled claw-cpu-governor.service") == "enabled"
         assert "Portable Computing Language" in dexec(name, "clinfo -l")
         assert dexec(name, "systemctl is-active docker") == "active"
