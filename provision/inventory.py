@@ -334,8 +334,12 @@ def _check_host(host: Host, store: ProfileStore) -> list[str]:
     return problems
 
 
-def load_inventory(path: Path, store: ProfileStore | None = None) -> Inventory:
-    """Parse and check an inventory; every problem found is raised together as BadInputs."""
+def load_inventory(path: Path, store: ProfileStore | None = None,
+                   extra_vars: dict[str, Any] | None = None) -> Inventory:
+    """Parse and check an inventory; every problem found is raised together as BadInputs.
+
+    `extra_vars` (`-e` on the command line) override every host's variables, as in Ansible.
+    """
     store = store or ProfileStore()
     if path.suffix.lower() not in (".yml", ".yaml") and path.is_file():
         head = path.read_text(encoding="utf-8", errors="replace").lstrip()[:1]
@@ -353,6 +357,9 @@ def load_inventory(path: Path, store: ProfileStore | None = None) -> Inventory:
     if parser.problems:
         raise BadInputs(parser.problems)
     _merge_vars(parser)
+    for host in parser.hosts.values():
+        for key, value in (extra_vars or {}).items():
+            host.vars[key], host.var_origins[key] = value, Origin(Path("-e"), 1)
     problems = [line for host in parser.hosts.values() for line in _check_host(host, store)]
     if problems:
         raise BadInputs(problems)

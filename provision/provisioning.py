@@ -152,7 +152,7 @@ def provision(inventory_path: Path, *, limit: str | None = None, tags: list[str]
               check: bool = False, diff: bool = False, extravars: dict[str, Any] | None = None,
               on_event: Callable[[dict[str, Any]], None] | None = None,
               playbook: str = "site.yml") -> tuple[RunResult, list[dict[str, Any]]]:
-    inventory = load_inventory(inventory_path)
+    inventory = load_inventory(inventory_path, extra_vars=extravars)
     check_limit(inventory, limit)
     check_tags(tags or [])
     if not (playbooks_dir() / playbook).is_file():

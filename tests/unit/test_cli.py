@@ -11,6 +11,7 @@ COMMANDS = [
     ["inventory", "check"], ["doctor"],
     ["runtime", "info"], ["runtime", "generate"], ["runtime", "convert"],
     ["provision"], ["devices", "up"], ["devices", "list"], ["devices", "down"],
+    ["vm", "up"], ["vm", "down"], ["vm", "list"], ["vm", "console"],
 ]
 PENDING = ["image", "fleet", "os"]
 
