@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
 import subprocess
 import tarfile
 import tempfile
@@ -23,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from provision import loopback
 from provision.errors import BadInput, ClawError
+from provision.loopback import free_ports, ssh_banner, ssh_key
 from provision.paths import state_dir
-from provision.yamlsource import dump_yaml_atomic
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
@@ -124,29 +124,6 @@ def _tidy_root(root: Path) -> None:
             link.symlink_to("/dev/null")
 
 
-def _ssh_key() -> Path:
-    key = devices_dir() / "id_ed25519"
-    if not key.exists():
-        key.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "clawforge-devices",
-                        "-f", str(key)], check=True)
-    return key
-
-
-def _free_ports(n: int, taken: set[int]) -> list[int]:
-    ports, port = [], FIRST_PORT
-    while len(ports) < n:
-        if port not in taken:
-            with socket.socket() as probe:
-                try:
-                    probe.bind(("127.0.0.1", port))
-                    ports.append(port)
-                except OSError:
-                    pass
-        port += 1
-    return ports
-
-
 @dataclass
 class Device:
     name: str
@@ -187,12 +164,8 @@ def inventory_path(fleet: str) -> Path:
 def _wait_for_ssh(port: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
-                if conn.recv(64).startswith(b"SSH-2.0"):
-                    return True
-        except OSError:
-            pass
+        if ssh_banner(port):
+            return True
         time.sleep(0.3)
     return False
 
@@ -210,9 +183,9 @@ def devices_up(n: int, profile: str, arch: str, inventory: Path | None = None,
     tag = ensure_base_image(arch, progress)
     client = _docker()
     every = list_devices()
-    key = _ssh_key()
+    key = ssh_key()
     missing = n - sum(1 for d in every if d.fleet == fleet)
-    ports = _free_ports(max(missing, 0), {d.port for d in every})
+    ports = free_ports(FIRST_PORT, max(missing, 0), {d.port for d in every})
     used = {d.name for d in every}
     index = 1
     for port in ports:
@@ -248,20 +221,8 @@ def write_inventory(fleet: str, path: Path | None = None) -> Path:
     path = path or inventory_path(fleet)
     hosts = {d.name: {"ansible_port": d.port, "claw_profile": d.profile}
              for d in list_devices(fleet)}
-    dump_yaml_atomic(path, {"all": {"children": {"emulated": {
-        "vars": {
-            "ansible_host": "127.0.0.1",
-            "ansible_user": "root",
-            "ansible_ssh_private_key_file": str(_ssh_key()),
-            # Emulated devices get new host keys with every start: don't pin them.
-            "ansible_ssh_common_args": "-o StrictHostKeyChecking=no "
-                                       "-o UserKnownHostsFile=/dev/null",
-            "ansible_python_interpreter": "/usr/bin/python3",
-            "docker_engine_bridge": "none",  # they share the host's network namespace
-        },
-        "hosts": hosts,
-    }}}})
-    return path
+    # They share the host's network namespace: their Docker engines must make no bridge.
+    return loopback.write_inventory(path, "emulated", hosts, {"docker_engine_bridge": "none"})
 
 
 def devices_down(names: list[str] | None = None, fleet: str = DEFAULT_FLEET) -> list[str]:

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -32,10 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provision.devices import MIRROR, SUITE, _ssh_key
+from provision import loopback
+from provision.devices import MIRROR, SUITE
 from provision.errors import BadInput, ClawError
+from provision.loopback import port_free, ssh_banner, ssh_key
 from provision.paths import state_dir
-from provision.yamlsource import dump_yaml_atomic
 
 ARCH = "arm64"
 PACKAGES = ["systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "sudo", "kmod",
@@ -87,7 +87,7 @@ class VmImage:
 
 def image_key() -> str:
     """The cache key: everything that goes into the image, the root's SSH key included."""
-    pub = Path(f"{_ssh_key()}.pub").read_text().strip()
+    pub = Path(f"{ssh_key()}.pub").read_text().strip()
     inputs = [SUITE, ARCH, MIRROR, PACKAGES, KERNEL_PACKAGE, INITRAMFS_MODULES, ROOTFS_SIZE,
               HOSTNAME, KERNEL_CMDLINE, RECIPE, pub]
     digest = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
@@ -242,7 +242,7 @@ def _configure_root(root: Path) -> None:
     ssh_dir = root / "root/.ssh"
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
     keys = ssh_dir / "authorized_keys"
-    keys.write_text(Path(f"{_ssh_key()}.pub").read_text())
+    keys.write_text(Path(f"{ssh_key()}.pub").read_text())
     keys.chmod(0o600)
     # An empty machine-id: each VM's systemd makes its own on first boot and commits it.
     (etc / "machine-id").write_text("")
@@ -369,7 +369,7 @@ class Vm:
         return _qemu_alive(self.pid, self.dir)
 
     def ssh_command(self) -> list[str]:
-        return ["ssh", "-i", str(_ssh_key()), "-p", str(self.port), *SSH_OPTS, "root@127.0.0.1"]
+        return ["ssh", "-i", str(ssh_key()), "-p", str(self.port), *SSH_OPTS, "root@127.0.0.1"]
 
     def ssh(self, cmd: str, check: bool = False, timeout: float = 300,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -391,7 +391,7 @@ class Vm:
             if not self.running():
                 raise ClawError(f"{self.name}: QEMU exited while booting; console log "
                                 f"{self.console_log}:\n{self.console_tail()}")
-            if _ssh_banner(self.port) and self.ssh("true", timeout=30).returncode == 0:
+            if ssh_banner(self.port) and self.ssh("true", timeout=30).returncode == 0:
                 return
             time.sleep(1)
         raise ClawError(f"{self.name} did not answer SSH on 127.0.0.1:{self.port} within "
@@ -418,7 +418,7 @@ class Vm:
             if not self.running():
                 raise ClawError(f"{self.name}: QEMU exited during the reboot; console log "
                                 f"{self.console_log}:\n{self.console_tail()}")
-            if _ssh_banner(self.port):
+            if ssh_banner(self.port):
                 now = self.boot_id()
                 if now is not None and now != before:
                     return
@@ -477,29 +477,6 @@ def _qemu_alive(pid: int, vm_path: Path) -> bool:
     return state not in ("Z", "X") and QEMU in cmdline and str(vm_path) in cmdline
 
 
-def _ssh_banner(port: int) -> bool:
-    """sshd in the guest answers. QEMU's forwarder accepts connections even while the guest
-    is down, then closes them: only a banner tells that sshd is there."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=3) as conn:
-            conn.settimeout(5)
-            return conn.recv(64).startswith(b"SSH-2.0")
-    except OSError:
-        return False
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as probe:
-        # As QEMU binds it: old TIME_WAIT connections don't make a port busy, a listener does.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-            probe.listen()
-        except OSError:
-            return False
-    return True
-
-
 def _load(path: Path) -> Vm | None:
     try:
         meta = json.loads((path / "vm.json").read_text())
@@ -546,9 +523,9 @@ def start_vm(image: VmImage, port: int | None = None, memory_mb: int = 2048, cpu
     taken = {vm.port for vm in existing}
     if port is None:
         port = FIRST_PORT
-        while port in taken or not _port_free(port):
+        while port in taken or not port_free(port):
             port += 1
-    elif port in taken or not _port_free(port):
+    elif port in taken or not port_free(port):
         raise BadInput(f"--port {port} is in use on 127.0.0.1 (leave it out to pick a free one)")
     if name is None:
         index, names = 1, {vm.name for vm in existing}
@@ -630,17 +607,4 @@ def write_inventory(path: Path | None = None) -> Path:
         if vm.memory_mb % 1024 == 0 and vm.memory_mb // 1024 in ram_options:
             host["claw_ram_gb"] = vm.memory_mb // 1024
         hosts[vm.name] = host
-    dump_yaml_atomic(path, {"all": {"children": {"qemu_vms": {
-        "vars": {
-            "claw_profile": PROFILE,
-            "ansible_host": "127.0.0.1",
-            "ansible_user": "root",
-            "ansible_ssh_private_key_file": str(_ssh_key()),
-            # Every VM starts from the same image on a forwarded port: don't pin host keys.
-            "ansible_ssh_common_args": "-o StrictHostKeyChecking=no "
-                                       "-o UserKnownHostsFile=/dev/null",
-            "ansible_python_interpreter": "/usr/bin/python3",
-        },
-        "hosts": hosts,
-    }}}})
-    return path
+    return loopback.write_inventory(path, "qemu_vms", hosts, {"claw_profile": PROFILE})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,26 @@ COLUMNS = {"host": "Host", "status": "Result", "ok": "OK", "changed": "Changed",
            "skipped": "Skipped", "failed_task": "Failed task"}
 
 
+def render_diff(diff: dict[str, Any]) -> str:
+    """One of Ansible's `diff` results (before/after texts, or a prepared text) as a unified
+    diff, the way `ansible-playbook --diff` prints it."""
+    if "prepared" in diff:
+        return str(diff["prepared"])
+    before, after = diff.get("before", ""), diff.get("after", "")
+    if not isinstance(before, str) or not isinstance(after, str):
+        before, after = json.dumps(before, indent=2), json.dumps(after, indent=2)
+    return "".join(difflib.unified_diff(
+        before.splitlines(keepends=True), after.splitlines(keepends=True),
+        fromfile=str(diff.get("before_header", "before")),
+        tofile=str(diff.get("after_header", "after"))))
+
+
 class LiveHosts:
     """Per host: the task it is on and its ok/changed/failed counts, redrawn on each event."""
 
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, Any]] = {}
+        self.diffs: list[tuple[str, str, str]] = []  # host, task, unified diff
         self.live = Live(self.table(), console=console, refresh_per_second=8, transient=True)
 
     def table(self) -> Table:
@@ -46,6 +63,11 @@ class LiveHosts:
         elif kind == "runner_on_ok":
             row["ok"] += 1
             row["changed"] += bool(res.get("changed"))
+            diffs = res.get("diff") or []
+            for diff in diffs if isinstance(diffs, list) else [diffs]:
+                text = render_diff(diff) if isinstance(diff, dict) else ""
+                if text.strip() and res.get("changed"):
+                    self.diffs.append((host, data.get("task", ""), text))
         elif kind in ("runner_on_failed", "runner_on_unreachable") and not data.get(
                 "ignore_errors"):
             row["failed"] += 1
@@ -105,6 +127,10 @@ def provision_cmd(
             result, records = provision(inventory, limit=limit, tags=tag_list, check=check,
                                         diff=diff, extravars=extravars, on_event=display)
     summary = last_summary()
+    if diff and not json_out:
+        for host, task, text in display.diffs:
+            console.print(f"[bold]{host}: {task}[/]")
+            console.print(text, highlight=False, markup=False)
     show(summary, json_out)
     if result.rc != 0 or any(r["status"] != "ok" for r in records):
         raise typer.Exit(EXIT_FAILED)

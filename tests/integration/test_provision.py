@@ -118,6 +118,11 @@ def test_check_mode_changes_nothing_on_a_fresh_device():
         assert summary(result)[name]["changed"] > 0  # it reports what would change...
         assert dexec(name, "ls /etc/systemd/zram-generator.conf 2>/dev/null") == ""  # ...only
         assert dexec(name, "ls /etc/clawforge 2>/dev/null") == ""
+        shown = claw_subprocess("provision", "-i", str(inventory), "--check", "--diff",
+                                "--tags", "zram")
+        assert shown.code == 0, shown.out[-2000:]
+        assert "zram-generator.conf" in shown.out and "+compression-algorithm = zstd" in shown.out
+        assert dexec(name, "ls /etc/systemd/zram-generator.conf 2>/dev/null") == ""
     finally:
         devices.devices_down(fleet=FLEET + "c")
 
