@@ -53,7 +53,10 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     tags = [t for t in args.tags.split(",") if t] or None
-    rows = [measure(int(n), tags) for n in args.sizes.split(",")]
+    rows = []
+    for n in args.sizes.split(","):
+        rows.append(measure(int(n), tags))
+        print(f"# measured: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     report = {"bench": "provision: first run vs re-run", "date": time.strftime("%Y-%m-%d"),
               "machine": platform.machine(), "cpus": os.cpu_count(), "tags": tags or "all",
               "rows": rows}
