@@ -155,12 +155,16 @@ def _dq_q4_1(b: np.ndarray, out: np.ndarray) -> None:
     out += _f32(b["m"])
 
 
-def _q_q4_1(x: np.ndarray, out: np.ndarray) -> None:
+def _affine(x: np.ndarray, top: int, out: np.ndarray) -> np.ndarray:
+    """Q4_1/Q5_1 rounding: levels 0..top between each block's min and max; stores d and m."""
     lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
-    d = (hi - lo) / np.float32(15)
-    q = np.trunc((x - lo) * _inv(d) + np.float32(0.5)).clip(0, 15).astype(np.uint8)
+    d = (hi - lo) / np.float32(top)
     out["d"], out["m"] = d[:, 0], lo[:, 0]
-    out["qs"] = _pack_nibbles(q)
+    return np.trunc((x - lo) * _inv(d) + np.float32(0.5)).clip(0, top).astype(np.uint8)
+
+
+def _q_q4_1(x: np.ndarray, out: np.ndarray) -> None:
+    out["qs"] = _pack_nibbles(_affine(x, 15, out))
 
 
 Q5_0 = np.dtype([("d", "<f2"), ("qh", "u1", 4), ("qs", "u1", 16)])
@@ -199,11 +203,7 @@ def _dq_q5_1(b: np.ndarray, out: np.ndarray) -> None:
 
 
 def _q_q5_1(x: np.ndarray, out: np.ndarray) -> None:
-    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
-    d = (hi - lo) / np.float32(31)
-    q = np.trunc((x - lo) * _inv(d) + np.float32(0.5)).clip(0, 31).astype(np.uint8)
-    out["d"], out["m"] = d[:, 0], lo[:, 0]
-    _pack_q5(q, out)
+    _pack_q5(_affine(x, 31, out), out)
 
 
 # ---------------------------------------------------------------------------------------------
