@@ -12,7 +12,6 @@ our speed as a ratio of its speed, since this machine's absolute numbers drift.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -22,6 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.report import print_report  # noqa: E402
+
 CACHE = ROOT / "bench" / ".cache"
 SHAPE = dict(vocab_size=32000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
              num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
@@ -121,15 +123,9 @@ def main() -> None:
               "prompt_tokens": args.prompt, "generated_tokens": args.gen,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
               "rows": rows}
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return
     head = ["model", "prefill_tps", "torch_prefill_tps", "prefill_ratio", "decode_tps",
             "torch_decode_tps", "decode_ratio"]
-    print(" | ".join(head))
-    for row in rows:
-        print(" | ".join(str(row[h]) for h in head))
-    print(json.dumps(report))
+    print_report(report, head, args.json)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import print_report  # noqa: E402
+
 
 def measure(n: int, tags: list[str] | None) -> dict:
     from provision import devices
@@ -60,15 +62,9 @@ def main() -> None:
     report = {"bench": "provision: first run vs re-run", "date": time.strftime("%Y-%m-%d"),
               "machine": platform.machine(), "cpus": os.cpu_count(), "tags": tags or "all",
               "rows": rows}
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return
     head = ["devices", "first_s", "second_s", "ratio", "first_changed", "second_changed",
             "first_s_per_device"]
-    print(" | ".join(head))
-    for row in rows:
-        print(" | ".join(str(row[h]) for h in head))
-    print(json.dumps(report))
+    print_report(report, head, args.json)
 
 
 if __name__ == "__main__":
