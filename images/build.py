@@ -9,6 +9,7 @@ after the runtime's self-test passed inside it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -24,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from images.base import docker_client, ensure_image_base, scratch_dir
-from images.render import Target, render, wheel_name
+from images.render import CA_BUNDLE, Target, render, wheel_name
 from images.wheel import ensure_wheel, source_root
 from provision import __version__
 from provision.errors import ClawError
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
 LAYER = re.compile(r"^ ---> ([0-9a-f]{12,64})$")
 TAIL_LINES = 20
@@ -74,7 +76,7 @@ class BuildLog:
             return
         if isinstance(chunk.get("aux"), dict) and "ID" in chunk["aux"]:
             self.image_id = chunk["aux"]["ID"]
-        for line in str(chunk.get("stream", "")).splitlines():
+        for line in ANSI.sub("", str(chunk.get("stream", ""))).splitlines():
             self._line(line.rstrip())
 
     def _line(self, line: str) -> None:
@@ -120,6 +122,16 @@ class BuildLog:
 def _short(text: str, width: int = 90) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def host_ca_bundle() -> Path:
+    """The CA bundle this machine's pip trusts (PIP_CERT, SSL_CERT_FILE or Debian's)."""
+    for candidate in (os.environ.get("PIP_CERT"), os.environ.get("SSL_CERT_FILE"),
+                      "/etc/ssl/certs/ca-certificates.crt"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    raise ClawError("no CA bundle found for pip inside the build (expected "
+                    "/etc/ssl/certs/ca-certificates.crt; apt-get install ca-certificates)")
 
 
 def git_revision(root: Path) -> str:
@@ -231,9 +243,10 @@ def smoke_test(client: Any, image: str, kind: str, timeout: float = SMOKE_TIMEOU
     except json.JSONDecodeError:
         report = None
     if status != 0 or not isinstance(report, dict) or not report.get("ok"):
-        lines = (err + out).strip().splitlines()[-TAIL_LINES:]
-        reason = next((ln for ln in reversed(lines) if ln.startswith(("error:", "missing"))),
+        errors = err.strip().splitlines()
+        reason = next((ln for ln in reversed(errors) if ln.startswith(("error:", "missing"))),
                       f"exit status {status}")
+        lines = (out.strip().splitlines() + errors)[-TAIL_LINES:]
         raise BuildFailed(f"the smoke test failed inside the {kind} image: {reason}", lines)
     return report
 
@@ -254,6 +267,7 @@ def build_image(target: Target, *, tag: str | None = None, no_cache: bool = Fals
         context_dir = Path(tmp)
         (context_dir / "Dockerfile").write_text(dockerfile)
         shutil.copy2(wheel, context_dir / wheel_name())
+        shutil.copy2(host_ca_bundle(), context_dir / CA_BUNDLE)
         image_id = run_build(client, context_dir, labels, no_cache, log, target.kind)
     report = None
     if smoke:

@@ -27,6 +27,7 @@ KINDS = {"runtime": "runtime.Dockerfile.j2", "dev-env": "dev-env.Dockerfile.j2"}
 RUNTIME_PORT = 8080
 IMAGE_UID = 10001
 DEV_TOOLS = ["pytest", "ruff", "build"]
+CA_BUNDLE = "build-ca.crt"  # the builder's trust store, for pip inside the build
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,8 @@ def context(target: Target) -> dict[str, Any]:
         "kind": target.kind, "profile": target.profile, "arch": target.arch,
         "base_image": IMAGE_BASE.tag(target.arch), "opencl": target.opencl,
         "apt_packages": packages, "fallback": fallback, "env": dict(target.opencl.env),
-        "wheel": wheel_name(), "uid": IMAGE_UID, "port": RUNTIME_PORT, "dev_tools": DEV_TOOLS,
-        "version": __version__,
+        "wheel": wheel_name(), "ca_bundle": CA_BUNDLE, "uid": IMAGE_UID, "port": RUNTIME_PORT,
+        "dev_tools": DEV_TOOLS, "version": __version__,
     }
 
 

@@ -96,8 +96,8 @@ class _BuildDisplay:
             how = "[dim]cached[/]" if step.cached else f"{step.seconds:6.1f} s"
             layer = f" → {step.layer}" if step.layer else ""
             self.progress.console.print(f"  {step.number:>2}/{step.total} {how:>8}  "
-                                        f"{escape(step.instruction[:70])}{layer}",
-                                        highlight=False)
+                                        f"{escape(step.instruction)}{layer}",
+                                        highlight=False, no_wrap=True, overflow="ellipsis")
 
 
 @app.command("build")
@@ -135,7 +135,7 @@ def build_cmd(
                                  smoke=not no_smoke, log=log, progress=note)
     except BuildFailed as exc:
         for line in exc.tail:
-            err_console.print(f"  [dim]|[/] {escape(line)}", highlight=False)
+            err_console.print(f"  [dim]|[/] {escape(line)}", highlight=False, soft_wrap=True)
         raise
     if json_out:
         print_json(result.record())
