@@ -73,7 +73,7 @@ def export_image(tag: str, output: Path, progress: Progress = lambda n: None) ->
         with open(part, "wb") as raw:
             sink = _Hashing(raw)
             compress = output.name.endswith(".zst")
-            writer: Any = (zstandard.ZstdCompressor(level=3, threads=-1)
+            writer: Any = (zstandard.ZstdCompressor(level=3, threads=-1, write_checksum=True)
                            .stream_writer(sink, closefd=False) if compress else sink)
             for chunk in client.api.get_image(tag, chunk_size=CHUNK):
                 writer.write(chunk)
