@@ -85,6 +85,7 @@ class BuildLog:
         if m := STEP.match(line):
             self._finish()
             step = Step(int(m[1]), int(m[2]), m[3], time.monotonic())
+            step.cached = step.instruction.upper().startswith("FROM ")  # nothing is built
             self.steps.append(step)
             self.on_step(step)
             return
