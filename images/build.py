@@ -174,6 +174,7 @@ class BuildResult:
     steps: list[Step]
     labels: dict[str, str]
     smoke: dict[str, Any] | None
+    smoke_seconds: float = 0.0
 
     @property
     def cached_steps(self) -> int:
@@ -182,7 +183,8 @@ class BuildResult:
     def record(self) -> dict[str, Any]:
         return {"tag": self.tag, "image_id": self.image_id, "seconds": round(self.seconds, 2),
                 "size_bytes": self.size_bytes, "steps": len(self.steps),
-                "cached_steps": self.cached_steps, "labels": self.labels, "smoke": self.smoke}
+                "cached_steps": self.cached_steps, "smoke_seconds": round(self.smoke_seconds, 2),
+                "labels": self.labels, "smoke": self.smoke}
 
 
 def run_build(client: Any, context_dir: Path, labels: dict[str, str], no_cache: bool,
@@ -270,12 +272,14 @@ def build_image(target: Target, *, tag: str | None = None, no_cache: bool = Fals
         shutil.copy2(wheel, context_dir / wheel_name())
         shutil.copy2(host_ca_bundle(), context_dir / CA_BUNDLE)
         image_id = run_build(client, context_dir, labels, no_cache, log, target.kind)
-    report = None
+    report, smoke_start = None, time.monotonic()
     if smoke:
         progress(f"smoke test: claw runtime selftest inside {image_id[:19]}")
         report = smoke_test(client, image_id, target.kind)
+    smoke_seconds = time.monotonic() - smoke_start
     final = tag or target.default_tag
     repository, version = split_tag(final)
     client.api.tag(image_id, repository, version)
     size = client.images.get(image_id).attrs.get("Size", 0)
-    return BuildResult(final, image_id, time.monotonic() - start, size, log.steps, labels, report)
+    return BuildResult(final, image_id, time.monotonic() - start, size, log.steps, labels, report,
+                       smoke_seconds)
