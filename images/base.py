@@ -37,6 +37,9 @@ class BaseRecipe:
     packages: Sequence[str]
     recipe: int  # bump when the way the root is made changes
     changes: Sequence[str] = ()  # Dockerfile instructions applied by `docker import`
+    # Record the root's architecture in the image config (engine 20.10's import writes the
+    # host's), so images built FROM it say arm64 to the engines and registries of the fleet.
+    true_arch: bool = False
     tidy: Callable[[Path], None] | None = field(default=None, compare=False)
 
     def tag(self, arch: str) -> str:
@@ -108,15 +111,55 @@ def ensure_base(recipe: BaseRecipe, arch: str, progress: Progress = print) -> st
         repository, version = tag.rsplit(":", 1)
         client.api.import_image(src=str(archive), repository=repository, tag=version,
                                 changes=list(recipe.changes))
+        archive.unlink()
+        if recipe.true_arch and client.images.get(tag).attrs.get("Architecture") != arch:
+            progress(f"recording architecture {arch} in {tag}")
+            set_architecture(client, tag, arch, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return tag
 
 
+def set_architecture(client: Any, tag: str, arch: str, work: Path) -> None:
+    """Rewrite the image config's architecture: `docker save`, edit the config, `docker load`.
+
+    The config's file name is its sha256, so the manifest is pointed at the new name; layers
+    are untouched. The old image (same layers) is removed."""
+    old_id = client.images.get(tag).id
+    folder = work / "saved"
+    saved = work / "saved.tar"
+    with open(saved, "wb") as out:
+        for chunk in client.api.get_image(tag, chunk_size=1 << 20):
+            out.write(chunk)
+    with tarfile.open(saved) as tar:
+        tar.extractall(folder, filter="tar")
+    saved.unlink()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    config_file = folder / manifest[0]["Config"]
+    config = json.loads(config_file.read_text())
+    config["architecture"] = arch
+    if arch == "arm64":
+        config["variant"] = "v8"
+    data = json.dumps(config, separators=(",", ":")).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    config_file.unlink()
+    (folder / f"{digest}.json").write_bytes(data)
+    manifest[0]["Config"] = f"{digest}.json"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "repositories").unlink(missing_ok=True)
+    with tarfile.open(saved, "w") as tar:
+        tar.add(folder, arcname=".")
+    with open(saved, "rb") as f:
+        for _ in client.api.load_image(f):
+            pass
+    if client.images.get(tag).id != old_id:
+        client.images.remove(old_id, force=True)
+
+
 # The container images' base: Debian minbase and TLS roots (pip reaches PyPI over HTTPS).
 IMAGE_BASE = BaseRecipe(
-    repository="clawforge/image-base", packages=["ca-certificates"], recipe=1,
-    changes=['CMD ["/bin/bash"]', "ENV LANG=C.UTF-8"])
+    repository="clawforge/image-base", packages=["ca-certificates"], recipe=2,
+    changes=['CMD ["/bin/bash"]', "ENV LANG=C.UTF-8"], true_arch=True)
 
 
 def ensure_image_base(arch: str, progress: Progress = print) -> str:

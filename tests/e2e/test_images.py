@@ -134,7 +134,9 @@ def test_arm64_images_build_under_qemu_and_pass_their_smoke_test(builds, kind):
     result = builds.get(kind, "arm64")
     assert result.smoke["ok"]
     assert _run(result.tag, "uname", "-m") == "aarch64"
-    assert docker_client().images.get(result.tag).labels["org.clawforge.arch"] == "arm64"
+    image = docker_client().images.get(result.tag)
+    assert image.labels["org.clawforge.arch"] == "arm64"
+    assert image.attrs["Architecture"] == "arm64"  # what the fleet's engines will check
 
 
 def _templates_with(tmp_path, kind: str, after: str, lines: str):
