@@ -1,17 +1,23 @@
-"""`claw image export|import` on a real Docker engine: round trip with the same image id, a
-damaged or unchecked tarball refused, and a full disk leaving nothing behind."""
+"""`claw image export|import|push` on a real Docker engine: round trip with the same image id, a
+damaged or unchecked tarball refused, a full disk leaving nothing behind, and a push to a real
+registry (Debian's docker-registry, the CNCF distribution server, on a loopback port)."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import subprocess
 import tarfile
+import time
+import urllib.request
 import uuid
 
 import pytest
 
 from images.base import docker_client
+from provision.loopback import free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -92,3 +98,46 @@ def test_disk_full_during_export_leaves_nothing_behind(claw, tiny_image, tmp_pat
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+@pytest.fixture
+def registry(tmp_path):
+    if shutil.which("docker-registry") is None:
+        pytest.fail("docker-registry is not installed (scripts/setup.sh installs it)")
+    (port,) = free_ports(5100, 1, set())
+    config = tmp_path / "registry.yml"
+    config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: "
+                      f"{tmp_path / 'store'}\nhttp:\n  addr: 127.0.0.1:{port}\n")
+    server = subprocess.Popen(["docker-registry", "serve", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{url}/v2/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield f"127.0.0.1:{port}", url
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_push_to_a_registry(claw, tiny_image, registry):
+    tag, _ = tiny_image
+    address, url = registry
+    result = claw("image", "push", tag, "--registry", address)
+    assert result.code == 0, result.err
+    repository, version = tag.split(":")
+    assert f"pushed {address}/{tag}" in result.out
+    tags = json.load(urllib.request.urlopen(f"{url}/v2/{repository}/tags/list", timeout=5))
+    assert tags == {"name": repository, "tags": [version]}
+    docker_client().images.remove(f"{address}/{tag}")
+
+
+def test_push_to_an_unreachable_registry_fails_clearly(claw, tiny_image):
+    tag, _ = tiny_image
+    (port,) = free_ports(5200, 1, set())
+    result = claw("image", "push", tag, "--registry", f"127.0.0.1:{port}")
+    assert result.code == 1
+    assert f"push of 127.0.0.1:{port}/{tag} failed:" in result.err
+    assert "connection refused" in result.err and "Traceback" not in result.err
