@@ -48,15 +48,17 @@ class BaseRecipe:
         return f"{self.repository}:{SUITE}-{arch}-{key[:12]}"
 
 
-def docker_client() -> Any:
-    """A connected Docker SDK client, or a ClawError that points at `claw doctor`."""
+def docker_client(timeout: int = 120) -> Any:
+    """A connected Docker SDK client, or a ClawError that points at `claw doctor`.
+
+    `timeout` bounds each socket read: a build step may print nothing for many minutes."""
     try:
         import docker
     except ImportError:
         raise ClawError("the Docker SDK is not installed (pip install 'clawforge[controller]'; "
                         "see `claw doctor`)") from None
     try:
-        client = docker.from_env(timeout=120)
+        client = docker.from_env(timeout=timeout)
         client.ping()
     except Exception as exc:
         raise ClawError(f"the Docker engine is not reachable ({str(exc).splitlines()[0][:120]}); "

@@ -34,6 +34,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
 LAYER = re.compile(r"^ ---> ([0-9a-f]{12,64})$")
 TAIL_LINES = 20
+BUILD_READ_TIMEOUT_S = 3600  # a quiet step (pip under qemu-user) may print nothing for minutes
 SMOKE_TIMEOUT_S = 900  # arm64 images run under qemu-user: numpy and PoCL start slowly
 TOOLS = ("gcc", "g++", "make", "cmake", "clinfo", "docker", "ansible-playbook", "sudo", "pytest")
 
@@ -261,7 +262,7 @@ def build_image(target: Target, *, tag: str | None = None, no_cache: bool = Fals
     start = time.monotonic()
     log = log or BuildLog()
     dockerfile = render(target, template_dir)  # bad templates fail before any work
-    client = docker_client()
+    client = docker_client(timeout=BUILD_READ_TIMEOUT_S)
     ensure_image_base(target.arch, progress)
     wheel = ensure_wheel(progress)
     root = source_root()

@@ -15,7 +15,7 @@ from datetime import datetime
 
 import pytest
 
-from images.base import docker_client
+from images.base import IMAGE_BASE, docker_client
 from images.build import BuildResult, build_image, smoke_test
 from images.render import KINDS, resolve, templates_dir
 
@@ -173,3 +173,15 @@ def test_failing_smoke_test_leaves_the_image_untagged(claw, builds, tmp_path):
     assert "the smoke test failed inside the runtime image: error: self-test failed: opencl:" \
         in result.err
     assert not docker_client().images.list(name=tag)
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_offline_base_is_cached_by_its_inputs_and_has_its_architecture(claw, builds, arch):
+    builds.get("runtime", arch)  # made the base, if it was not cached already
+    result = claw("image", "base", "--arch", arch)
+    assert result.code == 0, result.err
+    tag = result.out.strip().splitlines()[-1]
+    assert tag == IMAGE_BASE.tag(arch) and "debootstrap" not in result.out  # found, not made
+    image = docker_client().images.get(tag)
+    assert image.attrs["Architecture"] == arch
+    assert _run(tag, "dpkg", "--print-architecture") == arch
