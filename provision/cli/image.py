@@ -176,9 +176,15 @@ def export_cmd(
 
     Example: [bold]claw image export clawforge/runtime:0.1.0-rpi5-arm64 -o rt.tar.zst[/bold]
     """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
     from images.transfer import export_image
 
-    result = export_image(tag, output)
+    bar = Progress("export", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   console=err_console, transient=True, disable=json_out)
+    task = bar.add_task("export", total=None)
+    with bar:
+        result = export_image(tag, output, progress=lambda n: bar.update(task, completed=n))
     if json_out:
         print_json(result)
     else:
