@@ -44,7 +44,8 @@ def measure(kind: str, arch: str) -> dict:
         return {"kind": kind, "arch": arch, "base_s": round(base_s, 1),
                 "cold_s": round(cold_s, 1), "cached_s": round(cached_s, 1),
                 "ratio": round(cached_s / cold_s, 3), "smoke_s": round(cold.smoke_seconds, 1),
-                "steps": len(cold.steps), "cached_steps": cached.cached_steps,
+                "steps": len(cold.steps), "cold_cached_steps": cold.cached_steps,
+                "cached_steps": cached.cached_steps,
                 "size_mib": round(cold.size_bytes / 2**20)}
     finally:
         client = docker_client()
