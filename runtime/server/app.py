@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -64,6 +64,7 @@ class Prepared:
     add_bos: bool | None
     prompt_ids: list[int] | None  # None while the local model is not loaded
     params: SamplingParams
+    jobs: list[Job] = field(default_factory=list)
 
 
 class Server:
@@ -211,7 +212,8 @@ class Server:
             max_tokens = max_tokens or min(s.default_max_tokens, room)
         params = SamplingParams(
             temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
-            repetition_penalty=req.repetition_penalty, seed=req.seed,
+            repetition_penalty=req.repetition_penalty,
+            seed=None if req.seed is None else req.seed % 2**64,
             max_tokens=max_tokens or s.default_max_tokens, stop=req.stops())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Prepared(kind, "chat/completions" if kind == "chat" else "completions", raw,
@@ -241,7 +243,9 @@ class Server:
                         code="model_not_loaded", retry_after=self.config.scheduler.retry_after_s)
 
     def begin(self, p: Prepared) -> tuple[str, AsyncIterator[str | End]]:
-        """Route `p`; refusals (429/503) are raised here, before any response has started."""
+        """Route `p`; refusals (429/503) are raised here, before any response has started.
+        The jobs the answer uses are recorded in `p.jobs`, so that a client that goes away
+        cancels them at once, without awaiting anything (its task is being cancelled)."""
         route, reason = self.decide(p)
         self.metrics.decisions.labels(route, reason.split(":")[0]).inc()
         log.info("%s %s request → %s (%s)", p.priority, p.endpoint, route, reason)
@@ -250,6 +254,7 @@ class Server:
         if self.model is None:
             raise self.unavailable(f"{p.priority} work is served only locally")
         job = self._submit(p, p.prompt_ids or [], p.params, force=False)
+        p.jobs.append(job)
         return route, self._local(job, len(p.prompt_ids or []), 0)
 
     def _submit(self, p: Prepared, ids: list[int], params: SamplingParams, force: bool) -> Job:
@@ -326,6 +331,7 @@ class Server:
                 return
             params = SamplingParams(**{**p.params.__dict__, "max_tokens": left})
         job = self._submit(p, ids, params, force=True)
+        p.jobs.append(job)
         async for item in self._local(job, len(p.prompt_ids or []), done):
             yield item
 
@@ -433,6 +439,9 @@ def create_app(config: ServeConfig, api_key: str | None = None) -> FastAPI:
             raise
         finally:
             tracker.finish("cancelled", None)
+            for job in p.jobs:
+                if server.scheduler:
+                    server.scheduler.cancel(job)
         raise APIError(500, "the generation ended without a result", type="server_error")
 
     return app
@@ -490,5 +499,8 @@ async def _sse(server: Server, p: Prepared, rid: str, pieces: AsyncIterator[str 
         yield wire.DONE
     finally:
         tracker.finish("cancelled", None)
+        for job in p.jobs:
+            if server.scheduler:
+                server.scheduler.cancel(job)
         with contextlib.suppress(Exception):
             await pieces.aclose()  # type: ignore[attr-defined]

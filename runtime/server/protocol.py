@@ -9,10 +9,11 @@ them. `priority` is ours: critical, normal or background.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Priority = Literal["critical", "normal", "background"]
 
@@ -59,6 +60,13 @@ class CommonRequest(BaseModel):
     n: int = Field(1, ge=1, le=1)
     priority: Priority | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """OpenAI treats `"temperature": null` as "not given"; so do we."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) \
+            else data
+
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
 
@@ -95,6 +103,11 @@ class ChatRequest(CommonRequest):
 
 
 
+# Union members pydantic adds to an error's location ("str", "list[int]", "TextPart", …).
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|literal\[.*\]|"
+                       r"function-.*|[A-Z]\w*)$")
+
+
 def parse(model: type[BaseModel], raw: bytes) -> Any:
     """Body bytes → a request model, or an APIError naming the offending parameter."""
     try:
@@ -109,7 +122,7 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
         return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = [str(p) for p in err["loc"] if not str(p).startswith(("list[", "str", "int"))]
+        loc = [str(p) for p in err["loc"] if not _TYPE_TAG.match(str(p))]
         param = ".".join(loc) or None
         if err["type"] == "missing":
             message = f"Missing required parameter: '{param}'."
