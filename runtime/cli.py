@@ -159,14 +159,18 @@ def serve(
     Example: [bold]claw runtime serve model.gguf --port 8080 --api-key secret[/bold]
     """
     import logging
+    import os
 
-    import uvicorn
-
-    from runtime.server.app import create_app
     from runtime.server.config import load_config, read_key_file
 
     cfg = load_config(config, model=str(model) if model else None, host=host, port=port,
                       backend=backend)
+    if cfg.threads:  # read by OpenBLAS/OpenMP when numpy loads, which is below
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(cfg.threads)
+    import uvicorn
+
+    from runtime.server.app import create_app
     key = api_key or (read_key_file(cfg.api_key_file, "api_key_file")
                       if cfg.api_key_file else None)
     logging.basicConfig(level=cfg.log_level.upper(),

@@ -107,6 +107,8 @@ class ServeConfig(Section):
     api_key_file: FilePath | None = None
     backend: Literal["numpy", "opencl", "auto"] = "auto"
     context: int | None = Field(None, ge=16, description="context size (tokens)")
+    threads: int | None = Field(None, ge=1, le=256, description="BLAS threads (default: the "
+                                "library's, one per core); fewer when the cores are shared")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     offload: OffloadConfig = Field(default_factory=OffloadConfig)
