@@ -357,7 +357,7 @@ def test_mixed_load_with_faults_loses_nothing(edge, proxy):
     and the remote fails in every way: each gets a whole answer or an explicit refusal."""
     rng = random.Random(11)
     plan = [(rng.choice(["critical", "normal", "normal", "background"]), rng.random() < 0.5,
-             rng.random() < 0.5, rng.randint(2, 8)) for _ in range(220)]
+             rng.random() < 0.5, rng.randint(2, 8), rng.random() < 0.1) for _ in range(220)]
     base = {k: edge.metric("claw_requests_total", **({"priority": k} if k != "all" else {}))
             for k in ("all", "critical")}
     crit_offloaded = edge.metric("claw_requests_total", priority="critical", route="offload")
@@ -373,8 +373,10 @@ def test_mixed_load_with_faults_loses_nothing(edge, proxy):
     flipper = threading.Thread(target=flip, daemon=True)
     flipper.start()
 
-    async def one(http, sem, priority, stream, chat, n):
-        body = {"model": "tiny", "max_tokens": n, "stream": stream, "priority": priority}
+    async def one(http, sem, priority, stream, chat, n, leave):
+        """One request; `leave`: a streaming client that hangs up after the first event."""
+        body = {"model": "tiny", "max_tokens": n * (10 if leave else 1), "stream": stream,
+                "priority": priority}
         body.update({"messages": HI} if chat else {"prompt": "Edge devices"})
         async with sem:
             if not stream:
@@ -383,6 +385,10 @@ def test_mixed_load_with_faults_loses_nothing(edge, proxy):
                 return priority, r.status_code, r.headers, ok
             async with http.stream("POST", "chat/completions" if chat else "completions",
                                    json=body) as r:
+                if leave and r.status_code == 200:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            return priority, r.status_code, r.headers, True
                 text = (await r.aread()).decode()
             events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
             finishes = [c for e in events[:-1] for c in json.loads(e).get("choices", [])
