@@ -1,6 +1,6 @@
 """Serving throughput and latency of `claw runtime serve` at 1, 4 and 16 concurrent clients.
 
-Three servers run as real processes on loopback ports, on the same small random-weight model
+Four servers run as real processes on loopback ports, on the same small random-weight model
 (cached in bench/.cache): the edge with batched decode (max_batch 16), the same edge with
 max_batch 1 as the peer (one sequence at a time, what a server without batching does), and
 the edge under (injected) memory pressure offloading its normal requests to a second instance
@@ -69,7 +69,7 @@ async def load(url: str, clients: int, per_client: int, tokens: int) -> dict:
 
 async def client_warmup(http, tokens: int) -> None:
     await http.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES,
-                                                  "max_tokens": 2})
+                                                  "max_tokens": tokens})
 
 
 def main() -> None:
@@ -95,7 +95,8 @@ def main() -> None:
     base = {"model": str(model), "model_name": "tiny", "log_level": "warning",
             "threads": args.threads}
     queue = {"max_queue": 1024}
-    rows = []
+    rows: list[dict] = []
+    edges: dict[str, object] = {}
     cloud = start_server(work, {**base, "model_name": "cloud",
                                 "scheduler": {"max_batch": 16, **queue}}, name="cloud")
     try:
@@ -108,18 +109,18 @@ def main() -> None:
                             "timeout_s": 600},
                 "monitor": {"interval_s": 0.1, "inject_file": str(inject)}}),
         ]
+        inject.write_text(json.dumps({"psi_some_avg10": 99.0}))  # only the third reads it
         for name, extra in setups:
-            inject.write_text(json.dumps({"psi_some_avg10": 99.0}
-                                         if "offload" in extra else {}))
-            edge = start_server(work, {**base, **extra}, name="edge")
-            try:
-                for clients in levels:
-                    result = asyncio.run(load(edge.url, clients, args.requests, args.tokens))
-                    rows.append({"setup": name, "clients": clients, **result})
-                    print(f"  {name}, {clients} clients: {result}", file=sys.stderr)
-            finally:
-                edge.stop()
+            edges[name] = start_server(work, {**base, **extra}, name=f"edge{len(edges)}")
+        for clients in levels:  # interleaved, so that drift in the machine's load is shared
+            for name, _ in setups:
+                result = asyncio.run(load(edges[name].url, clients, args.requests,
+                                          args.tokens))
+                rows.append({"setup": name, "clients": clients, **result})
+                print(f"  {name}, {clients} clients: {result}", file=sys.stderr)
     finally:
+        for edge in edges.values():
+            edge.stop()
         cloud.stop()
     peer = {r["clients"]: r["tokens_per_s"] for r in rows if "peer" in r["setup"]}
     for r in rows:
