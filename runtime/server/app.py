@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -294,7 +295,7 @@ class Server:
 
     async def _offloaded(self, p: Prepared) -> AsyncIterator[str | End]:
         assert self.remote is not None
-        remote, sent = self.remote, ""
+        remote = self.remote
         remote.inflight += 1
         self.metrics.offload_inflight.inc()
         try:
@@ -304,7 +305,6 @@ class Server:
                     yield End(item.finish_reason, use.get("prompt_tokens", 0),
                               use.get("completion_tokens", 0))
                     return
-                sent += item
                 yield item
             return
         except RemoteFailed as exc:
@@ -318,7 +318,9 @@ class Server:
         if self.model is None:
             raise self.unavailable("the remote failed and local fallback is impossible")
         if p.prompt_ids is None:  # prepared before the model was loaded: check it now
-            p = self.prepare_again(p)
+            fresh = self.prepare_again(p)
+            p.prompt, p.add_bos, p.prompt_ids, p.params = \
+                fresh.prompt, fresh.add_bos, fresh.prompt_ids, fresh.params
         ids, params, done = list(p.prompt_ids or []), p.params, 0
         if failure.text:  # continue the answer where the remote left it
             ids = self.model.tokenize(p.prompt + failure.text, add_bos=p.add_bos) \
@@ -329,7 +331,7 @@ class Server:
             if left < 1:
                 yield End("length", len(p.prompt_ids or []), done)
                 return
-            params = SamplingParams(**{**p.params.__dict__, "max_tokens": left})
+            params = dataclasses.replace(p.params, max_tokens=left)
         job = self._submit(p, ids, params, force=True)
         p.jobs.append(job)
         async for item in self._local(job, len(p.prompt_ids or []), done):
@@ -361,6 +363,12 @@ def create_app(config: ServeConfig, api_key: str | None = None) -> FastAPI:
         err = APIError(exc.status_code, str(exc.detail), code="not_found"
                        if exc.status_code == 404 else None)
         return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed")
+        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        return JSONResponse(err.body(), status_code=500)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -420,7 +428,9 @@ def create_app(config: ServeConfig, api_key: str | None = None) -> FastAPI:
         headers = {"X-Claw-Route": route, "X-Request-Id": rid}
         tracker = _Tracker(server, endpoint, p.priority, route, started)
         if p.stream:
-            return StreamingResponse(_sse(server, p, rid, pieces, tracker), headers=headers,
+            return StreamingResponse(_sse(server, p, rid, pieces, tracker),
+                                     headers={**headers, "Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"},
                                      media_type="text/event-stream")
         text = []
         try:
@@ -493,7 +503,11 @@ async def _sse(server: Server, p: Prepared, rid: str, pieces: AsyncIterator[str 
             tracker.first()
             yield wire.chunk(kind, rid, name, text=item)
         raise APIError(500, "the generation ended without a result", type="server_error")
-    except APIError as exc:
+    except Exception as exc:
+        if not isinstance(exc, APIError):
+            log.exception("stream failed")
+            exc = APIError(500, f"internal error: {type(exc).__name__}: {exc}",
+                           type="server_error")
         tracker.finish("error", None)
         yield wire.error_event(exc)
         yield wire.DONE

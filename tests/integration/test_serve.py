@@ -317,7 +317,7 @@ def test_full_queue_refuses_background_with_429_and_keeps_critical(work, model_p
         r = httpx.post(small.v1 + "/completions", timeout=30,
                        json={"model": "tiny", "prompt": "down", "max_tokens": 3})
         assert r.status_code == 200 and r.headers["x-claw-route"] == "offload"
-        assert r.json()["choices"][0]["finish_reason"] == "length"
+        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
         assert small.metric("claw_offload_decisions_total", decision="fallback") == 1
         assert "ConnectError" in small.logs()
     finally:
