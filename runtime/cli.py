@@ -165,6 +165,10 @@ def serve(
 
     cfg = load_config(config, model=str(model) if model else None, host=host, port=port,
                       backend=backend)
+    if cfg.model is None:
+        from provision.errors import BadInput
+
+        raise BadInput("no model to serve (expected MODEL, or `model:` in the --config file)")
     if cfg.threads:  # read by OpenBLAS/OpenMP when numpy loads, which is below
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(cfg.threads)

@@ -58,6 +58,11 @@ class Backend(ABC):
         decoding several requests at once faster than serving them in turn."""
         return np.concatenate([self.forward([t], c) for t, c in zip(tokens, caches, strict=True)])
 
+    def memory_in_use(self) -> tuple[int, int] | None:
+        """(bytes in use, bytes in total) of the device memory this backend allocates, read by
+        the server's pressure monitor; None for backends that hold nothing off the host."""
+        return None
+
     def check_room(self, tokens: Sequence[int], cache: KVCache) -> None:
         if not tokens:
             raise ValueError("forward needs at least one token")

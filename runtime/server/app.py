@@ -131,10 +131,8 @@ class Server:
             await self.remote.close()
 
     def _gpu_memory(self) -> tuple[int, int] | None:
-        """(used, total) OpenCL device memory, from backends that report it (`memory_in_use`)."""
-        backend = getattr(self.model, "backend", None)
-        query = getattr(backend, "memory_in_use", None)
-        return query() if query else None
+        """(used, total) device memory, from backends that hold some (OpenCL)."""
+        return self.model.backend.memory_in_use() if self.model is not None else None
 
     def _pressure(self, pressure: bool, reasons: list[str]) -> None:
         self.metrics.pressure.set(int(pressure))

@@ -76,7 +76,8 @@ def _env() -> dict[str, str]:
 
 def start_server(workdir: Path, config: dict[str, Any], *, name: str = "server",
                  wait_status: int | None = 200, extra_args: list[str] | None = None,
-                 prefix: list[str] | None = None, timeout: float = 60) -> Proc:
+                 prefix: list[str] | None = None, env: dict[str, str] | None = None,
+                 timeout: float = 60) -> Proc:
     """`claw runtime serve --config FILE` with `config` (port filled in), waiting until
     /health answers `wait_status` (None: until it answers at all)."""
     port = free_port()
@@ -85,8 +86,8 @@ def start_server(workdir: Path, config: dict[str, Any], *, name: str = "server",
     log = workdir / f"{name}.log"
     cmd = [*(prefix or []), str(CLAW), "runtime", "serve", "--config", str(cfg_path),
            *(extra_args or [])]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=_env(),
-                            cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**_env(), **(env or {})}, cwd=REPO)
     p = Proc(proc, f"http://127.0.0.1:{port}", log)
     wait_health(p, wait_status, timeout)
     return p

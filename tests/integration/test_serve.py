@@ -333,16 +333,18 @@ def test_model_that_fails_to_load_serves_only_through_the_remote(work, proxy):
     p = start_server(work, {"model": str(broken), "model_name": "tiny",
                             "offload": offload_section(work, proxy.v1),
                             "monitor": monitor_section(inject)}, name="broken",
-                     wait_status=503)
+                     wait_status=503, env={"CLAW_API_KEY": KEY})
+    auth = {"Authorization": f"Bearer {KEY}"}
     try:
+        assert httpx.get(p.v1 + "/models").status_code == 401  # the key came from CLAW_API_KEY
         health = wait_until(lambda: (h := httpx.get(p.url + "/health")).json()["status"]
                             == "error" and h)
         assert health.status_code == 503 and "broken.gguf" in health.json()["error"]
-        crit = httpx.post(p.v1 + "/chat/completions", json={
+        crit = httpx.post(p.v1 + "/chat/completions", headers=auth, json={
             "model": "tiny", "messages": HI, "max_tokens": 3, "priority": "critical"})
         assert crit.status_code == 503 and crit.headers["retry-after"] == "2"
         assert crit.json()["error"]["code"] == "model_not_loaded"
-        normal = httpx.post(p.v1 + "/chat/completions", timeout=30,
+        normal = httpx.post(p.v1 + "/chat/completions", timeout=30, headers=auth,
                             json={"model": "tiny", "messages": HI, "max_tokens": 3})
         assert normal.status_code == 200 and normal.headers["x-claw-route"] == "offload"
     finally:

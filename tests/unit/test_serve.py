@@ -85,6 +85,8 @@ def test_serve_with_a_bad_config_exits_2_with_one_line(tmp_path, claw):
     assert "Traceback" not in result.err + result.out
     missing = claw("runtime", "serve", "--config", str(tmp_path / "nope.yml"))
     assert missing.code == 2 and "runtime config not found" in missing.err
+    no_model = claw("runtime", "serve", "--port", "0")
+    assert no_model.code == 2 and "no model to serve (expected MODEL" in no_model.err
 
 
 # ---- the monitor --------------------------------------------------------------------------
