@@ -180,4 +180,5 @@ def serve(
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(cfg, key), host=cfg.host, port=cfg.port,
-                log_level=cfg.log_level, access_log=cfg.log_level == "debug")
+                log_level=cfg.log_level, access_log=cfg.log_level == "debug",
+                timeout_graceful_shutdown=10)  # open streams must not hold a restart up

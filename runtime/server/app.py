@@ -30,6 +30,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.sampling import SamplingParams
@@ -382,7 +383,7 @@ def create_app(config: ServeConfig, api_key: str | None = None) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         data = server.metrics.render(server.scheduler, server.monitor.reading)
-        return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(data, media_type=CONTENT_TYPE_LATEST)
 
     def model_card() -> dict[str, Any]:
         return {"id": server.name, "object": "model", "created": server.created,

@@ -59,6 +59,23 @@ def test_a_full_config_loads_and_flags_override_it(tmp_path):
     assert (t.psi_some_avg10, t.mem_available_min_fraction, t.hold_s) == (10.0, 0.15, 2)
 
 
+def test_offload_api_key_from_env_or_file(tmp_path, monkeypatch):
+    key = tmp_path / "cloud.key"
+    key.write_text("sk-file\n")
+    cfg = load_config(write(tmp_path, f"""\
+        offload: {{enabled: true, url: "http://c:1/v1", api_key_file: {key},
+                   api_key_env: CLOUD_KEY}}
+        """))
+    monkeypatch.delenv("CLOUD_KEY", raising=False)
+    assert cfg.offload.api_key() == "sk-file"
+    monkeypatch.setenv("CLOUD_KEY", "sk-env")
+    assert cfg.offload.api_key() == "sk-env"
+    key.write_text("")
+    monkeypatch.delenv("CLOUD_KEY")
+    with pytest.raises(ValueError, match=r"offload\.api_key_file: .* is empty"):
+        cfg.offload.api_key()
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("port: '80'\n", "runtime.yml:1: port: '80' is not valid (expected a valid integer)"),
     ("port: 70000\n", "port: 70000 is not valid"),
