@@ -83,27 +83,25 @@ class CgroupMemory:
 
 
 def own_cgroup(proc: Path = Path("/proc/self/cgroup"),
-               mount: Path = Path("/sys/fs/cgroup")) -> tuple[int, Path] | None:
-    """(version, directory) of this process's memory cgroup. Inside a container the path in
-    /proc/self/cgroup may name the host's hierarchy; the container sees its own cgroup as the
-    mount's root then, so fall back to that."""
+               mount: Path = Path("/sys/fs/cgroup")) -> tuple[int, Path, Path] | None:
+    """(version, directory, hierarchy root) of this process's memory cgroup. Inside a
+    container the path in /proc/self/cgroup may name the host's hierarchy; the container sees
+    its own cgroup as the mount's root then, so fall back to that."""
     text = _read(proc) or ""
     for line in text.splitlines():
         _, controllers, rel = line.split(":", 2)
         if "memory" in controllers.split(","):
             base = mount / "memory"
-            return 1, base / rel.lstrip("/") if (base / rel.lstrip("/")).is_dir() else base
+            own = base / rel.lstrip("/")
+            return 1, own if own.is_dir() else base, base
     for line in text.splitlines():
         if line.startswith("0::"):
-            rel = line[3:].lstrip("/")
-            return 2, mount / rel if (mount / rel / "memory.current").exists() else mount
+            own = mount / line[3:].lstrip("/")
+            return 2, own if (own / "memory.current").exists() else mount, mount
     return None
 
 
-def read_cgroup(where: tuple[int, Path] | None) -> CgroupMemory | None:
-    if where is None:
-        return None
-    version, path = where
+def _cgroup_level(version: int, path: Path) -> CgroupMemory | None:
     if version == 2:
         limit_text, usage_text = _read(path / "memory.max"), _read(path / "memory.current")
         stat_key = "inactive_file"
@@ -119,6 +117,30 @@ def read_cgroup(where: tuple[int, Path] | None) -> CgroupMemory | None:
     limit = None if limit_text is None or limit_text.strip() == "max" \
         or int(limit_text) >= UNLIMITED else int(limit_text)
     return CgroupMemory(version, path, limit, usage)
+
+
+def read_cgroup(where: tuple[int, Path, Path] | None) -> CgroupMemory | None:
+    """The memory cgroup level with the least headroom, from this process's own cgroup up to
+    the root: a systemd service often has no limit of its own but sits in a slice that has
+    one (claw-inference.slice), and then the slice's usage against its limit is what counts."""
+    if where is None:
+        return None
+    version, path, root = where
+    own = _cgroup_level(version, path)
+    if own is None:
+        return None
+    tightest = own
+    level = path
+    while True:
+        found = _cgroup_level(version, level)
+        if found is not None and found.limit is not None and (
+                tightest.limit is None
+                or found.limit - found.usage < tightest.limit - tightest.usage):
+            tightest = found
+        if level == root or root not in level.parents:
+            break
+        level = level.parent
+    return tightest
 
 
 def read_zram(sys_block: Path = Path("/sys/block")) -> int:

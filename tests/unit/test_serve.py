@@ -130,21 +130,29 @@ def test_readers_parse_the_kernel_files(tmp_path):
     (v1 / "memory.stat").write_text("cache 300\ntotal_inactive_file 100\n")
     (proc / "self-cgroup").write_text("5:cpu:/\n4:memory:/claw\n0::/\n")
     where = own_cgroup(proc / "self-cgroup", mount)
-    assert where == (1, v1)
+    assert where == (1, v1, mount / "memory")
     cg = read_cgroup(where)
     assert (cg.version, cg.limit, cg.usage) == (1, 1000, 800)
     (v1 / "memory.limit_in_bytes").write_text(str(2**63 - 4096))
     assert read_cgroup(where).limit is None
 
-    v2 = mount / "svc"
-    v2.mkdir()
-    (v2 / "memory.max").write_text("max\n")
-    (v2 / "memory.current").write_text("500\n")
-    (v2 / "memory.stat").write_text("inactive_file 50\n")
-    (proc / "self-cgroup").write_text("0::/svc\n")
-    assert own_cgroup(proc / "self-cgroup", mount) == (2, v2)
-    cg = read_cgroup((2, v2))
-    assert (cg.version, cg.limit, cg.usage) == (2, None, 450)
+    # v2, a service with no limit of its own inside a slice that has one: the slice counts.
+    slice_, svc = mount / "claw.slice", mount / "claw.slice" / "claw-runtime.service"
+    svc.mkdir(parents=True)
+    for level, limit, current in ((mount, None, 9000), (slice_, "1000", 900),
+                                  (svc, "max", 500)):
+        if limit:
+            (level / "memory.max").write_text(limit + "\n")
+        (level / "memory.current").write_text(f"{current}\n")
+        (level / "memory.stat").write_text("inactive_file 50\n")
+    (proc / "self-cgroup").write_text("0::/claw.slice/claw-runtime.service\n")
+    where = own_cgroup(proc / "self-cgroup", mount)
+    assert where == (2, svc, mount)
+    cg = read_cgroup(where)
+    assert (cg.path, cg.limit, cg.usage) == (slice_, 1000, 850)
+    (slice_ / "memory.max").write_text("max\n")
+    cg = read_cgroup(where)
+    assert (cg.path, cg.limit, cg.usage) == (svc, None, 450)
 
 
 def test_every_signal_can_trip_pressure():
