@@ -53,9 +53,10 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def read_psi(root: Path = Path("/proc")) -> float | None:
-    """`some avg10` of /proc/pressure/memory: % of the last 10 s some task waited on memory."""
-    text = _read(root / "pressure" / "memory")
+def read_psi(path: Path = Path("/proc/pressure/memory")) -> float | None:
+    """`some avg10` of a PSI file: % of the last 10 s some task waited on memory. The same
+    format is /proc/pressure/memory (the machine) and a cgroup v2's memory.pressure."""
+    text = _read(path)
     for line in (text or "").splitlines():
         if line.startswith("some "):
             fields = dict(kv.split("=", 1) for kv in line.split()[1:])
@@ -172,13 +173,17 @@ class Reading:
     injected: list[str] = field(default_factory=list)
 
 
-def sample(cgroup: tuple[int, Path] | None,
+def sample(cgroup: tuple[int, Path, Path] | None,
            gpu_memory: Callable[[], tuple[int, int] | None] | None = None,
            inject_file: Path | None = None) -> Reading:
     info = read_meminfo()
     r = Reading(psi_some_avg10=read_psi(), mem_total=info.get("MemTotal", 0),
                 mem_available=info.get("MemAvailable", 0), zram_used=read_zram())
     capacity, available = r.mem_total, r.mem_available
+    if cgroup is not None and cgroup[0] == 2:  # the container's own stalls count as well
+        own = read_psi(cgroup[1] / "memory.pressure")
+        if own is not None:
+            r.psi_some_avg10 = max(own, r.psi_some_avg10 or 0.0)
     cg = read_cgroup(cgroup)
     if cg is not None:
         r.cgroup_usage, r.cgroup_limit = cg.usage, cg.limit

@@ -134,6 +134,18 @@ def test_openai_client_chat_completions_and_streams_match_the_python_api(edge, m
     assert "".join(ch.choices[0].text for ch in streamed) == want
 
 
+def test_metrics_are_valid_prometheus_text(edge):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(edge.url + "/metrics").text
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert {"claw_requests", "claw_tokens", "claw_request_seconds", "claw_first_token_seconds",
+            "claw_queue_depth", "claw_active_sequences", "claw_offload_decisions",
+            "claw_memory_bytes", "claw_memory_pressure", "claw_model_loaded"} <= names
+    assert edge.metric("claw_model_loaded") == 1
+    assert edge.metric("claw_memory_bytes", signal="mem_available") > 0
+
+
 def test_api_key_is_required_and_checked(edge):
     with pytest.raises(openai.AuthenticationError) as err:
         openai.OpenAI(base_url=edge.v1, api_key="sk-wrong", max_retries=0).models.list()

@@ -22,6 +22,7 @@ from runtime.server.monitor import (
     read_cgroup,
     read_meminfo,
     read_psi,
+    sample,
     thresholds_for,
 )
 
@@ -117,7 +118,7 @@ def test_readers_parse_the_kernel_files(tmp_path):
         "full avg10=1.00 avg60=0.00 avg300=0.00 total=5\n")
     (proc / "meminfo").write_text("MemTotal:  1000 kB\nMemAvailable:  250 kB\n"
                                   "SwapTotal: 0 kB\nHugePages_Total: 4\n")
-    assert read_psi(proc) == 12.5
+    assert read_psi(proc / "pressure" / "memory") == 12.5
     assert read_meminfo(proc) == {"MemTotal": 1024000, "MemAvailable": 256000,
                                   "SwapTotal": 0, "HugePages_Total": 4}
     assert read_psi(tmp_path / "no-such") is None
@@ -150,6 +151,11 @@ def test_readers_parse_the_kernel_files(tmp_path):
     assert where == (2, svc, mount)
     cg = read_cgroup(where)
     assert (cg.path, cg.limit, cg.usage) == (slice_, 1000, 850)
+    (svc / "memory.pressure").write_text("some avg10=42.00 avg60=1.00 avg300=0.00 total=9\n")
+    reading = sample(where)
+    assert reading.psi_some_avg10 >= 42.0  # the container's own stalls, or the machine's
+    assert (reading.cgroup_limit, reading.cgroup_usage) == (1000, 850)
+    assert reading.mem_available_fraction <= 150 / 1000
     (slice_ / "memory.max").write_text("max\n")
     cg = read_cgroup(where)
     assert (cg.path, cg.limit, cg.usage) == (svc, None, 450)
