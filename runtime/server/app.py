@@ -67,6 +67,7 @@ class Prepared:
     prompt_ids: list[int] | None  # None while the local model is not loaded
     params: SamplingParams
     jobs: list[Job] = field(default_factory=list)
+    fell_back: bool = False  # offloaded, then finished locally after the remote failed
 
 
 class Server:
@@ -311,6 +312,7 @@ class Server:
         finally:
             remote.inflight -= 1
             self.metrics.offload_inflight.dec()
+        p.fell_back = True
         self.metrics.decisions.labels("fallback", "remote failed").inc()
         log.warning("remote failed after %d chars (%s) → local", len(failure.text),
                     failure.reason)
@@ -425,7 +427,7 @@ def create_app(config: ServeConfig, api_key: str | None = None) -> FastAPI:
             raise
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         headers = {"X-Claw-Route": route, "X-Request-Id": rid}
-        tracker = _Tracker(server, endpoint, p.priority, route, started)
+        tracker = _Tracker(server, p, route, started)
         if p.stream:
             return StreamingResponse(_sse(server, p, rid, pieces, tracker),
                                      headers={**headers, "Cache-Control": "no-cache",
@@ -457,13 +459,16 @@ def create_app(config: ServeConfig, api_key: str | None = None) -> FastAPI:
 
 
 class _Tracker:
-    """Counts one request once, whatever way it ends."""
+    """Counts one request once, whatever way it ends, under the route that answered it:
+    local, offload, or fallback (offloaded, then finished locally)."""
 
-    def __init__(self, server: Server, endpoint: str, priority: str, route: str, start: float):
-        self.m, self.endpoint, self.priority, self.route = server.metrics, endpoint, priority, \
-            route
+    def __init__(self, server: Server, p: Prepared, route: str, start: float):
+        self.m, self.p, self.initial = server.metrics, p, route
         self.start, self.seen_first, self.done = start, False, False
-        self.server = server
+
+    @property
+    def route(self) -> str:
+        return "fallback" if self.p.fell_back else self.initial
 
     def first(self) -> None:
         if not self.seen_first:
@@ -475,7 +480,7 @@ class _Tracker:
             return
         self.done = True
         route = self.route
-        self.m.requests.labels(self.endpoint, self.priority, route, outcome).inc()
+        self.m.requests.labels(self.p.endpoint, self.p.priority, route, outcome).inc()
         self.m.latency.labels(route).observe(time.monotonic() - self.start)
         if end is not None:
             self.m.tokens.labels("prompt", route).inc(end.prompt_tokens)

@@ -257,6 +257,7 @@ def test_remote_faults_fall_back_to_local_in_one_stream(edge, proxy, cloud, faul
     cloud_text = remote.chat.completions.create(model="cloud-tiny", messages=HI, max_tokens=10,
                                                 temperature=0).choices[0].message.content
     before = edge.metric("claw_offload_decisions_total", decision="fallback")
+    answered = edge.metric("claw_requests_total", route="fallback", outcome="ok")
     set_fault(proxy, fault)
     pressure(edge, True)
     try:
@@ -275,6 +276,8 @@ def test_remote_faults_fall_back_to_local_in_one_stream(edge, proxy, cloud, faul
     if fault == "cut":  # the cloud's first pieces, then the local model's continuation
         assert text[:2] == cloud_text[:2] and len(text) > 2
     assert edge.metric("claw_offload_decisions_total", decision="fallback") == before + 1
+    assert edge.metric("claw_requests_total", route="fallback", outcome="ok") == \
+        answered + 1
 
 
 def test_client_disconnect_mid_stream_frees_the_sequence(edge):
@@ -374,7 +377,8 @@ def test_mixed_load_with_faults_loses_nothing(edge, proxy):
              rng.random() < 0.5, rng.randint(2, 8), rng.random() < 0.1) for _ in range(220)]
     base = {k: edge.metric("claw_requests_total", **({"priority": k} if k != "all" else {}))
             for k in ("all", "critical")}
-    crit_offloaded = edge.metric("claw_requests_total", priority="critical", route="offload")
+    crit_offloaded = sum(edge.metric("claw_requests_total", priority="critical", route=r)
+                         for r in ("offload", "fallback"))
     set_fault(proxy, "mixed")
     stop = threading.Event()
 
@@ -433,8 +437,9 @@ def test_mixed_load_with_faults_loses_nothing(edge, proxy):
     stats = httpx.get(proxy.url + "/_stats").json()["served"]
     assert all(stats[m] > 0 for m in ("500", "slow", "cut")), stats
     assert edge.metric("claw_requests_total") - base["all"] == len(plan)
-    assert edge.metric("claw_requests_total", priority="critical", route="offload") == \
-        crit_offloaded == 0
+    assert sum(edge.metric("claw_requests_total", priority="critical", route=r)
+               for r in ("offload", "fallback")) == crit_offloaded == 0
+    assert edge.metric("claw_requests_total", route="fallback") > 0
     wait_until(lambda: edge.metric("claw_active_sequences") == 0
                and edge.metric("claw_queue_depth") == 0
                and edge.metric("claw_offload_inflight") == 0, timeout=20)
