@@ -20,6 +20,10 @@ import httpx
 
 log = logging.getLogger("claw.serve.offload")
 
+# Request fields that are ours or llama.cpp's, not OpenAI's: OpenAI itself rejects unknown
+# fields, so they are not forwarded.
+EXTENSIONS = frozenset({"priority", "top_k", "min_p", "repetition_penalty"})
+
 
 class RemoteFailed(Exception):
     """The remote did not finish. `text` is what it had sent (may be empty)."""
@@ -50,8 +54,8 @@ class RemoteClient:
     async def stream(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[str | RemoteEnd]:
         """Yield text pieces, then one RemoteEnd. Raises RemoteFailed (with the text sent so
         far) when the remote cannot be reached or breaks off."""
-        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        body.pop("priority", None)  # ours, not OpenAI's
+        body = {k: v for k, v in body.items() if k not in EXTENSIONS}
+        body.update(stream=True, stream_options={"include_usage": True})
         if self.model:
             body["model"] = self.model
         attempt, text = 0, ""
