@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 
 import httpx
 import uvicorn
@@ -23,7 +24,7 @@ MODES = ("pass", "500", "slow", "cut")
 
 
 def make_app(upstream: str, slow_s: float, cut_after: int) -> Starlette:
-    state = {"mode": "pass", "served": {m: 0 for m in MODES}}
+    state = {"mode": "pass", "served": {m: 0 for m in MODES}, "last_fields": []}
     cycle = itertools.cycle(MODES)
     client = httpx.AsyncClient(base_url=upstream, timeout=60)
 
@@ -45,6 +46,7 @@ def make_app(upstream: str, slow_s: float, cut_after: int) -> Starlette:
         if mode == "slow":
             await asyncio.sleep(slow_s)
         body = await request.body()
+        state["last_fields"] = sorted(json.loads(body))
         headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
         req = client.build_request("POST", request.url.path, content=body,
                                    headers={**headers, "content-type": "application/json"})

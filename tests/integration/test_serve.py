@@ -234,8 +234,11 @@ def test_pressure_offloads_normal_keeps_critical_and_returns(edge, proxy):
     set_fault(proxy, "pass")
     c = client(edge)
     pressure(edge, True)
-    r = c.chat.completions.with_raw_response.create(model="tiny", messages=HI, max_tokens=4)
+    r = c.chat.completions.with_raw_response.create(model="tiny", messages=HI, max_tokens=4,
+                                                    extra_body={"top_k": 5})
     assert r.headers["x-claw-route"] == "offload"
+    forwarded = httpx.get(proxy.url + "/_stats").json()["last_fields"]
+    assert forwarded == ["max_tokens", "messages", "model", "stream", "stream_options"]
     assert r.parse().choices[0].finish_reason in ("stop", "length")
     crit = c.chat.completions.with_raw_response.create(
         model="tiny", messages=HI, max_tokens=4, extra_headers={"X-Priority": "critical"})
