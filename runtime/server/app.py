@@ -118,7 +118,8 @@ class Server:
         scheduler = Scheduler(model, max_batch=s.max_batch, max_queue=s.max_queue,
                               background_queue=s.background_queue or 1,
                               critical_reserve=s.critical_reserve,
-                              retry_after_s=s.retry_after_s, on_step=self._stepped)
+                              retry_after_s=s.retry_after_s, on_step=self._stepped,
+                              on_preempt=self._preempted)
         scheduler.start()
         self.model, self.scheduler = model, scheduler
         self.metrics.model_loaded.set(1)
@@ -139,6 +140,9 @@ class Server:
     def _pressure(self, pressure: bool, reasons: list[str]) -> None:
         self.metrics.pressure.set(int(pressure))
         self.metrics.pressure_changes.inc()
+
+    def _preempted(self, priority: str) -> None:
+        self.metrics.preempted.labels(priority).inc()
 
     def _stepped(self, rows: int) -> None:
         self.metrics.decode_steps.inc()

@@ -39,6 +39,9 @@ class Metrics:
         self.active = Gauge("claw_active_sequences", "Sequences decoding now", registry=r)
         self.offload_inflight = Gauge("claw_offload_inflight", "Requests at the remote now",
                                       registry=r)
+        self.preempted = Counter("claw_preempted_sequences",
+                                 "Running sequences paused for better-priority work",
+                                 ["priority"], registry=r)
         self.decode_steps = Counter("claw_decode_steps", "Batched decode steps", registry=r)
         self.decode_rows = Counter("claw_decode_rows", "Sequences advanced by those steps",
                                    registry=r)

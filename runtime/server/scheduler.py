@@ -2,10 +2,11 @@
 
 One worker thread owns the model. Each turn it admits waiting jobs (critical first, then
 normal, then background; first come first served within a priority) into free batch slots,
-prefilling each, then runs one decode step for every running sequence with a single
-`forward_batch` call, so B sequences cost one pass over the weights instead of B. Text pieces
-go back to each request's asyncio queue; a job cancelled by its client (disconnect) is
-dropped at the next step and its KV cache freed.
+prefilling each (a full batch makes room for better work by pausing its lowest-priority
+sequence, cache kept, until a slot frees), then runs one decode step for every running
+sequence with a single `forward_batch` call, so B sequences cost one pass over the weights
+instead of B. Text pieces go back to each request's asyncio queue; a job cancelled by its
+client (disconnect) is dropped at the next step and its KV cache freed.
 
 The queue is bounded and refuses rather than drops: background work past
 `background_queue` waiting jobs, normal work past `max_queue`, critical work only past
@@ -64,6 +65,7 @@ class Job:
     cancelled: bool = False
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
+    order: int = 0  # arrival number, set by the scheduler: first come, first served
 
     def send(self, item: Any) -> None:
         try:
@@ -82,13 +84,14 @@ class _Running:
 class Scheduler:
     def __init__(self, model: Any, *, max_batch: int, max_queue: int, background_queue: int,
                  critical_reserve: int, retry_after_s: int,
-                 on_step: Callable[[int], None] | None = None):
+                 on_step: Callable[[int], None] | None = None,
+                 on_preempt: Callable[[str], None] | None = None):
         self.model = model
         self.max_batch, self.max_queue = max_batch, max_queue
         self.background_queue, self.critical_reserve = background_queue, critical_reserve
         self.retry_after_s = retry_after_s
-        self.on_step = on_step
-        self._heap: list[tuple[int, int, Job]] = []
+        self.on_step, self.on_preempt = on_step, on_preempt
+        self._heap: list[tuple[int, int, Job | _Running]] = []  # jobs and paused sequences
         self._order = itertools.count()
         self._running: list[_Running] = []
         self._cond = threading.Condition()
@@ -98,8 +101,10 @@ class Scheduler:
     # ---- the request side (event loop thread) ------------------------------------------------
 
     def depth(self, priority: str | None = None) -> int:
+        """Waiting work (paused sequences included), of one priority or all."""
         with self._cond:
-            return sum(1 for _, _, j in self._heap if priority in (None, j.priority))
+            return sum(1 for _, _, item in self._heap if priority in (
+                None, (item.job if isinstance(item, _Running) else item).priority))
 
     @property
     def active(self) -> int:
@@ -118,7 +123,8 @@ class Scheduler:
                 raise Refused(f"the local queue is full for {job.priority} work ({depth} "
                               f"waiting, limit {limit}); retry after {self.retry_after_s} s",
                               status, self.retry_after_s)
-            heapq.heappush(self._heap, (RANK[job.priority], next(self._order), job))
+            job.order = next(self._order)
+            heapq.heappush(self._heap, (RANK[job.priority], job.order, job))
             self._cond.notify()
 
     def cancel(self, job: Job) -> None:
@@ -144,17 +150,42 @@ class Scheduler:
                     self._cond.wait()
                 if self._stop:
                     break
-                admitted = []
-                while self._heap and len(self._running) + len(admitted) < self.max_batch:
-                    _, _, job = heapq.heappop(self._heap)
-                    if not job.cancelled:
-                        admitted.append(job)
-            for job in admitted:
-                self._admit(job)
+                admitted = self._take()
+            for item in admitted:
+                if isinstance(item, _Running):
+                    self._running.append(item)  # a paused sequence resumes where it was
+                else:
+                    self._admit(item)
             self._step()
         for run in self._running:
             run.job.send(Failed(RuntimeError("the server is shutting down")))
+        for _, _, item in self._heap:
+            (item.job if isinstance(item, _Running) else item).send(
+                Failed(RuntimeError("the server is shutting down")))
         self._running.clear()
+
+    def _take(self) -> list[Job | _Running]:
+        """Waiting work for the free batch slots, best priority first. When the batch is
+        full and better work waits, the running sequence of the lowest priority (the newest
+        among equals) is paused: it goes back to the queue with its cache and resumes later,
+        so critical work never waits for background work to finish."""
+        taken: list[Job | _Running] = []
+        while self._heap:
+            rank, _, item = self._heap[0]
+            if len(self._running) + len(taken) >= self.max_batch:
+                victim = max(self._running, default=None,
+                             key=lambda r: (RANK[r.job.priority], r.job.order))
+                if victim is None or RANK[victim.job.priority] <= rank:
+                    break
+                self._running.remove(victim)
+                heapq.heappush(self._heap, (RANK[victim.job.priority], victim.job.order, victim))
+                if self.on_preempt:
+                    self.on_preempt(victim.job.priority)
+                continue
+            heapq.heappop(self._heap)
+            if not (item.job if isinstance(item, _Running) else item).cancelled:
+                taken.append(item)
+        return taken
 
     def _admit(self, job: Job) -> None:
         job.started_at = time.monotonic()

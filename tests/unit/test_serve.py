@@ -296,3 +296,47 @@ def test_scheduler_orders_by_priority_bounds_the_queue_and_batches(model):
     assert all(r.completion_tokens >= 1 for r in results)
     assert max(steps) == 2  # two sequences advanced in one forward_batch
     assert s.active == 0 and s.depth() == 0
+
+
+def test_critical_work_pauses_background_work_and_both_finish_whole(model):
+    """A full batch of background work: a critical job takes a slot at once; the paused
+    sequence later resumes from its cache and ends with exactly the text it would have had."""
+    from runtime.sampling import SamplingParams
+    from runtime.server.scheduler import Done, Job, Scheduler
+
+    ids = model.tokenize("Background")
+    params = SamplingParams.greedy(max_tokens=300)
+    gen = model.generate(ids, params)
+    alone = "".join(gen)
+    assert gen.result.completion_tokens == 300  # long enough to be caught running
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        paused = []
+        s = Scheduler(model, max_batch=1, max_queue=8, background_queue=8, critical_reserve=0,
+                      retry_after_s=1, on_preempt=paused.append)
+        s.start()
+        background = Job("background", ids, params, loop)
+        s.submit(background)
+        first = await background.out.get()  # it is running
+        critical = Job("critical", model.tokenize("Now"), SamplingParams.greedy(max_tokens=3),
+                       loop)
+        s.submit(critical)
+        order, texts = [], {}
+
+        async def drain(job, text):
+            while True:
+                item = await job.out.get()
+                if isinstance(item, Done):
+                    order.append(job.priority)
+                    texts[job.priority] = text
+                    return
+                text += item
+
+        await asyncio.gather(drain(background, first), drain(critical, ""))
+        s.stop()
+        return order, texts, paused
+
+    order, texts, paused = asyncio.run(run())
+    assert paused == ["background"] and order == ["critical", "background"]
+    assert texts["background"] == alone
