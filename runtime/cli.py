@@ -145,9 +145,9 @@ def serve(
                                         "directory (overrides `model:` in the config)."),
     config: Path | None = typer.Option(None, "--config", "-c", help="The runtime YAML file."),
     host: str | None = typer.Option(None, "--host", help="Address to listen on "
-                                    "[default: 127.0.0.1]."),
+                                    "(default 127.0.0.1, or the config's host)."),
     port: int | None = typer.Option(None, "--port", min=0, max=65535,
-                                    help="Port to listen on [default: 8080]."),
+                                    help="Port to listen on (default 8080, or the config's port)."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="CLAW_API_KEY",
                                        help="Require this Bearer key on /v1 (also "
                                        "CLAW_API_KEY; overrides api_key_file)."),
