@@ -10,32 +10,23 @@ read-only and shared with the host): those are checked on the QEMU VM instead.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-import subprocess
-import tarfile
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from images.base import BaseRecipe, Progress, docker_client, ensure_base
 from provision import loopback
 from provision.errors import BadInput, ClawError
 from provision.loopback import free_ports, ssh_banner, ssh_key
 from provision.paths import state_dir
 
-SUITE = "bookworm"
-MIRROR = "http://deb.debian.org/debian"
 PACKAGES = ["systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "sudo",
             "ca-certificates", "iproute2", "procps", "kmod"]
 RECIPE = 1  # bump when the way a base image is made changes
 LABEL = "clawforge.device"
 FIRST_PORT = 2200
 DEFAULT_FLEET = "dev"
-ARCHES = ("amd64", "arm64")
 # What a systemd container needs here; --privileged fails on this machine (see DESIGN.md).
 SYSTEMD_RUN = dict(
     cap_add=["ALL"], cap_drop=["SYS_RESOURCE"],
@@ -44,84 +35,35 @@ SYSTEMD_RUN = dict(
     network_mode="host", stop_signal="SIGRTMIN+3",  # systemd's "halt" signal
 )
 
-Progress = Callable[[str], None]
-
-
 def _docker():
-    try:
-        import docker
-    except ImportError:
-        raise ClawError("the Docker SDK is not installed (pip install 'clawforge[controller]'; "
-                        "see `claw doctor`)") from None
-    try:
-        client = docker.from_env(timeout=30)
-        client.ping()
-    except Exception as exc:
-        raise ClawError(f"the Docker engine is not reachable ({str(exc).splitlines()[0][:120]}); "
-                        "run `claw doctor`") from None
-    return client
+    return docker_client()
 
 
 def devices_dir() -> Path:
     return state_dir() / "devices"
 
 
-def base_image_tag(arch: str) -> str:
-    key = hashlib.sha256(json.dumps([SUITE, arch, MIRROR, PACKAGES, RECIPE]).encode()).hexdigest()
-    return f"clawforge/device-base:{SUITE}-{arch}-{key[:12]}"
-
-
-def ensure_base_image(arch: str, progress: Progress = print) -> str:
-    """The device base image for `arch`, made from a debootstrap root unless cached."""
-    if arch not in ARCHES:
-        raise BadInput(f"--arch {arch!r} is not supported (expected one of: {', '.join(ARCHES)})")
-    client = _docker()
-    tag = base_image_tag(arch)
-    if client.images.list(name=tag):
-        return tag
-    if shutil.which("debootstrap") is None:
-        raise ClawError("debootstrap is not installed (apt-get install debootstrap; see "
-                        "`claw doctor`)")
-    work = Path(tempfile.mkdtemp(prefix=f"claw-rootfs-{arch}-", dir=_scratch()))
-    try:
-        root = work / "root"
-        progress(f"debootstrap {SUITE} {arch} (about 1 min amd64, 2 min arm64)")
-        done = subprocess.run(
-            ["debootstrap", f"--arch={arch}", "--variant=minbase",
-             f"--include={','.join(PACKAGES)}", SUITE, str(root), MIRROR],
-            capture_output=True, text=True)
-        if done.returncode != 0:
-            tail = " | ".join(done.stdout.strip().splitlines()[-3:])
-            raise ClawError(f"debootstrap {arch} failed: {tail}")
-        _tidy_root(root)
-        progress(f"docker import → {tag}")
-        archive = work / "root.tar"
-        with tarfile.open(archive, "w") as tar:
-            tar.add(root, arcname=".")
-        client.api.import_image(src=str(archive), repository=tag.split(":")[0],
-                                tag=tag.split(":")[1],
-                                changes=['CMD ["/lib/systemd/systemd"]'])
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return tag
-
-
-def _scratch() -> Path:
-    path = state_dir() / "tmp"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _tidy_root(root: Path) -> None:
-    """Make the root a template: no apt lists, an empty machine-id, no getty on a console."""
-    shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
-    (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
+    """Make the root a device template: an empty machine-id, no getty on a console."""
     (root / "etc/machine-id").write_text("")
     for unit in ("getty@tty1.service", "serial-getty@.service"):
         link = root / "etc/systemd/system" / unit
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
             link.symlink_to("/dev/null")
+
+
+DEVICE_BASE = BaseRecipe(repository="clawforge/device-base", packages=PACKAGES, recipe=RECIPE,
+                         changes=['CMD ["/lib/systemd/systemd"]'], tidy=_tidy_root)
+
+
+def base_image_tag(arch: str) -> str:
+    return DEVICE_BASE.tag(arch)
+
+
+def ensure_base_image(arch: str, progress: Progress = print) -> str:
+    """The device base image for `arch`, made from a debootstrap root unless cached."""
+    return ensure_base(DEVICE_BASE, arch, progress)
 
 
 @dataclass

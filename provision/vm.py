@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from images.base import MIRROR, SUITE
 from provision import loopback
-from provision.devices import MIRROR, SUITE
 from provision.errors import BadInput, ClawError
 from provision.loopback import port_free, ssh_banner, ssh_key
 from provision.paths import state_dir

@@ -182,3 +182,33 @@ def serve(
     uvicorn.run(create_app(cfg, key), host=cfg.host, port=cfg.port,
                 log_level=cfg.log_level, access_log=cfg.log_level == "debug",
                 timeout_graceful_shutdown=10)  # open streams must not hold a restart up
+
+
+@app.command("selftest")
+def selftest(
+    skip_opencl: bool = typer.Option(False, "--skip-opencl",
+                                     help="Check only the model (a machine with no OpenCL)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+) -> None:
+    """Prove this machine can run models: a tiny generated model generates text on numpy, and
+    an OpenCL kernel runs on the first device and matches numpy. Exit 1 when a check fails.
+
+    Example: [bold]claw runtime selftest --json[/bold]
+    """
+    from runtime.selftest import as_json, run_selftest
+
+    checks = run_selftest(opencl=not skip_opencl)
+    report = as_json(checks)
+    if json_out:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        for check in checks:
+            detail = ", ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}"
+                               for k, v in check.detail.items())
+            status = "ok  " if check.ok else "FAIL"
+            typer.echo(f"{status} {check.name:<7} {check.seconds:6.2f} s  "
+                       f"{detail if check.ok else check.error}")
+    if not report["ok"]:
+        failed = [f"{c.name}: {c.error}" for c in checks if not c.ok]
+        sys.stderr.write(f"error: self-test failed: {'; '.join(failed)}\n")
+        raise typer.Exit(1)

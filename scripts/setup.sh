@@ -16,6 +16,7 @@ APT_PACKAGES=(
   openssh-client       # Ansible's transport to (emulated) devices
   e2fsprogs dosfstools parted fdisk util-linux  # disk images and flashing
   xz-utils zstd        # compressed images and exports
+  docker-registry      # a local registry for the `claw image push` test
 )
 
 log() { printf '[setup] %s\n' "$*"; }

