@@ -2,9 +2,10 @@
 // as they lie in the file, plus embedding-row lookup from the same blocks.
 //
 // Every format is read 32 weights ("a chunk") at a time: DQ_<type>(row, c, w) turns chunk c of
-// a row into four float8 vectors (weights 0-7, 8-15, 16-23, 24-31 of the chunk), doing the
-// float arithmetic in the same order as runtime/quant.py (and llama.cpp), so an embedding row
-// is bit-exact and a dot product differs from numpy only by summation order.
+// a row into four float8 vectors of quants (weights 0-7, 8-15, 16-23, 24-31 of the chunk) and
+// returns the chunk's scales and offset, so that a dot product scales a sum of quants once per
+// half chunk instead of every weight. An embedding row applies them in runtime/quant.py's (and
+// llama.cpp's) order and is bit-exact; a dot product differs from numpy by rounding order only.
 //
 // Compile-time knobs (tuned per device, see runtime/backends/opencl_tuning.py):
 //   LWS  work-items that share one output row (power of two); partial sums meet in local memory
@@ -29,22 +30,27 @@ inline float f16(blk_t p, int i) { return vload_half(i, (const global half*)p); 
 inline float8 nib_lo(uchar8 q) { return convert_float8(q & (uchar)15); }
 inline float8 nib_hi(uchar8 q) { return convert_float8(q >> (uchar)4); }
 
+// Each DQ_<type> returns (scale of weights 0-15, scale of 16-31, offset): x = scale * w + offset.
+
 // F32 / F16: plain arrays.
-inline void DQ_f32(blk_t row, int c, float8* w) {
+inline float4 DQ_f32(blk_t row, int c, float8* w) {
     const global float* p = (const global float*)row;
     for (int i = 0; i < 4; i++) w[i] = vload8(4 * c + i, p);
+    return (float4)(1.0f, 1.0f, 0.0f, 0.0f);
 }
-inline void DQ_f16(blk_t row, int c, float8* w) {
+inline float4 DQ_f16(blk_t row, int c, float8* w) {
     const global half* p = (const global half*)row;
     for (int i = 0; i < 4; i++) w[i] = vload_half8(4 * c + i, p);
+    return (float4)(1.0f, 1.0f, 0.0f, 0.0f);
 }
 
 // Q8_0 (34 bytes): d f16 | qs[32] int8.  x = d * q
-inline void DQ_q8_0(blk_t row, int c, float8* w) {
+inline float4 DQ_q8_0(blk_t row, int c, float8* w) {
     blk_t b = row + c * 34;
-    const float d = f16(b, 0);
     const global char* qs = (const global char*)(b + 2);
-    for (int i = 0; i < 4; i++) w[i] = d * convert_float8(vload8(i, qs));
+    for (int i = 0; i < 4; i++) w[i] = convert_float8(vload8(i, qs));
+    const float d = f16(b, 0);
+    return (float4)(d, d, 0.0f, 0.0f);
 }
 
 // The 32 weights of a nibble block from qs[16]: low nibbles are weights 0-15, high 16-31.
@@ -54,19 +60,20 @@ inline void nibbles(blk_t qs, float8* w) {
 }
 
 // Q4_0 (18 bytes): d f16 | qs[16] nibbles.  x = d * (q - 8)
-inline void DQ_q4_0(blk_t row, int c, float8* w) {
+inline float4 DQ_q4_0(blk_t row, int c, float8* w) {
     blk_t b = row + c * 18;
-    const float d = f16(b, 0);
     nibbles(b + 2, w);
-    for (int i = 0; i < 4; i++) w[i] = d * (w[i] - 8.0f);
+    for (int i = 0; i < 4; i++) w[i] -= 8.0f;
+    const float d = f16(b, 0);
+    return (float4)(d, d, 0.0f, 0.0f);
 }
 
 // Q4_1 (20 bytes): d f16 | m f16 | qs[16].  x = d * q + m
-inline void DQ_q4_1(blk_t row, int c, float8* w) {
+inline float4 DQ_q4_1(blk_t row, int c, float8* w) {
     blk_t b = row + c * 20;
-    const float d = f16(b, 0), m = f16(b, 1);
     nibbles(b + 4, w);
-    for (int i = 0; i < 4; i++) w[i] = d * w[i] + m;
+    const float d = f16(b, 0);
+    return (float4)(d, d, f16(b, 1), 0.0f);
 }
 
 // Adds the 5th bits of Q5_0/Q5_1: bit j of a little-endian u32 belongs to weight j.
@@ -77,21 +84,22 @@ inline void add_bit5(blk_t qh, float8* w) {
 }
 
 // Q5_0 (22 bytes): d f16 | qh[4] | qs[16].  x = d * (q - 16)
-inline void DQ_q5_0(blk_t row, int c, float8* w) {
+inline float4 DQ_q5_0(blk_t row, int c, float8* w) {
     blk_t b = row + c * 22;
-    const float d = f16(b, 0);
     nibbles(b + 6, w);
     add_bit5(b + 2, w);
-    for (int i = 0; i < 4; i++) w[i] = d * (w[i] - 16.0f);
+    for (int i = 0; i < 4; i++) w[i] -= 16.0f;
+    const float d = f16(b, 0);
+    return (float4)(d, d, 0.0f, 0.0f);
 }
 
 // Q5_1 (24 bytes): d f16 | m f16 | qh[4] | qs[16].  x = d * q + m
-inline void DQ_q5_1(blk_t row, int c, float8* w) {
+inline float4 DQ_q5_1(blk_t row, int c, float8* w) {
     blk_t b = row + c * 24;
-    const float d = f16(b, 0), m = f16(b, 1);
     nibbles(b + 8, w);
     add_bit5(b + 4, w);
-    for (int i = 0; i < 4; i++) w[i] = d * w[i] + m;
+    const float d = f16(b, 0);
+    return (float4)(d, d, f16(b, 1), 0.0f);
 }
 
 // K formats: 256-weight super-blocks; chunk c is sub-block j = c % 8 of super-block c / 8.
@@ -108,49 +116,51 @@ inline void scale_min_k4(blk_t s, int j, float* sc, float* m) {
 
 // Q4_K (144 bytes): d | dmin | scales[12] | qs[128]; sub-block j is the low (j even) or high
 // nibbles of qs[32 (j/2) ...].  x = (d sc) q - (dmin m)
-inline void DQ_q4_k(blk_t row, int c, float8* w) {
+inline float4 DQ_q4_k(blk_t row, int c, float8* w) {
     blk_t b = row + (c >> 3) * 144;
     const int j = c & 7;
-    float sc, m;
-    scale_min_k4(b + 4, j, &sc, &m);
-    const float d = f16(b, 0) * sc, dm = f16(b, 1) * m;
     blk_t qs = b + 16 + 32 * (j >> 1);
     const uchar sh = (j & 1) * 4;
-    for (int i = 0; i < 4; i++)
-        w[i] = d * convert_float8(vload8(i, qs) >> sh & (uchar)15) - dm;
+    for (int i = 0; i < 4; i++) w[i] = convert_float8(vload8(i, qs) >> sh & (uchar)15);
+    float sc, m;
+    scale_min_k4(b + 4, j, &sc, &m);
+    const float d = f16(b, 0) * sc;
+    return (float4)(d, d, -(f16(b, 1) * m), 0.0f);
 }
 
 // Q5_K (176 bytes): d | dmin | scales[12] | qh[32] | qs[128]; the 5th bit of weight l of
 // sub-block j is bit j of qh[l].
-inline void DQ_q5_k(blk_t row, int c, float8* w) {
+inline float4 DQ_q5_k(blk_t row, int c, float8* w) {
     blk_t b = row + (c >> 3) * 176;
     const int j = c & 7;
-    float sc, m;
-    scale_min_k4(b + 4, j, &sc, &m);
-    const float d = f16(b, 0) * sc, dm = f16(b, 1) * m;
     blk_t qs = b + 48 + 32 * (j >> 1);
     const uchar sh = (j & 1) * 4;
     for (int i = 0; i < 4; i++) {
         const uchar8 h = vload8(i, b + 16) >> (uchar)j & (uchar)1;
-        w[i] = d * convert_float8((vload8(i, qs) >> sh & (uchar)15) | h << (uchar)4) - dm;
+        w[i] = convert_float8((vload8(i, qs) >> sh & (uchar)15) | h << (uchar)4);
     }
+    float sc, m;
+    scale_min_k4(b + 4, j, &sc, &m);
+    const float d = f16(b, 0) * sc;
+    return (float4)(d, d, -(f16(b, 1) * m), 0.0f);
 }
 
 // Q6_K (210 bytes): ql[128] | qh[64] | scales[16] int8 | d.  Chunk k of the super-block is
 // quarter k % 4 of half k / 4: low bits from ql (low or high nibbles), 2 high bits from qh.
 // x = (d scale[i / 16]) (q - 32)
-inline void DQ_q6_k(blk_t row, int c, float8* w) {
+inline float4 DQ_q6_k(blk_t row, int c, float8* w) {
     blk_t b = row + (c >> 3) * 210;
     const int k = c & 7, h = k >> 2, qr = k & 3;
     blk_t ql = b + 64 * h + 32 * (qr & 1);
     blk_t qh = b + 128 + 32 * h;
     const uchar sl = (qr >> 1) * 4, sh = 2 * qr;
-    const global char* scales = (const global char*)(b + 192);
-    const float d = f16(b, 104);  // byte 208
     for (int i = 0; i < 4; i++) {
         const uchar8 q = (vload8(i, ql) >> sl & (uchar)15) | (vload8(i, qh) >> sh & (uchar)3) << (uchar)4;
-        w[i] = (d * scales[8 * h + 2 * qr + i / 2]) * (convert_float8(q) - 32.0f);
+        w[i] = convert_float8(q) - 32.0f;
     }
+    const global char* scales = (const global char*)(b + 192);
+    const float d = f16(b, 104);  // byte 208
+    return (float4)(d * scales[8 * h + 2 * qr], d * scales[8 * h + 2 * qr + 1], 0.0f, 0.0f);
 }
 
 inline float hsum8(float8 v) {
@@ -174,11 +184,13 @@ kernel void matmul_##T##SUFFIX(blk_t W, const global float* X, global float* Y, 
         const int n_chunks = n_cols / 32, nt = min(NT, n_tok - t0);                            \
         for (int c = lane; c < n_chunks; c += LWS) {                                           \
             float8 w[4];                                                                       \
-            DQ_##T(wrow, c, w);                                                                \
+            const float4 s = DQ_##T(wrow, c, w);                                               \
             for (int t = 0; t < nt; t++) {                                                     \
                 const global float* x = X + (size_t)(t0 + t) * n_cols + c * 32;                \
-                acc[t] += hsum8(w[0] * vload8(0, x) + w[1] * vload8(1, x) +                    \
-                                w[2] * vload8(2, x) + w[3] * vload8(3, x));                    \
+                const float8 x0 = vload8(0, x), x1 = vload8(1, x);                             \
+                const float8 x2 = vload8(2, x), x3 = vload8(3, x);                             \
+                acc[t] += s.x * hsum8(w[0] * x0 + w[1] * x1) + s.y * hsum8(w[2] * x2 + w[3] * x3) \
+                    + (HAS_OFFSET_##T ? s.z * hsum8(x0 + x1 + x2 + x3) : 0.0f);                \
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
@@ -217,9 +229,22 @@ kernel void get_rows_##T(blk_t W, const global int* tokens, global float* out,  
                          int n_cols, int row_bytes) {                                          \
     const int c = get_global_id(0), t = get_global_id(1);                                     \
     float8 w[4];                                                                               \
-    DQ_##T(W + (size_t)tokens[t] * row_bytes, c, w);                                           \
-    for (int i = 0; i < 4; i++) vstore8(w[i], 4 * c + i, out + (size_t)t * n_cols);            \
+    const float4 s = DQ_##T(W + (size_t)tokens[t] * row_bytes, c, w);                          \
+    for (int i = 0; i < 4; i++)                                                                \
+        vstore8((i < 2 ? s.x : s.y) * w[i] + s.z, 4 * c + i, out + (size_t)t * n_cols);        \
 }
+
+// Formats whose dequantization adds an offset (x = d q + m): their dot products add m sum(x).
+#define HAS_OFFSET_f32 0
+#define HAS_OFFSET_f16 0
+#define HAS_OFFSET_q8_0 0
+#define HAS_OFFSET_q4_0 0
+#define HAS_OFFSET_q4_1 1
+#define HAS_OFFSET_q5_0 0
+#define HAS_OFFSET_q5_1 1
+#define HAS_OFFSET_q4_k 1
+#define HAS_OFFSET_q5_k 1
+#define HAS_OFFSET_q6_k 0
 
 #define FORMAT(T) MATMUL_KERNEL(T, 1, _vec) MATMUL_KERNEL(T, TT, _mat) GET_ROWS_KERNEL(T)
 
