@@ -15,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 
 from runtime.config import ModelConfig
-from runtime.errors import ModelError
+from runtime.errors import DeviceError, ModelError
 from runtime.model_file import ModelSource
 
 BACKENDS = ("numpy", "opencl", "auto")
@@ -91,8 +91,8 @@ def _opencl(source: ModelSource):  # -> OpenCLBackend, imported lazily (pyopencl
     try:
         return OpenCLBackend(source)
     except NoDevice as e:
-        raise ModelError(f"--backend opencl: {e} (expected an OpenCL device, or --backend "
-                         "numpy / auto)") from None
+        raise DeviceError(f"--backend opencl: {e} (expected an OpenCL device, or --backend "
+                          "numpy / auto)") from None
 
 
 def _auto(source: ModelSource, memory_budget: int | None) -> Choice:

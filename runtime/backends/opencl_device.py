@@ -74,8 +74,9 @@ def _import_cl() -> Any:
     return cl
 
 
-def find_device(prefer_gpu: bool = True) -> Device:
-    """The first GPU (or accelerator) when `prefer_gpu`, else the first device of any kind.
+def find_device(prefer_gpu: bool = True, kind: str = "any") -> Device:
+    """The first GPU (or accelerator) when `prefer_gpu`, else the first device; `kind` "cpu" or
+    "gpu" keeps only CPU or only non-CPU devices (the test tiers pick theirs so).
 
     CLAW_OPENCL_DEVICE=substring picks a device by name or platform name.
     """
@@ -83,7 +84,7 @@ def find_device(prefer_gpu: bool = True) -> Device:
     try:
         platforms = cl.get_platforms()
     except cl.Error as e:  # pyopencl raises LogicError/RuntimeError when no ICD answers
-        raise NoDevice(f"no OpenCL platform found ({e.what() if hasattr(e, 'what') else e}); "
+        raise NoDevice(f"no OpenCL platform found ({e}); "
                        "install an OpenCL driver (ICD) such as PoCL") from None
     devices = []
     for platform in platforms:
@@ -100,6 +101,10 @@ def find_device(prefer_gpu: bool = True) -> Device:
                    if wanted.lower() in f"{d.name} {d.platform.name}".lower()]
         if not devices:
             raise NoDevice(f"CLAW_OPENCL_DEVICE={wanted!r} matches no OpenCL device")
+    if kind != "any":
+        devices = [d for d in devices if bool(d.type & cl.device_type.CPU) == (kind == "cpu")]
+        if not devices:
+            raise NoDevice(f"no {kind.upper()} OpenCL device found")
     if prefer_gpu:
         devices.sort(key=lambda d: not d.type & (cl.device_type.GPU | cl.device_type.ACCELERATOR))
     device = devices[0]
