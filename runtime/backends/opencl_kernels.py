@@ -34,9 +34,10 @@ class Params:
     TT: int = 4  # tokens per work-item in prefill matmuls
     WG: int = 64  # work-group of row reductions and attention
     SPLIT: int = 128  # KV positions per attention work-group
+    UNALIGNED: int = 0  # 1: the device loads vectors at any address (CPUs), not tuned
 
     def matmul_defines(self) -> dict[str, int]:
-        return {"LWS": self.LWS, "RPW": self.RPW, "TT": self.TT}
+        return {"LWS": self.LWS, "RPW": self.RPW, "TT": self.TT, "UNALIGNED": self.UNALIGNED}
 
     def ops_defines(self) -> dict[str, int]:
         return {"WG": self.WG, "SPLIT": self.SPLIT}

@@ -23,18 +23,21 @@ from gguf import GGMLQuantizationType as T
 
 from runtime.backends.opencl_device import Device
 from runtime.backends.opencl_kernels import Kernels, Params
-from runtime.backends.opencl_programs import ProgramCache, cache_dir
+from runtime.backends.opencl_programs import ProgramCache, cache_dir, kernel_source
 from runtime.quant import quantize
 
 
 def default_params(dev: Device) -> Params:
     if dev.is_cpu:
-        return Params(LWS=1, RPW=16, TT=4, WG=16, SPLIT=128)
+        return Params(LWS=1, RPW=1, TT=4, WG=16, SPLIT=128, UNALIGNED=1)
     return Params(LWS=32, RPW=4, TT=4, WG=64, SPLIT=256)
 
 
 def _path(dev: Device) -> Path:
-    ident = json.dumps(dev.identity(), sort_keys=True)
+    """One file per device and kernel source: changed kernels are tuned afresh."""
+    sources = {name: hashlib.sha256(kernel_source(name).encode()).hexdigest()
+               for name in ("matmul", "ops")}
+    ident = json.dumps({"device": dev.identity(), "sources": sources}, sort_keys=True)
     return cache_dir() / "tuning" / f"{hashlib.sha256(ident.encode()).hexdigest()[:24]}.json"
 
 
@@ -75,13 +78,13 @@ def _best_time(run: Callable[[], None], dev: Device, repeats: int) -> float:
 def candidates(dev: Device) -> list[Params]:
     """The small grid that `tune` searches (matmul shapes first, then attention)."""
     base = default_params(dev)
-    lws = [1, 2, 4] if dev.is_cpu else [8, 16, 32, 64]
-    rpw = [4, 8, 16, 32] if dev.is_cpu else [1, 2, 4, 8]
+    lws = [1, 4] if dev.is_cpu else [8, 16, 32, 64]
+    rpw = [1, 4, 16] if dev.is_cpu else [1, 2, 4, 8]
     grid = []
     for a in lws:
         for r in rpw:
             if a * r <= min(dev.device.max_work_group_size, 256):
-                grid.append(Params(LWS=a, RPW=r, TT=base.TT, WG=base.WG, SPLIT=base.SPLIT))
+                grid.append(Params(**{**asdict(base), "LWS": a, "RPW": r}))
     return grid
 
 

@@ -23,7 +23,21 @@
 #define TT 4
 #endif
 
+#ifndef UNALIGNED
+#define UNALIGNED 0
+#endif
+
 typedef const global uchar* blk_t;
+
+// 8 bytes of a block: a plain (unaligned) vector load where the device allows it (CPUs: PoCL's
+// vload8 is element by element, 1.6x slower), vload8 elsewhere (blocks are only 2-byte aligned).
+#if UNALIGNED
+#define LOAD_U8(i, p) (((const global uchar8*)(p))[i])
+#define LOAD_I8(i, p) (((const global char8*)(p))[i])
+#else
+#define LOAD_U8(i, p) vload8(i, (const global uchar*)(p))
+#define LOAD_I8(i, p) vload8(i, (const global char*)(p))
+#endif
 
 inline float f16(blk_t p, int i) { return vload_half(i, (const global half*)p); }
 
@@ -35,7 +49,7 @@ inline float8 nib_hi(uchar8 q) { return convert_float8(q >> (uchar)4); }
 // F32 / F16: plain arrays.
 inline float4 DQ_f32(blk_t row, int c, float8* w) {
     const global float* p = (const global float*)row;
-    for (int i = 0; i < 4; i++) w[i] = vload8(4 * c + i, p);
+    for (int i = 0; i < 4; i++) w[i] = ((const global float8*)p)[4 * c + i];
     return (float4)(1.0f, 1.0f, 0.0f, 0.0f);
 }
 inline float4 DQ_f16(blk_t row, int c, float8* w) {
@@ -48,14 +62,14 @@ inline float4 DQ_f16(blk_t row, int c, float8* w) {
 inline float4 DQ_q8_0(blk_t row, int c, float8* w) {
     blk_t b = row + c * 34;
     const global char* qs = (const global char*)(b + 2);
-    for (int i = 0; i < 4; i++) w[i] = convert_float8(vload8(i, qs));
+    for (int i = 0; i < 4; i++) w[i] = convert_float8(LOAD_I8(i, qs));
     const float d = f16(b, 0);
     return (float4)(d, d, 0.0f, 0.0f);
 }
 
 // The 32 weights of a nibble block from qs[16]: low nibbles are weights 0-15, high 16-31.
 inline void nibbles(blk_t qs, float8* w) {
-    const uchar8 q0 = vload8(0, qs), q1 = vload8(1, qs);
+    const uchar8 q0 = LOAD_U8(0, qs), q1 = LOAD_U8(1, qs);
     w[0] = nib_lo(q0); w[1] = nib_lo(q1); w[2] = nib_hi(q0); w[3] = nib_hi(q1);
 }
 
@@ -121,7 +135,7 @@ inline float4 DQ_q4_k(blk_t row, int c, float8* w) {
     const int j = c & 7;
     blk_t qs = b + 16 + 32 * (j >> 1);
     const uchar sh = (j & 1) * 4;
-    for (int i = 0; i < 4; i++) w[i] = convert_float8(vload8(i, qs) >> sh & (uchar)15);
+    for (int i = 0; i < 4; i++) w[i] = convert_float8(LOAD_U8(i, qs) >> sh & (uchar)15);
     float sc, m;
     scale_min_k4(b + 4, j, &sc, &m);
     const float d = f16(b, 0) * sc;
@@ -136,8 +150,8 @@ inline float4 DQ_q5_k(blk_t row, int c, float8* w) {
     blk_t qs = b + 48 + 32 * (j >> 1);
     const uchar sh = (j & 1) * 4;
     for (int i = 0; i < 4; i++) {
-        const uchar8 h = vload8(i, b + 16) >> (uchar)j & (uchar)1;
-        w[i] = convert_float8((vload8(i, qs) >> sh & (uchar)15) | h << (uchar)4);
+        const uchar8 h = LOAD_U8(i, b + 16) >> (uchar)j & (uchar)1;
+        w[i] = convert_float8((LOAD_U8(i, qs) >> sh & (uchar)15) | h << (uchar)4);
     }
     float sc, m;
     scale_min_k4(b + 4, j, &sc, &m);
@@ -155,7 +169,7 @@ inline float4 DQ_q6_k(blk_t row, int c, float8* w) {
     blk_t qh = b + 128 + 32 * h;
     const uchar sl = (qr >> 1) * 4, sh = 2 * qr;
     for (int i = 0; i < 4; i++) {
-        const uchar8 q = (vload8(i, ql) >> sl & (uchar)15) | (vload8(i, qh) >> sh & (uchar)3) << (uchar)4;
+        const uchar8 q = (LOAD_U8(i, ql) >> sl & (uchar)15) | (LOAD_U8(i, qh) >> sh & (uchar)3) << (uchar)4;
         w[i] = convert_float8(q) - 32.0f;
     }
     const global char* scales = (const global char*)(b + 192);
@@ -177,23 +191,24 @@ kernel void matmul_##T##SUFFIX(blk_t W, const global float* X, global float* Y, 
                                int y_stride, int y_off, int accumulate) {                      \
     const int lane = get_local_id(0) % LWS, lrow = get_local_id(0) / LWS;                     \
     const int row = get_global_id(0) / LWS, t0 = get_global_id(1) * NT;                       \
-    float acc[NT];                                                                             \
-    for (int t = 0; t < NT; t++) acc[t] = 0.0f;                                                \
+    float8 acc8[NT];  /* lane-wise partial sums: one horizontal add per row, not per chunk */  \
+    for (int t = 0; t < NT; t++) acc8[t] = 0.0f;                                               \
     if (row < n_rows) {                                                                        \
         blk_t wrow = W + (size_t)row * row_bytes;                                              \
-        const int n_chunks = n_cols / 32, nt = min(NT, n_tok - t0);                            \
+        const int n_chunks = n_cols / 32, nt = NT == 1 ? 1 : min(NT, n_tok - t0);              \
         for (int c = lane; c < n_chunks; c += LWS) {                                           \
             float8 w[4];                                                                       \
             const float4 s = DQ_##T(wrow, c, w);                                               \
             for (int t = 0; t < nt; t++) {                                                     \
-                const global float* x = X + (size_t)(t0 + t) * n_cols + c * 32;                \
-                const float8 x0 = vload8(0, x), x1 = vload8(1, x);                             \
-                const float8 x2 = vload8(2, x), x3 = vload8(3, x);                             \
-                acc[t] += s.x * hsum8(w[0] * x0 + w[1] * x1) + s.y * hsum8(w[2] * x2 + w[3] * x3) \
-                    + (HAS_OFFSET_##T ? s.z * hsum8(x0 + x1 + x2 + x3) : 0.0f);                \
+                const global float8* x = (const global float8*)(X + (size_t)(t0 + t) * n_cols + c * 32); \
+                const float8 x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];                       \
+                acc8[t] += s.x * (w[0] * x0 + w[1] * x1) + s.y * (w[2] * x2 + w[3] * x3);      \
+                if (HAS_OFFSET_##T) acc8[t] += s.z * (x0 + x1 + x2 + x3);                      \
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
+    float acc[NT];                                                                             \
+    for (int t = 0; t < NT; t++) acc[t] = hsum8(acc8[t]);                                      \
     REDUCE_AND_STORE(NT)                                                                       \
 }
 
