@@ -89,7 +89,7 @@ def attention_reference(q, k, v, pos0):
 
 
 def check_attention(kern: Kernels, n_tok: int, pos0: int, heads: int = 8, kv: int = 2,
-                    d: int = 32) -> None:
+                    d: int = 32, split: bool | None = None) -> None:
     n_ctx = pos0 + n_tok
     q = RNG.standard_normal((n_tok, heads, d)).astype(np.float32)
     k = RNG.standard_normal((n_ctx, kv, d)).astype(np.float32)
@@ -97,7 +97,7 @@ def check_attention(kern: Kernels, n_tok: int, pos0: int, heads: int = 8, kv: in
     out = kern.empty(4 * n_tok * heads * d)
     part = kern.empty(4 * n_tok * heads * kern.attention_splits(n_ctx) * (d + 2))
     kern.attention(kern.upload(q), kern.upload(k), kern.upload(v), out, part, n_tok, heads, kv,
-                   d, pos0)
+                   d, pos0, split=split)
     np.testing.assert_allclose(kern.read(out, (n_tok, heads * d)),
                                attention_reference(q, k, v, pos0), rtol=1e-5, atol=1e-5)
 

@@ -71,7 +71,7 @@ class OpenCLBackend(Backend):
         self.inv_freq = rope_inv_freq(cfg, factors.to_float32() if factors is not None else None)
         self.rope_positions = 0
         self.scratch_tokens = 0
-        self.part_bytes = 0
+        self.part, self.part_bytes = None, 0
         self.dev.queue.finish()
         self.load_seconds = time.perf_counter() - start
 
@@ -129,7 +129,9 @@ class OpenCLBackend(Backend):
             self.token_buf = k.empty(4 * n_tok)
             self.next_id = k.empty(4)
             self.scratch_tokens = n_tok
-        need = 4 * n_tok * cfg.n_heads * k.attention_splits(n_keys) * (cfg.head_dim + 2)
+        # split (decode) attention's partial results; prefill attention needs none
+        splits = k.attention_splits(n_keys) if n_tok == 1 else 0
+        need = 4 * cfg.n_heads * splits * (cfg.head_dim + 2)
         if need > self.part_bytes:
             self.part = k.empty(need)
             self.part_bytes = need

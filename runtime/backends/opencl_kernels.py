@@ -165,15 +165,24 @@ class Kernels:
         return math.ceil(n_keys / self.params.SPLIT)
 
     def attention(self, q: Any, kc: Any, vc: Any, out: Any, part: Any, n_tok: int, n_heads: int,
-                  n_kv: int, head_dim: int, pos0: int) -> None:
+                  n_kv: int, head_dim: int, pos0: int, *, split: bool | None = None) -> None:
         """out (n_tok, n_heads * head_dim) = causal softmax(q k^T / sqrt(d)) v over the cache
-        positions < pos0 + t + 1; `part` holds n_tok * n_heads * splits * (head_dim + 2)."""
+        positions < pos0 + t + 1. Decode (or split=True) spreads the keys over work-groups
+        (`part` holds n_tok * n_heads * splits * (head_dim + 2) floats); prefill stages keys
+        in local memory for a tile of queries."""
+        scale = np.float32(1.0 / math.sqrt(head_dim))
+        if not (n_tok == 1 if split is None else split):
+            wg = self.params.WG
+            self.k(self.ops, "attn_prefill")(
+                self.queue, (wg * math.ceil(n_tok / wg), n_heads), (wg, 1), q, kc, vc, out,
+                np.int32(n_tok), np.int32(n_heads), np.int32(n_kv), np.int32(head_dim),
+                np.int32(pos0), scale)
+            return
         wg, n_split = self.params.WG, self.attention_splits(pos0 + n_tok)
         n_q = n_tok * n_heads
         self.k(self.ops, "attn_partial")(
             self.queue, (wg * n_q, n_split), (wg, 1), q, kc, vc, part, np.int32(n_heads),
-            np.int32(n_kv), np.int32(head_dim), np.int32(pos0),
-            np.float32(1.0 / math.sqrt(head_dim)))
+            np.int32(n_kv), np.int32(head_dim), np.int32(pos0), scale)
         self.k(self.ops, "attn_combine")(self.queue, (head_dim, n_q), None, part, out,
                                          np.int32(head_dim), np.int32(n_split))
 

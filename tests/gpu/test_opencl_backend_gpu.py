@@ -47,7 +47,9 @@ def test_the_other_kernels_agree_with_numpy(kern):
     checks.check_rope(kern, "normal")
     checks.check_rope(kern, "neox")
     for n_tok, pos0 in [(1, 0), (1, 700), (9, 0), (33, 250)]:
-        checks.check_attention(kern, n_tok, pos0)
+        checks.check_attention(kern, n_tok, pos0, split=True)
+    for n_tok, pos0 in [(9, 0), (100, 0), (70, 250)]:
+        checks.check_attention(kern, n_tok, pos0, split=False)
     checks.check_sampling(kern)
 
 

@@ -49,8 +49,14 @@ def test_rope(kern, style):
 
 @pytest.mark.parametrize("n_tok,pos0", [(1, 0), (1, 300), (9, 0), (5, 250)],
                          ids=["decode-first", "decode-3-splits", "prefill", "prefill-after-cache"])
-def test_attention(kern, n_tok, pos0):
-    checks.check_attention(kern, n_tok, pos0)
+def test_split_attention(kern, n_tok, pos0):
+    checks.check_attention(kern, n_tok, pos0, split=True)
+
+
+@pytest.mark.parametrize("n_tok,pos0", [(9, 0), (40, 0), (37, 250)],
+                         ids=["one-tile", "tiles", "after-cache"])
+def test_prefill_attention(kern, n_tok, pos0):
+    checks.check_attention(kern, n_tok, pos0, split=False)
 
 
 def test_argmax_top_k_softmax(kern):
