@@ -111,8 +111,10 @@ def model_file(kind: str, python: Path) -> Path:
     if out.exists():
         return out
     if kind == "q4_k_m":
-        subprocess.run([str(python), "-c", QUANTIZER, str(model_file("f16", python)), str(out)],
-                       check=True)
+        done = subprocess.run([str(python), "-c", QUANTIZER, str(model_file("f16", python)),
+                               str(out)], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"llama_model_quantize failed: {done.stderr[-2000:]}")
         return out
     return convert(make_hf_model(), out, T[kind.upper()], tokenizer_metadata=vocabulary())
 

@@ -155,9 +155,13 @@ class OpenCLBackend(Backend):
         self._rope_tables(cache.n_ctx)
         self._scratch(n, pos0 + n)
         cl = self.dev.cl
-        cl.enqueue_copy(self.dev.queue, self.token_buf, np.asarray(tokens, np.int32),
-                        is_blocking=False)
-        k.get_rows(self.embd, self.token_buf, self.x, n)
+        if len(self.embd.parts) == 1:
+            cl.enqueue_copy(self.dev.queue, self.token_buf, np.asarray(tokens, np.int32))
+            k.get_rows(self.embd, self.token_buf, self.x, n)
+        else:  # a table split past the device's largest buffer: rows dequantized on the host
+            table = self.source.tensors["token_embd.weight"]
+            rows = np.concatenate([table.rows(t, t + 1) for t in tokens])
+            cl.enqueue_copy(self.dev.queue, self.x, rows)
         kv_off = pos0 * KV * D
         for i, w in enumerate(self.layers):
             k.rms_norm(self.x, w["attn_norm"], self.xn, C, n, cfg.norm_eps)

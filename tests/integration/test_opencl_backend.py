@@ -86,6 +86,19 @@ def test_whole_model_logits_and_greedy_tokens_match_numpy(models, device, arch, 
     assert greedy(ours, ids[:40], 16) == greedy(ref, ids[:40], 16)
 
 
+def test_a_device_with_a_small_largest_buffer_splits_the_weights(models, device, monkeypatch):
+    """Some Adreno/Mali drivers cap one buffer far below the memory size: tensors are split."""
+    monkeypatch.setenv("CLAW_OPENCL_MAX_ALLOC", str(48 * 1024))
+    source = open_model(models["llama-f16"])
+    ours = OpenCLBackend(source, device=device)
+    assert len(ours.embd.parts) > 1 and len(ours.layers[0]["ffn_up"].parts) > 1
+    ids = [int(t) for t in np.random.default_rng(2).integers(3, VOCAB, 30)]
+    ref = NumpyBackend(source)
+    got = ours.forward(ids, ours.new_cache(len(ids)), all_logits=True)
+    want = ref.forward(ids, ref.new_cache(len(ids)), all_logits=True)
+    assert np.abs(got - want).max() <= LOGIT_TOL
+
+
 def test_greedy_on_the_device_equals_argmax_of_the_logits(models, device):
     backend = OpenCLBackend(open_model(models["llama-q8_0"]), device=device)
     cache = backend.new_cache(16)
