@@ -102,11 +102,14 @@ def generate(
     stats = result.stats()
     if json_out:
         sys.stdout.write(json.dumps({"text": result.text, "backend": runtime.backend.name,
-                                     **stats}, indent=2) + "\n")
+                                     "backend_reason": runtime.backend_reason, **stats},
+                                    indent=2) + "\n")
         return
     sys.stdout.write("\n")
     pp = stats["prefill_tokens_per_s"]
     tg = stats["decode_tokens_per_s"]
+    if backend == "auto":
+        sys.stderr.write(f"[{runtime.backend_reason}]\n")
     sys.stderr.write(f"[{runtime.backend.name}] prompt {stats['prompt_tokens']} tokens"
                      + (f" at {pp:.1f} tok/s" if pp else "")
                      + f", generated {stats['completion_tokens']}"

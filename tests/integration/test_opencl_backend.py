@@ -99,6 +99,14 @@ def test_a_device_with_a_small_largest_buffer_splits_the_weights(models, device,
     assert np.abs(got - want).max() <= LOGIT_TOL
 
 
+def test_auto_says_which_backend_and_why(models):
+    from runtime.backends import create_backend
+
+    choice = create_backend("auto", open_model(models["llama-q8_0"]))
+    assert choice.reason.startswith(f"auto: {choice.backend.name}")
+    assert "ms on OpenCL vs" in choice.reason  # both probe timings are reported
+
+
 def test_greedy_on_the_device_equals_argmax_of_the_logits(models, device):
     backend = OpenCLBackend(open_model(models["llama-q8_0"]), device=device)
     cache = backend.new_cache(16)
