@@ -91,9 +91,12 @@ class ProgramCache:
         self.stats["compiled"] += 1
         binary = program.get_info(cl.program_info.BINARIES)[0]
         if binary:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{key}.")
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + hashlib.sha256(binary).digest() + binary)
-            os.replace(tmp, self._path(key))
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{key}.")
+                with os.fdopen(fd, "wb") as f:
+                    f.write(MAGIC + hashlib.sha256(binary).digest() + binary)
+                os.replace(tmp, self._path(key))
+            except OSError as e:  # a read-only home: run uncached rather than not at all
+                self.stats["unwritable"] = str(e)
         return program

@@ -138,6 +138,29 @@ def test_warm_load_compiles_nothing_and_a_corrupt_entry_is_rebuilt(models, devic
     assert fourth.stats == {"compiled": 0, "loaded": 1, "rebuilt": 0}
 
 
+def test_tuned_parameters_are_stored_per_device_and_read_back(device, tmp_path, monkeypatch):
+    from runtime.backends.opencl_kernels import Params
+    from runtime.backends.opencl_tuning import load_params, save_params
+
+    monkeypatch.setenv("CLAW_OPENCL_CACHE", str(tmp_path))
+    assert load_params(device) == (default_params(device), "defaults")
+    tuned = Params(LWS=4, RPW=4, TT=2, WG=32, SPLIT=64, UNALIGNED=1)
+    path = save_params(device, tuned, {"trial": 1.0})
+    assert load_params(device) == (tuned, str(path))
+    path.write_text("{not json")  # a damaged file falls back to the defaults
+    assert load_params(device) == (default_params(device), "defaults")
+
+
+def test_an_unwritable_cache_directory_still_loads(models, device, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    programs = ProgramCache(device, blocked / "opencl")
+    backend = OpenCLBackend(open_model(models["llama-q8_0"]), device=device,
+                            params=default_params(device), programs=programs)
+    assert programs.stats["compiled"] == 2 and "unwritable" in programs.stats
+    assert np.isfinite(backend.forward([1, 2], backend.new_cache(4))).all()
+
+
 NO_DEVICE = {"OCL_ICD_VENDORS": "/nonexistent"}
 
 
