@@ -143,3 +143,54 @@ def check_split_weights(kern: Kernels, qtype: T = T.Q4_0) -> None:
         kern.matmul(m, kern.upload(x[:n_tok]), y, n_tok)
         np.testing.assert_allclose(kern.read(y, (n_tok, 50)), x[:n_tok] @ wd.T, rtol=1e-4,
                                    atol=1e-4)
+
+
+def random_gguf(path, qtype: T, *, dim: int, n_layers: int, ffn_dim: int, n_heads: int,
+                n_kv_heads: int, vocab_size: int):
+    """A Llama-shaped GGUF of random weights in `qtype` (norms F32), written without torch or
+    transformers (the GPU machine has neither transformers nor a package index). Each distinct
+    shape is quantized once and its bytes reused by every layer: for speed runs only."""
+    import gguf
+
+    from runtime.config import ModelConfig
+    from runtime.convert import _write_metadata
+    from runtime.model_file import expected_shapes
+
+    cfg = ModelConfig(arch="llama", vocab_size=vocab_size, dim=dim, n_layers=n_layers,
+                      n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=dim // n_heads,
+                      ffn_dim=ffn_dim, norm_eps=1e-5, rope_theta=10000.0,
+                      rope_dim=dim // n_heads, rope_style="normal", context_length=4096)
+    writer = gguf.GGUFWriter(path, "llama")
+    _write_metadata(writer, cfg, qtype, None)
+    blobs: dict[tuple[int, ...], np.ndarray] = {}
+    for name, shape in expected_shapes(cfg).items():
+        if len(shape) == 1:
+            writer.add_tensor(name, np.ones(shape, np.float32))
+            continue
+        if shape not in blobs:
+            w = (RNG.standard_normal(shape) * 0.02).astype(np.float32)
+            blobs[shape] = w.astype(np.float16) if qtype == T.F16 else quantize(w, qtype)
+        blob = blobs[shape]
+        writer.add_tensor(name, blob, raw_dtype=None if qtype == T.F16 else qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def decode_speed(backend, n_gen: int = 32) -> tuple[float, float]:
+    """(tokens/s of greedy decode on the device, weight GB/s that implies)."""
+    import time
+
+    cache = backend.new_cache(n_gen + 2)
+    backend.forward_device([1], cache)
+    token = backend.greedy_next()
+    start = time.perf_counter()
+    for _ in range(n_gen):
+        backend.forward_device([token], cache)
+        token = backend.greedy_next()
+    tps = n_gen / (time.perf_counter() - start)
+    streamed = sum(ref.nbytes for name, ref in backend.source.tensors.items()
+                   if name != "token_embd.weight")
+    return tps, streamed * tps / 1e9

@@ -72,3 +72,20 @@ def test_quantized_gemv_reaches_80_percent_of_copy_bandwidth(kern, qtype):
     print(f"{qtype.name} GEMV {rows}x{cols}: {achieved / 1e9:.1f} GB/s of "
           f"{ceiling / 1e9:.1f} GB/s copy ({achieved / ceiling:.0%})")
     assert achieved >= 0.8 * ceiling
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+def test_whole_model_decode_is_reported_beside_the_gemv(kern, qtype, tmp_path):
+    """A ~1.5B Llama-shaped model (dim 2048, 16 layers, FFN 8192): decode tok/s and the
+    bandwidth it implies, printed next to the GEMV figure (a report, with a sanity floor)."""
+    from runtime.backends.opencl_backend import OpenCLBackend
+    from runtime.model_file import open_model
+
+    path = checks.random_gguf(tmp_path / "m.gguf", qtype, dim=2048, n_layers=16, ffn_dim=8192,
+                              n_heads=16, n_kv_heads=8, vocab_size=32000)
+    backend = OpenCLBackend(open_model(path), device=kern.dev)
+    tps, gbs = checks.decode_speed(backend, 64)
+    ceiling = copy_bandwidth(kern.dev, kern.ops, 1 << 30)
+    print(f"{qtype.name} whole-model decode: {tps:.1f} tok/s, {gbs:.1f} GB/s of weights "
+          f"({gbs * 1e9 / ceiling:.0%} of copy bandwidth)")
+    assert tps > 1.0

@@ -161,6 +161,21 @@ def test_an_unwritable_cache_directory_still_loads(models, device, tmp_path):
     assert np.isfinite(backend.forward([1, 2], backend.new_cache(4))).all()
 
 
+def test_a_model_written_without_torch_runs_and_agrees(device, tmp_path):
+    """The generator the gpu tier uses for its whole-model decode figure, checked here."""
+    from tests.opencl_checks import decode_speed, random_gguf
+
+    path = random_gguf(tmp_path / "r.gguf", T.Q4_0, dim=256, n_layers=2, ffn_dim=512,
+                       n_heads=4, n_kv_heads=2, vocab_size=300)
+    source = open_model(path)
+    ours, ref = OpenCLBackend(source, device=device), NumpyBackend(source)
+    got = ours.forward([5, 6, 7], ours.new_cache(4), all_logits=True)
+    want = ref.forward([5, 6, 7], ref.new_cache(4), all_logits=True)
+    assert np.abs(got - want).max() <= LOGIT_TOL
+    tps, gbs = decode_speed(ours, 4)
+    assert tps > 0 and gbs > 0
+
+
 NO_DEVICE = {"OCL_ICD_VENDORS": "/nonexistent"}
 
 
