@@ -83,7 +83,11 @@ class OpenCLBackend(Backend):
             raise ModelError(f"{name} is {ref.qtype.name}, which the OpenCL backend cannot read "
                              f"(expected one of {', '.join(t.name for t in FORMATS)}); "
                              "use --backend numpy")
-        return self.kern.upload_matrix(ref.raw, ref.qtype, ref.shape)
+        try:
+            return self.kern.upload_matrix(ref.raw, ref.qtype, ref.shape)
+        except ValueError as e:
+            raise ModelError(f"{name}: {e} (the OpenCL kernels read 32-weight chunks); use "
+                             "--backend numpy") from None
 
     def _vector(self, name: str) -> Any:
         return self.kern.upload(self.source.tensors[name].to_float32().reshape(-1))
@@ -193,11 +197,10 @@ class OpenCLBackend(Backend):
         k.matmul(self.head, self.xn, self.logits, n_out)
         return n_out
 
-    def greedy_next(self, row: int = 0) -> int:
-        """argmax of logits row `row` on the device: one int crosses the bus, not the vocab."""
-        vocab = self.config.vocab_size
-        sub = self.logits.get_sub_region(4 * row * vocab, 4 * vocab) if row else self.logits
-        self.kern.argmax(sub, self.next_id, vocab, 1)
+    def greedy_next(self) -> int:
+        """argmax of the first logits row on the device (after a forward_device without
+        all_logits: the last token's): one int crosses the bus, not the vocabulary."""
+        self.kern.argmax(self.logits, self.next_id, self.config.vocab_size, 1)
         return int(self.kern.read(self.next_id, (1,), np.int32)[0])
 
     def describe(self) -> dict[str, Any]:
