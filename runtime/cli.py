@@ -218,3 +218,48 @@ def tune_cmd(
         return
     typer.echo(f"{dev.describe()}: " + ", ".join(f"{k}={v}" for k, v in asdict(best).items())
                + f" (stored in {where})")
+
+
+@app.command("serve")
+def serve(
+    model: Path | None = typer.Argument(None, help="A GGUF file or a Hugging Face model "
+                                        "directory (overrides `model:` in the config)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="The runtime YAML file."),
+    host: str | None = typer.Option(None, "--host", help="Address to listen on "
+                                    "(default 127.0.0.1, or the config's host)."),
+    port: int | None = typer.Option(None, "--port", min=0, max=65535,
+                                    help="Port to listen on (default 8080, or the config's port)."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="CLAW_API_KEY",
+                                       help="Require this Bearer key on /v1 (also "
+                                       "CLAW_API_KEY; overrides api_key_file)."),
+    backend: str | None = typer.Option(None, "--backend", help=BACKEND_HELP),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
+    /v1/models, /health, /metrics), offloading non-critical work under memory pressure.
+
+    Example: [bold]claw runtime serve model.gguf --port 8080 --api-key secret[/bold]
+    """
+    import logging
+    import os
+
+    from runtime.server.config import load_config, read_key_file
+
+    cfg = load_config(config, model=str(model) if model else None, host=host, port=port,
+                      backend=backend)
+    if cfg.model is None:
+        from provision.errors import BadInput
+
+        raise BadInput("no model to serve (expected MODEL, or `model:` in the --config file)")
+    if cfg.threads:  # read by OpenBLAS/OpenMP when numpy loads, which is below
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(cfg.threads)
+    import uvicorn
+
+    from runtime.server.app import create_app
+    key = api_key or (read_key_file(cfg.api_key_file, "api_key_file")
+                      if cfg.api_key_file else None)
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(cfg, key), host=cfg.host, port=cfg.port,
+                log_level=cfg.log_level, access_log=cfg.log_level == "debug",
+                timeout_graceful_shutdown=10)  # open streams must not hold a restart up

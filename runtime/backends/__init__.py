@@ -51,6 +51,18 @@ class Backend(ABC):
                 all_logits: bool = False) -> np.ndarray:
         """Run `tokens` at positions cache.length…; return logits (len(tokens) or 1, vocab)."""
 
+    def forward_batch(self, tokens: Sequence[int], caches: Sequence[KVCache]) -> np.ndarray:
+        """One decode step for B sequences: token b runs at caches[b].length; returns logits
+        (B, vocab). This default runs them one by one; a backend that can read each weight
+        once for all B rows (the numpy one) overrides it, which is what makes a server
+        decoding several requests at once faster than serving them in turn."""
+        return np.concatenate([self.forward([t], c) for t, c in zip(tokens, caches, strict=True)])
+
+    def memory_in_use(self) -> tuple[int, int] | None:
+        """(bytes in use, bytes in total) of the device memory this backend allocates, read by
+        the server's pressure monitor; None for backends that hold nothing off the host."""
+        return None
+
     def check_room(self, tokens: Sequence[int], cache: KVCache) -> None:
         if not tokens:
             raise ValueError("forward needs at least one token")

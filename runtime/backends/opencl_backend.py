@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ class DeviceKVCache(KVCache):
                              f"({kern.dev.max_alloc:,}); expected a smaller --ctx")
         self.k = [kern.empty(per_layer) for _ in range(cfg.n_layers)]
         self.v = [kern.empty(per_layer) for _ in range(cfg.n_layers)]
+        self.nbytes = 2 * cfg.n_layers * per_layer
 
 
 class OpenCLBackend(Backend):
@@ -72,6 +74,7 @@ class OpenCLBackend(Backend):
         self.rope_positions = 0
         self.scratch_tokens = 0
         self.part, self.part_bytes = None, 0
+        self.caches: weakref.WeakSet[DeviceKVCache] = weakref.WeakSet()  # live, for memory_in_use
         self.dev.queue.finish()
         self.load_seconds = time.perf_counter() - start
 
@@ -106,7 +109,9 @@ class OpenCLBackend(Backend):
 
     def new_cache(self, n_ctx: int) -> DeviceKVCache:
         self._rope_tables(n_ctx)
-        return DeviceKVCache(self.config, n_ctx, self.kern)
+        cache = DeviceKVCache(self.config, n_ctx, self.kern)
+        self.caches.add(cache)
+        return cache
 
     def _rope_tables(self, n_ctx: int) -> None:
         """cos/sin of position x frequency, computed in float64 as numpy does, for n_ctx rows."""
@@ -202,6 +207,15 @@ class OpenCLBackend(Backend):
         all_logits: the last token's): one int crosses the bus, not the vocabulary."""
         self.kern.argmax(self.logits, self.next_id, self.config.vocab_size, 1)
         return int(self.kern.read(self.next_id, (1,), np.int32)[0])
+
+    def memory_in_use(self) -> tuple[int, int]:
+        """(bytes of device buffers this backend holds: copied weights, KV caches, scratch;
+        the device's global memory): the server's pressure monitor reads it."""
+        scratch = [getattr(self, n, None) for n in ("x", "xn", "q", "att", "gate", "up",
+                                                    "logits", "token_buf", "part")]
+        held = self.kern.uploaded_bytes + sum(b.size for b in scratch if b is not None) + sum(
+            c.nbytes for c in self.caches)
+        return held, int(self.dev.device.global_mem_size)
 
     def describe(self) -> dict[str, Any]:
         return {"device": self.dev.describe(), "params": vars(self.params),

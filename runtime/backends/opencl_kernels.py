@@ -65,6 +65,7 @@ class Kernels:
         self.ops = programs.get("ops", params.ops_defines())
         self._kernels: dict[str, Any] = {}
         self.host_pointer_bytes = 0  # weight bytes wrapped in place, not copied
+        self.uploaded_bytes = 0  # bytes copied to the device (weights, tables), never freed
 
     def k(self, program: Any, name: str) -> Any:
         """A kernel object, made once (pyopencl makes a new one on each attribute access)."""
@@ -80,6 +81,7 @@ class Kernels:
     def upload(self, array: np.ndarray) -> Any:
         array = np.ascontiguousarray(array)
         mf = self.cl.mem_flags
+        self.uploaded_bytes += array.nbytes
         return self.cl.Buffer(self.dev.context, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=array)
 
     def read(self, buf: Any, shape: tuple[int, ...], dtype: Any = np.float32,
@@ -100,6 +102,7 @@ class Kernels:
                 return buf
             except (self.cl.Error, TypeError, ValueError):
                 pass
+        self.uploaded_bytes += raw.nbytes
         return self.cl.Buffer(self.dev.context, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=raw)
 
     def upload_matrix(self, raw: np.ndarray, qtype: T, shape: tuple[int, ...]) -> DeviceMatrix:

@@ -107,6 +107,19 @@ def test_auto_says_which_backend_and_why(models):
     assert "ms on OpenCL vs" in choice.reason  # both probe timings are reported
 
 
+def test_memory_in_use_counts_caches_until_they_are_released(models, device):
+    backend = OpenCLBackend(open_model(models["llama-q8_0"]), device=device)
+    backend.new_cache(256)  # RoPE tables for 256 positions stay; this cache goes at once
+    before, total = backend.memory_in_use()
+    assert 0 < before < total
+    cache = backend.new_cache(256)
+    cfg = backend.config
+    grown = 2 * cfg.n_layers * 256 * cfg.n_kv_heads * cfg.head_dim * 4
+    assert backend.memory_in_use()[0] == before + grown
+    del cache
+    assert backend.memory_in_use()[0] == before
+
+
 def test_greedy_on_the_device_equals_argmax_of_the_logits(models, device):
     backend = OpenCLBackend(open_model(models["llama-q8_0"]), device=device)
     cache = backend.new_cache(16)
