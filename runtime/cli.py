@@ -183,7 +183,9 @@ def bench_cmd(
                   f"{report['decode_bytes_per_token'] / 2**20:,.0f} MiB/token = "
                   f"{report['decode_bandwidth_gbs']} GB/s, "
                   f"{report['bandwidth_fraction']:.0%} of the device's measured copy bandwidth "
-                  f"({report['device_copy_bandwidth_gbs']} GB/s) · load {report['load_s']} s")
+                  f"({report['device_copy_bandwidth_gbs']} GB/s) · load {report['load_s']} s"
+                  + (f" warm, {report['cold_load_s']} s cold (compiling)"
+                     if "cold_load_s" in report else ""))
 
 
 @app.command("tune")
