@@ -1,9 +1,10 @@
 """Kernel-by-kernel agreement of the OpenCL backend with numpy, written once and run on any
 device: PoCL's CPU device in tests/integration, a GPU in the `gpu` tier.
 
-Tolerances (float32 throughout): matmuls |ours - numpy| ≤ 2e-6 · Σ|w||x| per output (rounding
-order of the dot product only; both read the same quantized weights); embedding rows bit-exact;
-RMSNorm, RoPE, SwiGLU, softmax ≤ 1e-5 relative; attention ≤ 1e-5; argmax/top-k exact.
+Tolerances (float32 throughout): matmuls |ours - numpy| ≤ 1e-5 · Σ|w||x| per output (rounding
+order of the dot product only: both read the same quantized weights, and a wrong nibble or scale
+is off by ~1e-1); embedding rows bit-exact; RMSNorm, RoPE, SwiGLU, softmax ≤ 1e-5 relative;
+attention ≤ 1e-5; argmax/top-k exact.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def check_matmul(kern: Kernels, qtype: T, n_tok: int, rows: int = 37, cols: int 
     y = kern.upload(y0)
     kern.matmul(m, kern.upload(x), y, n_tok, accumulate=True)
     ours, ref = kern.read(y, (n_tok, rows)), y0 + x @ wd.T
-    bound = 2e-6 * (np.abs(x) @ np.abs(wd).T) + 1e-6
+    bound = 1e-5 * (np.abs(x) @ np.abs(wd).T) + 1e-6
     assert (np.abs(ours - ref) <= bound).all(), f"{qtype.name}: {np.abs(ours - ref).max()}"
 
 

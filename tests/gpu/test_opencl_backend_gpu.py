@@ -74,6 +74,25 @@ def test_quantized_gemv_reaches_80_percent_of_copy_bandwidth(kern, qtype):
     assert achieved >= 0.8 * ceiling
 
 
+@pytest.mark.parametrize("qtype", [T.F16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_whole_model_logits_and_greedy_tokens_agree_with_numpy(kern, qtype, tmp_path):
+    from runtime.backends.numpy_backend import NumpyBackend
+    from runtime.backends.opencl_backend import OpenCLBackend
+    from runtime.model_file import open_model
+
+    source = open_model(checks.random_gguf(tmp_path / "m.gguf", qtype, dim=512, n_layers=3,
+                                           ffn_dim=1024, n_heads=8, n_kv_heads=2,
+                                           vocab_size=500))
+    ours, ref = OpenCLBackend(source, device=kern.dev), NumpyBackend(source)
+    ids = [int(t) for t in np.random.default_rng(3).integers(0, 500, 90)]
+    cache = ours.new_cache(100)
+    got = np.concatenate([ours.forward(ids[:60], cache, all_logits=True),
+                          ours.forward(ids[60:], cache, all_logits=True)])
+    want = ref.forward(ids, ref.new_cache(100), all_logits=True)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    assert (got.argmax(axis=1) == want.argmax(axis=1)).mean() >= 0.99
+
+
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
 def test_whole_model_decode_is_reported_beside_the_gemv(kern, qtype, tmp_path):
     """A ~1.5B Llama-shaped model (dim 2048, 16 layers, FFN 8192): decode tok/s and the
