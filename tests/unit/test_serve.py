@@ -254,7 +254,22 @@ def test_scheduler_orders_by_priority_bounds_the_queue_and_batches(model):
         s = Scheduler(model, max_batch=2, max_queue=3, background_queue=1, critical_reserve=1,
                       retry_after_s=7)
         ids = model.tokenize("queue")
-        make = lambda p: Job(p, ids, SamplingParams.greedy(max_tokens=4), loop)  # noqa: E731
+
+        def make(priority: str) -> Job:
+            # The order the worker finishes jobs in, recorded in its own thread: the order the
+            # asyncio side reads the results in depends on when each task wakes.
+            job = Job(priority, ids, SamplingParams.greedy(max_tokens=4), loop)
+            send = job.send
+
+            def record(item, job=job, send=send):
+                if isinstance(item, Done):
+                    finished.append(job.priority)
+                send(item)
+
+            job.send = record
+            return job
+
+        finished: list[str] = []
         jobs = [make("background")]
         s.submit(jobs[0])
         with pytest.raises(Refused) as err:
@@ -278,13 +293,11 @@ def test_scheduler_orders_by_priority_bounds_the_queue_and_batches(model):
         steps = []
         s.on_step = steps.append
         s.start()
-        finished = []
 
         async def drain(job):
             while True:
                 item = await job.out.get()
                 if isinstance(item, Done):
-                    finished.append(job.priority)
                     return item.result
 
         results = await asyncio.gather(*(drain(j) for j in jobs if j is not cancelled))
