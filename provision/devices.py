@@ -145,7 +145,8 @@ def devices_up(n: int, profile: str, arch: str, inventory: Path | None = None,
                     "clawforge.profile": profile, "clawforge.arch": arch},
             volumes={"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"},
                      str(conf): {"bind": "/etc/ssh/sshd_config.d/claw.conf", "mode": "ro"},
-                     f"{key}.pub": {"bind": "/root/.ssh/authorized_keys", "mode": "ro"}},
+                     f"{key}.pub": {"bind": "/root/.ssh/authorized_keys", "mode": "ro"},
+                     **controller_trust()},
             **SYSTEMD_RUN)
     for device in list_devices(fleet):
         if device.status != "running":
@@ -158,12 +159,34 @@ def devices_up(n: int, profile: str, arch: str, inventory: Path | None = None,
     return write_inventory(fleet, inventory)
 
 
+RUNTIME_PORT_OFFSET = 6000
+
+
+def controller_trust() -> dict[str, dict[str, str]]:
+    """Mounts that let an emulated device's pip trust what this machine trusts.
+
+    The devices share this machine's network, which may reach the package index only through
+    a TLS proxy with its own CA (as here); a real device has its own network and trust store.
+    pip on the device gets this machine's CA bundle through /etc/pip.conf, nothing else does.
+    """
+    bundle = Path("/etc/ssl/certs/ca-certificates.crt")
+    if not bundle.is_file():
+        return {}
+    conf = devices_dir() / "pip.conf"
+    if not conf.is_file():
+        conf.write_text("[global]\ncert = /usr/local/share/clawforge/controller-ca.pem\n")
+    return {str(bundle): {"bind": "/usr/local/share/clawforge/controller-ca.pem", "mode": "ro"},
+            str(conf): {"bind": "/etc/pip.conf", "mode": "ro"}}
+
+
 def write_inventory(fleet: str, path: Path | None = None) -> Path:
     """An Ansible inventory of a fleet's emulated devices, ready for `claw provision -i`."""
     path = path or inventory_path(fleet)
-    hosts = {d.name: {"ansible_port": d.port, "claw_profile": d.profile}
+    # They share the host's network namespace: their Docker engines must make no bridge, and
+    # each runtime service listens on a port of its own (its SSH port + RUNTIME_PORT_OFFSET).
+    hosts = {d.name: {"ansible_port": d.port, "claw_profile": d.profile,
+                      "claw_runtime_port": d.port + RUNTIME_PORT_OFFSET}
              for d in list_devices(fleet)}
-    # They share the host's network namespace: their Docker engines must make no bridge.
     return loopback.write_inventory(path, "emulated", hosts, {"docker_engine_bridge": "none"})
 
 

@@ -56,6 +56,13 @@ class HostVars(BaseModel):
     claw_runtime_cpu_affinity: list[int] | None = None
     claw_runtime_port: Port | None = None
     claw_runtime_model: str | None = None
+    # The claw_runtime role's knobs a fleet sets (see playbooks/roles/claw_runtime/README.md).
+    claw_runtime_install: Literal["wheel", "container"] | None = None
+    claw_runtime_image: str | None = None
+    claw_runtime_host: str | None = None
+    claw_runtime_api_key_file: str | None = None
+    claw_runtime_pip_args: list[str] | None = None
+    claw_runtime_config: dict[str, Any] | None = None
 
     ansible_host: str | None = None
     ansible_port: Port | None = None

@@ -97,6 +97,13 @@ class PressureThresholds(Strict):
 
     psi_some_avg10: float = Field(ge=0, le=100, description="/proc/pressure/memory some avg10")
     mem_available_min_fraction: Fraction
+    cgroup_usage_max_fraction: Fraction = Field(
+        0.9, description="the runtime container's memory usage / its limit")
+    swap_used_max_fraction: Fraction = Field(0.5, description="swap (zram included) in use")
+    gpu_memory_max_fraction: Fraction = Field(0.9, description="OpenCL device memory in use")
+    clear_ratio: Fraction = Field(
+        0.8, description="pressure ends when every signal is back within ratio × its threshold")
+    hold_s: float = Field(5.0, ge=0, le=3600, description="seconds calm before work returns")
 
 
 class DeviceProfile(Strict):

@@ -23,7 +23,7 @@ from provision.inventory import Host, Inventory, load_inventory
 from provision.paths import state_dir
 
 ROLES = ("base", "zram", "hugepages", "cpu_governor", "opencl_drivers", "docker_engine",
-         "tuning")
+         "tuning", "claw_runtime")
 
 
 def role_vars(host: Host) -> dict[str, Any]:
@@ -50,30 +50,64 @@ def role_vars(host: Host) -> dict[str, Any]:
         "opencl_drivers_env": stack.env,
         "tuning_inference_cpus": eff["runtime"]["cpu_affinity"],
         "tuning_cpus": profile.core_ids,
+        "claw_runtime_model_src": str(model_file(host) or ""),
+        "claw_runtime_port": eff["runtime"]["port"],
+        "claw_runtime_backend": eff["runtime"]["backend"],
+        "claw_runtime_threads": eff["runtime"]["threads"],
+        "claw_runtime_cpu_affinity": eff["runtime"]["cpu_affinity"],
     }
+
+
+def model_file(host: Host) -> Path | None:
+    """The host's model on the controller (`claw_runtime_model`), checked before anything runs."""
+    assert host.settings is not None
+    model = host.settings.claw_runtime_model
+    if not model:
+        return None
+    path = Path(model).expanduser().resolve()
+    if not path.is_file():
+        raise BadInput(f"{host.var_origins.get('claw_runtime_model', host.origin)}: {host.name}: "
+                       f"claw_runtime_model: {model} is not a file on this machine (expected "
+                       "the GGUF file or model the runtime service serves)")
+    return path
+
+
+def runtime_wheel(inventory: Inventory, tags: list[str] | None) -> dict[str, Any]:
+    """The ClawForge wheel for hosts that install the runtime from it, built only when needed."""
+    if tags and "claw_runtime" not in tags:
+        return {}
+    wanted = [h for h in inventory.hosts.values() if h.settings and h.settings.claw_runtime_model
+              and (h.settings.claw_runtime_install or "wheel") == "wheel"
+              and "claw_runtime_wheel" not in h.vars]
+    if not wanted:
+        return {}
+    from images.wheel import ensure_wheel
+
+    return {"claw_runtime_wheel": str(ensure_wheel(progress=lambda _: None))}
 
 
 def hugepages_for_model(host: Host) -> int:
     """MB of huge pages for the host's model: its size × the profile's fraction, capped by
     the profile's share of RAM; 0 when no model file is named (nothing worth reserving)."""
-    assert host.profile is not None and host.settings is not None
-    model = host.settings.claw_runtime_model
-    if not model or not Path(model).is_file():
+    assert host.profile is not None
+    model = model_file(host)
+    if model is None:
         return 0
     rule = host.profile.hugepages
-    want = Path(model).stat().st_size / 2**20 * rule.fraction_of_model
+    want = model.stat().st_size / 2**20 * rule.fraction_of_model
     cap = host.effective()["ram_gb"] * 1024 * rule.max_fraction_of_ram
     page_mb = rule.page_kb / 1024
     return int(min(want, cap) // page_mb * page_mb)
 
 
-def run_inventory(inventory: Inventory, path: Path) -> Path:
+def run_inventory(inventory: Inventory, path: Path, common: dict[str, Any] | None = None) -> Path:
     """Every host with its merged variables plus the roles' variables, groups kept."""
     groups: dict[str, Any] = {}
     for group, members in inventory.groups.items():
         if group != "all" and members:
             groups[group] = {"hosts": {m: None for m in members}}
-    hosts = {name: {**role_vars(host), **host.vars} for name, host in inventory.hosts.items()}
+    hosts = {name: {**(common or {}), **role_vars(host), **host.vars}
+             for name, host in inventory.hosts.items()}
     data = {"all": {"hosts": hosts, "children": groups}}
     path.write_text(json.dumps(data, indent=2), encoding="utf-8")  # JSON is YAML, no anchors
     return path
@@ -157,8 +191,9 @@ def provision(inventory_path: Path, *, limit: str | None = None, tags: list[str]
     check_tags(tags or [])
     if not (playbooks_dir() / playbook).is_file():
         raise ClawError(f"playbook {playbook} is missing from {playbooks_dir()}")
+    wheel = runtime_wheel(inventory, tags)
     run_id, private = new_run_dir("provision")
-    run_inv = run_inventory(inventory, private / "run-inventory.yml")
+    run_inv = run_inventory(inventory, private / "run-inventory.yml", wheel)
     result = run_playbook(playbook, run_inv, extravars=extravars, limit=limit, tags=tags,
                           check=check, diff=diff, on_event=on_event, run=(run_id, private))
     records = summary_records(result, inventory)

@@ -102,11 +102,14 @@ def generate(
     stats = result.stats()
     if json_out:
         sys.stdout.write(json.dumps({"text": result.text, "backend": runtime.backend.name,
-                                     **stats}, indent=2) + "\n")
+                                     "backend_reason": runtime.backend_reason, **stats},
+                                    indent=2) + "\n")
         return
     sys.stdout.write("\n")
     pp = stats["prefill_tokens_per_s"]
     tg = stats["decode_tokens_per_s"]
+    if backend == "auto":
+        sys.stderr.write(f"[{runtime.backend_reason}]\n")
     sys.stderr.write(f"[{runtime.backend.name}] prompt {stats['prompt_tokens']} tokens"
                      + (f" at {pp:.1f} tok/s" if pp else "")
                      + f", generated {stats['completion_tokens']}"
@@ -137,6 +140,131 @@ def convert_cmd(
     out = convert(source, output, names[qtype.lower()],
                   tokenizer_metadata=tokenizer_metadata(source))
     typer.echo(f"wrote {out} ({out.stat().st_size / 2**20:,.1f} MiB, {qtype.lower()})")
+
+
+@app.command("bench")
+def bench_cmd(
+    model: Path = typer.Argument(..., help="A GGUF file or a Hugging Face model directory."),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    n_prompt: int = typer.Option(512, "-p", "--n-prompt", min=1, help="Prompt tokens (pp)."),
+    n_gen: int = typer.Option(128, "-n", "--n-gen", min=1, help="Generated tokens (tg)."),
+    repeats: int = typer.Option(5, "-r", "--repetitions", min=1),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Prefill and decode tokens/s (mean ± sd), peak memory, decode bandwidth against the
+    device's measured copy bandwidth, and load time, like llama-bench.
+
+    Example: [bold]claw runtime bench model.gguf --backend opencl -p 512 -n 128 -r 5[/bold]
+    """
+    from runtime.bench import bench
+
+    if not model.exists():
+        from runtime.errors import ModelError
+
+        raise ModelError(f"{model}: no such model file or directory")
+    report = bench(model, backend, n_prompt, n_gen, repeats)
+    if json_out:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    from rich.table import Table
+
+    from provision.output import console
+
+    table = Table(title=f"{model} on {report['device']}", title_justify="left")
+    for col in ("model", "size_mib", "params_m", "backend", "test", "t/s"):
+        table.add_column(col.replace("_mib", " MiB").replace("_m", " M"),
+                         justify="right" if col != "model" else "left")
+    for row in report["rows"]:
+        table.add_row(*(str(row[c]) for c in ("model", "size_mib", "params_m", "backend", "test",
+                                              "t/s")))
+    console.print(table)
+    console.print(f"{report['backend_reason']}")
+    console.print(f"peak RSS {report['peak_rss_mib']:,.0f} MiB · decode streams "
+                  f"{report['decode_bytes_per_token'] / 2**20:,.0f} MiB/token = "
+                  f"{report['decode_bandwidth_gbs']} GB/s, "
+                  f"{report['bandwidth_fraction']:.0%} of the device's measured copy bandwidth "
+                  f"({report['device_copy_bandwidth_gbs']} GB/s) · load {report['load_s']} s"
+                  + (f" warm, {report['cold_load_s']} s cold (compiling)"
+                     if "cold_load_s" in report else ""))
+
+
+@app.command("tune")
+def tune_cmd(
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    repeats: int = typer.Option(3, "-r", "--repetitions", min=1),
+) -> None:
+    """Time the OpenCL kernels' work-group sizes and tiles on this device and store the
+    fastest (used by every later load on this device).
+
+    Example: [bold]claw runtime tune[/bold]
+    """
+    from dataclasses import asdict
+
+    from runtime.backends.opencl_device import NoDevice, find_device
+    from runtime.backends.opencl_programs import ProgramCache
+    from runtime.backends.opencl_tuning import default_params, load_params, tune
+    from runtime.errors import DeviceError
+
+    try:
+        dev = find_device()
+    except NoDevice as e:
+        raise DeviceError(f"claw runtime tune: {e}") from None
+    lines: list[str] = []
+    best = tune(dev, ProgramCache(dev), repeats=repeats,
+                log=lines.append if json_out else typer.echo)
+    _, where = load_params(dev)
+    report = {"device": dev.describe(), "params": asdict(best),
+              "defaults": asdict(default_params(dev)), "stored": where, "trials": lines}
+    if json_out:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    typer.echo(f"{dev.describe()}: " + ", ".join(f"{k}={v}" for k, v in asdict(best).items())
+               + f" (stored in {where})")
+
+
+@app.command("serve")
+def serve(
+    model: Path | None = typer.Argument(None, help="A GGUF file or a Hugging Face model "
+                                        "directory (overrides `model:` in the config)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="The runtime YAML file."),
+    host: str | None = typer.Option(None, "--host", help="Address to listen on "
+                                    "(default 127.0.0.1, or the config's host)."),
+    port: int | None = typer.Option(None, "--port", min=0, max=65535,
+                                    help="Port to listen on (default 8080, or the config's port)."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="CLAW_API_KEY",
+                                       help="Require this Bearer key on /v1 (also "
+                                       "CLAW_API_KEY; overrides api_key_file)."),
+    backend: str | None = typer.Option(None, "--backend", help=BACKEND_HELP),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
+    /v1/models, /health, /metrics), offloading non-critical work under memory pressure.
+
+    Example: [bold]claw runtime serve model.gguf --port 8080 --api-key secret[/bold]
+    """
+    import logging
+    import os
+
+    from runtime.server.config import load_config, read_key_file
+
+    cfg = load_config(config, model=str(model) if model else None, host=host, port=port,
+                      backend=backend)
+    if cfg.model is None:
+        from provision.errors import BadInput
+
+        raise BadInput("no model to serve (expected MODEL, or `model:` in the --config file)")
+    if cfg.threads:  # read by OpenBLAS/OpenMP when numpy loads, which is below
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(cfg.threads)
+    import uvicorn
+
+    from runtime.server.app import create_app
+    key = api_key or (read_key_file(cfg.api_key_file, "api_key_file")
+                      if cfg.api_key_file else None)
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(cfg, key), host=cfg.host, port=cfg.port,
+                log_level=cfg.log_level, access_log=cfg.log_level == "debug",
+                timeout_graceful_shutdown=10)  # open streams must not hold a restart up
 
 
 @app.command("selftest")

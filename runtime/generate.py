@@ -54,13 +54,20 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 class Generation:
-    """Iterate for text pieces; `result` holds the whole outcome once iteration ends."""
+    """Iterate for text pieces; `result` holds the whole outcome once iteration ends.
+
+    The same sequence can be driven one token at a time from outside (`start`, then `step`
+    with each new row of logits), which is how the server decodes several sequences in one
+    batched forward pass; iterating runs exactly those steps with a forward pass per token.
+    """
 
     def __init__(self, backend: Backend, tokenizer: Any, prompt_ids: Sequence[int],
                  params: SamplingParams, cache: KVCache, prefill_chunk: int = 256):
         self.backend, self.tokenizer, self.params = backend, tokenizer, params
         self.prompt_ids, self.cache, self.prefill_chunk = list(prompt_ids), cache, prefill_chunk
         self.result = GenerationResult(prompt_tokens=len(self.prompt_ids))
+        self.done = False
+        self.next_token: int | None = None  # the token the next forward pass must run
 
     def prefill(self) -> Any:
         start = time.perf_counter()
@@ -70,40 +77,62 @@ class Generation:
         self.result.prefill_seconds = time.perf_counter() - start
         return logits[-1]
 
-    def __iter__(self) -> Iterator[str]:
+    def start(self) -> Any:
+        """Prefill the prompt; return the logits the first `step` samples from."""
         from runtime.tokenizer import StreamDecoder
 
-        p, res = self.params, self.result
-        sampler = Sampler(p)
-        decoder = StreamDecoder(self.tokenizer)
-        history = list(self.prompt_ids)
+        self._sampler = Sampler(self.params)
+        self._decoder = StreamDecoder(self.tokenizer)
+        self._history = list(self.prompt_ids)
+        self._text, self._shown = "", 0
         logits = self.prefill()
-        start = time.perf_counter()
-        text, shown = "", 0
-        res.finish_reason = "length"
-        while len(res.token_ids) < p.max_tokens:
-            token = sampler(logits, history)
-            if token in self.tokenizer.eot_ids:
-                res.finish_reason = "stop"
-                break
-            res.token_ids.append(token)
-            history.append(token)
-            text += decoder.feed(token)
-            hit = min((i for i in (text.find(s, max(0, shown - len(s))) for s in p.stop)
-                      if i >= 0), default=-1)
-            if hit >= 0:
-                text, res.finish_reason = text[:hit], "stop"
-                break
-            safe = len(text) - _held_back(text, p.stop)
-            if safe > shown:
-                yield text[shown:safe]
-                shown = safe
-            if len(res.token_ids) >= p.max_tokens or self.cache.length >= self.cache.n_ctx:
-                break
-            logits = self.backend.forward([token], self.cache)[-1]
+        self._decode_start = time.perf_counter()
+        self.result.finish_reason = "length"
+        return logits
+
+    def step(self, logits: Any) -> str:
+        """Sample one token from `logits`; return the text that became safe to show. Sets
+        `done` when the sequence has ended, else `next_token` for the next forward pass."""
+        p, res = self.params, self.result
+        token = self._sampler(logits, self._history)
+        if token in self.tokenizer.eot_ids:
+            res.finish_reason = "stop"
+            return self._finish()
+        res.token_ids.append(token)
+        self._history.append(token)
+        self._text += self._decoder.feed(token)
+        text, shown = self._text, self._shown
+        hit = min((i for i in (text.find(s, max(0, shown - len(s))) for s in p.stop)
+                  if i >= 0), default=-1)
+        if hit >= 0:
+            self._text, res.finish_reason = text[:hit], "stop"
+            return self._finish()
+        piece = ""
+        safe = len(text) - _held_back(text, p.stop)
+        if safe > shown:
+            piece, self._shown = text[shown:safe], safe
+        if len(res.token_ids) >= p.max_tokens or self.cache.length >= self.cache.n_ctx:
+            return piece + self._finish()
+        self.next_token = token
+        return piece
+
+    def _finish(self) -> str:
+        res = self.result
         if res.finish_reason == "length":
-            text += decoder.flush()
-        if len(text) > shown:
-            yield text[shown:]
-        res.text = text
-        res.decode_seconds = time.perf_counter() - start
+            self._text += self._decoder.flush()
+        rest = self._text[self._shown:]
+        self._shown = len(self._text)
+        res.text = self._text
+        res.decode_seconds = time.perf_counter() - self._decode_start
+        self.done, self.next_token = True, None
+        return rest
+
+    def __iter__(self) -> Iterator[str]:
+        logits = self.start()
+        while True:
+            piece = self.step(logits)
+            if piece:
+                yield piece
+            if self.done:
+                return
+            logits = self.backend.forward([self.next_token], self.cache)[-1]

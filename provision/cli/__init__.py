@@ -64,7 +64,7 @@ def main() -> None:
             err_console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except (ClawError, ModelError) as exc:
-        code = exc.exit_code if isinstance(exc, ClawError) else EXIT_BAD_INPUT
+        code = getattr(exc, "exit_code", EXIT_BAD_INPUT)  # runtime DeviceError: 1
         err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False,
                           soft_wrap=True)
         sys.exit(code)

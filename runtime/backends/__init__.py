@@ -15,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 
 from runtime.config import ModelConfig
-from runtime.errors import ModelError
+from runtime.errors import DeviceError, ModelError
 from runtime.model_file import ModelSource
 
 BACKENDS = ("numpy", "opencl", "auto")
@@ -51,6 +51,18 @@ class Backend(ABC):
                 all_logits: bool = False) -> np.ndarray:
         """Run `tokens` at positions cache.length…; return logits (len(tokens) or 1, vocab)."""
 
+    def forward_batch(self, tokens: Sequence[int], caches: Sequence[KVCache]) -> np.ndarray:
+        """One decode step for B sequences: token b runs at caches[b].length; returns logits
+        (B, vocab). This default runs them one by one; a backend that can read each weight
+        once for all B rows (the numpy one) overrides it, which is what makes a server
+        decoding several requests at once faster than serving them in turn."""
+        return np.concatenate([self.forward([t], c) for t, c in zip(tokens, caches, strict=True)])
+
+    def memory_in_use(self) -> tuple[int, int] | None:
+        """(bytes in use, bytes in total) of the device memory this backend allocates, read by
+        the server's pressure monitor; None for backends that hold nothing off the host."""
+        return None
+
     def check_room(self, tokens: Sequence[int], cache: KVCache) -> None:
         if not tokens:
             raise ValueError("forward needs at least one token")
@@ -79,7 +91,43 @@ def create_backend(name: str, source: ModelSource, *, memory_budget: int | None 
     if name == "numpy":
         return Choice(NumpyBackend(source, memory_budget=memory_budget), "asked for numpy")
     if name == "opencl":
-        raise ModelError("the OpenCL backend is not available yet (tracked in issue #7; "
-                         "expected --backend numpy or auto)")
-    return Choice(NumpyBackend(source, memory_budget=memory_budget),
-                  "auto: numpy (the OpenCL backend is not built yet)")
+        backend = _opencl(source)
+        return Choice(backend, f"asked for opencl: {backend.dev.describe()}")
+    return _auto(source, memory_budget)
+
+
+def _opencl(source: ModelSource):  # -> OpenCLBackend, imported lazily (pyopencl is optional)
+    from runtime.backends.opencl_backend import OpenCLBackend
+    from runtime.backends.opencl_device import NoDevice
+
+    try:
+        return OpenCLBackend(source)
+    except NoDevice as e:
+        raise DeviceError(f"--backend opencl: {e} (expected an OpenCL device, or --backend "
+                          "numpy / auto)") from None
+
+
+def _auto(source: ModelSource, memory_budget: int | None) -> Choice:
+    """OpenCL when a device exists, can run this model and is faster on a quick probe (one
+    decode step against numpy's estimate from layer 0); numpy otherwise, saying why."""
+    from runtime.backends.numpy_backend import NumpyBackend
+
+    def numpy(reason: str) -> Choice:
+        return Choice(NumpyBackend(source, memory_budget=memory_budget), f"auto: numpy ({reason})")
+
+    try:
+        from runtime.backends.opencl_backend import OpenCLBackend, quick_probe
+        from runtime.backends.opencl_device import NoDevice
+    except ImportError as e:
+        return numpy(f"OpenCL backend unavailable: {e}")
+    try:
+        backend = OpenCLBackend(source)
+    except NoDevice as e:
+        return numpy(str(e))
+    except ModelError as e:
+        return numpy(f"OpenCL cannot run this model: {e}")
+    ocl, est = quick_probe(backend, source)
+    speed = f"decode step {ocl * 1e3:.1f} ms on OpenCL vs ~{est * 1e3:.1f} ms on numpy"
+    if ocl < est:
+        return Choice(backend, f"auto: opencl on {backend.dev.describe()}, {speed}")
+    return numpy(f"OpenCL on {backend.dev.name} is slower: {speed}")

@@ -111,15 +111,21 @@ class NumpyBackend(Backend):
         table = self.source.tensors["token_embd.weight"]
         return np.concatenate([table.rows(t, t + 1) for t in tokens])
 
-    def attention(self, x: np.ndarray, layer: int, cache: KVCache) -> np.ndarray:
+    def qkv(self, x: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Query, key and value rows for x (T, C): (T, H, D), (T, KV, D), (T, KV, D)."""
         cfg, w, b = self.config, self.w, f"blk.{layer}."
         T, H, KV, D = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q, k, v = x @ w(b + "attn_q.weight").T, x @ w(b + "attn_k.weight").T, \
             x @ w(b + "attn_v.weight").T  # (T, H·D), (T, KV·D), (T, KV·D)
         if cfg.qkv_bias:
             q, k, v = q + w(b + "attn_q.bias"), k + w(b + "attn_k.bias"), v + w(b + "attn_v.bias")
-        q, k, v = q.reshape(T, H, D), k.reshape(T, KV, D), v.reshape(T, KV, D)
+        return q.reshape(T, H, D), k.reshape(T, KV, D), v.reshape(T, KV, D)
 
+    def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, layer: int,
+               cache: KVCache) -> np.ndarray:
+        """Rotate q, k to their positions, append k, v to the cache, attend: (T, H·D)."""
+        cfg = self.config
+        T, H, KV, D = q.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         start = cache.length
         positions = np.arange(start, start + T, dtype=np.float64)
         if cfg.rope_scaling.kind == "linear":
@@ -142,8 +148,11 @@ class NumpyBackend(Backend):
         causal = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # (T, S): future
         scores = np.where(causal, -np.inf, scores)
         out = softmax(scores) @ values.transpose(1, 0, 2)[:, None]  # (KV, G, T, D)
-        out = out.transpose(2, 0, 1, 3).reshape(T, H * D)
-        return out @ w(b + "attn_output.weight").T  # (T, C)
+        return out.transpose(2, 0, 1, 3).reshape(T, H * D)
+
+    def attention(self, x: np.ndarray, layer: int, cache: KVCache) -> np.ndarray:
+        out = self.attend(*self.qkv(x, layer), layer, cache)
+        return out @ self.w(f"blk.{layer}.attn_output.weight").T  # (T, C)
 
     def mlp(self, x: np.ndarray, layer: int) -> np.ndarray:
         w, b = self.w, f"blk.{layer}."
@@ -166,3 +175,24 @@ class NumpyBackend(Backend):
         x = rms_norm(x, w("output_norm.weight"), cfg.norm_eps)
         head = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
         return x @ w(head).T  # (T or 1, vocab)
+
+    def forward_batch(self, tokens: Sequence[int], caches: Sequence[KVCache]) -> np.ndarray:
+        """One decode step for B sequences with the B rows stacked, so every weight matrix is
+        read once per step for all of them; only attention runs per sequence (each has its
+        own cache and length). Returns logits (B, vocab)."""
+        for t, c in zip(tokens, caches, strict=True):
+            self.check_room([t], c)
+        cfg, w = self.config, self.w
+        x = self.embed(tokens)  # (B, C)
+        for layer in range(cfg.n_layers):
+            b = f"blk.{layer}."
+            q, k, v = self.qkv(rms_norm(x, w(b + "attn_norm.weight"), cfg.norm_eps), layer)
+            out = np.concatenate([self.attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], layer, c)
+                                  for i, c in enumerate(caches)])  # (B, H·D)
+            x = x + out @ w(b + "attn_output.weight").T
+            x = x + self.mlp(rms_norm(x, w(b + "ffn_norm.weight"), cfg.norm_eps), layer)
+        for c in caches:
+            c.length += 1
+        x = rms_norm(x, w("output_norm.weight"), cfg.norm_eps)
+        head = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+        return x @ w(head).T  # (B, vocab)

@@ -36,6 +36,9 @@ def test_wheel_carries_playbooks_templates_and_data(wheel):
               | _shipped("provision/data", ("*.yml",)) | _shipped("runtime", ("*.cl",)))
     assert "playbooks/doctor.yml" in wanted
     assert wanted <= names, sorted(wanted - names)
+    modules = {m for pkg in ("provision", "images", "runtime") for m in _shipped(pkg, ("*.py",))}
+    assert "runtime/server/app.py" in modules
+    assert modules <= names, f"packages missing from pyproject: {sorted(modules - names)}"
 
 
 def test_claw_runs_from_the_wheel_outside_the_repository(wheel, tmp_path):

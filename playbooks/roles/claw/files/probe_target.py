@@ -100,6 +100,32 @@ def hugepage_default_kb():
     return 0
 
 
+# What the roles may remove or create: every ClawForge file has "claw" in its name, plus the
+# standard directories they write into. Knowing up front which exist lets a role skip a
+# removal or a mkdir that has nothing to do (each would otherwise be a round trip per run).
+PATH_GLOBS = (
+    "/etc/systemd/system/*claw*", "/etc/systemd/system/*/*claw*", "/etc/systemd/system/*.d",
+    "/etc/systemd/system/*.wants/*", "/etc/clawforge",
+    "/etc/sysctl.d/*claw*", "/etc/tmpfiles.d/*claw*", "/etc/environment.d/*claw*",
+    "/etc/udev/rules.d/*claw*", "/etc/OpenCL/vendors/*", "/usr/local/sbin/claw-*",
+)
+DIRS = ("/etc/docker", "/etc/sysctl.d", "/etc/tmpfiles.d", "/etc/udev/rules.d",
+        "/etc/environment.d", "/etc/OpenCL/vendors", "/etc/ansible/facts.d")
+
+
+def existing_paths():
+    found = {path for pattern in PATH_GLOBS for path in glob.glob(pattern)}
+    found.update(path for path in DIRS if os.path.isdir(path))
+    return sorted(found)
+
+
+def active_services():
+    """Services systemd runs now (empty where systemd is not init): a role skips starting them."""
+    code, out = run(["systemctl", "list-units", "--type=service", "--state=active",
+                     "--no-legend", "--plain"])
+    return sorted(line.split()[0] for line in out.splitlines() if line.strip()) if code == 0 else []
+
+
 def main():
     policies = sorted(glob.glob("/sys/devices/system/cpu/cpufreq/policy[0-9]*"))
     governors = read(policies[0] + "/scaling_available_governors").split() if policies else []
@@ -130,6 +156,8 @@ def main():
         "online_cpus": cpu_list(read("/sys/devices/system/cpu/online")),
         "apt_python": has_apt_python(),
         "packages": installed_packages(),
+        "paths": existing_paths(),
+        "active_services": active_services(),
     }
     print(json.dumps(report, sort_keys=True))
 

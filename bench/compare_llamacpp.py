@@ -1,0 +1,177 @@
+"""Our runtime against llama.cpp on the same GGUF files, in the same run, same thread count.
+
+The ~0.5B Llama-shaped random-weight model of bench_numpy.py (hidden 896, 24 layers, 14/2
+heads, FFN 4864, vocab 32000) is written as Q8_0 and Q4_0 by our converter, and as Q4_K_M by
+llama.cpp's own quantizer (llama_model_quantize from the F16 file). Each file is run by
+`claw runtime bench` (our backend, its own process) and by llama.cpp through
+llama-cpp-python (its own process), pp<P> and tg<N> tokens/s, and the table prints our speed
+as a ratio of llama.cpp's.
+
+llama-cpp-python is a benchmark-only dependency, built from source in its own venv outside
+the repository (~9 min on 2 cores), with the CPU flags DESIGN.md gives (its native build
+crashes on this CPU's AMX path). The script builds it when missing:
+
+    .venv/bin/python bench/compare_llamacpp.py [--backend opencl] [-p 512] [-n 128] [-r 5]
+        [--threads 2] [--types q8_0,q4_0,q4_k_m] [--json]
+
+LLAMACPP_VENV overrides the venv (default ~/.cache/clawforge/llamacpp-venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_numpy import CACHE, SHAPE, make_hf_model  # noqa: E402
+from bench.report import print_report  # noqa: E402
+
+VENV = Path(os.environ.get("LLAMACPP_VENV",
+                           Path.home() / ".cache" / "clawforge" / "llamacpp-venv"))
+CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
+              "-DGGML_AVX512_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+VERSION = "0.3.36"
+
+# Runs inside the llama-cpp-python venv: pp and tg of one file, as JSON on stdout.
+LLAMA_RUNNER = r"""
+import json, statistics, sys, time
+import numpy as np
+from llama_cpp import Llama
+path, n_prompt, n_gen, repeats, threads = sys.argv[1], *map(int, sys.argv[2:6])
+t0 = time.perf_counter()
+llm = Llama(model_path=path, n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt, n_ubatch=n_prompt,
+            n_threads=threads, n_threads_batch=threads, verbose=False)
+load = time.perf_counter() - t0
+prompt = [int(t) for t in np.random.default_rng(0).integers(3, llm.n_vocab(), n_prompt)]
+llm.eval(prompt[:8]); llm.reset()
+pp, tg = [], []
+for _ in range(repeats):
+    llm.reset(); llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+    t = time.perf_counter(); llm.eval(prompt); pp.append(n_prompt / (time.perf_counter() - t))
+    llm.reset(); llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+    tok = 1
+    t = time.perf_counter()
+    for _ in range(n_gen):
+        llm.eval([tok]); tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tg.append(n_gen / (time.perf_counter() - t))
+sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
+print(json.dumps({"pp": statistics.mean(pp), "pp_sd": sd(pp), "tg": statistics.mean(tg),
+                  "tg_sd": sd(tg), "load_s": load}))
+"""
+
+QUANTIZER = r"""
+import sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+params.nthread = 2
+rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params)
+sys.exit(rc)
+"""
+
+
+def llama_python() -> Path:
+    """The venv's python with llama_cpp importable, building it first when missing."""
+    python = VENV / "bin" / "python"
+    check = [str(python), "-c", "import llama_cpp"]
+    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return python
+    print(f"building llama-cpp-python {VERSION} into {VENV} (~9 min on 2 cores)", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", f"llama-cpp-python=={VERSION}"],
+                   check=True, env={**os.environ, "CMAKE_ARGS": CMAKE_ARGS,
+                                    "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)})
+    return python
+
+
+def vocabulary() -> dict:
+    """A stand-in byte-level BPE vocabulary (llama.cpp refuses a file without one): distinct
+    tokens, one merge. Neither runtime tokenizes here; both run token ids."""
+    n = SHAPE["vocab_size"]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.tokens": [f"t{i}" for i in range(n)],
+            "tokenizer.ggml.token_type": [1] * n, "tokenizer.ggml.merges": ["t 0"],
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+
+
+def model_file(kind: str, python: Path) -> Path:
+    """Q8_0 and Q4_0 written by our converter, Q4_K_M by llama.cpp's quantizer from F16."""
+    from gguf import GGMLQuantizationType as T
+
+    from runtime.convert import convert
+
+    out = CACHE / f"llama-0.5b-vocab-{kind}.gguf"
+    if out.exists():
+        return out
+    if kind == "q4_k_m":
+        done = subprocess.run([str(python), "-c", QUANTIZER, str(model_file("f16", python)),
+                               str(out)], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"llama_model_quantize failed: {done.stderr[-2000:]}")
+        return out
+    return convert(make_hf_model(), out, T[kind.upper()], tokenizer_metadata=vocabulary())
+
+
+def run_llamacpp(python: Path, path: Path, args: argparse.Namespace) -> dict:
+    done = subprocess.run([str(python), "-c", LLAMA_RUNNER, str(path), str(args.prompt),
+                           str(args.gen), str(args.repeats), str(args.threads)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_ours(path: Path, args: argparse.Namespace) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "POCL_MAX_PTHREAD_COUNT": str(args.threads),
+           "OMP_NUM_THREADS": str(args.threads)}
+    claw = Path(sys.executable).parent / "claw"
+    done = subprocess.run([str(claw), "runtime", "bench", str(path),
+                           "--backend", args.backend, "-p", str(args.prompt), "-n",
+                           str(args.gen), "-r", str(args.repeats), "--json"],
+                          capture_output=True, text=True, env=env, check=False)
+    if done.returncode:
+        raise SystemExit(f"claw runtime bench failed: {done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backend", default="opencl")
+    ap.add_argument("-p", "--prompt", type=int, default=512)
+    ap.add_argument("-n", "--gen", type=int, default=128)
+    ap.add_argument("-r", "--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--types", default="q8_0,q4_0,q4_k_m")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    python = llama_python()
+    rows = []
+    for kind in args.types.split(","):
+        path = model_file(kind, python)
+        ours = run_ours(path, args)
+        peer = run_llamacpp(python, path, args)
+        pp, tg = (r["tps_mean"] for r in ours["rows"])
+        for test, mine, theirs, sd in ((f"pp{args.prompt}", pp, peer["pp"], peer["pp_sd"]),
+                                       (f"tg{args.gen}", tg, peer["tg"], peer["tg_sd"])):
+            rows.append({"type": kind, "test": test, "ours_tps": round(mine, 2),
+                         "llamacpp_tps": f"{theirs:.2f} ± {sd:.2f}",
+                         "ratio": round(mine / theirs, 3)})
+        rows[-1].update({"decode_gbs": ours["decode_bandwidth_gbs"],
+                         "device_copy_gbs": ours["device_copy_bandwidth_gbs"],
+                         "peak_rss_mib": ours["peak_rss_mib"]})
+        print(f"{kind}: ours {pp:.2f}/{tg:.2f} vs llama.cpp {peer['pp']:.2f}/{peer['tg']:.2f} "
+              "(pp/tg tok/s)", file=sys.stderr, flush=True)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "backend": args.backend,
+              "threads": args.threads, "prompt": args.prompt, "gen": args.gen,
+              "repeats": args.repeats, "rows": rows}
+    print_report(report, ["type", "test", "ours_tps", "llamacpp_tps", "ratio"], args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""The OpenCL backend: the numpy backend's forward pass, kernel for kernel, on an OpenCL device.
+
+Weights are uploaded once as their GGUF blocks (wrapped in place on unified-memory devices);
+activations, the KV cache and the logits stay on the device between kernels, and the host only
+writes the token ids and reads the logits (or, for greedy decoding, one token id). The K and V
+projections write straight into the cache and the output projections add into the residual
+stream, so a layer is 13-15 kernel launches and no copies.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from runtime.backends import Backend, KVCache
+from runtime.backends.opencl_device import Device, find_device
+from runtime.backends.opencl_kernels import FORMATS, DeviceMatrix, Kernels, Params
+from runtime.backends.opencl_programs import ProgramCache
+from runtime.backends.opencl_tuning import load_params
+from runtime.config import ModelConfig
+from runtime.errors import ModelError
+from runtime.model_file import ModelSource
+
+MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+class DeviceKVCache(KVCache):
+    """Keys and values on the device: per layer one (n_ctx, kv_heads, head_dim) float32 buffer."""
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int, kern: Kernels):
+        self.n_ctx, self.length = n_ctx, 0
+        per_layer = n_ctx * cfg.n_kv_heads * cfg.head_dim * 4
+        if per_layer > kern.dev.max_alloc:
+            raise ModelError(f"a KV cache of {n_ctx} positions needs {per_layer:,} bytes per "
+                             f"layer, more than the device's largest buffer "
+                             f"({kern.dev.max_alloc:,}); expected a smaller --ctx")
+        self.k = [kern.empty(per_layer) for _ in range(cfg.n_layers)]
+        self.v = [kern.empty(per_layer) for _ in range(cfg.n_layers)]
+        self.nbytes = 2 * cfg.n_layers * per_layer
+
+
+class OpenCLBackend(Backend):
+    name = "opencl"
+
+    def __init__(self, source: ModelSource, *, device: Device | None = None,
+                 params: Params | None = None, programs: ProgramCache | None = None):
+        super().__init__(source)
+        start = time.perf_counter()
+        self.dev = device or find_device()
+        self.programs = programs or ProgramCache(self.dev)
+        self.params, self.params_from = (params, "given") if params else load_params(self.dev)
+        self.kern = Kernels(self.dev, self.params, self.programs)
+        self.compile_seconds = time.perf_counter() - start
+        cfg = self.config
+        if cfg.head_dim % 4 or cfg.head_dim > 256:
+            raise ModelError(f"head_dim {cfg.head_dim} has no OpenCL attention kernel "
+                             "(expected a multiple of 4, at most 256)")
+        self.layers = [self._upload_layer(i) for i in range(cfg.n_layers)]
+        self.output_norm = self._vector("output_norm.weight")
+        self.embd = self._matrix("token_embd.weight")
+        self.head = self.embd if cfg.tied_embeddings else self._matrix("output.weight")
+        self.weight_bytes = sum(m.nbytes for layer in self.layers for m in layer.values()
+                                if isinstance(m, DeviceMatrix)) + self.embd.nbytes + (
+            0 if cfg.tied_embeddings else self.head.nbytes)
+        from runtime.backends.numpy_backend import rope_inv_freq
+
+        factors = source.tensors.get("rope_freqs.weight")
+        self.inv_freq = rope_inv_freq(cfg, factors.to_float32() if factors is not None else None)
+        self.rope_positions = 0
+        self.scratch_tokens = 0
+        self.part, self.part_bytes = None, 0
+        self.caches: weakref.WeakSet[DeviceKVCache] = weakref.WeakSet()  # live, for memory_in_use
+        self.dev.queue.finish()
+        self.load_seconds = time.perf_counter() - start
+
+    # --- weights --------------------------------------------------------------------------
+
+    def _matrix(self, name: str) -> DeviceMatrix:
+        ref = self.source.tensors[name]
+        if ref.qtype not in FORMATS:
+            raise ModelError(f"{name} is {ref.qtype.name}, which the OpenCL backend cannot read "
+                             f"(expected one of {', '.join(t.name for t in FORMATS)}); "
+                             "use --backend numpy")
+        try:
+            return self.kern.upload_matrix(ref.raw, ref.qtype, ref.shape)
+        except ValueError as e:
+            raise ModelError(f"{name}: {e} (the OpenCL kernels read 32-weight chunks); use "
+                             "--backend numpy") from None
+
+    def _vector(self, name: str) -> Any:
+        return self.kern.upload(self.source.tensors[name].to_float32().reshape(-1))
+
+    def _upload_layer(self, i: int) -> dict[str, Any]:
+        b = f"blk.{i}."
+        layer: dict[str, Any] = {m: self._matrix(b + m + ".weight") for m in MATRICES}
+        layer["attn_norm"] = self._vector(b + "attn_norm.weight")
+        layer["ffn_norm"] = self._vector(b + "ffn_norm.weight")
+        if self.config.qkv_bias:
+            for m in ("attn_q", "attn_k", "attn_v"):
+                layer[m + ".bias"] = self._vector(b + m + ".bias")
+        return layer
+
+    # --- device state ---------------------------------------------------------------------
+
+    def new_cache(self, n_ctx: int) -> DeviceKVCache:
+        self._rope_tables(n_ctx)
+        cache = DeviceKVCache(self.config, n_ctx, self.kern)
+        self.caches.add(cache)
+        return cache
+
+    def _rope_tables(self, n_ctx: int) -> None:
+        """cos/sin of position x frequency, computed in float64 as numpy does, for n_ctx rows."""
+        if n_ctx <= self.rope_positions:
+            return
+        cfg = self.config
+        positions = np.arange(n_ctx, dtype=np.float64)
+        if cfg.rope_scaling.kind == "linear":
+            positions = positions / cfg.rope_scaling.factor
+        angles = positions[:, None] * self.inv_freq[None, :]
+        self.cos = self.kern.upload(np.cos(angles).astype(np.float32))
+        self.sin = self.kern.upload(np.sin(angles).astype(np.float32))
+        self.rope_positions = n_ctx
+
+    def _scratch(self, n_tok: int, n_keys: int) -> None:
+        """Activation buffers for n_tok tokens (grown, never shrunk) and attention partials."""
+        cfg, k = self.config, self.kern
+        if n_tok > self.scratch_tokens:
+            qd = cfg.n_heads * cfg.head_dim
+            self.x, self.xn = k.empty(4 * n_tok * cfg.dim), k.empty(4 * n_tok * cfg.dim)
+            self.q, self.att = k.empty(4 * n_tok * qd), k.empty(4 * n_tok * qd)
+            self.gate, self.up = k.empty(4 * n_tok * cfg.ffn_dim), k.empty(4 * n_tok * cfg.ffn_dim)
+            self.logits = k.empty(4 * n_tok * cfg.vocab_size)
+            self.token_buf = k.empty(4 * n_tok)
+            self.next_id = k.empty(4)
+            self.scratch_tokens = n_tok
+        # split (decode) attention's partial results; prefill attention needs none
+        splits = k.attention_splits(n_keys) if n_tok == 1 else 0
+        need = 4 * cfg.n_heads * splits * (cfg.head_dim + 2)
+        if need > self.part_bytes:
+            self.part = k.empty(need)
+            self.part_bytes = need
+
+    # --- the forward pass -----------------------------------------------------------------
+
+    def forward(self, tokens: Sequence[int], cache: KVCache, *,
+                all_logits: bool = False) -> np.ndarray:
+        n_out = self.forward_device(tokens, cache, all_logits=all_logits)
+        return self.kern.read(self.logits, (n_out, self.config.vocab_size))
+
+    def forward_device(self, tokens: Sequence[int], cache: KVCache, *,
+                       all_logits: bool = False) -> int:
+        """Run the forward pass leaving the logits on the device (self.logits); returns rows."""
+        self.check_room(tokens, cache)
+        if not isinstance(cache, DeviceKVCache):
+            raise ModelError("the OpenCL backend needs a cache from its own new_cache()")
+        cfg, k = self.config, self.kern
+        n, pos0 = len(tokens), cache.length
+        C, H, KV, D = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self._rope_tables(cache.n_ctx)
+        self._scratch(n, pos0 + n)
+        cl = self.dev.cl
+        if len(self.embd.parts) == 1:
+            cl.enqueue_copy(self.dev.queue, self.token_buf, np.asarray(tokens, np.int32))
+            k.get_rows(self.embd, self.token_buf, self.x, n)
+        else:  # a table split past the device's largest buffer: rows dequantized on the host
+            table = self.source.tensors["token_embd.weight"]
+            rows = np.concatenate([table.rows(t, t + 1) for t in tokens])
+            cl.enqueue_copy(self.dev.queue, self.x, rows)
+        kv_off = pos0 * KV * D
+        for i, w in enumerate(self.layers):
+            k.rms_norm(self.x, w["attn_norm"], self.xn, C, n, cfg.norm_eps)
+            k.matmul(w["attn_q"], self.xn, self.q, n)
+            k.matmul(w["attn_k"], self.xn, cache.k[i], n, y_off=kv_off)
+            k.matmul(w["attn_v"], self.xn, cache.v[i], n, y_off=kv_off)
+            if cfg.qkv_bias:
+                k.add_bias(self.q, 0, w["attn_q.bias"], H * D, n)
+                k.add_bias(cache.k[i], kv_off, w["attn_k.bias"], KV * D, n)
+                k.add_bias(cache.v[i], kv_off, w["attn_v.bias"], KV * D, n)
+            neox = cfg.rope_style == "neox"
+            k.rope(self.q, 0, self.cos, self.sin, pos0, n, H, D, cfg.rope_dim, neox)
+            k.rope(cache.k[i], kv_off, self.cos, self.sin, pos0, n, KV, D, cfg.rope_dim, neox)
+            k.attention(self.q, cache.k[i], cache.v[i], self.att, self.part, n, H, KV, D, pos0)
+            k.matmul(w["attn_output"], self.att, self.x, n, accumulate=True)
+            k.rms_norm(self.x, w["ffn_norm"], self.xn, C, n, cfg.norm_eps)
+            k.matmul(w["ffn_gate"], self.xn, self.gate, n)
+            k.matmul(w["ffn_up"], self.xn, self.up, n)
+            k.swiglu(self.gate, self.up, n * cfg.ffn_dim)
+            k.matmul(w["ffn_down"], self.gate, self.x, n, accumulate=True)
+        cache.length += n
+        n_out = n if all_logits else 1
+        if n_out < n:  # only the last row goes through the head
+            cl.enqueue_copy(self.dev.queue, self.xn, self.x, byte_count=4 * C,
+                            src_offset=4 * (n - 1) * C)
+            k.rms_norm(self.xn, self.output_norm, self.xn, C, 1, cfg.norm_eps)
+        else:
+            k.rms_norm(self.x, self.output_norm, self.xn, C, n, cfg.norm_eps)
+        k.matmul(self.head, self.xn, self.logits, n_out)
+        return n_out
+
+    def greedy_next(self) -> int:
+        """argmax of the first logits row on the device (after a forward_device without
+        all_logits: the last token's): one int crosses the bus, not the vocabulary."""
+        self.kern.argmax(self.logits, self.next_id, self.config.vocab_size, 1)
+        return int(self.kern.read(self.next_id, (1,), np.int32)[0])
+
+    def memory_in_use(self) -> tuple[int, int]:
+        """(bytes of device buffers this backend holds: copied weights, KV caches, scratch;
+        the device's global memory): the server's pressure monitor reads it."""
+        scratch = [getattr(self, n, None) for n in ("x", "xn", "q", "att", "gate", "up",
+                                                    "logits", "token_buf", "part")]
+        held = self.kern.uploaded_bytes + sum(b.size for b in scratch if b is not None) + sum(
+            c.nbytes for c in self.caches)
+        return held, int(self.dev.device.global_mem_size)
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": self.dev.describe(), "params": vars(self.params),
+                "params_from": self.params_from, "programs": dict(self.programs.stats),
+                "weight_bytes": self.weight_bytes,
+                "host_pointer_bytes": self.kern.host_pointer_bytes,
+                "load_seconds": round(self.load_seconds, 3)}
+
+
+def quick_probe(backend: OpenCLBackend, source: ModelSource) -> tuple[float, float]:
+    """Seconds per decode step: (OpenCL, best of 3 real steps; numpy, estimated from its own
+    layer 0 run for real, best of 3, times the layers, plus the output head scaled from it by
+    weight count). `auto` keeps OpenCL only when it is the faster."""
+    from runtime.backends.numpy_backend import NumpyBackend, rms_norm
+
+    def best(step: Any) -> float:
+        step()  # first run: kernel set-up on the device, weight dequantization in numpy
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    cache = backend.new_cache(8)
+
+    def ocl_step() -> None:
+        cache.length = 0
+        backend.forward([0], cache)
+
+    ocl = best(ocl_step)
+    cfg, ref = backend.config, NumpyBackend(source)
+    ref_cache, x, eps = ref.new_cache(8), ref.embed([0]), cfg.norm_eps
+
+    def numpy_layer() -> None:
+        h = x + ref.attention(rms_norm(x, ref.w("blk.0.attn_norm.weight"), eps), 0, ref_cache)
+        h + ref.mlp(rms_norm(h, ref.w("blk.0.ffn_norm.weight"), eps), 0)
+
+    layer = best(numpy_layer)
+    layer_weights = sum(math.prod(source.tensors[f"blk.0.{m}.weight"].shape) for m in MATRICES)
+    head = layer * cfg.vocab_size * cfg.dim / layer_weights
+    return ocl, layer * cfg.n_layers + head

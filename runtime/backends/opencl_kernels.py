@@ -1,0 +1,206 @@
+"""Thin launchers for the kernels in runtime/kernels/*.cl: buffers in, buffers out.
+
+Each method enqueues one kernel (or two) on the device's in-order queue and returns at once;
+nothing is read back unless asked (`read`). The backend chains them into a forward pass, the
+tests compare each one with its numpy counterpart, and `claw runtime tune` times them.
+Weights are uploaded as their raw GGUF blocks (`upload_matrix`), split by rows into several
+buffers when a tensor exceeds the device's largest allocation, and on unified-memory devices
+the buffers wrap the memory-mapped file instead of copying it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from runtime.backends.opencl_device import Device
+from runtime.backends.opencl_programs import ProgramCache
+from runtime.quant import row_bytes
+
+FORMATS = {T.F32: "f32", T.F16: "f16", T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4_1",
+           T.Q5_0: "q5_0", T.Q5_1: "q5_1", T.Q4_K: "q4_k", T.Q5_K: "q5_k", T.Q6_K: "q6_k"}
+
+
+@dataclass
+class Params:
+    """The tuned knobs (compile-time defines) of both programs."""
+
+    LWS: int = 1  # work-items per output row of a matmul
+    RPW: int = 16  # rows per matmul work-group
+    TT: int = 4  # tokens per work-item in prefill matmuls
+    WG: int = 64  # work-group of row reductions and attention
+    SPLIT: int = 128  # KV positions per attention work-group
+    UNALIGNED: int = 0  # 1: the device loads vectors at any address (CPUs), not tuned
+
+    def matmul_defines(self) -> dict[str, int]:
+        return {"LWS": self.LWS, "RPW": self.RPW, "TT": self.TT, "UNALIGNED": self.UNALIGNED}
+
+    def ops_defines(self) -> dict[str, int]:
+        return {"WG": self.WG, "SPLIT": self.SPLIT}
+
+
+@dataclass
+class DeviceMatrix:
+    """A (n_rows, n_cols) weight in its GGUF blocks: parts of (first row, rows, buffer)."""
+
+    qtype: T
+    n_rows: int
+    n_cols: int
+    row_bytes: int
+    parts: list[tuple[int, int, Any]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_rows * self.row_bytes
+
+
+class Kernels:
+    def __init__(self, dev: Device, params: Params, programs: ProgramCache):
+        self.dev, self.params, self.cl, self.queue = dev, params, dev.cl, dev.queue
+        self.mm = programs.get("matmul", params.matmul_defines())
+        self.ops = programs.get("ops", params.ops_defines())
+        self._kernels: dict[str, Any] = {}
+        self.host_pointer_bytes = 0  # weight bytes wrapped in place, not copied
+        self.uploaded_bytes = 0  # bytes copied to the device (weights, tables), never freed
+
+    def k(self, program: Any, name: str) -> Any:
+        """A kernel object, made once (pyopencl makes a new one on each attribute access)."""
+        if name not in self._kernels:
+            self._kernels[name] = self.cl.Kernel(program, name)
+        return self._kernels[name]
+
+    # --- memory ---------------------------------------------------------------------------
+
+    def empty(self, nbytes: int) -> Any:
+        return self.cl.Buffer(self.dev.context, self.cl.mem_flags.READ_WRITE, max(nbytes, 4))
+
+    def upload(self, array: np.ndarray) -> Any:
+        array = np.ascontiguousarray(array)
+        mf = self.cl.mem_flags
+        self.uploaded_bytes += array.nbytes
+        return self.cl.Buffer(self.dev.context, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=array)
+
+    def read(self, buf: Any, shape: tuple[int, ...], dtype: Any = np.float32,
+             offset: int = 0) -> np.ndarray:
+        out = np.empty(shape, dtype)
+        self.cl.enqueue_copy(self.queue, out, buf, src_offset=offset)
+        return out
+
+    def weight_buffer(self, raw: np.ndarray) -> Any:
+        """Read-only buffer of raw bytes: wraps host memory on unified-memory devices (no copy,
+        the pages stay the file's), copies elsewhere or when the driver refuses the pointer."""
+        mf = self.cl.mem_flags
+        raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+        if self.dev.unified_memory and raw.ctypes.data % 64 == 0:
+            try:
+                buf = self.cl.Buffer(self.dev.context, mf.READ_ONLY | mf.USE_HOST_PTR, hostbuf=raw)
+                self.host_pointer_bytes += raw.nbytes
+                return buf
+            except (self.cl.Error, TypeError, ValueError):
+                pass
+        self.uploaded_bytes += raw.nbytes
+        return self.cl.Buffer(self.dev.context, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=raw)
+
+    def upload_matrix(self, raw: np.ndarray, qtype: T, shape: tuple[int, ...]) -> DeviceMatrix:
+        """A GGUF weight as it lies in the file, in parts no larger than the device allows."""
+        if qtype not in FORMATS:
+            raise ValueError(f"{qtype.name} weights have no OpenCL kernel "
+                             f"(expected one of {', '.join(t.name for t in FORMATS)})")
+        n_rows, n_cols = (1, shape[0]) if len(shape) == 1 else shape
+        if n_cols % 32:
+            raise ValueError(f"row length {n_cols} is not a multiple of 32")
+        per_row = row_bytes(qtype, n_cols)
+        flat = raw.reshape(-1).view(np.uint8)
+        m = DeviceMatrix(qtype, n_rows, n_cols, per_row)
+        rows_per_part = max(1, self.dev.max_alloc // per_row)
+        for r0 in range(0, n_rows, rows_per_part):
+            n = min(rows_per_part, n_rows - r0)
+            m.parts.append((r0, n, self.weight_buffer(flat[r0 * per_row:(r0 + n) * per_row])))
+        return m
+
+    # --- kernels --------------------------------------------------------------------------
+
+    def matmul(self, w: DeviceMatrix, x: Any, y: Any, n_tok: int, *, y_stride: int | None = None,
+               y_off: int = 0, accumulate: bool = False) -> None:
+        """y[t, :] (+)= W x[t] for t < n_tok; x is (n_tok, n_cols), y rows of y_stride."""
+        p = self.params
+        nt = 1 if n_tok == 1 else p.TT
+        kernel = self.k(self.mm, f"matmul_{FORMATS[w.qtype]}_{'vec' if nt == 1 else 'mat'}")
+        stride = w.n_rows if y_stride is None else y_stride
+        for r0, n, buf in w.parts:
+            groups = math.ceil(n / p.RPW)
+            kernel(self.queue, (groups * p.RPW * p.LWS, math.ceil(n_tok / nt)),
+                   (p.RPW * p.LWS, 1), buf, x, y, np.int32(w.n_cols), np.int32(n),
+                   np.int32(n_tok), np.int32(w.row_bytes), np.int32(stride),
+                   np.int32(y_off + r0), np.int32(accumulate))
+
+    def get_rows(self, w: DeviceMatrix, tokens: Any, out: Any, n_tok: int) -> None:
+        """out[t] = float32 row tokens[t] of w (embedding lookup); tokens int32 on the device."""
+        kernel = self.k(self.mm, f"get_rows_{FORMATS[w.qtype]}")
+        if len(w.parts) != 1:  # a split table: look up on the host rows per part (rare)
+            raise ValueError("embedding lookup needs the table in one buffer")
+        kernel(self.queue, (w.n_cols // 32, n_tok), None, w.parts[0][2], tokens, out,
+               np.int32(w.n_cols), np.int32(w.row_bytes))
+
+    def rms_norm(self, x: Any, w: Any, out: Any, n: int, n_rows: int, eps: float) -> None:
+        wg = self.params.WG
+        self.k(self.ops, "rms_norm")(self.queue, (wg, n_rows), (wg, 1), x, w, out,
+                                     np.int32(n), np.float32(eps))
+
+    def rope(self, x: Any, off: int, cos: Any, sin: Any, pos0: int, n_tok: int, n_heads: int,
+             head_dim: int, rope_dim: int, neox: bool) -> None:
+        self.k(self.ops, "rope")(self.queue, (rope_dim // 2, n_heads, n_tok), None, x,
+                                 np.int32(off), cos, sin, np.int32(pos0), np.int32(head_dim),
+                                 np.int32(rope_dim), np.int32(neox))
+
+    def add_bias(self, x: Any, off: int, bias: Any, n: int, n_tok: int) -> None:
+        self.k(self.ops, "add_bias")(self.queue, (n, n_tok), None, x, np.int32(off), bias,
+                                     np.int32(n))
+
+    def swiglu(self, gate: Any, up: Any, n: int) -> None:
+        self.k(self.ops, "swiglu")(self.queue, (n,), None, gate, up)
+
+    def attention_splits(self, n_keys: int) -> int:
+        return math.ceil(n_keys / self.params.SPLIT)
+
+    def attention(self, q: Any, kc: Any, vc: Any, out: Any, part: Any, n_tok: int, n_heads: int,
+                  n_kv: int, head_dim: int, pos0: int, *, split: bool | None = None) -> None:
+        """out (n_tok, n_heads * head_dim) = causal softmax(q k^T / sqrt(d)) v over the cache
+        positions < pos0 + t + 1. Decode (or split=True) spreads the keys over work-groups
+        (`part` holds n_tok * n_heads * splits * (head_dim + 2) floats); prefill stages keys
+        in local memory for a tile of queries."""
+        scale = np.float32(1.0 / math.sqrt(head_dim))
+        if not (n_tok == 1 if split is None else split):
+            wg = self.params.WG
+            self.k(self.ops, "attn_prefill")(
+                self.queue, (wg * math.ceil(n_tok / wg), n_heads), (wg, 1), q, kc, vc, out,
+                np.int32(n_tok), np.int32(n_heads), np.int32(n_kv), np.int32(head_dim),
+                np.int32(pos0), scale)
+            return
+        wg, n_split = self.params.WG, self.attention_splits(pos0 + n_tok)
+        n_q = n_tok * n_heads
+        self.k(self.ops, "attn_partial")(
+            self.queue, (wg * n_q, n_split), (wg, 1), q, kc, vc, part, np.int32(n_heads),
+            np.int32(n_kv), np.int32(head_dim), np.int32(pos0), scale)
+        self.k(self.ops, "attn_combine")(self.queue, (head_dim, n_q), None, part, out,
+                                         np.int32(head_dim), np.int32(n_split))
+
+    def softmax(self, x: Any, n: int, n_rows: int) -> None:
+        wg = self.params.WG
+        self.k(self.ops, "softmax_rows")(self.queue, (wg, n_rows), (wg, 1), x, np.int32(n))
+
+    def argmax(self, x: Any, out: Any, n: int, n_rows: int) -> None:
+        wg = self.params.WG
+        self.k(self.ops, "argmax_rows")(self.queue, (wg, n_rows), (wg, 1), x, out, np.int32(n))
+
+    def top_k(self, x: Any, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k largest of x[:n] (k ≤ 64), largest first: (values, indices) on the host."""
+        if not 1 <= k <= min(64, n):
+            raise ValueError(f"top-k needs 1 ≤ k ≤ {min(64, n)}, got {k}")
+        vals, ids = self.empty(4 * k), self.empty(4 * k)
+        self.k(self.ops, "topk")(self.queue, (16,), (16,), x, np.int32(n), np.int32(k), vals, ids)
+        return self.read(vals, (k,)), self.read(ids, (k,), np.int32)

@@ -1,0 +1,115 @@
+"""Work-group sizes and tile shapes per device: defaults by device kind, a short search
+(`claw runtime tune`) that times the real kernels on the device, and a JSON store of the winner
+per device under the program cache directory (tuning/<device key>.json).
+
+CPU devices (PoCL) do best with one work-item per output row, many rows per work-group (PoCL
+runs a work-group's items as a vectorized loop) and wide token tiles; GPUs want a whole
+sub-group on each row, reducing in local memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from runtime.backends.opencl_device import Device
+from runtime.backends.opencl_kernels import Kernels, Params
+from runtime.backends.opencl_programs import ProgramCache, cache_dir, kernel_source
+from runtime.quant import quantize
+
+
+def default_params(dev: Device) -> Params:
+    if dev.is_cpu:
+        return Params(LWS=1, RPW=16, TT=8, WG=16, SPLIT=128, UNALIGNED=1)
+    return Params(LWS=32, RPW=4, TT=4, WG=64, SPLIT=256)
+
+
+def _path(dev: Device) -> Path:
+    """One file per device and kernel source: changed kernels are tuned afresh."""
+    sources = {name: hashlib.sha256(kernel_source(name).encode()).hexdigest()
+               for name in ("matmul", "ops")}
+    ident = json.dumps({"device": dev.identity(), "sources": sources}, sort_keys=True)
+    return cache_dir() / "tuning" / f"{hashlib.sha256(ident.encode()).hexdigest()[:24]}.json"
+
+
+def load_params(dev: Device) -> tuple[Params, str]:
+    """The stored tuned parameters for this device, else the defaults; and where they came from."""
+    path = _path(dev)
+    try:
+        data = json.loads(path.read_text())
+        known = {f.name for f in fields(Params)}
+        return Params(**{k: int(v) for k, v in data["params"].items() if k in known}), str(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return default_params(dev), "defaults"
+
+
+def save_params(dev: Device, params: Params, timings: dict) -> Path:
+    path = _path(dev)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tune.")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"device": dev.identity(), "params": asdict(params), "timings": timings}, f,
+                  indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def _best_time(run: Callable[[], None], dev: Device, repeats: int) -> float:
+    run()
+    dev.queue.finish()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        dev.queue.finish()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def candidates(dev: Device) -> list[Params]:
+    """The small grid that `tune` searches (matmul shapes first, then attention)."""
+    base = default_params(dev)
+    lws = [1, 4] if dev.is_cpu else [8, 16, 32, 64]
+    rpw = [1, 4, 16] if dev.is_cpu else [1, 2, 4, 8]
+    grid = []
+    for a in lws:
+        for r in rpw:
+            if a * r <= min(dev.device.max_work_group_size, 256):
+                grid.append(Params(**{**asdict(base), "LWS": a, "RPW": r}))
+    return grid
+
+
+def tune(dev: Device, programs: ProgramCache, *, rows: int = 2048, cols: int = 2048,
+         prompt: int = 64, repeats: int = 3, log: Callable[[str], None] = print) -> Params:
+    """Time decode and prefill matmuls (Q4_0, a rows x cols matrix) for each candidate, then
+    token tiles and attention split sizes, and store the fastest set for this device."""
+    rng = np.random.default_rng(0)
+    raw = quantize(rng.standard_normal((rows, cols)).astype(np.float32), T.Q4_0)
+    x = rng.standard_normal((prompt, cols)).astype(np.float32)
+    timings: dict[str, float] = {}
+
+    def score(p: Params) -> float:
+        kern = Kernels(dev, p, programs)
+        w = kern.upload_matrix(raw, T.Q4_0, (rows, cols))
+        xb, yb = kern.upload(x), kern.empty(prompt * rows * 4)
+        vec = _best_time(lambda: kern.matmul(w, xb, yb, 1), dev, repeats)
+        mat = _best_time(lambda: kern.matmul(w, xb, yb, prompt), dev, repeats)
+        key = " ".join(f"{k}={v}" for k, v in asdict(p).items())
+        timings[key] = vec * 1e3
+        log(f"  {key}: decode {vec * 1e3:.3f} ms, prefill {mat * 1e3:.2f} ms")
+        return vec + mat / prompt  # a decode step weighs as much as a prompt token
+
+    best = min(candidates(dev), key=score)
+    tiles = [Params(**{**asdict(best), "TT": tt}) for tt in (2, 4, 8)]
+    best = min(tiles, key=score)
+    save_params(dev, best, timings)
+    return best

@@ -1,0 +1,275 @@
+// Quantized matrix-vector (decode) and matrix-matrix (prefill) products that read GGUF blocks
+// as they lie in the file, plus embedding-row lookup from the same blocks.
+//
+// Every format is read 32 weights ("a chunk") at a time: DQ_<type>(row, c, w) turns chunk c of
+// a row into four float8 vectors of quants (weights 0-7, 8-15, 16-23, 24-31 of the chunk) and
+// returns the chunk's scales and offset, so that a dot product scales a sum of quants once per
+// half chunk instead of every weight. An embedding row applies them in runtime/quant.py's (and
+// llama.cpp's) order and is bit-exact; a dot product differs from numpy by rounding order only.
+//
+// Compile-time knobs (tuned per device, see runtime/backends/opencl_tuning.py):
+//   LWS  work-items that share one output row (power of two); partial sums meet in local memory
+//   RPW  rows per work-group
+//   TT   tokens per work-item in the prefill kernels (each dequantized chunk is reused TT times)
+// Work layout: global (LWS * rows rounded up to RPW, ceil(n_tok / NT)), local (LWS * RPW, 1).
+
+#ifndef LWS
+#define LWS 1
+#endif
+#ifndef RPW
+#define RPW 16
+#endif
+#ifndef TT
+#define TT 4
+#endif
+
+#ifndef UNALIGNED
+#define UNALIGNED 0
+#endif
+
+typedef const global uchar* blk_t;
+
+// 8 bytes of a block: a plain (unaligned) vector load where the device allows it (CPUs: PoCL's
+// vload8 is element by element, 1.6x slower), vload8 elsewhere (blocks are only 2-byte aligned).
+#if UNALIGNED
+#define LOAD_U8(i, p) (((const global uchar8*)(p))[i])
+#define LOAD_I8(i, p) (((const global char8*)(p))[i])
+#else
+#define LOAD_U8(i, p) vload8(i, (const global uchar*)(p))
+#define LOAD_I8(i, p) vload8(i, (const global char*)(p))
+#endif
+
+inline float f16(blk_t p, int i) { return vload_half(i, (const global half*)p); }
+
+inline float8 nib_lo(uchar8 q) { return convert_float8(q & (uchar)15); }
+inline float8 nib_hi(uchar8 q) { return convert_float8(q >> (uchar)4); }
+
+// Each DQ_<type> returns (scale of weights 0-15, scale of 16-31, offset): x = scale * w + offset.
+
+// F32 / F16: plain arrays.
+inline float4 DQ_f32(blk_t row, int c, float8* w) {
+    const global float* p = (const global float*)row;
+    for (int i = 0; i < 4; i++) w[i] = ((const global float8*)p)[4 * c + i];
+    return (float4)(1.0f, 1.0f, 0.0f, 0.0f);
+}
+inline float4 DQ_f16(blk_t row, int c, float8* w) {
+    const global half* p = (const global half*)row;
+    for (int i = 0; i < 4; i++) w[i] = vload_half8(4 * c + i, p);
+    return (float4)(1.0f, 1.0f, 0.0f, 0.0f);
+}
+
+// Q8_0 (34 bytes): d f16 | qs[32] int8.  x = d * q
+inline float4 DQ_q8_0(blk_t row, int c, float8* w) {
+    blk_t b = row + c * 34;
+    const global char* qs = (const global char*)(b + 2);
+    for (int i = 0; i < 4; i++) w[i] = convert_float8(LOAD_I8(i, qs));
+    const float d = f16(b, 0);
+    return (float4)(d, d, 0.0f, 0.0f);
+}
+
+// The 32 weights of a nibble block from qs[16]: low nibbles are weights 0-15, high 16-31.
+inline void nibbles(blk_t qs, float8* w) {
+    const uchar8 q0 = LOAD_U8(0, qs), q1 = LOAD_U8(1, qs);
+    w[0] = nib_lo(q0); w[1] = nib_lo(q1); w[2] = nib_hi(q0); w[3] = nib_hi(q1);
+}
+
+// Q4_0 (18 bytes): d f16 | qs[16] nibbles.  x = d * (q - 8)
+inline float4 DQ_q4_0(blk_t row, int c, float8* w) {
+    blk_t b = row + c * 18;
+    nibbles(b + 2, w);
+    for (int i = 0; i < 4; i++) w[i] -= 8.0f;
+    const float d = f16(b, 0);
+    return (float4)(d, d, 0.0f, 0.0f);
+}
+
+// Q4_1 (20 bytes): d f16 | m f16 | qs[16].  x = d * q + m
+inline float4 DQ_q4_1(blk_t row, int c, float8* w) {
+    blk_t b = row + c * 20;
+    nibbles(b + 4, w);
+    const float d = f16(b, 0);
+    return (float4)(d, d, f16(b, 1), 0.0f);
+}
+
+// Adds the 5th bits of Q5_0/Q5_1: bit j of a little-endian u32 belongs to weight j.
+inline void add_bit5(blk_t qh, float8* w) {
+    const uint h = (uint)qh[0] | (uint)qh[1] << 8 | (uint)qh[2] << 16 | (uint)qh[3] << 24;
+    const uint8 sh = (uint8)(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int i = 0; i < 4; i++) w[i] += convert_float8(((uint8)(h >> (8 * i)) >> sh & 1u) << 4);
+}
+
+// Q5_0 (22 bytes): d f16 | qh[4] | qs[16].  x = d * (q - 16)
+inline float4 DQ_q5_0(blk_t row, int c, float8* w) {
+    blk_t b = row + c * 22;
+    nibbles(b + 6, w);
+    add_bit5(b + 2, w);
+    for (int i = 0; i < 4; i++) w[i] -= 16.0f;
+    const float d = f16(b, 0);
+    return (float4)(d, d, 0.0f, 0.0f);
+}
+
+// Q5_1 (24 bytes): d f16 | m f16 | qh[4] | qs[16].  x = d * q + m
+inline float4 DQ_q5_1(blk_t row, int c, float8* w) {
+    blk_t b = row + c * 24;
+    nibbles(b + 8, w);
+    add_bit5(b + 4, w);
+    const float d = f16(b, 0);
+    return (float4)(d, d, f16(b, 1), 0.0f);
+}
+
+// K formats: 256-weight super-blocks; chunk c is sub-block j = c % 8 of super-block c / 8.
+// The 6-bit scale and min of sub-block j of Q4_K/Q5_K (llama.cpp's get_scale_min_k4).
+inline void scale_min_k4(blk_t s, int j, float* sc, float* m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+// Q4_K (144 bytes): d | dmin | scales[12] | qs[128]; sub-block j is the low (j even) or high
+// nibbles of qs[32 (j/2) ...].  x = (d sc) q - (dmin m)
+inline float4 DQ_q4_k(blk_t row, int c, float8* w) {
+    blk_t b = row + (c >> 3) * 144;
+    const int j = c & 7;
+    blk_t qs = b + 16 + 32 * (j >> 1);
+    const uchar sh = (j & 1) * 4;
+    for (int i = 0; i < 4; i++) w[i] = convert_float8(LOAD_U8(i, qs) >> sh & (uchar)15);
+    float sc, m;
+    scale_min_k4(b + 4, j, &sc, &m);
+    const float d = f16(b, 0) * sc;
+    return (float4)(d, d, -(f16(b, 1) * m), 0.0f);
+}
+
+// Q5_K (176 bytes): d | dmin | scales[12] | qh[32] | qs[128]; the 5th bit of weight l of
+// sub-block j is bit j of qh[l].
+inline float4 DQ_q5_k(blk_t row, int c, float8* w) {
+    blk_t b = row + (c >> 3) * 176;
+    const int j = c & 7;
+    blk_t qs = b + 48 + 32 * (j >> 1);
+    const uchar sh = (j & 1) * 4;
+    for (int i = 0; i < 4; i++) {
+        const uchar8 h = LOAD_U8(i, b + 16) >> (uchar)j & (uchar)1;
+        w[i] = convert_float8((LOAD_U8(i, qs) >> sh & (uchar)15) | h << (uchar)4);
+    }
+    float sc, m;
+    scale_min_k4(b + 4, j, &sc, &m);
+    const float d = f16(b, 0) * sc;
+    return (float4)(d, d, -(f16(b, 1) * m), 0.0f);
+}
+
+// Q6_K (210 bytes): ql[128] | qh[64] | scales[16] int8 | d.  Chunk k of the super-block is
+// quarter k % 4 of half k / 4: low bits from ql (low or high nibbles), 2 high bits from qh.
+// x = (d scale[i / 16]) (q - 32)
+inline float4 DQ_q6_k(blk_t row, int c, float8* w) {
+    blk_t b = row + (c >> 3) * 210;
+    const int k = c & 7, h = k >> 2, qr = k & 3;
+    blk_t ql = b + 64 * h + 32 * (qr & 1);
+    blk_t qh = b + 128 + 32 * h;
+    const uchar sl = (qr >> 1) * 4, sh = 2 * qr;
+    for (int i = 0; i < 4; i++) {
+        const uchar8 q = (LOAD_U8(i, ql) >> sl & (uchar)15) | (LOAD_U8(i, qh) >> sh & (uchar)3) << (uchar)4;
+        w[i] = convert_float8(q) - 32.0f;
+    }
+    const global char* scales = (const global char*)(b + 192);
+    const float d = f16(b, 104);  // byte 208
+    return (float4)(d * scales[8 * h + 2 * qr], d * scales[8 * h + 2 * qr + 1], 0.0f, 0.0f);
+}
+
+inline float hsum8(float8 v) {
+    const float4 a = v.lo + v.hi;
+    return a.x + a.y + a.z + a.w;
+}
+
+// Y[t, row0 + r] (+)= sum_k W[r, k] X[t, k] for NT tokens per work-item; `accumulate` adds
+// into Y (the residual connection) instead of overwriting it. `y_stride` and `y_off` let the
+// K and V projections write straight into the KV cache.
+#define MATMUL_KERNEL(T, NT, SUFFIX)                                                            \
+kernel void matmul_##T##SUFFIX(blk_t W, const global float* X, global float* Y,               \
+                               int n_cols, int n_rows, int n_tok, int row_bytes,               \
+                               int y_stride, int y_off, int accumulate) {                      \
+    const int lane = get_local_id(0) % LWS, lrow = get_local_id(0) / LWS;                     \
+    const int row = get_global_id(0) / LWS, t0 = get_global_id(1) * NT;                       \
+    float8 acc8[NT];  /* lane-wise partial sums: one horizontal add per row, not per chunk */  \
+    for (int t = 0; t < NT; t++) acc8[t] = 0.0f;                                               \
+    if (row < n_rows) {                                                                        \
+        blk_t wrow = W + (size_t)row * row_bytes;                                              \
+        const int n_chunks = n_cols / 32, nt = NT == 1 ? 1 : min(NT, n_tok - t0);              \
+        for (int c = lane; c < n_chunks; c += LWS) {                                           \
+            float8 w[4];                                                                       \
+            const float4 s = DQ_##T(wrow, c, w);                                               \
+            for (int t = 0; t < nt; t++) {                                                     \
+                const global float8* x = (const global float8*)(X + (size_t)(t0 + t) * n_cols + c * 32); \
+                const float8 x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];                       \
+                acc8[t] += s.x * (w[0] * x0 + w[1] * x1) + s.y * (w[2] * x2 + w[3] * x3);      \
+                if (HAS_OFFSET_##T) acc8[t] += s.z * (x0 + x1 + x2 + x3);                      \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    float acc[NT];                                                                             \
+    for (int t = 0; t < NT; t++) acc[t] = hsum8(acc8[t]);                                      \
+    REDUCE_AND_STORE(NT)                                                                       \
+}
+
+#if LWS > 1
+#define REDUCE_AND_STORE(NT)                                                                   \
+    local float red[RPW * LWS];                                                                \
+    for (int t = 0; t < NT; t++) {                                                             \
+        red[get_local_id(0)] = acc[t];                                                         \
+        barrier(CLK_LOCAL_MEM_FENCE);                                                          \
+        for (int s = LWS / 2; s > 0; s >>= 1) {                                                \
+            if (lane < s) red[get_local_id(0)] += red[get_local_id(0) + s];                    \
+            barrier(CLK_LOCAL_MEM_FENCE);                                                      \
+        }                                                                                      \
+        if (lane == 0 && row < n_rows && t0 + t < n_tok) {                                     \
+            global float* y = Y + y_off + (size_t)(t0 + t) * y_stride + row;                   \
+            *y = red[lrow * LWS] + (accumulate ? *y : 0.0f);                                   \
+        }                                                                                      \
+        barrier(CLK_LOCAL_MEM_FENCE);                                                          \
+    }
+#else
+#define REDUCE_AND_STORE(NT)                                                                   \
+    (void)lane; (void)lrow;                                                                    \
+    if (row < n_rows)                                                                          \
+        for (int t = 0; t < min(NT, n_tok - t0); t++) {                                        \
+            global float* y = Y + y_off + (size_t)(t0 + t) * y_stride + row;                   \
+            *y = acc[t] + (accumulate ? *y : 0.0f);                                            \
+        }
+#endif
+
+// out[t, :] = W[tokens[t], :] as float32. Global (n_cols / 32, n_tok).
+#define GET_ROWS_KERNEL(T)                                                                     \
+kernel void get_rows_##T(blk_t W, const global int* tokens, global float* out,                \
+                         int n_cols, int row_bytes) {                                          \
+    const int c = get_global_id(0), t = get_global_id(1);                                     \
+    float8 w[4];                                                                               \
+    const float4 s = DQ_##T(W + (size_t)tokens[t] * row_bytes, c, w);                          \
+    for (int i = 0; i < 4; i++)                                                                \
+        vstore8((i < 2 ? s.x : s.y) * w[i] + s.z, 4 * c + i, out + (size_t)t * n_cols);        \
+}
+
+// Formats whose dequantization adds an offset (x = d q + m): their dot products add m sum(x).
+#define HAS_OFFSET_f32 0
+#define HAS_OFFSET_f16 0
+#define HAS_OFFSET_q8_0 0
+#define HAS_OFFSET_q4_0 0
+#define HAS_OFFSET_q4_1 1
+#define HAS_OFFSET_q5_0 0
+#define HAS_OFFSET_q5_1 1
+#define HAS_OFFSET_q4_k 1
+#define HAS_OFFSET_q5_k 1
+#define HAS_OFFSET_q6_k 0
+
+#define FORMAT(T) MATMUL_KERNEL(T, 1, _vec) MATMUL_KERNEL(T, TT, _mat) GET_ROWS_KERNEL(T)
+
+FORMAT(f32)
+FORMAT(f16)
+FORMAT(q8_0)
+FORMAT(q4_0)
+FORMAT(q4_1)
+FORMAT(q5_0)
+FORMAT(q5_1)
+FORMAT(q4_k)
+FORMAT(q5_k)
+FORMAT(q6_k)

@@ -1,0 +1,278 @@
+// The rest of a llama-family forward pass: RMSNorm, RoPE, attention over the KV cache, SwiGLU,
+// softmax and the sampling reductions (argmax, top-k). Each mirrors a function of
+// runtime/backends/numpy_backend.py; the tests compare them one by one.
+//
+// Compile-time knobs: WG (work-group size of the row reductions and attention, a power of two),
+// SPLIT (KV positions per decode-attention work-group), PK (KV positions staged per step of
+// prefill attention), HEAD_DIM_MAX, TOPK_MAX.
+
+#ifndef WG
+#define WG 64
+#endif
+#ifndef SPLIT
+#define SPLIT 128
+#endif
+#ifndef HEAD_DIM_MAX
+#define HEAD_DIM_MAX 256
+#endif
+#ifndef PK
+#define PK 16
+#endif
+#ifndef TOPK_MAX
+#define TOPK_MAX 64
+#endif
+#define TOPK_WG 16
+
+// Tree reduction of red[WG] into red[0]; every work-item of the group must call it.
+inline void reduce_sum(local float* red) {
+    for (int s = WG / 2; s > 0; s >>= 1) {
+        barrier(CLK_LOCAL_MEM_FENCE);
+        if (get_local_id(0) < s) red[get_local_id(0)] += red[get_local_id(0) + s];
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+}
+
+inline void reduce_max(local float* red) {
+    for (int s = WG / 2; s > 0; s >>= 1) {
+        barrier(CLK_LOCAL_MEM_FENCE);
+        if (get_local_id(0) < s)
+            red[get_local_id(0)] = fmax(red[get_local_id(0)], red[get_local_id(0) + s]);
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+}
+
+// out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w. One work-group per row; global (WG, n_rows).
+kernel void rms_norm(const global float* x, const global float* w, global float* out, int n,
+                     float eps) {
+    local float red[WG];
+    const int lid = get_local_id(0);
+    const global float* xr = x + (size_t)get_group_id(1) * n;
+    global float* o = out + (size_t)get_group_id(1) * n;
+    float s = 0.0f;
+    for (int i = lid; i < n; i += WG) s += xr[i] * xr[i];
+    red[lid] = s;
+    reduce_sum(red);
+    const float norm = sqrt(red[0] / n + eps);
+    for (int i = lid; i < n; i += WG) o[i] = xr[i] / norm * w[i];
+}
+
+// Rotate rows of x in place: (n_tok, n_heads, head_dim) at x + off, position pos0 + t, by the
+// host-made cos/sin tables (n_ctx, rope_dim / 2). `neox` pairs (i, i + d/2), else (2i, 2i + 1).
+// Global (rope_dim / 2, n_heads, n_tok).
+kernel void rope(global float* x, int off, const global float* cos_t, const global float* sin_t,
+                 int pos0, int head_dim, int rope_dim, int neox) {
+    const int i = get_global_id(0), h = get_global_id(1), t = get_global_id(2);
+    const int half_d = rope_dim / 2, pos = pos0 + t;
+    global float* v = x + off + ((size_t)t * get_global_size(1) + h) * head_dim;
+    const float c = cos_t[pos * half_d + i], s = sin_t[pos * half_d + i];
+    const int a = neox ? i : 2 * i, b = neox ? i + half_d : 2 * i + 1;
+    const float x0 = v[a], x1 = v[b];
+    v[a] = x0 * c - x1 * s;
+    v[b] = x1 * c + x0 * s;
+}
+
+// x[t, i] += bias[i] for rows of n at x + off. Global (n, n_tok).
+kernel void add_bias(global float* x, int off, const global float* bias, int n) {
+    x[off + (size_t)get_global_id(1) * n + get_global_id(0)] += bias[get_global_id(0)];
+}
+
+// gate = silu(gate) * up, in place (numpy: g / (1 + exp(-g)) * u). Global (n).
+kernel void swiglu(global float* gate, const global float* up) {
+    const size_t i = get_global_id(0);
+    const float g = gate[i];
+    gate[i] = g / (1.0f + exp(-g)) * up[i];
+}
+
+// Attention, split over the KV sequence (flash-decoding): work-group (q, s) scores query row q
+// (token t = q / n_heads, head h = q % n_heads) against KV positions [s SPLIT, (s+1) SPLIT) up
+// to its causal limit pos0 + t, and writes (max, sum of exp, exp-weighted sum of V[0:D]) to
+// part[q, s]; attn_combine merges the splits. Decode (one token) spreads a long context over
+// many work-groups; prefill runs every (token, head, split) at once. Keys and values live in
+// the cache as (n_ctx, n_kv_heads, head_dim); query head h reads KV head h / (n_heads / n_kv).
+// Global (WG * n_tok * n_heads, n_split), local (WG, 1).
+kernel void attn_partial(const global float* q, const global float* kc, const global float* vc,
+                         global float* part, int n_heads, int n_kv, int head_dim, int pos0,
+                         float scale) {
+    local float sc[SPLIT];
+    local float qv[HEAD_DIM_MAX];
+    local float red[WG];
+    const int lid = get_local_id(0), qi = get_group_id(0), s = get_group_id(1);
+    const int t = qi / n_heads, h = qi % n_heads, kvh = h / (n_heads / n_kv);
+    const int lo = s * SPLIT, hi = min(lo + SPLIT, pos0 + t + 1);
+    const int kv_stride = n_kv * head_dim;
+    global float* out = part + ((size_t)qi * get_num_groups(1) + s) * (head_dim + 2);
+    for (int d = lid; d < head_dim; d += WG) qv[d] = q[(size_t)qi * head_dim + d];
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+    float m = -INFINITY;
+    for (int p = lo + lid; p < hi; p += WG) {
+        const global float* k = kc + (size_t)p * kv_stride + kvh * head_dim;
+        float4 acc = 0.0f;
+        for (int d = 0; d < head_dim; d += 4) acc += vload4(0, qv + d) * vload4(0, k + d);
+        const float score = (acc.x + acc.y + acc.z + acc.w) * scale;
+        sc[p - lo] = score;
+        m = fmax(m, score);
+    }
+    red[lid] = m;
+    reduce_max(red);
+    m = red[0];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    float l = 0.0f;
+    for (int p = lo + lid; p < hi; p += WG) {
+        const float e = hi > lo ? exp(sc[p - lo] - m) : 0.0f;
+        sc[p - lo] = e;
+        l += e;
+    }
+    red[lid] = l;
+    reduce_sum(red);
+    for (int d = lid; d < head_dim; d += WG) {
+        const global float* v = vc + kvh * head_dim + d;
+        float o = 0.0f;
+        for (int p = lo; p < hi; p++) o += sc[p - lo] * v[(size_t)p * kv_stride];
+        out[2 + d] = o;
+    }
+    if (lid == 0) {
+        out[0] = m;
+        out[1] = red[0];
+    }
+}
+
+// out[q, d] = sum_s e^(m_s - M) o_s[d] / sum_s e^(m_s - M) l_s. Global (head_dim, n_queries).
+kernel void attn_combine(const global float* part, global float* out, int head_dim, int n_split) {
+    const int d = get_global_id(0), qi = get_global_id(1);
+    const global float* p = part + (size_t)qi * n_split * (head_dim + 2);
+    float big = -INFINITY;
+    for (int s = 0; s < n_split; s++) big = fmax(big, p[s * (head_dim + 2)]);
+    float l = 0.0f, o = 0.0f;
+    for (int s = 0; s < n_split; s++) {
+        const global float* ps = p + s * (head_dim + 2);
+        const float w = ps[1] > 0.0f ? exp(ps[0] - big) : 0.0f;
+        l += w * ps[1];
+        o += w * ps[2 + d];
+    }
+    out[(size_t)qi * head_dim + d] = o / l;
+}
+
+// Prefill attention: a work-group takes WG consecutive query tokens of one head, so that the
+// keys and values they share are staged once into local memory, PK positions at a time; each
+// work-item runs an online softmax over its own causal range and keeps its output row in
+// registers. Global (WG * ceil(n_tok / WG), n_heads), local (WG, 1).
+kernel void attn_prefill(const global float* q, const global float* kc, const global float* vc,
+                         global float* out, int n_tok, int n_heads, int n_kv, int head_dim,
+                         int pos0, float scale) {
+    local float kt[PK * HEAD_DIM_MAX];
+    local float vt[PK * HEAD_DIM_MAX];
+    const int t = get_global_id(0), h = get_group_id(1), kvh = h / (n_heads / n_kv);
+    const int lid = get_local_id(0), kv_stride = n_kv * head_dim;
+    const int limit = t < n_tok ? pos0 + t + 1 : 0;  // keys this query may see
+    const int tile_limit = pos0 + min(n_tok, (int)(get_group_id(0) + 1) * WG);
+    float qv[HEAD_DIM_MAX], o[HEAD_DIM_MAX];
+    const global float* qrow = q + ((size_t)min(t, n_tok - 1) * n_heads + h) * head_dim;
+    for (int d = 0; d < head_dim; d++) { qv[d] = qrow[d] * scale; o[d] = 0.0f; }
+    float m = -INFINITY, l = 0.0f;
+    for (int p0 = 0; p0 < tile_limit; p0 += PK) {
+        const int n = min(PK, tile_limit - p0);
+        for (int i = lid; i < n * head_dim; i += WG) {
+            const size_t at = (size_t)(p0 + i / head_dim) * kv_stride + kvh * head_dim + i % head_dim;
+            kt[i] = kc[at];
+            vt[i] = vc[at];
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int j = 0; j < min(n, limit - p0); j++) {
+            float s = 0.0f;
+            for (int d = 0; d < head_dim; d++) s += qv[d] * kt[j * head_dim + d];
+            const float m_new = fmax(m, s), corr = exp(m - m_new), e = exp(s - m_new);
+            l = l * corr + e;
+            for (int d = 0; d < head_dim; d++) o[d] = o[d] * corr + e * vt[j * head_dim + d];
+            m = m_new;
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    if (t < n_tok)
+        for (int d = 0; d < head_dim; d++)
+            out[((size_t)t * n_heads + h) * head_dim + d] = o[d] / l;
+}
+
+// Softmax of each row of n, in place. Global (WG, n_rows).
+kernel void softmax_rows(global float* x, int n) {
+    local float red[WG];
+    const int lid = get_local_id(0);
+    global float* r = x + (size_t)get_group_id(1) * n;
+    float m = -INFINITY;
+    for (int i = lid; i < n; i += WG) m = fmax(m, r[i]);
+    red[lid] = m;
+    reduce_max(red);
+    m = red[0];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    float s = 0.0f;
+    for (int i = lid; i < n; i += WG) {
+        const float e = exp(r[i] - m);
+        r[i] = e;
+        s += e;
+    }
+    red[lid] = s;
+    reduce_sum(red);
+    for (int i = lid; i < n; i += WG) r[i] /= red[0];
+}
+
+// Index of the largest value of each row (the first one on ties, as numpy). Global (WG, n_rows).
+kernel void argmax_rows(const global float* x, global int* out, int n) {
+    local float val[WG];
+    local int idx[WG];
+    const int lid = get_local_id(0);
+    const global float* r = x + (size_t)get_group_id(1) * n;
+    float best = -INFINITY;
+    int at = n;
+    for (int i = lid; i < n; i += WG)
+        if (r[i] > best) { best = r[i]; at = i; }
+    val[lid] = best;
+    idx[lid] = at;
+    for (int s = WG / 2; s > 0; s >>= 1) {
+        barrier(CLK_LOCAL_MEM_FENCE);
+        if (lid < s && (val[lid + s] > val[lid] ||
+                        (val[lid + s] == val[lid] && idx[lid + s] < idx[lid]))) {
+            val[lid] = val[lid + s];
+            idx[lid] = idx[lid + s];
+        }
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (lid == 0) out[get_group_id(1)] = idx[0] < n ? idx[0] : 0;
+}
+
+// Insert (v, i) into a list sorted by value, descending, ties by lower index, keeping k.
+inline void topk_insert(float* vals, int* ids, int k, float v, int i) {
+    if (!(v > vals[k - 1] || (v == vals[k - 1] && i < ids[k - 1]))) return;
+    int j = k - 1;
+    while (j > 0 && (v > vals[j - 1] || (v == vals[j - 1] && i < ids[j - 1]))) {
+        vals[j] = vals[j - 1];
+        ids[j] = ids[j - 1];
+        j--;
+    }
+    vals[j] = v;
+    ids[j] = i;
+}
+
+// The k (<= TOPK_MAX) largest values of one row and their indices, largest first: each
+// work-item keeps its own k best of a strided slice, then work-item 0 merges the TOPK_WG lists.
+// Global (TOPK_WG), local (TOPK_WG).
+kernel void topk(const global float* x, int n, int k, global float* out_vals,
+                 global int* out_ids) {
+    local float lv[TOPK_WG * TOPK_MAX];
+    local int li[TOPK_WG * TOPK_MAX];
+    float vals[TOPK_MAX];
+    int ids[TOPK_MAX];
+    const int lid = get_local_id(0);
+    for (int j = 0; j < k; j++) { vals[j] = -INFINITY; ids[j] = n; }
+    for (int i = lid; i < n; i += TOPK_WG) topk_insert(vals, ids, k, x[i], i);
+    for (int j = 0; j < k; j++) { lv[lid * k + j] = vals[j]; li[lid * k + j] = ids[j]; }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (lid == 0) {
+        for (int c = k; c < TOPK_WG * k; c++) topk_insert(vals, ids, k, lv[c], li[c]);
+        for (int j = 0; j < k; j++) { out_vals[j] = vals[j]; out_ids[j] = ids[j]; }
+    }
+}
+
+// Device memory bandwidth probe: dst = src, float4 at a time.
+kernel void copy_probe(const global float4* src, global float4* dst) {
+    dst[get_global_id(0)] = src[get_global_id(0)];
+}

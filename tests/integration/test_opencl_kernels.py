@@ -1,0 +1,68 @@
+"""Every OpenCL kernel against its numpy counterpart on PoCL's CPU device (see
+tests/opencl_checks.py for the tolerances). Programs come from the user's program cache, so a
+warm run compiles nothing; the first run on a machine compiles both programs (~30 s)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("pyopencl")
+
+from runtime.backends.opencl_device import NoDevice, find_device
+from runtime.backends.opencl_kernels import Kernels
+from runtime.backends.opencl_programs import ProgramCache
+from runtime.backends.opencl_tuning import default_params
+from tests import opencl_checks as checks
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def kern():
+    try:
+        dev = find_device(kind="cpu")
+    except NoDevice as e:
+        pytest.skip(f"no CPU OpenCL device: {e}")
+    return Kernels(dev, default_params(dev), ProgramCache(dev))
+
+
+@pytest.mark.parametrize("qtype", checks.MATMUL_TYPES, ids=lambda t: t.name)
+def test_matmul_decode_and_prefill_agree_with_numpy(kern, qtype):
+    checks.check_matmul(kern, qtype, 1)
+    checks.check_matmul(kern, qtype, 7)  # not a multiple of the token tile
+
+
+@pytest.mark.parametrize("qtype", checks.MATMUL_TYPES, ids=lambda t: t.name)
+def test_embedding_rows_are_bit_exact(kern, qtype):
+    checks.check_get_rows(kern, qtype)
+
+
+def test_rms_norm_swiglu_bias(kern):
+    checks.check_rms_norm(kern)
+    checks.check_swiglu_and_bias(kern)
+
+
+@pytest.mark.parametrize("style", ["normal", "neox"])
+def test_rope(kern, style):
+    checks.check_rope(kern, style)
+
+
+@pytest.mark.parametrize("n_tok,pos0", [(1, 0), (1, 300), (9, 0), (5, 250)],
+                         ids=["decode-first", "decode-3-splits", "prefill", "prefill-after-cache"])
+def test_split_attention(kern, n_tok, pos0):
+    checks.check_attention(kern, n_tok, pos0, split=True)
+
+
+@pytest.mark.parametrize("n_tok,pos0", [(9, 0), (40, 0), (37, 250)],
+                         ids=["one-tile", "tiles", "after-cache"])
+def test_prefill_attention(kern, n_tok, pos0):
+    checks.check_attention(kern, n_tok, pos0, split=False)
+
+
+def test_argmax_top_k_softmax(kern):
+    checks.check_sampling(kern)
+
+
+def test_weights_larger_than_the_device_allows_are_split(kern, monkeypatch):
+    monkeypatch.setenv("CLAW_OPENCL_MAX_ALLOC", str(20 * 144))  # 20 rows of 256 Q4_0 weights
+    checks.check_split_weights(kern)

@@ -1,0 +1,197 @@
+"""Kernel-by-kernel agreement of the OpenCL backend with numpy, written once and run on any
+device: PoCL's CPU device in tests/integration, a GPU in the `gpu` tier.
+
+Tolerances (float32 throughout): matmuls |ours - numpy| ≤ 1e-5 · Σ|w||x| per output (rounding
+order of the dot product only: both read the same quantized weights, and a wrong nibble or scale
+is off by ~1e-1); embedding rows bit-exact; RMSNorm, RoPE, SwiGLU, softmax ≤ 1e-5 relative;
+attention ≤ 1e-5; argmax/top-k exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from runtime.backends.numpy_backend import apply_rope, rms_norm, silu, softmax
+from runtime.backends.opencl_kernels import Kernels
+from runtime.quant import dequantize, quantize
+
+MATMUL_TYPES = [T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
+RNG = np.random.default_rng(7)
+
+
+def weights(qtype: T, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """(raw GGUF bytes, what numpy dequantizes them to)."""
+    w = RNG.standard_normal((rows, cols)).astype(np.float32)
+    raw = (w.view(np.uint8) if qtype == T.F32 else
+           w.astype(np.float16).view(np.uint8) if qtype == T.F16 else quantize(w, qtype))
+    return raw, dequantize(raw, qtype, (rows, cols))
+
+
+def check_matmul(kern: Kernels, qtype: T, n_tok: int, rows: int = 37, cols: int = 512) -> None:
+    raw, wd = weights(qtype, rows, cols)
+    m = kern.upload_matrix(raw, qtype, (rows, cols))
+    x = RNG.standard_normal((n_tok, cols)).astype(np.float32)
+    y0 = RNG.standard_normal((n_tok, rows)).astype(np.float32)
+    y = kern.upload(y0)
+    kern.matmul(m, kern.upload(x), y, n_tok, accumulate=True)
+    ours, ref = kern.read(y, (n_tok, rows)), y0 + x @ wd.T
+    bound = 1e-5 * (np.abs(x) @ np.abs(wd).T) + 1e-6
+    assert (np.abs(ours - ref) <= bound).all(), f"{qtype.name}: {np.abs(ours - ref).max()}"
+
+
+def check_get_rows(kern: Kernels, qtype: T) -> None:
+    raw, wd = weights(qtype, 20, 512)
+    m = kern.upload_matrix(raw, qtype, (20, 512))
+    tokens = np.array([3, 0, 19, 3], np.int32)
+    out = kern.empty(4 * len(tokens) * 512)
+    kern.get_rows(m, kern.upload(tokens), out, len(tokens))
+    assert np.array_equal(kern.read(out, (len(tokens), 512)), wd[tokens])
+
+
+def check_rms_norm(kern: Kernels) -> None:
+    x = RNG.standard_normal((5, 300)).astype(np.float32) * 3
+    w = RNG.standard_normal(300).astype(np.float32)
+    out = kern.empty(x.nbytes)
+    kern.rms_norm(kern.upload(x), kern.upload(w), out, 300, 5, 1e-5)
+    np.testing.assert_allclose(kern.read(out, x.shape), rms_norm(x, w, 1e-5), rtol=1e-5,
+                               atol=1e-6)
+
+
+def check_rope(kern: Kernels, style: str) -> None:
+    n_tok, heads, d, r, pos0 = 3, 4, 32, 24, 5  # partial rotary: only the first r dims turn
+    inv = 1.0 / 10000.0 ** (np.arange(0, r, 2) / r)
+    angles = np.arange(16, dtype=np.float64)[:, None] * inv[None, :]
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    x = RNG.standard_normal((n_tok, heads, d)).astype(np.float32)
+    ref = x.copy()
+    ref[..., :r] = apply_rope(x[..., :r], cos[pos0:pos0 + n_tok], sin[pos0:pos0 + n_tok], style)
+    pad = np.zeros(7, np.float32)  # rotate at an offset, as in the KV cache
+    buf = kern.upload(np.concatenate([pad, x.reshape(-1)]))
+    kern.rope(buf, 7, kern.upload(cos), kern.upload(sin), pos0, n_tok, heads, d, r,
+              style == "neox")
+    ours = kern.read(buf, (7 + x.size,))[7:].reshape(x.shape)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def attention_reference(q, k, v, pos0):
+    """numpy_backend's attention on cache contents: q (T, H, D), k/v (S, KV, D)."""
+    n_tok, heads, d = q.shape
+    kv = k.shape[1]
+    g = heads // kv
+    s = pos0 + n_tok
+    qg = q.reshape(n_tok, kv, g, d).transpose(1, 2, 0, 3)
+    scores = qg @ k[:s].transpose(1, 2, 0)[:, None] / math.sqrt(d)
+    causal = np.arange(s)[None, :] > (pos0 + np.arange(n_tok))[:, None]
+    out = softmax(np.where(causal, -np.inf, scores)) @ v[:s].transpose(1, 0, 2)[:, None]
+    return out.transpose(2, 0, 1, 3).reshape(n_tok, heads * d)
+
+
+def check_attention(kern: Kernels, n_tok: int, pos0: int, heads: int = 8, kv: int = 2,
+                    d: int = 32, split: bool | None = None) -> None:
+    n_ctx = pos0 + n_tok
+    q = RNG.standard_normal((n_tok, heads, d)).astype(np.float32)
+    k = RNG.standard_normal((n_ctx, kv, d)).astype(np.float32)
+    v = RNG.standard_normal((n_ctx, kv, d)).astype(np.float32)
+    out = kern.empty(4 * n_tok * heads * d)
+    part = kern.empty(4 * n_tok * heads * kern.attention_splits(n_ctx) * (d + 2))
+    kern.attention(kern.upload(q), kern.upload(k), kern.upload(v), out, part, n_tok, heads, kv,
+                   d, pos0, split=split)
+    np.testing.assert_allclose(kern.read(out, (n_tok, heads * d)),
+                               attention_reference(q, k, v, pos0), rtol=1e-5, atol=1e-5)
+
+
+def check_swiglu_and_bias(kern: Kernels) -> None:
+    g = RNG.standard_normal(1000).astype(np.float32) * 4
+    u = RNG.standard_normal(1000).astype(np.float32)
+    gb = kern.upload(g)
+    kern.swiglu(gb, kern.upload(u), 1000)
+    np.testing.assert_allclose(kern.read(gb, (1000,)), silu(g) * u, rtol=1e-5, atol=1e-7)
+    bias = RNG.standard_normal(10).astype(np.float32)
+    x = RNG.standard_normal(35).astype(np.float32)
+    xb = kern.upload(x)
+    kern.add_bias(xb, 5, kern.upload(bias), 10, 3)
+    ref = x.copy()
+    ref[5:35] += np.tile(bias, 3)
+    np.testing.assert_array_equal(kern.read(xb, (35,)), ref)
+
+
+def check_sampling(kern: Kernels) -> None:
+    x = RNG.standard_normal((3, 5000)).astype(np.float32) * 5
+    x[1, 17] = x[1, 4000] = x[1].max() + 1  # a tie: the first index wins, as numpy
+    xb = kern.upload(x)
+    ids = kern.empty(12)
+    kern.argmax(xb, ids, 5000, 3)
+    np.testing.assert_array_equal(kern.read(ids, (3,), np.int32), x.argmax(axis=1))
+    vals, idx = kern.top_k(xb, 5000, 40)
+    order = np.argsort(-x[0], kind="stable")[:40]
+    np.testing.assert_array_equal(idx, order)
+    np.testing.assert_array_equal(vals, x[0][order])
+    kern.softmax(xb, 5000, 3)
+    np.testing.assert_allclose(kern.read(xb, x.shape), softmax(x), rtol=1e-5, atol=1e-9)
+
+
+def check_split_weights(kern: Kernels, qtype: T = T.Q4_0) -> None:
+    """A weight bigger than the device's largest buffer is split by rows and still agrees."""
+    raw, wd = weights(qtype, 50, 256)
+    m = kern.upload_matrix(raw, qtype, (50, 256))
+    assert len(m.parts) > 1, "expected CLAW_OPENCL_MAX_ALLOC to force a split"
+    x = RNG.standard_normal((3, 256)).astype(np.float32)
+    for n_tok in (1, 3):
+        y = kern.empty(4 * n_tok * 50)
+        kern.matmul(m, kern.upload(x[:n_tok]), y, n_tok)
+        np.testing.assert_allclose(kern.read(y, (n_tok, 50)), x[:n_tok] @ wd.T, rtol=1e-4,
+                                   atol=1e-4)
+
+
+def random_gguf(path, qtype: T, *, dim: int, n_layers: int, ffn_dim: int, n_heads: int,
+                n_kv_heads: int, vocab_size: int):
+    """A Llama-shaped GGUF of random weights in `qtype` (norms F32), written without torch or
+    transformers (the GPU machine has neither transformers nor a package index). Each distinct
+    shape is quantized once and its bytes reused by every layer: for speed runs only."""
+    import gguf
+
+    from runtime.config import ModelConfig
+    from runtime.convert import _write_metadata
+    from runtime.model_file import expected_shapes
+
+    cfg = ModelConfig(arch="llama", vocab_size=vocab_size, dim=dim, n_layers=n_layers,
+                      n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=dim // n_heads,
+                      ffn_dim=ffn_dim, norm_eps=1e-5, rope_theta=10000.0,
+                      rope_dim=dim // n_heads, rope_style="normal", context_length=4096)
+    writer = gguf.GGUFWriter(path, "llama")
+    _write_metadata(writer, cfg, qtype, None)
+    blobs: dict[tuple[int, ...], np.ndarray] = {}
+    for name, shape in expected_shapes(cfg).items():
+        if len(shape) == 1:
+            writer.add_tensor(name, np.ones(shape, np.float32))
+            continue
+        if shape not in blobs:
+            w = (RNG.standard_normal(shape) * 0.02).astype(np.float32)
+            blobs[shape] = w.astype(np.float16) if qtype == T.F16 else quantize(w, qtype)
+        blob = blobs[shape]
+        writer.add_tensor(name, blob, raw_dtype=None if qtype == T.F16 else qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def decode_speed(backend, n_gen: int = 32) -> tuple[float, float]:
+    """(tokens/s of greedy decode on the device, weight GB/s that implies)."""
+    import time
+
+    cache = backend.new_cache(n_gen + 2)
+    backend.forward_device([1], cache)
+    token = backend.greedy_next()
+    start = time.perf_counter()
+    for _ in range(n_gen):
+        backend.forward_device([token], cache)
+        token = backend.greedy_next()
+    tps = n_gen / (time.perf_counter() - start)
+    streamed = sum(ref.nbytes for name, ref in backend.source.tensors.items()
+                   if name != "token_embd.weight")
+    return tps, streamed * tps / 1e9
