@@ -36,9 +36,10 @@ def manifests(profile: str, *, image: str | None = None, model: str = f"{MODELS_
     labels = {"app.kubernetes.io/name": "clawforge-runtime", "app.kubernetes.io/part-of":
               "clawforge", "clawforge.io/profile": prof.name}
     meta = {"name": name, "namespace": namespace, "labels": labels}
+    # `claw runtime serve`'s config (runtime.server.config.ServeConfig); the monitor reads the
+    # profile's pressure thresholds.
     config = {"model": model, "host": "0.0.0.0", "port": RUNTIME_PORT, "backend": rt.backend,
-              "threads": rt.threads, "context": rt.context, "prefill_chunk": rt.prefill_chunk,
-              "memory_budget_fraction": rt.memory_budget_fraction}
+              "threads": rt.threads, "context": rt.context, "monitor": {"profile": prof.name}}
     memory = _mebibytes(min(prof.ram_gb) * rt.memory_budget_fraction)
     probe = {"httpGet": {"path": "/health", "port": "http"}, "timeoutSeconds": 5}
     volumes: list[dict[str, Any]] = [

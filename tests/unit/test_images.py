@@ -206,6 +206,18 @@ def test_k8s_manifests_pass_the_kubernetes_schemas(claw, profile):
     assert docs[2]["spec"]["selector"] == docs[1]["spec"]["selector"]["matchLabels"]
 
 
+def test_k8s_config_map_is_a_valid_serve_config(tmp_path):
+    from runtime.server.config import load_config
+
+    doc = manifests("rk3588")[0]
+    path = tmp_path / "runtime.yml"
+    path.write_text(doc["data"]["runtime.yml"])
+    config = load_config(path)
+    assert (config.host, config.port, config.threads) == ("0.0.0.0", 8080, 4)
+    assert str(config.model) == "/var/lib/clawforge/models/model.gguf"
+    assert config.monitor.profile == "rk3588"
+
+
 def test_k8s_schema_check_rejects_a_broken_manifest():
     daemonset = manifests("rpi5")[1]
     daemonset["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["periodSeconds"] = "x"
