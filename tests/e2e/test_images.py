@@ -185,3 +185,41 @@ def test_offline_base_is_cached_by_its_inputs_and_has_its_architecture(claw, bui
     image = docker_client().images.get(tag)
     assert image.attrs["Architecture"] == arch
     assert _run(tag, "dpkg", "--print-architecture") == arch
+
+
+def test_runtime_container_serves_and_turns_healthy(builds, tmp_path):
+    """The image as a device runs it: config mounted, model in its directory, and the image's
+    health command (on a port of its own: the host network is shared) turning healthy."""
+    import time
+
+    from runtime.selftest import write_tiny_llama
+
+    tag = builds.get("runtime", "amd64").tag
+    models = tmp_path / "models"
+    models.mkdir()
+    write_tiny_llama(models / "model.gguf")
+    (tmp_path / "runtime.yml").write_text(
+        "model: /var/lib/clawforge/models/model.gguf\nhost: 127.0.0.1\nport: 18080\n"
+        "backend: numpy\n")
+    container = docker_client().containers.run(
+        tag, name=f"{PREFIX}-serve-{builds.run}", detach=True, network_mode="host",
+        volumes={str(tmp_path / "runtime.yml"): {"bind": "/etc/clawforge/runtime.yml",
+                                                 "mode": "ro"},
+                 str(models): {"bind": "/var/lib/clawforge/models", "mode": "ro"}},
+        healthcheck={"test": ["CMD", "/opt/clawforge/bin/python", "-c",
+                              "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen("
+                              "'http://127.0.0.1:18080/health', timeout=4).status == 200 "
+                              "else 1)"], "interval": 1_000_000_000, "start_period": 0,
+                     "retries": 3, "timeout": 5_000_000_000})
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            container.reload()
+            if container.attrs["State"]["Health"]["Status"] == "healthy":
+                break
+            assert container.status == "running", container.logs().decode()[-2000:]
+            time.sleep(1)
+        assert container.attrs["State"]["Health"]["Status"] == "healthy", \
+            container.logs().decode()[-2000:]
+    finally:
+        container.remove(force=True)
