@@ -60,3 +60,10 @@ def pytest_collection_modifyitems(config, items):
         if len(tiers) != 1:
             raise pytest.UsageError(f"{item.nodeid}: expected exactly one tier marker of "
                                     f"{sorted(TIERS)}, found {sorted(tiers) or 'none'}")
+
+
+def dexec(name: str, command: str) -> str:
+    """Run a shell command inside an emulated device (a container) and return its stdout."""
+    done = subprocess.run(["docker", "exec", name, "sh", "-c", command], capture_output=True,
+                          text=True, timeout=120)
+    return done.stdout.strip()

@@ -53,13 +53,7 @@ def render_cmd(
         errors = [f for f in findings if f["level"] == "error"]
         if errors:
             raise ClawError(f"hadolint found {len(errors)} error(s) in the {kind} Dockerfile")
-    if output:
-        part = output.with_name(f".{output.name}.part")
-        part.write_text(text)
-        part.replace(output)
-        err_console.print(f"wrote {output}")
-    else:
-        sys.stdout.write(text)
+    emit(text, output)
 
 
 class _BuildDisplay:
@@ -266,6 +260,11 @@ def k8s_cmd(
     from images.k8s import render_manifests
 
     text = render_manifests(profile, image=image, model=model, namespace=namespace)
+    emit(text, output)
+
+
+def emit(text: str, output: Path | None) -> None:
+    """Print `text`, or write it to `output` whole (a temp file renamed: never half-written)."""
     if output:
         part = output.with_name(f".{output.name}.part")
         part.write_text(text)

@@ -17,17 +17,11 @@ import yaml
 
 from provision import devices
 from provision.provisioning import provision
-from tests.conftest import claw_subprocess
+from tests.conftest import claw_subprocess, dexec
 
 pytestmark = pytest.mark.integration
 
 FLEET = f"t{os.getpid()}"
-
-
-def dexec(name: str, command: str) -> str:
-    done = subprocess.run(["docker", "exec", name, "sh", "-c", command], capture_output=True,
-                          text=True, timeout=120)
-    return done.stdout.strip()
 
 
 def summary(result) -> dict:

@@ -7,28 +7,22 @@ port the inventory gave the device (claw_runtime_port).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-import subprocess
 
 import httpx
 import pytest
 import yaml
 
 from provision import devices
-from tests.conftest import claw_subprocess
+from tests.conftest import claw_subprocess, dexec
 from tests.serve_model import tiny_chat_gguf
 
 pytestmark = pytest.mark.integration
 
 FLEET = f"rt{os.getpid()}"
-
-
-def dexec(name: str, command: str) -> str:
-    done = subprocess.run(["docker", "exec", name, "sh", "-c", command], capture_output=True,
-                          text=True, timeout=120)
-    return done.stdout.strip()
 
 
 def provision_runtime(inventory) -> dict:
@@ -92,8 +86,6 @@ def test_new_model_restarts_the_service(device, tmp_path):
     assert started_at(name) != before
     assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
     sha_device = dexec(name, "sha256sum /var/lib/clawforge/models/chat.gguf").split()[0]
-    import hashlib
-
     assert sha_device == hashlib.sha256(model.read_bytes()).hexdigest()
 
 
