@@ -37,6 +37,25 @@ $CLAW runtime convert .demo/tiny-llama -o .demo/tiny-llama-q8_0.gguf --type q8_0
 $CLAW runtime info .demo/tiny-llama-q8_0.gguf
 $CLAW runtime generate .demo/tiny-llama-q8_0.gguf -p "The edge fleet" -n 24 --seed 1 --backend numpy
 
+step "claw runtime generate --backend opencl: the same model on OpenCL kernels (PoCL on this CPU)"
+$CLAW runtime generate .demo/tiny-llama-q8_0.gguf -p "The edge fleet" -n 24 --seed 1 --backend opencl
+
+step "claw provision --tags claw_runtime: the runtime as a service on the first device, serving the model"
+FIRST=claw-demo-1
+$CLAW provision -i "$INV" --tags claw_runtime --limit "$FIRST" \
+  -e claw_runtime_model=.demo/tiny-llama-q8_0.gguf -e claw_runtime_backend=numpy
+.venv/bin/python - "$INV" "$FIRST" <<'PY'
+import sys, httpx, yaml
+hosts = yaml.safe_load(open(sys.argv[1]))["all"]["children"]["emulated"]["hosts"]
+url = f"http://127.0.0.1:{hosts[sys.argv[2]]['claw_runtime_port']}"
+print("GET /health ->", httpx.get(url + "/health", timeout=10).json())
+chat = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+    "model": "tiny-llama-q8_0", "max_tokens": 16, "temperature": 0,
+    "messages": [{"role": "user", "content": "Hello, device"}]}).json()
+print("POST /v1/chat/completions ->", repr(chat["choices"][0]["message"]["content"]),
+      chat["usage"])
+PY
+
 printf '\nDemo done (the model has random weights: its text is noise, its speed and plumbing are real).\n'
 printf 'The demo devices keep running: `.venv/bin/claw devices down --fleet demo` removes them.\n'
-printf 'Still to land: images (#6), OpenCL (#7), serving (#8), rollouts (#9), OS images (#10).\n'
+printf 'Images: `claw image build runtime --profile rpi5` (see README). Still to land: rollouts (#9), OS images (#10).\n'

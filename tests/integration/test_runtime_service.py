@@ -70,6 +70,12 @@ def test_service_serves_the_model_and_a_rerun_changes_nothing(device):
                               "temperature": 0})
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["completion_tokens"] >= 1
+    # Only the `runtime` extra is on the device: chat templates must render with what it brings.
+    chat = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                      json={"model": "chat", "max_tokens": 4, "temperature": 0,
+                            "messages": [{"role": "user", "content": "Hello"}]})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["role"] == "assistant"
     before = started_at(name)
     second = provision_runtime(inventory)
     assert second["changed"] == 0
