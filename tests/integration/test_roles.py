@@ -27,7 +27,6 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
-IMAGE = "clawforge/device-base:bookworm-amd64"
 PLAYBOOK = REPO / "playbooks" / "site.yml"
 ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 MAIN, FRESH = 1, 2  # roletest-N listens on 2300+N
@@ -71,8 +70,9 @@ class Run:
 
 
 class Devices:
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, image: str):
         self.workdir = workdir
+        self.image = image
         self.key = workdir / "key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)],
                        check=True, timeout=30)
@@ -90,7 +90,7 @@ class Devices:
                "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw", "-e", "container=docker",
                "-v", f"{conf}:/etc/ssh/sshd_config.d/claw.conf:ro",
                "-v", f"{self.key}.pub:/root/.ssh/authorized_keys:ro",
-               IMAGE, "/lib/systemd/systemd")
+               self.image, "/lib/systemd/systemd")
 
     def wait_for_ssh(self, n: int) -> None:
         deadline = time.monotonic() + 60
@@ -153,11 +153,14 @@ def devices(tmp_path_factory):
     if shutil.which("docker") is None or docker("info", check=False).returncode != 0:
         pytest.skip("no Docker engine (start one: dockerd --iptables=false --ip6tables=false "
                     "--bridge=none)")
-    if docker("image", "inspect", IMAGE, check=False).returncode != 0:
-        pytest.skip(f"the device image {IMAGE} is not in the local Docker engine")
     if not ANSIBLE_PLAYBOOK.exists():
         pytest.skip("ansible-playbook is not installed (pip install 'clawforge[controller]')")
-    made = Devices(tmp_path_factory.mktemp("roletest"))
+    from provision.devices import ensure_base_image
+
+    # The same base the emulated devices use, made (or found in its cache) here: a fresh
+    # machine has none, and a skip would hide every test below.
+    made = Devices(tmp_path_factory.mktemp("roletest"),
+                   ensure_base_image("amd64", progress=lambda _: None))
     try:
         for n in (MAIN, FRESH):
             made.start(n)
