@@ -83,7 +83,11 @@ def runtime_wheel(inventory: Inventory, tags: list[str] | None) -> dict[str, Any
         return {}
     from images.wheel import ensure_wheel
 
-    return {"claw_runtime_wheel": str(ensure_wheel(progress=lambda _: None))}
+    try:
+        return {"claw_runtime_wheel": str(ensure_wheel(progress=lambda _: None))}
+    except ClawError as exc:
+        raise ClawError(f"the runtime service needs the ClawForge wheel: {exc}; or pass one "
+                        "with -e claw_runtime_wheel=PATH") from None
 
 
 def hugepages_for_model(host: Host) -> int:
