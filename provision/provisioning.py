@@ -31,9 +31,10 @@ def role_vars(host: Host) -> dict[str, Any]:
     eff, profile = host.effective(), host.profile
     assert profile is not None
     stack = next(s for s in profile.gpu.opencl if s.name == eff["opencl_stack"])
+    model = model_file(host)
     hugepages_mb = eff["hugepages_mb"]
     if hugepages_mb is None:
-        hugepages_mb = hugepages_for_model(host)
+        hugepages_mb = hugepages_for_model(host, model)
     return {
         "claw_host": eff,
         "zram_fraction_of_ram": eff["zram"]["fraction_of_ram"],
@@ -50,7 +51,7 @@ def role_vars(host: Host) -> dict[str, Any]:
         "opencl_drivers_env": stack.env,
         "tuning_inference_cpus": eff["runtime"]["cpu_affinity"],
         "tuning_cpus": profile.core_ids,
-        "claw_runtime_model_src": str(model_file(host) or ""),
+        "claw_runtime_model_src": str(model or ""),
         "claw_runtime_port": eff["runtime"]["port"],
         "claw_runtime_backend": eff["runtime"]["backend"],
         "claw_runtime_threads": eff["runtime"]["threads"],
@@ -90,11 +91,10 @@ def runtime_wheel(inventory: Inventory, tags: list[str] | None) -> dict[str, Any
                         "with -e claw_runtime_wheel=PATH") from None
 
 
-def hugepages_for_model(host: Host) -> int:
-    """MB of huge pages for the host's model: its size × the profile's fraction, capped by
-    the profile's share of RAM; 0 when no model file is named (nothing worth reserving)."""
+def hugepages_for_model(host: Host, model: Path | None) -> int:
+    """MB of huge pages for the host's model (`model_file`): its size × the profile's fraction,
+    capped by the profile's share of RAM; 0 when no model is named (nothing worth reserving)."""
     assert host.profile is not None
-    model = model_file(host)
     if model is None:
         return 0
     rule = host.profile.hugepages
