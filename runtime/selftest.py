@@ -50,42 +50,27 @@ def tiny_vocabulary() -> tuple[list[str], list[float], list[int]]:
 
 
 def write_tiny_llama(path: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama GGUF with seeded random weights (std 0.08, so greedy choices are clear)."""
+    """A 2-layer Llama GGUF with seeded random weights (std 0.08, so greedy choices are clear),
+    written with the converter's own metadata and tensor layout."""
     import gguf
 
+    from runtime.config import ModelConfig
+    from runtime.convert import _write_metadata
+    from runtime.model_file import expected_shapes
+
     tokens, scores, types = tiny_vocabulary()
-    vocab = len(tokens)
+    cfg = ModelConfig(arch="llama", name="clawforge-selftest", vocab_size=len(tokens), dim=DIM,
+                      n_layers=LAYERS, n_heads=HEADS, n_kv_heads=KV_HEADS, head_dim=DIM // HEADS,
+                      ffn_dim=FFN, norm_eps=1e-5, rope_theta=10000.0, rope_dim=DIM // HEADS,
+                      rope_style="normal", context_length=CTX)
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(path, "llama")
-    w.add_name("clawforge-selftest")
-    w.add_context_length(CTX)
-    w.add_embedding_length(DIM)
-    w.add_block_count(LAYERS)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_dimension_count(DIM // HEADS)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(vocab)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    kv = KV_HEADS * DIM // HEADS
-    shapes = {"token_embd.weight": (vocab, DIM), "output_norm.weight": (DIM,),
-              "output.weight": (vocab, DIM)}
-    for i in range(LAYERS):
-        b = f"blk.{i}."
-        shapes |= {b + "attn_norm.weight": (DIM,), b + "attn_q.weight": (DIM, DIM),
-                   b + "attn_k.weight": (kv, DIM), b + "attn_v.weight": (kv, DIM),
-                   b + "attn_output.weight": (DIM, DIM), b + "ffn_norm.weight": (DIM,),
-                   b + "ffn_gate.weight": (FFN, DIM), b + "ffn_up.weight": (FFN, DIM),
-                   b + "ffn_down.weight": (DIM, FFN)}
-    for name, shape in shapes.items():
+    _write_metadata(w, cfg, gguf.GGMLQuantizationType.F32, {
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0})
+    for name, shape in expected_shapes(cfg).items():
         data = np.ones(shape) if name.endswith("norm.weight") else rng.normal(0, 0.08, shape)
         if name == "output.weight":
             data[:259] *= 0.1  # special and byte tokens rarely win: the text is readable
