@@ -25,6 +25,7 @@ from provision.profiles import (
     Name,
     OpenCLStackName,
     ProfileStore,
+    RolloutHooks,
 )
 from provision.validation import describe
 from provision.yamlsource import SourcedYaml, YamlPath, load_yaml
@@ -63,6 +64,9 @@ class HostVars(BaseModel):
     claw_runtime_api_key_file: str | None = None
     claw_runtime_pip_args: list[str] | None = None
     claw_runtime_config: dict[str, Any] | None = None
+    # Commands a fleet rollout runs on the device per step (see the claw_release role); they
+    # replace the profile's rollout.hooks step by step.
+    claw_rollout_hooks: RolloutHooks | None = None
 
     ansible_host: str | None = None
     ansible_port: Port | None = None

@@ -106,6 +106,17 @@ class PressureThresholds(Strict):
     hold_s: float = Field(5.0, ge=0, le=3600, description="seconds calm before work returns")
 
 
+HookStep = Literal["before_download", "after_download", "before_install", "after_install",
+                   "before_commit", "after_commit", "before_rollback", "after_rollback"]
+RolloutHooks = dict[HookStep, list[Annotated[str, Field(min_length=1)]]]
+
+
+class RolloutDefaults(Strict):
+    """What a fleet rollout runs on boards of this profile (Mender-style state scripts)."""
+
+    hooks: RolloutHooks = Field(default_factory=dict, description="shell commands per step")
+
+
 class DeviceProfile(Strict):
     name: Name
     description: str = Field(min_length=1)
@@ -122,6 +133,7 @@ class DeviceProfile(Strict):
     os: OsImage
     runtime: RuntimeDefaults
     pressure: PressureThresholds
+    rollout: RolloutDefaults = Field(default_factory=RolloutDefaults)
 
     @model_validator(mode="after")
     def _consistent(self) -> DeviceProfile:

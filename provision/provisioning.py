@@ -56,6 +56,8 @@ def role_vars(host: Host) -> dict[str, Any]:
         "claw_runtime_backend": eff["runtime"]["backend"],
         "claw_runtime_threads": eff["runtime"]["threads"],
         "claw_runtime_cpu_affinity": eff["runtime"]["cpu_affinity"],
+        "claw_release_hooks": {**profile.rollout.hooks, **(host.settings.claw_rollout_hooks or {})}
+        if host.settings else dict(profile.rollout.hooks),
     }
 
 

@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 
 from provision import __version__
-from provision.cli import devices, doctor, image, inventory, pending, profiles, provision, vm
+from provision.cli import devices, doctor, fleet, image, inventory, pending, profiles, provision, vm
 from provision.errors import EXIT_BAD_INPUT, EXIT_FAILED, BadInputs, ClawError
 from provision.output import err_console
 from runtime import cli as runtime_cli
@@ -35,6 +35,7 @@ app.add_typer(vm.app, name="vm")
 app.add_typer(image.app, name="image")
 app.command("doctor")(doctor.doctor)
 app.command("provision")(provision.provision_cmd)
+app.add_typer(fleet.app, name="fleet")
 app.add_typer(runtime_cli.app, name="runtime")
 pending.register(app)
 

@@ -7,7 +7,6 @@ import typer
 from provision.errors import ClawError
 
 PENDING = {
-    "fleet": ("Roll out updates across the fleet: canary, batches, rollback, history.", 9),
     "os": ("Build or customise bootable arm64 OS images.", 10),
 }
 

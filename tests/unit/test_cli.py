@@ -16,15 +16,16 @@ COMMANDS = [
     ["runtime", "selftest"],
     ["image", "render"], ["image", "build"], ["image", "base"], ["image", "export"],
     ["image", "import"], ["image", "push"], ["image", "run-dev"], ["image", "k8s"],
+    ["fleet", "rollout"], ["fleet", "rollback"], ["fleet", "status"], ["fleet", "history"],
 ]
-PENDING = ["fleet", "os"]
+PENDING = ["os"]
 
 
 def test_root_help_lists_every_group(claw):
     result = claw("--help")
     assert result.code == 0
     for group in ["profiles", "inventory", "doctor", "runtime", "provision", "devices", "flash",
-                  "image", *PENDING]:
+                  "image", "fleet", *PENDING]:
         assert group in result.out
 
 

@@ -1,0 +1,187 @@
+"""Rollout history: one SQLite file in the user's state directory.
+
+A rollout row says who started what, when, with which settings, and how it ended; a device
+row per device says where that device got to (its last phase), from which version to which,
+how long it took and what failed. Rows are written as the runner's events arrive, so a
+controller killed mid-rollout leaves a history that says where it stopped: a `running` rollout
+whose process is gone is reported (and recorded) as `interrupted`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from provision.errors import BadInput
+from provision.paths import state_dir
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,            -- rollout | rollback
+    inventory TEXT NOT NULL,
+    image TEXT NOT NULL,
+    image_id TEXT NOT NULL,
+    settings TEXT NOT NULL,        -- JSON: canary, batch, max_fail, strategy, delivery, ...
+    user TEXT NOT NULL,
+    controller TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started REAL NOT NULL,
+    ended REAL,
+    status TEXT NOT NULL,          -- running | succeeded | failed | halted | interrupted | ...
+    stopped_at TEXT NOT NULL DEFAULT '',
+    error TEXT NOT NULL DEFAULT '',
+    notes TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS devices (
+    rollout_id TEXT NOT NULL REFERENCES rollouts(id),
+    device TEXT NOT NULL,
+    batch INTEGER NOT NULL,
+    from_image TEXT NOT NULL DEFAULT '',
+    to_image TEXT NOT NULL DEFAULT '',
+    phase TEXT NOT NULL DEFAULT 'waiting',
+    outcome TEXT NOT NULL DEFAULT 'pending',   -- pending, ok, current, rolled_back, failed, ...
+    -- unreachable or skipped
+    delivery TEXT NOT NULL DEFAULT '',
+    started REAL,
+    ended REAL,
+    error TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (rollout_id, device)
+);
+"""
+FINAL = ("ok", "current", "rolled_back", "failed", "unreachable")
+
+
+def db_path() -> Path:
+    return state_dir() / "fleet.db"
+
+
+@contextmanager
+def connect() -> Iterator[sqlite3.Connection]:
+    path = db_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, timeout=30)
+    con.row_factory = sqlite3.Row
+    try:
+        con.executescript(SCHEMA)
+        with con:
+            yield con
+    finally:
+        con.close()
+
+
+def start(rollout_id: str, kind: str, inventory: Path, image: str, image_id: str,
+          settings: dict[str, Any], batches: list[list[str]]) -> None:
+    """Record a new rollout and its devices, each in its planned batch, all still waiting."""
+    with connect() as con:
+        con.execute("INSERT INTO rollouts (id, kind, inventory, image, image_id, settings, user, "
+                    "controller, pid, started, status) VALUES (?,?,?,?,?,?,?,?,?,?, 'running')",
+                    (rollout_id, kind, str(inventory.resolve()), image, image_id,
+                     json.dumps(settings), getpass.getuser(), socket.gethostname(), os.getpid(),
+                     time.time()))
+        con.executemany("INSERT INTO devices (rollout_id, device, batch, to_image) "
+                        "VALUES (?,?,?,?)",
+                        [(rollout_id, d, i, image) for i, b in enumerate(batches) for d in b])
+
+
+def resume(rollout_id: str, note: str) -> None:
+    """Take over an interrupted rollout in this process."""
+    with connect() as con:
+        con.execute("UPDATE rollouts SET status='running', pid=?, ended=NULL, "
+                    "notes = notes || ? WHERE id=?", (os.getpid(), note, rollout_id))
+        con.execute("UPDATE devices SET outcome='pending', error='' WHERE rollout_id=? AND "
+                    "outcome NOT IN ('ok', 'current')", (rollout_id,))
+
+
+def device_update(rollout_id: str, device: str, **fields: Any) -> None:
+    if not fields:
+        return
+    cols = ", ".join(f"{k}=?" for k in fields)
+    with connect() as con:
+        con.execute(f"UPDATE devices SET {cols} WHERE rollout_id=? AND device=?",
+                    (*fields.values(), rollout_id, device))
+
+
+def finish(rollout_id: str, status: str, error: str = "", stopped_at: str = "") -> None:
+    with connect() as con:
+        con.execute("UPDATE rollouts SET status=?, error=?, stopped_at=?, ended=? WHERE id=?",
+                    (status, error, stopped_at, time.time(), rollout_id))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def where_stopped(devices: list[dict[str, Any]]) -> str:
+    """Which batch a rollout stopped in and what its unfinished devices were doing."""
+    open_ = [d for d in devices if d["outcome"] not in FINAL]
+    if not open_:
+        return ""
+    batch = min(d["batch"] for d in open_)
+    doing = [f"{d['device']} {d['phase']}" for d in open_ if d["batch"] == batch]
+    return f"batch {batch}: " + ", ".join(doing)
+
+
+def _mark_interrupted(con: sqlite3.Connection) -> None:
+    """A `running` rollout whose controller process is gone was interrupted: say where."""
+    for row in con.execute("SELECT id, pid, controller FROM rollouts WHERE status='running'"):
+        if row["controller"] == socket.gethostname() and not _alive(row["pid"]):
+            devs = [dict(d) for d in con.execute(
+                "SELECT * FROM devices WHERE rollout_id=? ORDER BY batch, device", (row["id"],))]
+            con.execute("UPDATE rollouts SET status='interrupted', ended=?, stopped_at=?, "
+                        "error='the controller stopped before the rollout finished' "
+                        "WHERE id=?", (time.time(), where_stopped(devs), row["id"]))
+
+
+def rollouts(limit: int = 20, inventory: Path | None = None) -> list[dict[str, Any]]:
+    """The newest rollouts first, each with its devices."""
+    with connect() as con:
+        _mark_interrupted(con)
+        query, args = "SELECT * FROM rollouts", []
+        if inventory is not None:
+            query += " WHERE inventory=?"
+            args.append(str(inventory.resolve()))
+        rows = [dict(r) for r in con.execute(query + " ORDER BY started DESC LIMIT ?",
+                                             (*args, limit))]
+        for row in rows:
+            row["settings"] = json.loads(row["settings"])
+            row["devices"] = [dict(d) for d in con.execute(
+                "SELECT * FROM devices WHERE rollout_id=? ORDER BY batch, device", (row["id"],))]
+    return rows
+
+
+def get(rollout_id: str) -> dict[str, Any]:
+    with connect() as con:
+        _mark_interrupted(con)
+    for row in rollouts(limit=10_000):
+        if row["id"] == rollout_id or row["id"].startswith(rollout_id):
+            return row
+    raise BadInput(f"rollout {rollout_id!r} is not in the history ({db_path()}; see "
+                   "`claw fleet history`)")
+
+
+def last_per_device() -> dict[str, dict[str, Any]]:
+    """Each device's newest rollout row (with the rollout's id, image and start)."""
+    with connect() as con:
+        _mark_interrupted(con)
+        out: dict[str, dict[str, Any]] = {}
+        for row in con.execute("SELECT d.*, r.started AS rollout_started, r.kind, r.status "
+                               "FROM devices d JOIN rollouts r ON r.id = d.rollout_id "
+                               "WHERE d.outcome != 'pending' OR r.status = 'running' "
+                               "ORDER BY r.started"):
+            out[row["device"]] = dict(row)
+    return out

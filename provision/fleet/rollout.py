@@ -1,0 +1,419 @@
+"""`claw fleet rollout|rollback`: release a runtime image to a fleet through playbooks/rollout.yml.
+
+The controller checks everything first (the inventory, the image, the batch sizes and failure
+budget), makes the image deliverable (a cached `claw image export` tarball, or a push to the
+given registry), records the rollout, and runs the playbook through ansible-runner. Ansible
+does the batching (`serial`) and stops at the failure budget (`max_fail_percentage`); each
+device rolls itself back when its new version fails (the claw_release role). What Ansible
+cannot do is undo the batch it stopped in: the controller then rolls that batch's switched
+devices back to the versions they ran before (fleet_rollback.yml). Every step lands in the
+history as the runner reports it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provision.ansible import new_run_dir, run_playbook
+from provision.errors import BadInput
+from provision.fleet import history
+from provision.inventory import Inventory, load_inventory
+from provision.paths import state_dir
+from provision.provisioning import check_limit, run_inventory
+
+STRATEGIES = ("download-then-restart", "restart-then-download")
+FAIL_TASK = "Fail the device, saying what happened"
+SWITCHED = ("installed", "healthy", "committed")
+
+
+@dataclass
+class Settings:
+    canary: int = 1
+    batch: str = "25%"
+    max_fail: int = 10
+    strategy: str = STRATEGIES[0]
+    registry: str = ""
+    health_timeout: int = 180
+    guard_s: int = 900
+
+    @property
+    def delivery(self) -> str:
+        return "registry" if self.registry else "tar"
+
+    def serial(self) -> list[int | str]:
+        return ([self.canary] if self.canary else []) + [self.batch]
+
+
+def parse_batch(value: str) -> str:
+    """`25%` or `3`: what Ansible's `serial` takes."""
+    text = value.strip()
+    number = text[:-1] if text.endswith("%") else text
+    if not number.isdigit() or int(number) < 1 or (text.endswith("%") and int(number) > 100):
+        raise BadInput(f"--batch {value!r} is not valid (expected a number of devices ≥ 1 or a "
+                       "percentage 1%–100%, e.g. 25%)")
+    return f"{int(number)}%" if text.endswith("%") else str(int(number))
+
+
+def parse_max_fail(value: str) -> int:
+    text = value.strip().removesuffix("%")
+    if not text.isdigit() or int(text) > 100:
+        raise BadInput(f"--max-fail {value!r} is not valid (expected a percentage 0%–100% of a "
+                       "batch, e.g. 10%)")
+    return int(text)
+
+
+def plan_batches(hosts: list[str], serial: list[int | str]) -> list[list[str]]:
+    """The batches Ansible's `serial` makes of `hosts` (percentages of all of them, at least
+    one host each, the last size repeating)."""
+    sizes: list[int] = []
+    for item in serial:
+        text = str(item)
+        size = int(int(text[:-1]) / 100 * len(hosts)) if text.endswith("%") else int(text)
+        sizes.append(max(size, 1))
+    batches, i, k = [], 0, 0
+    while i < len(hosts):
+        size = sizes[min(k, len(sizes) - 1)]
+        batches.append(hosts[i:i + size])
+        i, k = i + size, k + 1
+    return batches
+
+
+def check_runtime_hosts(inventory: Inventory, hosts: list[str]) -> None:
+    """Every targeted host must run the runtime as a container (the claw_runtime role)."""
+    bad = []
+    for name in hosts:
+        s = inventory.hosts[name].settings
+        if s is None or not s.claw_runtime_model or s.claw_runtime_install != "container":
+            bad.append(name)
+    if bad:
+        raise BadInput(f"{inventory.path}: {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}: "
+                       "no runtime service that runs images (expected claw_runtime_install: "
+                       "container and claw_runtime_model set, then `claw provision --tags "
+                       "docker_engine,claw_runtime`)")
+
+
+def local_image_id(tag: str) -> str:
+    import docker
+
+    from images.base import docker_client
+
+    if not tag or " " in tag:
+        raise BadInput(f"--image {tag!r} is not valid (expected an image tag, e.g. "
+                       "clawforge/runtime:0.1.0-rk3588-arm64)")
+    try:
+        return docker_client().images.get(tag).id
+    except docker.errors.ImageNotFound:
+        raise BadInput(f"--image {tag}: no such image on this machine (expected a tag from "
+                       "`claw image build` or `docker images`)") from None
+
+
+def tarball_for(tag: str, image_id: str, progress: Callable[[str], None]) -> Path:
+    """The image as a zstd tarball, exported once per image id and kept in the state dir."""
+    from images.transfer import export_image
+
+    folder = state_dir() / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{image_id.removeprefix('sha256:')[:16]}.tar.zst"
+    if not path.is_file():
+        progress(f"exporting {tag} to {path}")
+        export_image(tag, path)
+    return path
+
+
+class Tracker:
+    """Folds the runner's events into the history as they arrive (and keeps them for the
+    caller): each device's batch, phase, versions, delivery, timings and outcome."""
+
+    def __init__(self, rollout_id: str, on_change: Callable[[dict[str, dict[str, Any]]], None]
+                 | None = None, batch_offset: int = 0):
+        self.rollout_id = rollout_id
+        self.on_change = on_change
+        self.batch = batch_offset - 1
+        self.devices: dict[str, dict[str, Any]] = {}
+        self.halted = False
+
+    def _update(self, host: str, **fields: Any) -> None:
+        row = self.devices.setdefault(host, {"device": host})
+        row.update(fields)
+        history.device_update(self.rollout_id, host, **fields)
+        if self.on_change:
+            self.on_change(self.devices)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("event", "")
+        data = event.get("event_data", {})
+        host = data.get("host")
+        if kind == "playbook_on_play_start":
+            self.batch += 1
+        elif kind == "playbook_on_no_hosts_remaining":
+            self.halted = True
+        if not host:
+            return
+        res = data.get("res") or {}
+        if kind == "runner_on_ok":
+            step = (res.get("ansible_facts") or {}).get("claw_release_event")
+            if isinstance(step, dict):
+                self._phase(host, step)
+        elif kind == "runner_on_failed" and not data.get("ignore_errors"):
+            message = " ".join(str(res.get("msg") or res.get("stderr") or "").split())[:500]
+            if data.get("task") == FAIL_TASK:
+                row = self.devices.get(host, {})
+                healthy = row.get("phase") == "rolled_back" and row.get("rollback_healthy")
+                self._update(host, outcome="rolled_back" if healthy else "failed",
+                             error=message, ended=time.time())
+            else:
+                self.devices.setdefault(host, {"device": host})["last_error"] = \
+                    f"{data.get('task', '')}: {message}"
+        elif kind == "runner_on_unreachable":
+            message = " ".join(str(res.get("msg") or "").split())[:300]
+            self._update(host, outcome="unreachable", error=message, ended=time.time())
+
+    def _phase(self, host: str, step: dict[str, Any]) -> None:
+        phase = step.get("phase", "")
+        fields: dict[str, Any] = {"phase": phase}
+        if phase == "started":
+            fields.update(batch=self.batch, from_image=step.get("from", ""), started=time.time(),
+                          outcome="pending", error="")
+        elif phase == "delivered":
+            fields["delivery"] = step.get("delivery", "")
+        elif phase == "committed":
+            fields.update(outcome="ok", ended=time.time())
+        elif phase == "current":
+            fields.update(outcome="current", ended=time.time())
+        elif phase == "rolled_back":
+            row = self.devices.setdefault(host, {"device": host})
+            row["rollback_healthy"] = str(step.get("healthy")).lower() == "true"
+            row["to"] = step.get("to", "")
+            fields["error"] = str(step.get("reason", ""))[:500]
+        self._update(host, **fields)
+
+    def finish_stats(self, stats: dict[str, Any]) -> None:
+        """Devices the playbook failed outside the release block (e.g. no runtime unit)."""
+        for host in (stats.get("failures") or {}):
+            row = self.devices.get(host, {})
+            if row.get("outcome") in (None, "pending"):
+                self._update(host, outcome="failed", ended=time.time(),
+                             error=row.get("last_error", "failed"))
+
+
+@dataclass
+class RolloutResult:
+    rollout_id: str
+    status: str
+    devices: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""
+    artifacts: str = ""
+
+
+def select_hosts(inventory_path: Path, limit: str | None,
+             extravars: dict[str, Any] | None) -> tuple[Inventory, list[str]]:
+    inventory = load_inventory(inventory_path, extra_vars=extravars)
+    check_limit(inventory, limit)
+    hosts = list(inventory.hosts)
+    if limit:
+        import fnmatch
+
+        pats = [p.strip() for p in limit.replace(":", ",").split(",") if p.strip()]
+        members = {h for p in pats for g, ms in inventory.groups.items()
+                   if fnmatch.fnmatch(g, p) for h in ms}
+        hosts = [h for h in hosts if h in members or any(fnmatch.fnmatch(h, p) for p in pats)]
+    return inventory, hosts
+
+
+def _run(playbook: str, inventory: Inventory, hosts: list[str], extravars: dict[str, Any],
+         tracker: Tracker, kind: str) -> Any:
+    run_id, private = new_run_dir(kind)
+    run_inv = run_inventory(inventory, private / "run-inventory.yml")
+    stats: dict[str, Any] = {}
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("event") == "playbook_on_stats":
+            stats.update(event.get("event_data", {}))
+        tracker(event)
+
+    result = run_playbook(playbook, run_inv, extravars=extravars, limit=",".join(hosts),
+                          on_event=on_event, run=(run_id, private))
+    tracker.finish_stats(stats)
+    return result
+
+
+def rollout(inventory_path: Path, image: str, settings: Settings, *, limit: str | None = None,
+            extravars: dict[str, Any] | None = None, dry_run: bool = False,
+            resume: str | None = None, progress: Callable[[str], None] = lambda _: None,
+            on_change: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+            ) -> RolloutResult | list[list[str]]:
+    """Release `image` to the inventory's devices in batches; the plan alone with dry_run."""
+    if settings.strategy not in STRATEGIES:
+        raise BadInput(f"--strategy {settings.strategy!r} is not valid (expected one of: "
+                       f"{', '.join(STRATEGIES)})")
+    if settings.canary < 0:
+        raise BadInput(f"--canary {settings.canary} is not valid (expected 0 or more devices)")
+    inventory, hosts = select_hosts(inventory_path, limit, extravars)
+    check_runtime_hosts(inventory, hosts)
+    previous = history.get(resume) if resume else None
+    if previous is not None:
+        if previous["status"] not in ("interrupted", "halted", "failed"):
+            raise BadInput(f"rollout {previous['id']} is {previous['status']} (expected an "
+                           "interrupted, halted or failed rollout to resume)")
+        done = {d["device"] for d in previous["devices"] if d["outcome"] in ("ok", "current")}
+        hosts = [h for h in hosts if h not in done]
+        if any(d["outcome"] == "ok" for d in previous["devices"]):
+            settings.canary = 0  # its canary passed already
+    image_id = local_image_id(image)
+    batches = plan_batches(hosts, settings.serial())
+    if dry_run:
+        return batches
+    if not hosts:
+        raise BadInput(f"{inventory_path}: no device left to roll out to")
+    extra: dict[str, Any] = {
+        "claw_release_image": image, "claw_release_image_id": image_id,
+        "claw_release_delivery": settings.delivery, "claw_release_strategy": settings.strategy,
+        "claw_release_health_timeout": settings.health_timeout,
+        "claw_release_guard_s": settings.guard_s,
+        "claw_rollout_serial": settings.serial(), "claw_rollout_max_fail": settings.max_fail,
+    }
+    if settings.registry:
+        from images.transfer import push_image
+
+        progress(f"pushing {image} to {settings.registry}")
+        push_image(image, settings.registry)
+        extra["claw_release_registry"] = settings.registry
+    else:
+        extra["claw_release_tarball"] = str(tarball_for(image, image_id, progress))
+    if previous is not None:
+        rollout_id = previous["id"]
+        history.resume(rollout_id, f"resumed at {time.strftime('%H:%M:%S')} on "
+                                   f"{len(hosts)} device(s); ")
+        offset = 1 + max((d["batch"] for d in previous["devices"]
+                          if d["outcome"] in ("ok", "current")), default=-1)
+    else:
+        rollout_id = new_run_dir("rollout")[0]
+        history.start(rollout_id, "rollout", inventory_path, image, image_id,
+                      {**settings.__dict__, "delivery": settings.delivery,
+                       "limit": limit or ""}, batches)
+        offset = 0
+    extra["claw_release_rollout"] = rollout_id
+    tracker = Tracker(rollout_id, on_change, batch_offset=offset)
+    try:
+        run = _run("rollout.yml", inventory, hosts, {**(extravars or {}), **extra}, tracker,
+                   "rollout")
+    except BaseException:
+        history.finish(rollout_id, "interrupted", "the controller stopped (interrupted)",
+                       _stopped(rollout_id))
+        raise
+    return _conclude(rollout_id, inventory, tracker, run, extravars, progress)
+
+
+def _stopped(rollout_id: str) -> str:
+    return history.where_stopped(history.get(rollout_id)["devices"])
+
+
+def _conclude(rollout_id: str, inventory: Inventory, tracker: Tracker, run: Any,
+              extravars: dict[str, Any] | None, progress: Callable[[str], None]) -> RolloutResult:
+    """Settle the outcome: undo the batch the budget stopped, mark untouched devices."""
+    devices = history.get(rollout_id)["devices"]
+    stopped_at, error = "", ""
+    if tracker.halted:
+        status = "halted"
+        stopped_at = _stopped(rollout_id)
+        failed_batch = tracker.batch
+        undo = {d["device"]: d["from_image"] for d in devices if d["batch"] == failed_batch
+                and d["phase"] in SWITCHED and d["outcome"] in ("pending", "ok")
+                and (d["from_image"] or d["outcome"] == "pending")}
+        error = "the failure budget was exceeded"
+        if undo:
+            progress(f"rolling back batch {failed_batch}: {', '.join(sorted(undo))}")
+            targets = {h: ("" if next(d for d in devices if d["device"] == h)["outcome"]
+                           == "pending" else img) for h, img in undo.items()}
+            rb = Tracker(rollout_id, tracker.on_change, batch_offset=failed_batch)
+            _run("fleet_rollback.yml", inventory, sorted(undo),
+                 {**(extravars or {}), "claw_release_targets": targets,
+                  "claw_release_rollout": rollout_id}, rb, "rollback")
+            for host in undo:
+                row = rb.devices.get(host, {})
+                ok = row.get("rollback_healthy") or not row.get("to")
+                history.device_update(rollout_id, host, outcome="rolled_back" if ok else "failed",
+                                      ended=time.time(), error="batch rolled back: " + error)
+        for d in devices:
+            if d["outcome"] == "pending" and d["device"] not in undo:
+                history.device_update(rollout_id, d["device"], outcome="skipped",
+                                      phase=d["phase"], error="not started: " + error
+                                      if d["phase"] == "waiting" else "stopped: " + error)
+    else:
+        for d in devices:
+            if d["outcome"] == "pending":
+                history.device_update(rollout_id, d["device"], outcome="failed",
+                                      error="no result from the playbook (rc "
+                                            f"{run.rc}, {run.status})")
+        devices = history.get(rollout_id)["devices"]
+        bad = [d for d in devices if d["outcome"] not in ("ok", "current")]
+        status = "succeeded" if not bad else "failed"
+        if bad:
+            error = f"{len(bad)} of {len(devices)} device(s) did not take the release"
+    history.finish(rollout_id, status, error, stopped_at)
+    return RolloutResult(rollout_id, status, history.get(rollout_id)["devices"], error,
+                         str(run.artifacts))
+
+
+def rollback(inventory_path: Path, *, to: str | None = None, rollout_id: str | None = None,
+             limit: str | None = None, extravars: dict[str, Any] | None = None,
+             on_change: Callable[[dict[str, dict[str, Any]]], None] | None = None
+             ) -> RolloutResult:
+    """Devices back to `to`, or to what they ran before a rollout (the newest one of this
+    inventory unless `rollout_id` is given): only the devices that rollout changed."""
+    inventory, hosts = select_hosts(inventory_path, limit, extravars)
+    check_runtime_hosts(inventory, hosts)
+    if to:
+        image_id = local_image_id(to) if not to.startswith("sha256:") else to
+        targets = {h: to for h in hosts}
+        source = None
+    else:
+        runs = [r for r in history.rollouts(limit=1000, inventory=inventory_path)
+                if r["kind"] == "rollout"]
+        if rollout_id:
+            source = history.get(rollout_id)
+        elif runs:
+            source = runs[0]
+        else:
+            raise BadInput(f"{inventory_path}: no rollout in the history to roll back (expected "
+                           "--to IMAGE, or a rollout first)")
+        touched = {d["device"]: d for d in source["devices"]
+                   if d["phase"] in SWITCHED or d["outcome"] == "ok"}
+        targets = {h: touched[h]["from_image"] for h in hosts if h in touched}
+        image_id = ""
+        if not targets:
+            raise BadInput(f"rollout {source['id']} changed no device of {inventory_path}: "
+                           "nothing to roll back")
+    rollback_id = new_run_dir("rollback")[0]
+    target_list = sorted(targets)
+    history.start(rollback_id, "rollback", inventory_path, to or f"before {source['id']}",
+                  image_id, {"to": to or "", "rollout": source["id"] if source else ""},
+                  [target_list])
+    tracker = Tracker(rollback_id, on_change)
+    run = _run("fleet_rollback.yml", inventory, target_list,
+               {**(extravars or {}), "claw_release_targets": targets,
+                "claw_release_rollout": rollback_id}, tracker, "rollback")
+    for host in target_list:
+        row = tracker.devices.get(host, {})
+        if row.get("outcome") in ("unreachable", "failed", "rolled_back"):
+            continue
+        healthy = row.get("rollback_healthy") or not targets[host]
+        history.device_update(rollback_id, host, from_image="", to_image=targets[host],
+                              outcome="ok" if row.get("phase") == "rolled_back" and healthy
+                              else "failed", ended=time.time())
+    devices = history.get(rollback_id)["devices"]
+    bad = [d for d in devices if d["outcome"] != "ok"]
+    status = "succeeded" if not bad else "failed"
+    error = f"{len(bad)} of {len(devices)} device(s) not rolled back" if bad else ""
+    history.finish(rollback_id, status, error)
+    return RolloutResult(rollback_id, status, history.get(rollback_id)["devices"], error,
+                         str(run.artifacts))
+
+
+def dump(result: RolloutResult) -> str:
+    return json.dumps(result.__dict__, indent=2, default=str)

@@ -1,0 +1,162 @@
+"""Fleet rollouts without devices: batch plans as Ansible makes them, bad settings refused before
+anything runs, and the history's record of a rollout whose controller died."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from provision.fleet import history
+from provision.fleet.rollout import parse_batch, parse_max_fail, plan_batches
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def state(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+
+HOSTS = [f"d{i}" for i in range(1, 11)]
+
+
+@pytest.mark.parametrize("serial,sizes", [
+    ([1, "25%"], [1, 2, 2, 2, 2, 1]),      # 25 % of 10 is 2 (Ansible rounds down)
+    ([1, "100%"], [1, 9]),
+    (["30%"], [3, 3, 3, 1]),
+    ([2, "5%"], [2] + [1] * 8),             # at least one device per batch
+    ([1, "4"], [1, 4, 4, 1]),
+])
+def test_batches_follow_ansible_serial(serial, sizes):
+    batches = plan_batches(HOSTS, serial)
+    assert [len(b) for b in batches] == sizes
+    assert [h for b in batches for h in b] == HOSTS
+
+
+def test_plan_matches_what_ansible_itself_runs(tmp_path):
+    """The plan shown by --dry-run is the one ansible-playbook makes (local hosts)."""
+    import sys
+
+    inv = tmp_path / "inv.yml"
+    inv.write_text(yaml.safe_dump({"all": {"hosts": {h: None for h in HOSTS}, "vars": {
+        "ansible_connection": "local", "ansible_python_interpreter": sys.executable}}},
+        sort_keys=False))  # Ansible batches in inventory order
+    play = tmp_path / "play.yml"
+    play.write_text(yaml.safe_dump([{"hosts": "all", "gather_facts": False,
+                                     "serial": "{{ s }}", "tasks": [{"debug": {"msg": "x"}}]}]))
+    serial = [1, "30%"]
+    bin_dir = os.path.dirname(sys.executable)
+    done = subprocess.run([f"{bin_dir}/ansible-playbook", "-i", str(inv), str(play), "-e",
+                           json.dumps({"s": serial})], capture_output=True, text=True,
+                          env={**os.environ, "ANSIBLE_NOCOLOR": "1"}, timeout=120)
+    assert done.returncode == 0, done.stdout[-500:]
+    seen: list[list[str]] = []
+    for line in done.stdout.splitlines():
+        if line.startswith("PLAY [all]"):
+            seen.append([])
+        elif line.startswith("ok: ["):
+            seen[-1].append(line.split("[")[1].split("]")[0])
+    assert [sorted(b) for b in seen] == [sorted(b) for b in plan_batches(HOSTS, serial)]
+
+
+@pytest.mark.parametrize("value,expected", [("25%", "25%"), ("3", "3"), (" 100% ", "100%")])
+def test_batch_values(value, expected):
+    assert parse_batch(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "0%", "101%", "-1", "x", "25%%", ""])
+def test_bad_batch_values_are_refused(value, claw, tmp_path):
+    result = claw("fleet", "rollout", "-i", str(tmp_path / "none.yml"), "--image", "x:1",
+                  "--batch", value)
+    assert result.code == 2 and "--batch" in result.err and "expected" in result.err
+    assert "Traceback" not in result.err
+
+
+@pytest.mark.parametrize("value,expected", [("10%", 10), ("0", 0), ("100%", 100)])
+def test_max_fail_values(value, expected):
+    assert parse_max_fail(value) == expected
+
+
+@pytest.mark.parametrize("value", ["150%", "-5%", "ten", "1.5%"])
+def test_bad_max_fail_values_are_refused(value, claw, tmp_path):
+    result = claw("fleet", "rollout", "-i", str(tmp_path / "none.yml"), "--image", "x:1",
+                  "--max-fail", value)
+    assert result.code == 2 and "--max-fail" in result.err and "0%–100%" in result.err
+
+
+def test_unknown_strategy_is_refused(claw, tmp_path):
+    inv = tmp_path / "fleet.yml"
+    inv.write_text("all:\n  hosts:\n    a: {claw_profile: rpi5}\n")
+    result = claw("fleet", "rollout", "-i", str(inv), "--image", "x:1", "--strategy", "yolo")
+    assert result.code == 2 and "--strategy 'yolo'" in result.err
+    assert "download-then-restart" in result.err
+
+
+def test_inventory_without_the_runtime_role_is_refused(claw, tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    inv = tmp_path / "fleet.yml"
+    inv.write_text(yaml.safe_dump({"all": {"hosts": {
+        "a": {"claw_profile": "rpi5", "claw_runtime_model": str(model),
+              "claw_runtime_install": "container"},
+        "b": {"claw_profile": "rpi5"},
+        "c": {"claw_profile": "rpi5", "claw_runtime_model": str(model)}}}}))
+    result = claw("fleet", "rollout", "-i", str(inv), "--image", "x:1")
+    assert result.code == 2
+    assert "b, c: no runtime service that runs images" in result.err
+    assert "claw_runtime_install: container" in result.err
+    assert not history.db_path().exists()  # nothing recorded, nothing run
+
+
+def test_a_dead_controller_leaves_an_interrupted_rollout_that_says_where(tmp_path):
+    batches = [["d1"], ["d2", "d3"], ["d4"]]
+    history.start("r1", "rollout", tmp_path / "fleet.yml", "img:2", "sha256:2", {"canary": 1},
+                  batches)
+    history.device_update("r1", "d1", phase="committed", outcome="ok", from_image="img:1")
+    history.device_update("r1", "d2", phase="healthy", from_image="img:1")
+    history.device_update("r1", "d3", phase="delivered", from_image="img:1")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with history.connect() as con:  # the controller was this process, now gone
+        con.execute("UPDATE rollouts SET pid=? WHERE id='r1'", (dead.pid,))
+    row = history.get("r1")
+    assert row["status"] == "interrupted"
+    assert row["stopped_at"] == "batch 1: d2 healthy, d3 delivered"
+    assert "controller stopped" in row["error"]
+    assert [d["outcome"] for d in row["devices"]] == ["ok", "pending", "pending", "pending"]
+    assert history.last_per_device()["d1"]["outcome"] == "ok"
+
+
+def test_a_running_rollout_of_a_live_controller_stays_running(tmp_path):
+    history.start("r2", "rollout", tmp_path / "f.yml", "img:2", "sha256:2", {}, [["d1"]])
+    time.sleep(0.01)
+    assert history.get("r2")["status"] == "running"  # this process is its controller
+
+
+def test_history_of_an_unknown_rollout_is_bad_input(claw):
+    result = claw("fleet", "history", "nope")
+    assert result.code == 2 and "rollout 'nope' is not in the history" in result.err
+
+
+def test_history_lists_rollouts_newest_first(claw, tmp_path):
+    history.start("20260101-a", "rollout", tmp_path / "f.yml", "img:1", "sha256:1", {},
+                  [["d1"]])
+    history.device_update("20260101-a", "d1", outcome="ok", phase="committed")
+    history.finish("20260101-a", "succeeded")
+    history.start("20260102-b", "rollout", tmp_path / "f.yml", "img:2", "sha256:2", {},
+                  [["d1"]])
+    history.device_update("20260102-b", "d1", outcome="rolled_back", phase="rolled_back",
+                          error="Check the new version's health: no healthy runtime")
+    history.finish("20260102-b", "failed", "1 of 1 device(s) did not take the release")
+    result = claw("fleet", "history", "--json")
+    rows = json.loads(result.out)
+    assert [r["id"] for r in rows] == ["20260102-b", "20260101-a"]
+    result = claw("fleet", "history", "20260102")
+    assert result.code == 0 and "rolled_back" in result.out and "no healthy runtime" in result.out
+    assert Path(history.db_path()).is_file()
