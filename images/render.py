@@ -2,6 +2,8 @@
 
 A template sees the profile (`profile`), the target `arch`, the offline base image to build FROM,
 the OpenCL stack chosen for the image and its Debian packages, and the wheel file to install.
+The stack `none` (any profile, runtime image only) leaves OpenCL out: the runtime runs on numpy,
+and the image is a fraction of the size (PoCL alone brings clang and LLVM, about 1 GB).
 Templates are rendered strictly: a variable the context lacks is bad input naming the template
 and its line, never an empty string in a Dockerfile.
 """
@@ -28,6 +30,8 @@ RUNTIME_PORT = 8080
 IMAGE_UID = 10001
 DEV_TOOLS = ["pytest", "ruff", "build"]
 CA_BUNDLE = "build-ca.crt"  # the builder's trust store, for pip inside the build
+# No OpenCL at all: not a stack of any profile, accepted for every one (runtime image only).
+NO_OPENCL = OpenCLStack(name="none")
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,8 @@ class Target:
 
     @property
     def default_tag(self) -> str:
-        return f"clawforge/{self.kind}:{__version__}-{self.profile.name}-{self.arch}"
+        numpy_only = "-numpy" if self.opencl is NO_OPENCL else ""
+        return f"clawforge/{self.kind}:{__version__}-{self.profile.name}-{self.arch}{numpy_only}"
 
 
 def wheel_name() -> str:
@@ -66,15 +71,22 @@ def resolve(kind: str, profile: str, arch: str | None = None,
     arch = check_arch(arch or prof.arch)
     stacks = {s.name: s for s in prof.gpu.opencl}
     name = opencl or prof.gpu.opencl[0].name
+    if name == NO_OPENCL.name:
+        if kind != "runtime":
+            raise BadInput(f"--opencl none is for the runtime image only (the {kind} image "
+                           "carries OpenCL headers and clinfo)")
+        return Target(kind, prof, arch, NO_OPENCL)
     if name not in stacks:
         raise BadInput(f"--opencl {name!r} is not a stack of profile {prof.name} (expected one "
-                       f"of: {', '.join(stacks)})")
+                       f"of: {', '.join(stacks)}, or none for a numpy-only runtime image)")
     return Target(kind, prof, arch, stacks[name])
 
 
 def opencl_packages(target: Target) -> tuple[list[str], bool]:
     """The stack's Debian packages, plus PoCL's when the profile lists it as a CPU fallback
     (so every image can run OpenCL, and its smoke test, on a builder without the board's GPU)."""
+    if target.opencl is NO_OPENCL:
+        return [], False
     packages = list(target.opencl.packages)
     pocl = next((s for s in target.profile.gpu.opencl if s.name == "pocl"), None)
     fallback = pocl is not None and target.opencl.name != "pocl"

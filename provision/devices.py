@@ -6,10 +6,16 @@ but loopback may be a target), so a device is `127.0.0.1:PORT`. Base images come
 debootstrap root (`docker import`), because no registry can be reached; they are cached by
 their inputs. Kernel-level settings cannot be shown honestly in a container (its /proc/sys is
 read-only and shared with the host): those are checked on the QEMU VM instead.
+
+Engine devices (`engine=True`) start from a second base that also carries Debian's docker.io,
+for image rollouts: each gets a named volume at /var/lib/docker, so its inner dockerd stores
+layers with overlay2 (on the container's own overlay root it falls back to vfs, which copies
+every layer: 1 GB images on ten devices would not fit).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +63,44 @@ DEVICE_BASE = BaseRecipe(repository="clawforge/device-base", packages=PACKAGES, 
                          changes=['CMD ["/lib/systemd/systemd"]'], tidy=_tidy_root)
 
 
-def base_image_tag(arch: str) -> str:
-    return DEVICE_BASE.tag(arch)
+ENGINE_PACKAGES = [*PACKAGES, "docker.io", "zstd"]  # zstd: `claw image export` tarballs
+ENGINE_RECIPE = 1  # bump when the way the engine base is made changes
+ENGINE_LABEL = "clawforge.engine"
+ENGINE_DATA = "/var/lib/docker"
 
 
-def ensure_base_image(arch: str, progress: Progress = print) -> str:
-    """The device base image for `arch`, made from a debootstrap root unless cached."""
-    return ensure_base(DEVICE_BASE, arch, progress)
+def _tidy_engine_root(root: Path) -> None:
+    """A device template whose engine waits for its configuration: docker.io's postinst
+    enables dockerd (and its socket), which at the first boot would make a docker0 bridge and
+    NAT rules in the host's network namespace that every device shares. The docker_engine role
+    writes daemon.json (no bridge) and enables it."""
+    _tidy_root(root)
+    for link in ("multi-user.target.wants/docker.service", "sockets.target.wants/docker.socket"):
+        (root / "etc/systemd/system" / link).unlink(missing_ok=True)
+
+
+DEVICE_ENGINE_BASE = BaseRecipe(repository="clawforge/device-engine-base",
+                                packages=ENGINE_PACKAGES, recipe=ENGINE_RECIPE,
+                                changes=DEVICE_BASE.changes, tidy=_tidy_engine_root)
+
+
+def _recipe(engine: bool) -> BaseRecipe:
+    return DEVICE_ENGINE_BASE if engine else DEVICE_BASE
+
+
+def base_image_tag(arch: str, engine: bool = False) -> str:
+    return _recipe(engine).tag(arch)
+
+
+def ensure_base_image(arch: str, progress: Progress = print, engine: bool = False) -> str:
+    """The device base image for `arch` (with docker.io when `engine`), made from a
+    debootstrap root unless cached."""
+    return ensure_base(_recipe(engine), arch, progress)
+
+
+def engine_volume(name: str) -> str:
+    """The named volume that holds an engine device's /var/lib/docker."""
+    return f"{name}-docker"
 
 
 @dataclass
@@ -74,10 +111,12 @@ class Device:
     profile: str
     arch: str
     status: str
+    engine: bool = False
 
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "fleet": self.fleet, "address": f"127.0.0.1:{self.port}",
-                "profile": self.profile, "arch": self.arch, "status": self.status}
+                "profile": self.profile, "arch": self.arch, "engine": self.engine,
+                "status": self.status}
 
 
 def _check_fleet(fleet: str) -> str:
@@ -95,7 +134,7 @@ def list_devices(fleet: str | None = None) -> list[Device]:
         lb = c.labels
         out.append(Device(c.name, lb.get("clawforge.fleet", DEFAULT_FLEET),
                           int(lb["clawforge.port"]), lb["clawforge.profile"],
-                          lb["clawforge.arch"], c.status))
+                          lb["clawforge.arch"], c.status, lb.get(ENGINE_LABEL) == "1"))
     return sorted(out, key=lambda d: d.port)
 
 
@@ -113,18 +152,25 @@ def _wait_for_ssh(port: int, timeout: float) -> bool:
 
 
 def devices_up(n: int, profile: str, arch: str, inventory: Path | None = None,
-               progress: Progress = print, fleet: str = DEFAULT_FLEET) -> Path:
+               progress: Progress = print, fleet: str = DEFAULT_FLEET,
+               engine: bool = False) -> Path:
     """Make `fleet` have `n` devices (starting only the missing ones: running it twice starts
-    nothing more) and write an inventory of all of them."""
+    nothing more) and write an inventory of all of them. With `engine`, each carries Debian's
+    Docker engine (installed, not configured: the docker_engine role does that)."""
     _check_fleet(fleet)
     from provision.profiles import ProfileStore
 
     if n < 1:
         raise BadInput(f"N = {n} is not valid (expected at least 1 device)")
     ProfileStore().get(profile)  # an unknown profile is bad input before anything starts
-    tag = ensure_base_image(arch, progress)
-    client = _docker()
     every = list_devices()
+    other = [d.name for d in every if d.fleet == fleet and d.engine != engine]
+    if other:
+        raise BadInput(f"fleet {fleet!r} has devices {'without' if engine else 'with'} a Docker "
+                       f"engine ({', '.join(other)}): expected all or none of a fleet to have "
+                       f"one (`claw devices down --fleet {fleet}`, or use another --fleet)")
+    tag = ensure_base_image(arch, progress, engine)
+    client = _docker()
     key = ssh_key()
     missing = n - sum(1 for d in every if d.fleet == fleet)
     ports = free_ports(FIRST_PORT, max(missing, 0), {d.port for d in every})
@@ -138,16 +184,20 @@ def devices_up(n: int, profile: str, arch: str, inventory: Path | None = None,
         conf = devices_dir() / f"{name}-sshd.conf"
         conf.write_text(f"Port {port}\nListenAddress 127.0.0.1\n"
                         "PermitRootLogin prohibit-password\nPasswordAuthentication no\n")
-        progress(f"starting {name} ({profile}, {arch}) on 127.0.0.1:{port}")
-        client.containers.run(
-            tag, ["/lib/systemd/systemd"], name=name, detach=True,
-            labels={LABEL: "1", "clawforge.fleet": fleet, "clawforge.port": str(port),
-                    "clawforge.profile": profile, "clawforge.arch": arch},
-            volumes={"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"},
-                     str(conf): {"bind": "/etc/ssh/sshd_config.d/claw.conf", "mode": "ro"},
-                     f"{key}.pub": {"bind": "/root/.ssh/authorized_keys", "mode": "ro"},
-                     **controller_trust()},
-            **SYSTEMD_RUN)
+        progress(f"starting {name} ({profile}, {arch}{', engine' if engine else ''}) on "
+                 f"127.0.0.1:{port}")
+        labels = {LABEL: "1", "clawforge.fleet": fleet, "clawforge.port": str(port),
+                  "clawforge.profile": profile, "clawforge.arch": arch}
+        volumes = {"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"},
+                   str(conf): {"bind": "/etc/ssh/sshd_config.d/claw.conf", "mode": "ro"},
+                   f"{key}.pub": {"bind": "/root/.ssh/authorized_keys", "mode": "ro"},
+                   **controller_trust()}
+        if engine:
+            labels[ENGINE_LABEL] = "1"
+            volumes[_fresh_engine_volume(client, name, labels)] = {"bind": ENGINE_DATA,
+                                                                   "mode": "rw"}
+        client.containers.run(tag, ["/lib/systemd/systemd"], name=name, detach=True,
+                              labels=labels, volumes=volumes, **SYSTEMD_RUN)
     for device in list_devices(fleet):
         if device.status != "running":
             progress(f"restarting {device.name}")
@@ -157,6 +207,22 @@ def devices_up(n: int, profile: str, arch: str, inventory: Path | None = None,
             raise ClawError(f"device on 127.0.0.1:{port} did not answer SSH in time; "
                             f"`docker logs` of its container may say why")
     return write_inventory(fleet, inventory)
+
+
+def _fresh_engine_volume(client: Any, name: str, labels: dict[str, str]) -> str:
+    """An empty volume for a new device's engine: one left by an earlier device of the same
+    name (removed without `claw devices down`) would hand it that device's images."""
+    _remove_engine_volume(client, name)
+    volume = engine_volume(name)
+    client.volumes.create(volume, labels=labels)
+    return volume
+
+
+def _remove_engine_volume(client: Any, name: str) -> None:
+    import docker
+
+    with contextlib.suppress(docker.errors.NotFound):
+        client.volumes.get(engine_volume(name)).remove(force=True)
 
 
 RUNTIME_PORT_OFFSET = 6000
@@ -191,12 +257,16 @@ def write_inventory(fleet: str, path: Path | None = None) -> Path:
 
 
 def devices_down(names: list[str] | None = None, fleet: str = DEFAULT_FLEET) -> list[str]:
-    """Remove a fleet's devices (all, or those named); its inventory follows."""
+    """Remove a fleet's devices (all, or those named), with their engines' volumes; its
+    inventory follows."""
     removed = []
     for device in list_devices(fleet):
         if names and device.name not in names:
             continue
-        _docker().containers.get(device.name).remove(force=True)
+        client = _docker()
+        client.containers.get(device.name).remove(force=True)
+        if device.engine:
+            _remove_engine_volume(client, device.name)
         (devices_dir() / f"{device.name}-sshd.conf").unlink(missing_ok=True)
         removed.append(device.name)
     if list_devices(fleet):

@@ -288,9 +288,9 @@ def selftest(
         for check in checks:
             detail = ", ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}"
                                for k, v in check.detail.items())
-            status = "ok  " if check.ok else "FAIL"
+            status = "skip" if check.skipped else "ok  " if check.ok else "FAIL"
             typer.echo(f"{status} {check.name:<7} {check.seconds:6.2f} s  "
-                       f"{detail if check.ok else check.error}")
+                       f"{check.skipped or (detail if check.ok else check.error)}")
     if not report["ok"]:
         failed = [f"{c.name}: {c.error}" for c in checks if not c.ok]
         sys.stderr.write(f"error: self-test failed: {'; '.join(failed)}\n")

@@ -11,7 +11,7 @@ from provision.output import console, emit
 
 FLEET_HELP = "A name for a group of emulated devices (tests use their own)."
 COLUMNS = {"name": "Device", "fleet": "Fleet", "address": "Address", "profile": "Profile",
-           "arch": "Arch", "status": "Status"}
+           "arch": "Arch", "engine": "Engine", "status": "Status"}
 
 app = typer.Typer(help="Emulated devices (systemd + sshd containers) to provision and test on.",
                   no_args_is_help=True)
@@ -25,6 +25,10 @@ def up(
     inventory: Path | None = typer.Option(None, "-o", "--inventory",
                                           help="Where to write the inventory."),
     fleet: str = typer.Option(devices.DEFAULT_FLEET, "--fleet", help=FLEET_HELP),
+    engine: bool = typer.Option(False, "--engine", help=(
+        "Give each device its own Docker engine (Debian's docker.io, configured and started "
+        "by `claw provision --tags docker_engine`; its /var/lib/docker on a volume, overlay2), "
+        "for image rollouts.")),
 ) -> None:
     """Make the fleet have N emulated devices (starting the missing ones) and write an
     Ansible inventory for them.
@@ -33,7 +37,8 @@ def up(
     [bold]claw provision -i ~/.local/state/clawforge/devices/dev-inventory.yml[/bold]
     """
     path = devices.devices_up(n, profile, arch, inventory,
-                              progress=lambda m: console.print(f"[dim]{m}[/]"), fleet=fleet)
+                              progress=lambda m: console.print(f"[dim]{m}[/]"), fleet=fleet,
+                              engine=engine)
     console.print(f"inventory: {path}")
     emit("Emulated devices", [d.record() for d in devices.list_devices(fleet)], COLUMNS, False)
 
@@ -56,7 +61,8 @@ def down(
     names: list[str] = typer.Argument(None, help="Devices to remove (default: all)."),
     fleet: str = typer.Option(devices.DEFAULT_FLEET, "--fleet", help=FLEET_HELP),
 ) -> None:
-    """Remove a fleet's emulated devices (all, or the ones named).
+    """Remove a fleet's emulated devices (all, or the ones named), with the volumes of their
+    Docker engines.
 
     Example: [bold]claw devices down[/bold]
     """

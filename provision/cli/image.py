@@ -16,7 +16,9 @@ app = typer.Typer(help="Render, build, smoke-test, export and deploy runtime and
 KIND_HELP = "runtime (the inference server) or dev-env (toolchain for device developers)."
 PROFILE_HELP = "Device profile (see `claw profiles list`)."
 ARCH_HELP = "amd64 or arm64 (default: the profile's)."
-OPENCL_HELP = "OpenCL stack from the profile (default: its first)."
+OPENCL_HELP = ("OpenCL stack from the profile (default: its first), or none (any profile, "
+               "runtime image only; not a stack of the profile): no OpenCL at all, the runtime "
+               "runs on numpy, a much smaller image.")
 TEMPLATES_HELP = "A directory of your own templates (default: the shipped ones)."
 
 
@@ -140,8 +142,11 @@ def build_cmd(
                   f"{result.seconds:.1f} s: {len(result.steps)} steps, {result.cached_steps} "
                   f"cached, {result.size_bytes / 2**20:,.0f} MiB", highlight=False)
     if result.smoke:
-        device = opencl_check["detail"]["device"] if opencl_check else "-"
-        console.print(f"smoke test passed: model generated, OpenCL on {escape(device)}",
+        if opencl_check and opencl_check.get("skipped"):
+            opencl_line = f"OpenCL skipped ({opencl_check['skipped']})"
+        else:
+            opencl_line = f"OpenCL on {opencl_check['detail']['device'] if opencl_check else '-'}"
+        console.print(f"smoke test passed: model generated, {escape(opencl_line)}",
                       highlight=False)
 
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import tarfile
-import time
 import urllib.request
 import uuid
 
@@ -18,6 +16,7 @@ import pytest
 
 from images.base import docker_client
 from provision.loopback import free_ports
+from tests.registry import local_registry
 
 pytestmark = pytest.mark.integration
 
@@ -102,24 +101,8 @@ def test_disk_full_during_export_leaves_nothing_behind(claw, tiny_image, tmp_pat
 
 @pytest.fixture
 def registry(tmp_path):
-    if shutil.which("docker-registry") is None:
-        pytest.fail("docker-registry is not installed (scripts/setup.sh installs it)")
-    (port,) = free_ports(5100, 1, set())
-    config = tmp_path / "registry.yml"
-    config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: "
-                      f"{tmp_path / 'store'}\nhttp:\n  addr: 127.0.0.1:{port}\n")
-    server = subprocess.Popen(["docker-registry", "serve", str(config)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"{url}/v2/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"127.0.0.1:{port}", url
-    server.terminate()
-    server.wait(timeout=10)
+    with local_registry(tmp_path / "registry") as address:
+        yield address, f"http://{address}"
 
 
 def test_push_to_a_registry(claw, tiny_image, registry):

@@ -66,6 +66,27 @@ def test_gpu_profiles_keep_pocl_as_the_cpu_fallback_and_the_stack_env():
     assert "mesa-opencl-icd" not in only_pocl and "RUSTICL_ENABLE" not in only_pocl
 
 
+@pytest.mark.parametrize("profile", PROFILES)
+def test_opencl_none_runtime_has_no_opencl_package_for_every_profile(profile):
+    target = resolve("runtime", profile, "amd64", opencl="none")
+    text = render(target)
+    assert target.default_tag.endswith(f"-{profile}-amd64-numpy")
+    assert not [f for f in lint(text) if f["level"] == "error"]
+    install = next(ln for ln in text.splitlines() if "apt-get install" in ln)
+    assert install.split("--no-install-recommends")[1].split() == ["python3", "python3-venv",
+                                                                   "\\"]
+    every_stack = {p for s in ProfileStore().get(profile).gpu.opencl for p in s.packages}
+    assert every_stack and not [p for p in every_stack if p in text]
+    assert not re.search(r"pocl|ocl-icd|opencl-icd|RUSTICL", text, re.I)
+    assert "CLAW_OPENCL=none" in text and f"--profile {profile} --arch amd64 --opencl none" in text
+    assert " && apt-get clean && rm -rf /var/lib/apt/lists/*\n" in text  # ~80 MB of apt caches
+
+
+def test_every_runtime_image_says_its_opencl_stack_for_the_self_test():
+    assert re.search(r"^ +CLAW_OPENCL=pocl\b", render(resolve("runtime", "rpi5")), re.M)
+    assert re.search(r"^ +CLAW_OPENCL=rusticl\b", render(resolve("runtime", "rk3588")), re.M)
+
+
 def test_dev_env_has_the_toolchain_and_shares_the_runtime_layers():
     dev = render(resolve("dev-env", "rk3588", "arm64"))
     for tool in ("gcc g++ make", "cmake", "python3-dev", "clinfo", "docker.io", "sudo",
@@ -108,7 +129,9 @@ def test_broken_template_variable_names_the_file_line_and_variable(claw, tmp_pat
     (["image", "build", "runtime", "--profile", "rpi5", "--arch", "x86"],
      "--arch 'x86' is not supported"),
     (["image", "render", "runtime", "--profile", "rpi5", "--opencl", "rusticl"],
-     "--opencl 'rusticl' is not a stack of profile rpi5 (expected one of: pocl)"),
+     "--opencl 'rusticl' is not a stack of profile rpi5 (expected one of: pocl, or none"),
+    (["image", "render", "dev-env", "--profile", "rpi5", "--opencl", "none"],
+     "--opencl none is for the runtime image only"),
     (["image", "base", "--arch", "s390x"], "--arch 's390x' is not supported"),
     (["image", "k8s", "--profile", "nope"], "unknown profile 'nope'"),
     (["image", "k8s", "--profile", "rpi5", "--model", "/root/m.gguf"],

@@ -47,3 +47,16 @@ def test_no_opencl_platform_fails_with_a_clear_message(tmp_path):
     skipped = claw_subprocess("runtime", "selftest", "--skip-opencl",
                               env={"OCL_ICD_VENDORS": str(tmp_path / "none")})
     assert skipped.code == 0, skipped.err
+
+
+def test_an_image_built_without_opencl_skips_the_check_and_says_why(tmp_path):
+    # Exactly what a `--opencl none` image is: no ICD at all, and CLAW_OPENCL=none in its env.
+    env = {"OCL_ICD_VENDORS": str(tmp_path / "none"), "CLAW_OPENCL": "none"}
+    result = claw_subprocess("runtime", "selftest", env=env)
+    assert result.code == 0, result.err
+    assert "skip opencl" in result.out and "built with --opencl none" in result.out
+    report = json.loads(claw_subprocess("runtime", "selftest", "--json", env=env).out)
+    opencl = report["checks"][1]
+    assert report["ok"] and opencl["name"] == "opencl" and "numpy backend" in opencl["skipped"]
+    other = claw_subprocess("runtime", "selftest", env={**env, "CLAW_OPENCL": "pocl"})
+    assert other.code == 1 and "error: self-test failed: opencl:" in other.err
