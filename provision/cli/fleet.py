@@ -19,7 +19,7 @@ app = typer.Typer(help="Roll out runtime images across the fleet: canary, batche
 INVENTORY_HELP = "Ansible inventory of the fleet."
 DEVICE_COLUMNS = {"device": "Device", "batch": "Batch", "from_image": "From", "to_image": "To",
                   "phase": "Phase", "outcome": "Outcome", "delivery": "Delivery",
-                  "seconds": "Seconds", "error": "Error"}
+                  "seconds": "Seconds"}
 STATUS_COLUMNS = {"device": "Device", "running": "Running", "health": "Health",
                   "service": "Service", "pending": "Pending", "previous": "Previous",
                   "mem_available_mb": "Mem avail MB", "mem_total_mb": "Mem total MB",
@@ -60,12 +60,21 @@ class LiveRollout:
         self.live.update(table)
 
 
+def _show_devices(title: str, devices: list[dict[str, Any]]) -> None:
+    """The per-device table, then what went wrong on each device that did not take it."""
+    emit(title, _device_rows(devices), DEVICE_COLUMNS, False)
+    for d in devices:
+        if d["error"]:
+            style = "red" if d["outcome"] in ("failed", "unreachable") else "yellow"
+            console.print(f"[{style}]{d['device']}: {d['outcome']}:[/] {d['error']}",
+                          highlight=False)
+
+
 def _show_result(result: Any, json_out: bool) -> None:
     if json_out:
         print_json(result.__dict__)
     else:
-        emit(f"{result.rollout_id}: {result.status}", _device_rows(result.devices),
-             DEVICE_COLUMNS, False)
+        _show_devices(f"{result.rollout_id}: {result.status}", result.devices)
         if result.error:
             console.print(f"[red]{result.error}[/]", highlight=False)
         console.print(f"[dim]artifacts: {result.artifacts}[/]")
@@ -216,8 +225,8 @@ def history_cmd(
         if json_out:
             print_json(row)
             return
-        emit(f"{row['id']} ({row['kind']} of {row['image']}, by {row['user']}): "
-             f"{row['status']}", _device_rows(row["devices"]), DEVICE_COLUMNS, False)
+        _show_devices(f"{row['id']} ({row['kind']} of {row['image']}, by {row['user']}): "
+                      f"{row['status']}", row["devices"])
         for text in (row["stopped_at"] and f"stopped at {row['stopped_at']}", row["error"],
                      row["notes"]):
             if text:

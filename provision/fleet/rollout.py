@@ -226,8 +226,8 @@ def select_hosts(inventory_path: Path, limit: str | None,
 
 
 def _run(playbook: str, inventory: Inventory, hosts: list[str], extravars: dict[str, Any],
-         tracker: Tracker, kind: str) -> Any:
-    run_id, private = new_run_dir(kind)
+         tracker: Tracker, kind: str, run: tuple[str, Path] | None = None) -> Any:
+    run_id, private = run or new_run_dir(kind)
     run_inv = run_inventory(inventory, private / "run-inventory.yml")
     stats: dict[str, Any] = {}
 
@@ -285,14 +285,15 @@ def rollout(inventory_path: Path, image: str, settings: Settings, *, limit: str 
         extra["claw_release_registry"] = settings.registry
     else:
         extra["claw_release_tarball"] = str(tarball_for(image, image_id, progress))
+    run_dir = new_run_dir("rollout")
     if previous is not None:
         rollout_id = previous["id"]
         history.resume(rollout_id, f"resumed at {time.strftime('%H:%M:%S')} on "
-                                   f"{len(hosts)} device(s); ")
+                                   f"{len(hosts)} device(s) (run {run_dir[0]}); ")
         offset = 1 + max((d["batch"] for d in previous["devices"]
                           if d["outcome"] in ("ok", "current")), default=-1)
     else:
-        rollout_id = new_run_dir("rollout")[0]
+        rollout_id = run_dir[0]
         history.start(rollout_id, "rollout", inventory_path, image, image_id,
                       {**settings.__dict__, "delivery": settings.delivery,
                        "limit": limit or ""}, batches)
@@ -301,7 +302,7 @@ def rollout(inventory_path: Path, image: str, settings: Settings, *, limit: str 
     tracker = Tracker(rollout_id, on_change, batch_offset=offset)
     try:
         run = _run("rollout.yml", inventory, hosts, {**(extravars or {}), **extra}, tracker,
-                   "rollout")
+                   "rollout", run_dir)
     except BaseException:
         history.finish(rollout_id, "interrupted", "the controller stopped (interrupted)",
                        _stopped(rollout_id))
@@ -320,8 +321,12 @@ def _conclude(rollout_id: str, inventory: Inventory, tracker: Tracker, run: Any,
     stopped_at, error = "", ""
     if tracker.halted:
         status = "halted"
-        stopped_at = _stopped(rollout_id)
         failed_batch = tracker.batch
+        in_batch = [d for d in devices if d["batch"] == failed_batch]
+        failed = [d["device"] for d in in_batch if d["outcome"] in ("failed", "rolled_back",
+                                                                     "unreachable")]
+        stopped_at = (f"batch {failed_batch}: {len(failed)} of {len(in_batch)} failed "
+                      f"({', '.join(failed)})")
         undo = {d["device"]: d["from_image"] for d in devices if d["batch"] == failed_batch
                 and d["phase"] in SWITCHED and d["outcome"] in ("pending", "ok")
                 and (d["from_image"] or d["outcome"] == "pending")}

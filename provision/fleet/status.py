@@ -54,8 +54,8 @@ def fleet_status(inventory_path: Path, limit: str | None = None,
                 committed=(state.get("committed") or {}).get("image", ""),
                 previous=(state.get("previous") or {}).get("image", ""),
                 pending=(state.get("pending") or {}).get("image", ""),
-                health="ok" if health.get("status") == 200 else
-                (f"http {health['status']}" if health.get("status") else "down"),
+                health="ok" if health.get("http") == 200 else
+                (f"http {health['http']}" if health.get("http") else "down"),
                 mem_available_mb=st["memory"]["available"] // 2**20,
                 mem_total_mb=st["memory"]["total"] // 2**20, error="")
         rows.append(row)

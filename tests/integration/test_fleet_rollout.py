@@ -59,8 +59,10 @@ def status(inventory: Path) -> dict[str, dict]:
 
 
 def complete(port: int) -> str:
+    name = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["model"]
     answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
-                        json={"prompt": "Hello", "max_tokens": 3, "temperature": 0})
+                        json={"model": name, "prompt": "Hello", "max_tokens": 3,
+                              "temperature": 0})
     assert answer.status_code == 200, answer.text
     return answer.json()["choices"][0]["text"]
 
@@ -91,14 +93,14 @@ def with_vars(setup, name: str, host: str | None = None, **more) -> Path:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Ten engine devices provisioned for the runtime container, and the releases."""
-    from images.build import build
+    from images.build import build_image
     from images.render import resolve
 
     work = tmp_path_factory.mktemp("fleet")
     model = shutil.copy(tiny_chat_gguf(tmp_path_factory.mktemp("tiny")), work / "chat.gguf")
     base = f"{PREFIX}/runtime:base"
-    build(resolve("runtime", "qemu-virt", "amd64", "none"), base, smoke=False,
-          progress=lambda *_: None)
+    build_image(resolve("runtime", "qemu-virt", "amd64", "none"), tag=base,
+                progress=lambda *_: None)
     releases = {v: f"{PREFIX}/runtime:{v}" for v in ("v1", "v2", "v3", "v4", "v5")}
     for version, tag in releases.items():
         release_image(base, tag, version, fail="rev-b" if version == "v3" else "")
