@@ -103,7 +103,8 @@ def build_cmd(
     arch: str | None = typer.Option(None, "--arch", help=ARCH_HELP),
     opencl: str | None = typer.Option(None, "--opencl", help=OPENCL_HELP),
     tag: str | None = typer.Option(None, "--tag", "-t",
-                                   help="Image tag (default clawforge/KIND:VERSION-PROFILE-ARCH)."),
+                                   help=("Image tag (default clawforge/KIND:VERSION-PROFILE-ARCH, "
+                                         "with -numpy after it for --opencl none).")),
     no_cache: bool = typer.Option(False, "--no-cache", help="Rebuild every layer."),
     no_smoke: bool = typer.Option(False, "--no-smoke-test",
                                   help="Tag without running the self-test inside the image."),

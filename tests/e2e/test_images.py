@@ -28,7 +28,7 @@ PROFILE = "rpi5"  # arm64 board with PoCL: the same stack on both architectures
 class Builds:
     def __init__(self) -> None:
         self.run = uuid.uuid4().hex[:8]
-        self.results: dict[tuple[str, str], BuildResult] = {}
+        self.results: dict[tuple[str, ...], BuildResult] = {}
         self.tags: list[str] = []
 
     def tag(self, name: str) -> str:
@@ -36,12 +36,13 @@ class Builds:
         self.tags.append(tag)
         return tag
 
-    def get(self, kind: str, arch: str) -> BuildResult:
-        if (kind, arch) not in self.results:
-            target = resolve(kind, PROFILE, arch)
-            self.results[kind, arch] = build_image(target, tag=self.tag(f"{kind}-{arch}"),
-                                                   progress=lambda message: None)
-        return self.results[kind, arch]
+    def get(self, kind: str, arch: str, opencl: str | None = None) -> BuildResult:
+        key = (kind, arch) if opencl is None else (kind, arch, opencl)
+        if key not in self.results:
+            target = resolve(kind, PROFILE, arch, opencl)
+            self.results[key] = build_image(target, tag=self.tag("-".join(key)),
+                                            progress=lambda message: None)
+        return self.results[key]
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +61,20 @@ def _run(image: str, *command: str) -> str:
     out = docker_client().containers.run(image, list(command), entrypoint=[], remove=True,
                                          network_mode="host")
     return out.decode().strip()
+
+
+def test_runtime_without_opencl_is_a_third_of_the_size_and_passes_its_self_test(builds):
+    result = builds.get("runtime", "amd64", "none")
+    checks = {c["name"]: c for c in result.smoke["checks"]}
+    assert result.smoke["ok"] and checks["model"]["detail"]["backend"] == "numpy"
+    assert "built with --opencl none" in checks["opencl"]["skipped"]
+    assert result.labels["org.clawforge.opencl"] == "none"
+    assert result.size_bytes < 350e6, result.size_bytes  # PoCL's image is ~1.07 GB
+    packages = _run(result.tag, "dpkg-query", "-W", "-f", "${Package}\\n").split()
+    assert "python3" in packages
+    assert not [p for p in packages if re.search(r"pocl|ocl-icd|opencl|clang|llvm", p)], packages
+    assert _run(result.tag, "sh", "-c", "ls /etc/OpenCL/vendors 2>&1 || true").endswith(
+        "No such file or directory")
 
 
 def test_runtime_amd64_is_smoke_tested_labelled_and_serves_health(builds):
