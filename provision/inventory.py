@@ -312,7 +312,8 @@ def _check_host(host: Host, store: ProfileStore) -> list[str]:
     except ValidationError as exc:
         for err in exc.errors():
             var = str(err["loc"][0])
-            bad(var + "".join(f"[{p}]" for p in err["loc"][1:]), describe(err))
+            # pydantic marks a bad dict key with a "[key]" step: the key is the place
+            bad(var + "".join(f"[{p}]" for p in err["loc"][1:] if p != "[key]"), describe(err))
         return problems
     s = host.settings
     if s.claw_profile not in store.names():

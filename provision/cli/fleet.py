@@ -185,6 +185,7 @@ def rollback_cmd(
 def status_cmd(
     inventory: Path = typer.Option(..., "-i", "--inventory", help=INVENTORY_HELP),
     limit: str | None = typer.Option(None, "--limit", help="Only these hosts/groups."),
+    extra: list[str] = typer.Option([], "-e", "--extra-vars", help="key=value or @file.yml."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Each device now: the version it runs, its health, memory and last rollout.
@@ -194,8 +195,9 @@ def status_cmd(
     Example: [bold]claw fleet status -i fleet.yml --json[/bold]
     """
     from provision.fleet.status import fleet_status
+    from provision.provisioning import parse_extravars
 
-    rows = fleet_status(inventory, limit=limit)
+    rows = fleet_status(inventory, limit=limit, extravars=parse_extravars(extra))
     emit("Fleet status", rows, STATUS_COLUMNS, json_out)
     bad = [r for r in rows if r["health"] != "ok"]
     if not json_out:

@@ -86,7 +86,7 @@ def with_vars(setup, name: str, host: str | None = None, **more) -> Path:
     group = data["all"]["children"]["emulated"]
     (group["hosts"][host] if host else group["vars"]).update(more)
     path = setup["inventory"].with_name(f"{FLEET}-{name}.yml")
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
@@ -112,7 +112,7 @@ def setup(tmp_path_factory):
     group = data["all"]["children"]["emulated"]
     group["vars"].update({"claw_runtime_model": str(model), "claw_runtime_backend": "numpy",
                           "claw_runtime_install": "container", "claw_runtime_threads": 1})
-    inventory.write_text(yaml.safe_dump(data))
+    inventory.write_text(yaml.safe_dump(data, sort_keys=False))  # Ansible batches in file order
     result = claw_subprocess("provision", "-i", str(inventory), "--tags",
                              "docker_engine,claw_runtime", "--json")
     assert result.code == 0, result.out[-3000:] + result.err[-2000:]

@@ -160,3 +160,44 @@ def test_history_lists_rollouts_newest_first(claw, tmp_path):
     result = claw("fleet", "history", "20260102")
     assert result.code == 0 and "rolled_back" in result.out and "no healthy runtime" in result.out
     assert Path(history.db_path()).is_file()
+
+
+def test_hooks_come_from_the_profile_and_the_inventory_step_by_step(tmp_path, monkeypatch):
+    """A profile's rollout.hooks are the default; an inventory's claw_rollout_hooks replace
+    them step by step (so a group can add a step without losing the board's others)."""
+    from provision.inventory import load_inventory
+    from provision.provisioning import role_vars
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    folder = tmp_path / "config" / "clawforge" / "profiles"
+    folder.mkdir(parents=True)
+    (folder / "rpi5-hooked.yml").write_text(yaml.safe_dump({
+        "name": "rpi5-hooked", "extends": "rpi5", "description": "rpi5 with rollout hooks",
+        "rollout": {"hooks": {"before_download": ["df -h /var/lib/docker"],
+                              "after_commit": ["logger released"]}}}))
+    inv = tmp_path / "fleet.yml"
+    inv.write_text(yaml.safe_dump({"all": {"hosts": {
+        "a": {"claw_profile": "rpi5-hooked"},
+        "b": {"claw_profile": "rpi5-hooked",
+              "claw_rollout_hooks": {"after_commit": ["curl -fsS http://hub/ok"]}}}}}))
+    inventory = load_inventory(inv)
+    assert role_vars(inventory.hosts["a"])["claw_release_hooks"] == {
+        "before_download": ["df -h /var/lib/docker"], "after_commit": ["logger released"]}
+    assert role_vars(inventory.hosts["b"])["claw_release_hooks"] == {
+        "before_download": ["df -h /var/lib/docker"], "after_commit": ["curl -fsS http://hub/ok"]}
+
+
+@pytest.mark.parametrize("hooks,expected", [
+    ({"before_dinner": ["true"]}, "claw_rollout_hooks[before_dinner]: 'before_dinner' is not "
+                                  "valid (expected 'before_download', 'after_download'"),
+    ({"after_commit": "logger x"}, "claw_rollout_hooks[after_commit]: 'logger x' is not valid "
+                                   "(expected a valid list)"),
+    ({"after_commit": [""]}, "claw_rollout_hooks[after_commit][0]: '' is not valid"),
+])
+def test_bad_hooks_are_refused_naming_the_step(hooks, expected, claw, tmp_path):
+    inv = tmp_path / "fleet.yml"
+    inv.write_text(yaml.safe_dump({"all": {"hosts": {
+        "a": {"claw_profile": "rpi5", "claw_rollout_hooks": hooks}}}}))
+    result = claw("inventory", "check", str(inv))
+    assert result.code == 2 and expected in result.err, result.err
+    assert "Traceback" not in result.err
