@@ -154,10 +154,10 @@ def rollout_cmd(
 @app.command("rollback")
 def rollback_cmd(
     inventory: Path = typer.Option(..., "-i", "--inventory", help=INVENTORY_HELP),
-    to: str | None = typer.Option(None, "--to", help="Image every device goes to (default: "
-                                  "what each ran before the last rollout)."),
-    rollout_id: str | None = typer.Option(None, "--rollout", help="Undo this rollout instead "
-                                          "of the newest one."),
+    to: str | None = typer.Option(None, "--to", help="Image every device goes to (it must "
+                                  "still be on the devices; default: each one's previous)."),
+    rollout_id: str | None = typer.Option(None, "--rollout", help="Undo this rollout: its "
+                                          "devices back to what they ran before it."),
     limit: str | None = typer.Option(None, "--limit", help="Only these hosts/groups."),
     extra: list[str] = typer.Option([], "-e", "--extra-vars", help="key=value or @file.yml."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),

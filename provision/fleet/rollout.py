@@ -189,7 +189,6 @@ class Tracker:
             row = self.devices.setdefault(host, {"device": host})
             row["rollback_healthy"] = str(step.get("healthy")).lower() == "true"
             row["to"] = step.get("to", "")
-            fields["error"] = str(step.get("reason", ""))[:500]
         self._update(host, **fields)
 
     def finish_stats(self, stats: dict[str, Any]) -> None:
@@ -369,46 +368,43 @@ def rollback(inventory_path: Path, *, to: str | None = None, rollout_id: str | N
              limit: str | None = None, extravars: dict[str, Any] | None = None,
              on_change: Callable[[dict[str, dict[str, Any]]], None] | None = None
              ) -> RolloutResult:
-    """Devices back to `to`, or to what they ran before a rollout (the newest one of this
-    inventory unless `rollout_id` is given): only the devices that rollout changed."""
+    """Devices back to `to`, to what they ran before rollout `rollout_id` (only the devices
+    it changed), or else each to its own previous release."""
     inventory, hosts = select_hosts(inventory_path, limit, extravars)
     check_runtime_hosts(inventory, hosts)
+    source = None
+    image_id = ""
     if to:
-        image_id = local_image_id(to) if not to.startswith("sha256:") else to
-        targets = {h: to for h in hosts}
-        source = None
-    else:
-        runs = [r for r in history.rollouts(limit=1000, inventory=inventory_path)
-                if r["kind"] == "rollout"]
-        if rollout_id:
-            source = history.get(rollout_id)
-        elif runs:
-            source = runs[0]
-        else:
-            raise BadInput(f"{inventory_path}: no rollout in the history to roll back (expected "
-                           "--to IMAGE, or a rollout first)")
+        image_id = local_image_id(to)
+        targets = dict.fromkeys(hosts, to)
+    elif rollout_id:
+        source = history.get(rollout_id)
         touched = {d["device"]: d for d in source["devices"]
                    if d["phase"] in SWITCHED or d["outcome"] == "ok"}
-        targets = {h: touched[h]["from_image"] for h in hosts if h in touched}
-        image_id = ""
+        # back to what each ran before it; a device it reached first ran nothing: leave it
+        targets = {h: touched[h]["from_image"] for h in hosts
+                   if h in touched and touched[h]["from_image"]}
         if not targets:
-            raise BadInput(f"rollout {source['id']} changed no device of {inventory_path}: "
-                           "nothing to roll back")
-    rollback_id = new_run_dir("rollback")[0]
+            raise BadInput(f"rollout {source['id']} changed no device of {inventory_path} "
+                           "that ran an earlier version: nothing to roll back")
+    else:
+        targets = dict.fromkeys(hosts, "@previous")
+    run_dir = new_run_dir("rollback")
+    rollback_id = run_dir[0]
     target_list = sorted(targets)
-    history.start(rollback_id, "rollback", inventory_path, to or f"before {source['id']}",
-                  image_id, {"to": to or "", "rollout": source["id"] if source else ""},
-                  [target_list])
+    what = to or (f"before {source['id']}" if source else "previous")
+    history.start(rollback_id, "rollback", inventory_path, what, image_id,
+                  {"to": to or "", "rollout": source["id"] if source else ""}, [target_list])
     tracker = Tracker(rollback_id, on_change)
     run = _run("fleet_rollback.yml", inventory, target_list,
                {**(extravars or {}), "claw_release_targets": targets,
-                "claw_release_rollout": rollback_id}, tracker, "rollback")
+                "claw_release_rollout": rollback_id}, tracker, "rollback", run_dir)
     for host in target_list:
         row = tracker.devices.get(host, {})
         if row.get("outcome") in ("unreachable", "failed", "rolled_back"):
             continue
         healthy = row.get("rollback_healthy") or not targets[host]
-        history.device_update(rollback_id, host, from_image="", to_image=targets[host],
+        history.device_update(rollback_id, host, to_image=row.get("to") or targets[host],
                               outcome="ok" if row.get("phase") == "rolled_back" and healthy
                               else "failed", ended=time.time())
     devices = history.get(rollback_id)["devices"]

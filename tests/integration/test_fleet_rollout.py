@@ -266,13 +266,14 @@ def test_a_killed_controller_leaves_a_record_and_the_rollout_resumes(setup):
         assert dexec(name, "systemctl is-active claw-release-guard.timer || true") != "active"
 
 
-def test_rollback_returns_the_last_rollouts_devices_to_what_they_ran(setup):
+def test_rollback_takes_each_device_to_its_previous_release(setup):
     inv, r, names = setup["inventory"], setup["releases"], setup["names"]
     code, out, err = fleet("rollback", "-i", str(inv), "--json")
     assert code == 0, out[-2000:] + err[-2000:]
     result = json.loads(out)
-    assert {d["to_image"] for d in result["devices"]} == {r["v5"]}
-    assert_fleet(setup, dict.fromkeys(names, r["v5"]))
+    assert {(d["to_image"], d["outcome"]) for d in result["devices"]} == {(r["v5"], "ok")}
+    rows = assert_fleet(setup, dict.fromkeys(names, r["v5"]))
+    assert {row["previous"] for row in rows.values()} == {r["v4"]}
     code, out, err = fleet("rollback", "-i", str(inv), "--to", r["v1"], "--json")
     assert code == 1  # v1 was pruned from the devices: it has to be rolled out again
     assert "is not on this device" in out
