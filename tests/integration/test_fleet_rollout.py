@@ -229,8 +229,12 @@ def test_a_device_lost_mid_rollout_is_left_healthy_and_finished_on_resume(setup)
 
 def test_a_killed_controller_leaves_a_record_and_the_rollout_resumes(setup):
     r, names = setup["releases"], setup["names"]
+    first = names[:5]
+    # The first batch's devices stop before their commit, long enough to kill the controller.
     slow = with_vars(setup, "slow", claw_rollout_hooks={"before_commit": [
-        "[ -e /run/claw-slow-once ] || { touch /run/claw-slow-once; sleep 60; }"]})
+        "if [ -e /run/claw-slow ]; then rm /run/claw-slow; sleep 60; fi"]})
+    for name in first:
+        dexec(name, "touch /run/claw-slow")
     proc = subprocess.Popen([str(CLAW), "fleet", "rollout", "-i", str(slow), "--image", r["v4"],
                              "--canary", "0", "--batch", "50%", "--json"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -249,7 +253,6 @@ def test_a_killed_controller_leaves_a_record_and_the_rollout_resumes(setup):
     proc.wait()
     record = history.get(rollout_id)
     assert record["status"] == "interrupted"
-    first = names[:5]
     assert record["stopped_at"] == "batch 0: " + ", ".join(f"{n} healthy" for n in first)
     for name in first:  # switched but uncommitted: the guard timer will undo it if nobody does
         state = json.loads(dexec(name, "cat /var/lib/clawforge/release/state.json"))
