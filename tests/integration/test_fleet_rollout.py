@@ -258,15 +258,23 @@ def test_a_killed_controller_leaves_a_record_and_the_rollout_resumes(setup):
         state = json.loads(dexec(name, "cat /var/lib/clawforge/release/state.json"))
         assert state["pending"]["image"] == r["v4"] and state["committed"]["image"] == r["v5"]
         assert dexec(name, "systemctl is-active claw-release-guard.timer") == "active"
-    for name in names[5:]:
-        assert history.get(rollout_id)["devices"][names.index(name)]["phase"] == "waiting"
+    phases = {d["device"]: d["phase"] for d in record["devices"]}
+    assert {phases[n] for n in names[5:]} == {"waiting"}
+    # Undo it first: the switched devices go back to what they ran before it, committed.
+    code, out, err = fleet("rollback", "-i", str(slow), "--rollout", rollout_id, "--json")
+    assert code == 0, out[-2000:] + err[-2000:]
+    undone = json.loads(out)["devices"]
+    assert sorted(d["device"] for d in undone) == sorted(first)
+    assert {d["to_image"] for d in undone} == {r["v5"]}
+    assert_fleet(setup, dict.fromkeys(names, r["v5"]))
+    for name in first:
+        assert dexec(name, "systemctl is-active claw-release-guard.timer || true") != "active"
+    # ... then finish it after all.
     code, result = rollout(slow, r["v4"], "--resume", rollout_id)
     assert code == 0 and result["status"] == "succeeded", result
     assert result["rollout_id"] == rollout_id
     assert "resumed" in history.get(rollout_id)["notes"]
     assert_fleet(setup, dict.fromkeys(names, r["v4"]))
-    for name in first:
-        assert dexec(name, "systemctl is-active claw-release-guard.timer || true") != "active"
 
 
 def test_rollback_takes_each_device_to_its_previous_release(setup):
