@@ -30,6 +30,8 @@ def release_image(base: str, tag: str, version: str, fail: str = "") -> str:
     if script is not None:
         entry = ["/bin/sh", "-c", script.format(version=version), "claw-runtime"]
         lines.append(f"ENTRYPOINT {json.dumps(entry)}")
+        # A new ENTRYPOINT drops the base image's CMD: give the server its arguments back.
+        lines.append('CMD ["--config", "/etc/clawforge/runtime.yml"]')
     dockerfile = "\n".join(lines) + "\n"
     client = docker_client()
     client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True,

@@ -205,6 +205,34 @@ def test_a_release_that_fails_on_two_boards_rolls_back_only_those(setup):
     assert_fleet(setup, dict.fromkeys(names, r["v4"]))
 
 
+def test_past_the_budget_the_batch_is_rolled_back_and_later_devices_untouched(setup):
+    inv, r, names = setup["inventory"], setup["releases"], setup["names"]
+    rev_b = {names[4], names[8]}
+    for name in rev_b:
+        dexec(name, f"touch {REV_B_MARKER}")
+    try:  # canary, then 3 per batch: the batch with names[4] has 1 of 3 failing > 10 %
+        code, result = rollout(inv, r["v3"], "--canary", "1", "--batch", "3",
+                               "--max-fail", "10%")
+    finally:
+        for name in rev_b:
+            dexec(name, f"rm -f {REV_B_MARKER}")
+    assert code == 1 and result["status"] == "halted", result
+    rows = {d["device"]: d for d in result["devices"]}
+    assert rows[names[0]]["outcome"] == "ok" and rows[names[1]]["outcome"] == "ok"  # batches
+    assert rows[names[2]]["outcome"] == "ok" and rows[names[3]]["outcome"] == "ok"  # 0 and 1
+    batch = [names[4], names[5], names[6]]
+    assert {rows[n]["batch"] for n in batch} == {2}
+    assert {rows[n]["outcome"] for n in batch} == {"rolled_back"}
+    assert "batch rolled back" in rows[names[5]]["error"]
+    for name in names[7:]:
+        assert rows[name]["outcome"] == "skipped" and rows[name]["phase"] == "waiting"
+    assert result["error"] == "the failure budget was exceeded"
+    record = history.get(result["rollout_id"])
+    assert record["stopped_at"] == f"batch 2: 1 of 3 failed ({names[4]})"
+    expected = dict.fromkeys(names, r["v4"]) | dict.fromkeys(names[:4], r["v3"])
+    assert_fleet(setup, expected)
+
+
 def test_a_device_lost_mid_rollout_is_left_healthy_and_finished_on_resume(setup):
     inv, r, names = setup["inventory"], setup["releases"], setup["names"]
     lost = names[6]
