@@ -52,6 +52,18 @@ enable_binfmt() {
   as_root update-binfmts --enable qemu-aarch64 || log "could not register qemu-aarch64 (claw doctor explains)"
 }
 
+raise_inotify_limit() {
+  # Every emulated device runs systemd (and with --engine, dockerd and containerd), each holding
+  # inotify instances of root's: the default 128 runs out at about twenty devices, and a device
+  # started past it exits at once (code 255, no log).
+  local now; now=$(cat /proc/sys/fs/inotify/max_user_instances 2>/dev/null || echo 0)
+  if [ "$now" -lt 1024 ]; then
+    as_root sh -c 'echo 1024 > /proc/sys/fs/inotify/max_user_instances' 2>/dev/null \
+      && log "inotify instances per user: $now -> 1024" \
+      || log "cannot raise fs.inotify.max_user_instances ($now): large device fleets may not start"
+  fi
+}
+
 make_venv() {
   local stamp=.venv/.clawforge-installed want
   want=$(cat pyproject.toml | sha256sum | cut -c1-16)
@@ -68,5 +80,6 @@ make_venv() {
 install_apt_packages
 start_docker
 enable_binfmt
+raise_inotify_limit
 make_venv
 log "ready"
