@@ -16,7 +16,10 @@ every layer: 1 GB images on ten devices would not fit).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +154,18 @@ def _wait_for_ssh(port: int, timeout: float) -> bool:
     return False
 
 
+@contextmanager
+def _allocation_lock() -> Iterator[None]:
+    """Serialise choosing ports and names and creating the containers across processes."""
+    devices_dir().mkdir(parents=True, exist_ok=True)
+    with open(devices_dir() / ".allocate.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def devices_up(n: int, profile: str, arch: str, inventory: Path | None = None,
                progress: Progress = print, fleet: str = DEFAULT_FLEET,
                engine: bool = False) -> Path:
@@ -163,41 +178,43 @@ def devices_up(n: int, profile: str, arch: str, inventory: Path | None = None,
     if n < 1:
         raise BadInput(f"N = {n} is not valid (expected at least 1 device)")
     ProfileStore().get(profile)  # an unknown profile is bad input before anything starts
-    every = list_devices()
-    other = [d.name for d in every if d.fleet == fleet and d.engine != engine]
-    if other:
-        raise BadInput(f"fleet {fleet!r} has devices {'without' if engine else 'with'} a Docker "
-                       f"engine ({', '.join(other)}): expected all or none of a fleet to have "
-                       f"one (`claw devices down --fleet {fleet}`, or use another --fleet)")
-    tag = ensure_base_image(arch, progress, engine)
-    client = _docker()
-    key = ssh_key()
-    missing = n - sum(1 for d in every if d.fleet == fleet)
-    ports = free_ports(FIRST_PORT, max(missing, 0), {d.port for d in every})
-    used = {d.name for d in every}
-    index = 1
-    for port in ports:
-        while f"claw-{fleet}-{index}" in used:
-            index += 1
-        name = f"claw-{fleet}-{index}"
-        used.add(name)
-        conf = devices_dir() / f"{name}-sshd.conf"
-        conf.write_text(f"Port {port}\nListenAddress 127.0.0.1\n"
-                        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n")
-        progress(f"starting {name} ({profile}, {arch}{', engine' if engine else ''}) on "
-                 f"127.0.0.1:{port}")
-        labels = {LABEL: "1", "clawforge.fleet": fleet, "clawforge.port": str(port),
-                  "clawforge.profile": profile, "clawforge.arch": arch}
-        volumes = {"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"},
-                   str(conf): {"bind": "/etc/ssh/sshd_config.d/claw.conf", "mode": "ro"},
-                   f"{key}.pub": {"bind": "/root/.ssh/authorized_keys", "mode": "ro"},
-                   **controller_trust()}
-        if engine:
-            labels[ENGINE_LABEL] = "1"
-            volumes[_fresh_engine_volume(client, name, labels)] = {"bind": ENGINE_DATA,
-                                                                   "mode": "rw"}
-        client.containers.run(tag, ["/lib/systemd/systemd"], name=name, detach=True,
-                              labels=labels, volumes=volumes, **SYSTEMD_RUN)
+    with _allocation_lock():  # another `devices up` must not pick the same ports
+        every = list_devices()
+        other = [d.name for d in every if d.fleet == fleet and d.engine != engine]
+        if other:
+            has = "without" if engine else "with"
+            raise BadInput(f"fleet {fleet!r} has devices {has} a Docker engine "
+                           f"({', '.join(other)}): expected all or none of a fleet to have one "
+                           f"(`claw devices down --fleet {fleet}`, or use another --fleet)")
+        tag = ensure_base_image(arch, progress, engine)
+        client = _docker()
+        key = ssh_key()
+        missing = n - sum(1 for d in every if d.fleet == fleet)
+        ports = free_ports(FIRST_PORT, max(missing, 0), {d.port for d in every})
+        used = {d.name for d in every}
+        index = 1
+        for port in ports:
+            while f"claw-{fleet}-{index}" in used:
+                index += 1
+            name = f"claw-{fleet}-{index}"
+            used.add(name)
+            conf = devices_dir() / f"{name}-sshd.conf"
+            conf.write_text(f"Port {port}\nListenAddress 127.0.0.1\n"
+                            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n")
+            progress(f"starting {name} ({profile}, {arch}{', engine' if engine else ''}) on "
+                     f"127.0.0.1:{port}")
+            labels = {LABEL: "1", "clawforge.fleet": fleet, "clawforge.port": str(port),
+                      "clawforge.profile": profile, "clawforge.arch": arch}
+            volumes = {"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"},
+                       str(conf): {"bind": "/etc/ssh/sshd_config.d/claw.conf", "mode": "ro"},
+                       f"{key}.pub": {"bind": "/root/.ssh/authorized_keys", "mode": "ro"},
+                       **controller_trust()}
+            if engine:
+                labels[ENGINE_LABEL] = "1"
+                volumes[_fresh_engine_volume(client, name, labels)] = {"bind": ENGINE_DATA,
+                                                                       "mode": "rw"}
+            client.containers.run(tag, ["/lib/systemd/systemd"], name=name, detach=True,
+                                  labels=labels, volumes=volumes, **SYSTEMD_RUN)
     for device in list_devices(fleet):
         if device.status != "running":
             progress(f"restarting {device.name}")
