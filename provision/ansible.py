@@ -47,9 +47,13 @@ class RunResult:
     hosts: dict[str, HostResult]
 
 
-def _message(res: dict[str, Any]) -> str:
-    text = res.get("msg") or res.get("stderr") or res.get("module_stderr") or ""
-    return " ".join(str(text).split())[:500]
+def result_message(res: dict[str, Any], limit: int = 500) -> str:
+    """What a failed task said, on one line: a command's own stderr rather than Ansible's
+    "non-zero return code"."""
+    msg, stderr = res.get("msg") or "", res.get("stderr") or ""
+    text = stderr if stderr and (not msg or msg == "non-zero return code") else (
+        msg or res.get("module_stderr") or "")
+    return " ".join(str(text).split())[:limit]
 
 
 def new_run_dir(kind: str) -> tuple[str, Path]:
@@ -100,9 +104,9 @@ def run_playbook(
                 hr.changed += bool(res.get("changed"))
                 hr.results[task] = res
             elif kind_ == "runner_on_failed" and not data.get("ignore_errors"):
-                hr.failed, hr.failed_task, hr.message = True, task, _message(res)
+                hr.failed, hr.failed_task, hr.message = True, task, result_message(res)
             elif kind_ == "runner_on_unreachable":
-                hr.unreachable, hr.failed_task, hr.message = True, task, _message(res)
+                hr.unreachable, hr.failed_task, hr.message = True, task, result_message(res)
             elif kind_ == "runner_on_skipped":
                 hr.skipped += 1
         if on_event:

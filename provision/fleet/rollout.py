@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provision.ansible import new_run_dir, run_playbook
+from provision.ansible import new_run_dir, result_message, run_playbook
 from provision.errors import BadInput
 from provision.fleet import history
 from provision.inventory import Inventory, load_inventory
@@ -160,7 +160,7 @@ class Tracker:
             if isinstance(step, dict):
                 self._phase(host, step)
         elif kind == "runner_on_failed" and not data.get("ignore_errors"):
-            message = " ".join(str(res.get("msg") or res.get("stderr") or "").split())[:500]
+            message = result_message(res)
             if data.get("task") == FAIL_TASK:
                 row = self.devices.get(host, {})
                 healthy = row.get("phase") == "rolled_back" and row.get("rollback_healthy")
@@ -170,7 +170,7 @@ class Tracker:
                 self.devices.setdefault(host, {"device": host})["last_error"] = \
                     f"{data.get('task', '')}: {message}"
         elif kind == "runner_on_unreachable":
-            message = " ".join(str(res.get("msg") or "").split())[:300]
+            message = result_message(res, 300)
             self._update(host, outcome="unreachable", error=message, ended=time.time())
 
     def _phase(self, host: str, step: dict[str, Any]) -> None:

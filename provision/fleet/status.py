@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from provision.ansible import new_run_dir, run_playbook
+from provision.ansible import new_run_dir, result_message, run_playbook
 from provision.fleet import history
 from provision.fleet.rollout import select_hosts
 from provision.provisioning import run_inventory
@@ -29,7 +29,7 @@ def fleet_status(inventory_path: Path, limit: str | None = None,
         if event.get("event") == "runner_on_ok" and "claw_release_status" in facts:
             seen[host] = facts["claw_release_status"]
         elif event.get("event") in ("runner_on_failed", "runner_on_unreachable"):
-            errors[host] = " ".join(str(res.get("msg") or res.get("stderr") or "").split())[:200]
+            errors[host] = result_message(res, 200)
 
     run_playbook("fleet_status.yml", run_inv, extravars=extravars, limit=",".join(hosts),
                  on_event=on_event, run=(run_id, private))
