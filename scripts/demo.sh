@@ -49,10 +49,10 @@ step "claw image build runtime: the runtime image from the offline base (numpy-o
 $CLAW image build runtime --profile qemu-virt --arch amd64 --opencl none --tag clawforge/runtime:demo
 
 step "claw fleet rollout --dry-run: the plan (a canary, then batches)"
-$CLAW fleet rollout -i "$INV" --image clawforge/runtime:demo --canary 1 --batch 50% --dry-run "${RUNTIME_VARS[@]}"
+$CLAW fleet rollout -i "$INV" --image clawforge/runtime:demo --canary 1 --batch 2 --dry-run "${RUNTIME_VARS[@]}"
 
 step "claw fleet rollout: deliver, switch, health-check (/health + a completion), commit; rollback on failure"
-$CLAW fleet rollout -i "$INV" --image clawforge/runtime:demo --canary 1 --batch 50% "${RUNTIME_VARS[@]}"
+$CLAW fleet rollout -i "$INV" --image clawforge/runtime:demo --canary 1 --batch 2 "${RUNTIME_VARS[@]}"
 
 step "A chat completion from each device's server"
 .venv/bin/python - "$INV" <<'PY'
@@ -75,4 +75,4 @@ $CLAW fleet history --last 3
 
 printf '\nDemo done (the model has random weights: its text is noise, its speed and plumbing are real).\n'
 printf 'The demo devices keep running: `.venv/bin/claw devices down --fleet demo` removes them.\n'
-printf 'Still to land: OS images and flashing (#10).\n'
+printf 'Still to land: OS image builds (#10: claw os build|customize; claw flash is here).\n'

@@ -135,9 +135,10 @@ def rollout_cmd(
         if json_out:
             print_json({"image": image, "settings": settings.__dict__, "batches": plan})
         else:
-            emit(f"dry run: {image} ({settings.delivery} delivery, stop past "
-                 f"{settings.max_fail}% failed per batch)", plan,
-                 {"batch": "Batch", "devices": "Devices"}, False)
+            console.print(f"dry run: {image}, {settings.delivery} delivery, "
+                          f"{settings.strategy}, stop past {settings.max_fail}% failed in a "
+                          "batch; nothing is changed", highlight=False)
+            emit("Batches", plan, {"batch": "Batch", "devices": "Devices"}, False)
         return
     display = LiveRollout(f"claw fleet rollout {image}")
     note = (lambda m: None) if json_out else (lambda m: console.print(f"[dim]{m}[/]"))
