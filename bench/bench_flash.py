@@ -6,7 +6,7 @@ includes that verification, also reported alone); dd writes all 4 GiB and verifi
 Each writer gets a fresh sparse backing file, so neither finds the other's blocks allocated.
 The target is ≥ 3× faster than dd (`ratio` = dd_s / ours_s).
 
-    .venv/bin/python bench/bench_flash.py [--image-gib 4] [--data-gib 1] [--dir /var/tmp] [--json]
+    .venv/bin/python bench/bench_flash.py [--image-gib 4] [--data-gib 1] [--repeat 3] [--json]
 """
 
 from __future__ import annotations
@@ -61,15 +61,9 @@ def timed(cmd: list[str]) -> tuple[float, str]:
     return time.perf_counter() - start, done.stdout
 
 
-def measure(workdir: Path, image_bytes: int, data_bytes: int) -> dict:
-    image = workdir / "bench.img"
-    make_image(image, image_bytes, data_bytes)
-    start = time.perf_counter()
-    subprocess.run([str(CLAW), "bmap", str(image)], check=True, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
-    bmap_s = time.perf_counter() - start
-    row: dict = {"image_gib": image_bytes / (1 << 30), "data_gib": data_bytes / (1 << 30),
-                 "bmap_s": round(bmap_s, 2)}
+def measure(workdir: Path, image: Path, image_bytes: int, data_bytes: int, run: int) -> dict:
+    row: dict = {"run": run, "image_gib": image_bytes / (1 << 30),
+                 "data_gib": data_bytes / (1 << 30)}
     for who in ("ours", "dd"):
         subprocess.run(["sync"], check=True)
         dev = loop_target(workdir / f"target-{who}", image_bytes)
@@ -98,21 +92,32 @@ def main() -> None:
     parser.add_argument("--image-gib", type=float, default=4)
     parser.add_argument("--data-gib", type=float, default=1)
     parser.add_argument("--dir", default="/var/tmp", help="where the image and targets live")
+    parser.add_argument("--repeat", type=int, default=1, help="ours/dd pairs, one row each")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if os.geteuid() != 0 or not shutil.which("losetup"):
         raise SystemExit("bench_flash needs root and losetup (loop devices)")
     workdir = Path(tempfile.mkdtemp(prefix="clawbench-flash-", dir=args.dir))
+    image_bytes, data_bytes = int(args.image_gib * (1 << 30)), int(args.data_gib * (1 << 30))
     try:
-        row = measure(workdir, int(args.image_gib * (1 << 30)), int(args.data_gib * (1 << 30)))
+        image = workdir / "bench.img"
+        make_image(image, image_bytes, data_bytes)
+        start = time.perf_counter()
+        subprocess.run([str(CLAW), "bmap", str(image)], check=True, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+        bmap_s = round(time.perf_counter() - start, 2)
+        rows = []
+        for run in range(1, args.repeat + 1):
+            rows.append(measure(workdir, image, image_bytes, data_bytes, run))
+            print(f"# measured: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report = {"bench": "flash: claw flash (verified) vs dd bs=4M conv=fsync",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": platform.machine(), "cpus": os.cpu_count(),
-              "kernel": platform.release(), "rows": [row]}
-    head = ["image_gib", "data_gib", "ours_s", "ours_write_s", "ours_verify_s", "dd_s", "ratio",
-            "ours_written_gib", "bmap_s"]
+              "kernel": platform.release(), "bmap_s": bmap_s, "rows": rows}
+    head = ["run", "image_gib", "data_gib", "ours_s", "ours_write_s", "ours_verify_s", "dd_s",
+            "ratio", "ours_written_gib"]
     print_report(report, head, args.json)
 
 

@@ -20,6 +20,7 @@ import mmap
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -262,80 +263,110 @@ def flash(image: Path, target_path: Path, *, target_file: bool = False,
         head = stream.read(1024)
     ranges = plan(bmap, gpt=head[512:520] == b"EFI PART")
     total = sum(r.length for r in ranges)
-    buf = _aligned_buffer(CHUNK)
     try:
         writer = _Writer(target, bmap.image_size)
     except OSError as exc:
         raise BadInput(f"{target_path}: cannot open it for writing ({exc.strerror}; in use?)") \
             from None
-    done, digests = 0, []
+    counter = [0]
     try:
         t0 = time.perf_counter()
-        pace = _Pacer(max_rate)
-        with open_stream(image, kind) as stream:
-            pos = 0
-            for r in ranges:
-                while pos < r.start:  # compressed streams cannot seek cheaply: read past holes
-                    if kind == "raw":
-                        stream.seek(r.start)
-                        pos = r.start
-                        break
-                    skipped = stream.readinto(memoryview(buf)[:min(CHUNK, r.start - pos)])
-                    if not skipped:
-                        raise ClawError(f"{image}: ended at byte {pos}, before its map's range "
-                                        f"at {r.start}: the target is incomplete")
-                    pos += skipped
-                digest = hashlib.sha256()
-                off = r.start
-                while off < r.end:
-                    want = min(CHUNK, r.end - off)
-                    view = memoryview(buf)[:want]
-                    got = 0
-                    while got < want:
-                        n = stream.readinto(view[got:])
-                        if not n:
-                            raise ClawError(f"{image}: ended at byte {off + got}, before the "
-                                            f"{bmap.image_size} bytes its map says: the "
-                                            "target is incomplete")
-                        got += n
-                    digest.update(view)
-                    writer.write(view, off)
-                    off += want
-                    done += want
-                    pace(want)
-                    progress("write", done, total)
-                pos = r.end
-                hexd = digest.hexdigest()
-                if r.sha256 and hexd != r.sha256:
-                    raise ClawError(f"{image}: bytes {r.start}..{r.end} do not match the block "
-                                    "map's SHA-256 (a damaged image or the wrong map): the "
-                                    "target is incomplete")
-                digests.append(hexd)
+        digests = _write_ranges(image, kind, bmap.image_size, ranges, writer, progress,
+                                _Pacer(max_rate), counter)
         writer.sync()
         write_s = time.perf_counter() - t0
         if before_verify is not None:
             before_verify(target_path)
-        verify_s = 0.0
+        t1 = time.perf_counter()
         if verify:
-            t1 = time.perf_counter()
-            checked = 0
-            for r, want_hex in zip(ranges, digests, strict=True):
-                digest, off = hashlib.sha256(), r.start
-                while off < r.end:
-                    n = min(CHUNK, r.end - off)
-                    digest.update(writer.read(buf, n, off))
-                    off += n
-                    checked += n
-                    progress("verify", checked, total)
-                if digest.hexdigest() != want_hex:
-                    raise VerifyFailed(f"verification failed: bytes {r.start}..{r.end} of "
-                                       f"{target_path} differ from the image (bad medium or a "
-                                       "failing card?)")
-            verify_s = time.perf_counter() - t1
+            _verify_ranges(target_path, ranges, digests, writer, progress)
+        verify_s = time.perf_counter() - t1 if verify else 0.0
     except KeyboardInterrupt:
-        raise FlashInterrupted(f"interrupted after writing {done // MIB} of {total // MIB} "
-                               f"MiB: the target is incomplete (flash it again)") from None
+        raise FlashInterrupted(f"interrupted after writing {counter[0] // MIB} of "
+                               f"{total // MIB} MiB: the target is incomplete (flash it again)") \
+            from None
     finally:
-        writer.close()  # the buffer goes with its last view
+        writer.close()
     return FlashResult(bmap.image_size, total, len(ranges), source, kind, write_s, verify_s,
                        str(target_path))
+
+
+def _write_ranges(image: Path, kind: str, image_size: int, ranges: list[Range], writer: _Writer,
+                  progress: Progress, pace: _Pacer, counter: list[int]) -> list[str]:
+    """Stream the ranges onto the target; the SHA-256 of each as read. Reading and hashing
+    overlap the previous chunk's write (a one-thread pool: hashlib and pwrite drop the GIL)."""
+    bufs = [_aligned_buffer(CHUNK) for _ in range(3)]
+    scratch = bytearray(CHUNK)
+    pending: list[Future | None] = [None] * len(bufs)
+    total, digests, slot = sum(r.length for r in ranges), [], 0
+    with open_stream(image, kind) as stream, ThreadPoolExecutor(1) as pool:
+        pos = 0
+        for r in ranges:
+            if kind == "raw":
+                stream.seek(r.start)
+            while pos < r.start and kind != "raw":  # compressed: read past the holes
+                skipped = stream.readinto(memoryview(scratch)[:min(CHUNK, r.start - pos)])
+                if not skipped:
+                    raise ClawError(f"{image}: ended at byte {pos}, before its map's range at "
+                                    f"{r.start}: the target is incomplete")
+                pos += skipped
+            digest, off = hashlib.sha256(), r.start
+            while off < r.end:
+                if pending[slot] is not None:
+                    pending[slot].result()
+                want = min(CHUNK, r.end - off)
+                view = memoryview(bufs[slot])[:want]
+                got = 0
+                while got < want:
+                    n = stream.readinto(view[got:])
+                    if not n:
+                        raise ClawError(f"{image}: ended at byte {off + got}, before the "
+                                        f"{image_size} bytes its map says: the target is "
+                                        "incomplete")
+                    got += n
+                digest.update(view)
+                pending[slot] = pool.submit(writer.write, view, off)
+                slot = (slot + 1) % len(bufs)
+                off += want
+                counter[0] += want
+                pace(want)
+                progress("write", counter[0], total)
+            pos = r.end
+            digests.append(digest.hexdigest())
+            if r.sha256 and digests[-1] != r.sha256:
+                raise ClawError(f"{image}: bytes {r.start}..{r.end} do not match the block "
+                                "map's SHA-256 (a damaged image or the wrong map): the target "
+                                "is incomplete")
+        for job in pending:
+            if job is not None:
+                job.result()
+    return digests
+
+
+def _verify_ranges(target: Path, ranges: list[Range], digests: list[str], writer: _Writer,
+                   progress: Progress) -> None:
+    """Read every written range back and compare; the next chunk is read while this one is
+    hashed."""
+    chunks = [(i, off, min(CHUNK, r.end - off)) for i, r in enumerate(ranges)
+              for off in range(r.start, r.end, CHUNK)]
+    if not chunks:
+        return
+    bufs = [_aligned_buffer(CHUNK) for _ in range(2)]
+    total, checked, digest = sum(r.length for r in ranges), 0, hashlib.sha256()
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(writer.read, bufs[0], chunks[0][2], chunks[0][1])
+        for k, (i, off, n) in enumerate(chunks):
+            view = job.result()
+            if k + 1 < len(chunks):
+                job = pool.submit(writer.read, bufs[(k + 1) % 2], chunks[k + 1][2],
+                                  chunks[k + 1][1])
+            digest.update(view)
+            checked += n
+            progress("verify", checked, total)
+            r = ranges[i]
+            if off + n == r.end:
+                if digest.hexdigest() != digests[i]:
+                    raise VerifyFailed(f"verification failed: bytes {r.start}..{r.end} of "
+                                       f"{target} differ from the image (bad medium or a "
+                                       "failing card?)")
+                digest = hashlib.sha256()
