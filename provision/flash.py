@@ -279,7 +279,11 @@ def flash(image: Path, target_path: Path, *, target_file: bool = False,
             before_verify(target_path)
         t1 = time.perf_counter()
         if verify:
-            _verify_ranges(target_path, ranges, digests, writer, progress)
+            try:
+                _verify_ranges(target_path, ranges, digests, writer, progress)
+            except KeyboardInterrupt:
+                raise FlashInterrupted("interrupted while verifying: the target is written but "
+                                       "not verified (flash it again to be sure)") from None
         verify_s = time.perf_counter() - t1 if verify else 0.0
     except KeyboardInterrupt:
         raise FlashInterrupted(f"interrupted after writing {counter[0] // MIB} of "
