@@ -225,3 +225,16 @@ def test_image_damaged_after_mapping_is_caught(tmp_path):
     with (loop_device(blank(tmp_path / "disk", 96 * MIB)) as dev,
           pytest.raises(ClawError, match=r"do not match the block map.*target is incomplete")):
         flash(img, Path(dev))
+
+
+def test_refuses_a_device_in_use_as_swap(tmp_path):
+    img = partitioned_image(tmp_path / "os.img")
+    with loop_device(blank(tmp_path / "swap", 32 * MIB)) as dev:
+        sh("mkswap", "-q", dev)
+        before = sha(dev, 32 * MIB)
+        sh("swapon", dev)
+        try:
+            assert f"{dev} is in use as swap" in refused(str(img), dev)
+        finally:
+            sh("swapoff", dev)
+        assert sha(dev, 32 * MIB) == before
