@@ -99,18 +99,62 @@ def find_blockmap(image: Path, kind: str) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
+def _vli(buf: bytes, pos: int) -> tuple[int, int]:
+    """xz's variable-length integer at pos: (value, next pos)."""
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _xz_size(image: Path) -> int:
+    """Sum of the uncompressed sizes in a single-stream .xz's index (-1: can't tell)."""
+    with open(image, "rb") as f:
+        f.seek(-12, os.SEEK_END)
+        footer = f.read(12)
+        if footer[10:12] != b"YZ":
+            return -1
+        index_size = (int.from_bytes(footer[4:8], "little") + 1) * 4
+        f.seek(-12 - index_size, os.SEEK_END)
+        index = f.read(index_size)
+    if not index or index[0] != 0:
+        return -1
+    count, pos = _vli(index, 1)
+    total = 0
+    for _ in range(count):
+        _, pos = _vli(index, pos)  # unpadded (compressed) size
+        size, pos = _vli(index, pos)
+        total += size
+    return total
+
+
+def recorded_size(image: Path, kind: str) -> int:
+    """The uncompressed size a compressed file records about itself, without decompressing:
+    zstd's frame header (when the writer knew it), xz's index; -1 when it records none."""
+    try:
+        if kind == "zst":
+            import zstandard
+
+            with open(image, "rb") as f:
+                return zstandard.frame_content_size(f.read(18))
+        if kind == "xz":
+            return _xz_size(image)
+    except (OSError, IndexError, ValueError):
+        return -1
+    return -1
+
+
 def stream_size(image: Path, kind: str) -> int:
     """The uncompressed size of an image with no map: zstd frames often record it; otherwise
     one decompression pass counts it (the price of flashing without a map)."""
     if kind == "raw":
         return image.stat().st_size
-    if kind == "zst":
-        import zstandard
-
-        with open(image, "rb") as f:
-            size = zstandard.frame_content_size(f.read(18))
-        if size >= 0:
-            return size
+    size = recorded_size(image, kind)
+    if size >= 0:
+        return size
     total = 0
     with open_stream(image, kind) as stream:
         while chunk := stream.read(CHUNK):
@@ -138,15 +182,13 @@ def plan(bmap: BlockMap, gpt: bool) -> list[Range]:
 def _check_map(image: Path, kind: str, bmap: BlockMap, bmap_path: Path) -> None:
     """Refuse (nothing written) a map that cannot be this image's: its size, and the first
     range's SHA-256 (the partition table lives there) for a raw image."""
-    if kind == "raw":
-        size = image.stat().st_size
-    elif kind == "zst":
-        import zstandard
-
+    size = image.stat().st_size if kind == "raw" else recorded_size(image, kind)
+    if kind == "gz":  # gzip records the size modulo 2**32 only
         with open(image, "rb") as f:
-            size = zstandard.frame_content_size(f.read(18))
-    else:
-        size = -1
+            f.seek(-4, os.SEEK_END)
+            if int.from_bytes(f.read(4), "little") != bmap.image_size % (1 << 32):
+                raise BadInput(f"{bmap_path}: the map is for a {bmap.image_size}-byte image, "
+                               f"which {image} does not hold; it is not this image's map")
     if size >= 0 and size != bmap.image_size:
         raise BadInput(f"{bmap_path}: the map is for a {bmap.image_size}-byte image but "
                        f"{image} is {size} bytes; it is not this image's map")

@@ -157,3 +157,21 @@ def test_refuses_the_disk_holding_root(tmp_path, claw):
         pytest.skip(f"/ is not on a block device here ({source or 'unknown'})")
     line = refused(claw, str(sparse_image(tmp_path / "a.img")), source)
     assert "holds /" in line, line
+
+
+@pytest.mark.parametrize("kind", ["zst", "xz", "gz"])
+def test_refuses_a_map_of_another_size_for_a_compressed_image(tmp_path, claw, kind):
+    import gzip
+
+    img = sparse_image(tmp_path / "a.img")
+    bigger = sparse_image(tmp_path / "c.img", size=32 * MIB)
+    map_image(bigger)
+    if kind == "gz":
+        packed = tmp_path / "a.img.gz"
+        packed.write_bytes(gzip.compress(img.read_bytes(), compresslevel=1))
+    else:
+        _, _, packed = map_image(img, kind)
+    out = tmp_path / "out.img"
+    line = refused(claw, str(packed), str(out), "--target-file", "--bmap", f"{bigger}.bmap")
+    assert "33554432-byte image" in line and "not this image's map" in line
+    assert not out.exists()
