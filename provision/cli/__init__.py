@@ -14,7 +14,18 @@ import typer
 from rich.markup import escape
 
 from provision import __version__
-from provision.cli import devices, doctor, fleet, image, inventory, pending, profiles, provision, vm
+from provision.cli import (
+    devices,
+    doctor,
+    flash,
+    fleet,
+    image,
+    inventory,
+    pending,
+    profiles,
+    provision,
+    vm,
+)
 from provision.errors import EXIT_BAD_INPUT, EXIT_FAILED, BadInputs, ClawError
 from provision.output import err_console
 from runtime import cli as runtime_cli
@@ -37,6 +48,8 @@ app.command("doctor")(doctor.doctor)
 app.command("provision")(provision.provision_cmd)
 app.add_typer(fleet.app, name="fleet")
 app.add_typer(runtime_cli.app, name="runtime")
+app.command("flash")(flash.flash_cmd)
+app.command("bmap")(flash.bmap_cmd)
 pending.register(app)
 
 

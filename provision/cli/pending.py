@@ -26,7 +26,3 @@ def register(app: typer.Typer) -> None:
     for name, (_, issue) in PENDING.items():
         app.add_typer(_not_yet(name, issue), name=name)
 
-    @app.command("flash", help="Write an OS image to an SD card or disk, verified "
-                 "(not yet available: issue #10).")
-    def flash(image: str = typer.Argument(None), device: str = typer.Argument(None)) -> None:
-        raise ClawError("claw flash: not yet available (tracked in issue #10)")

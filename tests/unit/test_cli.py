@@ -17,6 +17,7 @@ COMMANDS = [
     ["image", "render"], ["image", "build"], ["image", "base"], ["image", "export"],
     ["image", "import"], ["image", "push"], ["image", "run-dev"], ["image", "k8s"],
     ["fleet", "rollout"], ["fleet", "rollback"], ["fleet", "status"], ["fleet", "history"],
+    ["flash"], ["bmap"],
 ]
 PENDING = ["os"]
 
@@ -25,7 +26,7 @@ def test_root_help_lists_every_group(claw):
     result = claw("--help")
     assert result.code == 0
     for group in ["profiles", "inventory", "doctor", "runtime", "provision", "devices", "flash",
-                  "image", "fleet", *PENDING]:
+                  "bmap", "image", "fleet", *PENDING]:
         assert group in result.out
 
 
