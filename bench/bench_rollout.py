@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -55,6 +56,26 @@ def cpu_ticks() -> tuple[int, int]:
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
     idle = fields[3] + fields[4]
     return sum(fields) - idle, sum(fields)
+
+
+def device_cpu_s(names: list[str]) -> float:
+    """CPU seconds the device containers used (their sshd, Ansible's module Python, dockerd,
+    docker load/pull), from cgroup v1 cpuacct; the runtime containers a device's own engine
+    starts sit in cgroups of their own and are not counted here."""
+    total = 0
+    for name in names:
+        cid = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], capture_output=True,
+                             text=True).stdout.strip()
+        usage = Path(f"/sys/fs/cgroup/cpuacct/docker/{cid}/cpuacct.usage")
+        total += int(usage.read_text()) if usage.is_file() else 0
+    return total / 1e9
+
+
+def controller_cpu_s() -> float:
+    """CPU seconds of this process and its finished children (ansible-playbook, its forks and
+    their ssh clients; ssh ControlPersist masters detach and are not counted)."""
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 
 
 def reset(names: list[str]) -> None:
@@ -119,7 +140,11 @@ def phase_stats(seen: dict[str, dict[str, float]]) -> dict[str, Any]:
 def timed_rollout(inventory: Path, names: list[str], image: str, registry: str,
                   batch: str) -> dict[str, Any]:
     from provision.fleet.rollout import Settings, rollout
+    from provision.fleet.status import fleet_status
 
+    # Untimed: the status a user reads before a rollout; it also leaves the SSH ControlPersist
+    # connections open, so every size starts from the same warm connections.
+    fleet_status(inventory, limit=",".join(names))
     seen: dict[str, dict[str, float]] = {}
 
     def on_change(devices: dict[str, dict[str, Any]]) -> None:
@@ -128,11 +153,13 @@ def timed_rollout(inventory: Path, names: list[str], image: str, registry: str,
             seen.setdefault(name, {}).setdefault(row.get("phase", ""), now)
 
     busy0, total0 = cpu_ticks()
+    dev0, ctl0 = device_cpu_s(names), controller_cpu_s()
     t0 = time.time()
     result = rollout(inventory, image, Settings(canary=1, batch=batch, registry=registry),
                      limit=",".join(names), on_change=on_change)
     wall = time.time() - t0
     busy1, total1 = cpu_ticks()
+    dev1, ctl1 = device_cpu_s(names), controller_cpu_s()
     outcomes = sorted({d["outcome"] for d in result.devices})
     if result.status != "succeeded":
         raise SystemExit(f"rollout of {image} to {len(names)} devices {result.status}: "
@@ -143,6 +170,8 @@ def timed_rollout(inventory: Path, names: list[str], image: str, registry: str,
             "to_first_start_s": round(min(firsts) - t0, 1) if firsts else None,
             "after_last_commit_s": round(t0 + wall - max(lasts), 1) if lasts else None,
             "cpu_busy_pct": round(100 * (busy1 - busy0) / max(total1 - total0, 1)),
+            "controller_cpu_s": round(ctl1 - ctl0, 1), "devices_cpu_s": round(dev1 - dev0, 1),
+            "machine_cpu_s": round((busy1 - busy0) / os.sysconf("SC_CLK_TCK"), 1),
             "load1": float(Path("/proc/loadavg").read_text().split()[0]),
             "deliveries": sorted({d["delivery"] for d in result.devices}),
             **phase_stats(seen)}
@@ -153,7 +182,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,5,10,20")
     parser.add_argument("--delivery", default="tar,registry")
     parser.add_argument("--batch", default="100%", help="batch after the 1-device canary")
-    parser.add_argument("--keep", action="store_true", help="leave the fleet up afterwards")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the fleet up afterwards (a later run re-provisions it, "
+                        "which changes nothing, instead of starting it again)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     sizes = sorted({int(n) for n in args.sizes.split(",")} | {1})  # 1 is every ratio's peer
@@ -174,7 +205,6 @@ def main() -> None:
     releases = build_releases()
     setup["build_releases_s"] = round(time.time() - t, 1)
     model = shutil.copy(tiny_chat_gguf(work / "tiny"), work / "chat.gguf")
-    devices.devices_down(fleet=FLEET)
     rows: list[dict[str, Any]] = []
     try:
         t = time.time()
@@ -214,9 +244,9 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": platform.machine(), "cpus": os.cpu_count(),
               "batches": f"canary 1, then {args.batch}", "setup": setup, "rows": rows}
-    head = ["devices", "delivery", "release", "wall_s", "ratio_to_1", "s_per_device",
-            "to_first_start_s", "delivered_mean_s", "installed_mean_s", "healthy_mean_s",
-            "healthy_max_s", "committed_mean_s", "cpu_busy_pct"]
+    head = ["devices", "delivery", "release", "wall_s", "ratio_to_1", "to_first_start_s",
+            "delivered_mean_s", "installed_mean_s", "healthy_mean_s", "healthy_max_s",
+            "committed_mean_s", "controller_cpu_s", "devices_cpu_s", "machine_cpu_s"]
     for row in rows:
         for h in head:
             row.setdefault(h, None)
