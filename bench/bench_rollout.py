@@ -89,6 +89,25 @@ def reset(names: list[str]) -> None:
         list(pool.map(one, names))
 
 
+def cleanup(releases: dict[str, str]) -> None:
+    """This bench's exported tarballs and registry-named tags (the releases themselves stay:
+    the next run builds on their cache)."""
+    import contextlib
+
+    from images.base import docker_client
+    from provision.paths import state_dir
+
+    client = docker_client()
+    for tag in releases.values():
+        with contextlib.suppress(Exception):
+            image = client.images.get(tag)
+            for path in (state_dir() / "images").glob(f"{image.id[7:23]}.tar.zst*"):
+                path.unlink()
+            for other in image.tags:
+                if other != tag:
+                    client.images.remove(other)
+
+
 def build_releases() -> dict[str, str]:
     """The numpy-only runtime image as v1, and v2 = v1 plus one label."""
     from images.build import build_image
@@ -235,6 +254,7 @@ def main() -> None:
         if not args.keep:
             devices.devices_down(fleet=FLEET)
         shutil.rmtree(work, ignore_errors=True)
+        cleanup(releases)
     for row in rows:
         peer = next(r for r in rows if r["devices"] == 1 and r["delivery"] == row["delivery"]
                     and r["release"] == row["release"])
