@@ -56,6 +56,34 @@ def result_message(res: dict[str, Any], limit: int = 500) -> str:
     return " ".join(str(text).split())[:limit]
 
 
+GUARD = """#!{python}
+# Written by ClawForge (provision/ansible.py): ansible-playbook that ends with its controller.
+# ansible-runner starts it under a pty that ignores SIGHUP, so a controller killed mid-run
+# left it running alone (a rollout going on unwatched, or spinning forever). The kernel sends
+# it SIGINT when the process that started it dies: Ansible stops its workers and exits.
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGINT), 0, 0, 0)  # PR_SET_PDEATHSIG
+if str(os.getppid()) != os.environ.get("CLAW_CONTROLLER_PID", str(os.getppid())):
+    sys.exit("ansible-playbook: the ClawForge controller that started it is gone")
+real = {real!r}
+os.execv(real, [real, *sys.argv[1:]])
+"""
+
+
+def playbook_guard() -> Path:
+    """The `ansible-playbook` ClawForge runs: the real one, bound to the controller's life."""
+    real = str(Path(sys.executable).parent / "ansible-playbook")
+    text = GUARD.format(python=sys.executable, real=real)
+    guard = state_dir() / "bin" / "ansible-playbook"
+    if not guard.is_file() or guard.read_text() != text:
+        guard.parent.mkdir(parents=True, exist_ok=True)
+        tmp = guard.with_name(f".ansible-playbook.{os.getpid()}")
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        os.replace(tmp, guard)
+    return guard
+
+
 def new_run_dir(kind: str) -> tuple[str, Path]:
     """A fresh private data directory for one run, kept under the state directory."""
     run_id = time.strftime("%Y%m%d-%H%M%S-") + f"{kind}-" + uuid.uuid4().hex[:6]
@@ -84,11 +112,11 @@ def run_playbook(
         raise ClawError("ansible-runner is not installed (pip install 'clawforge[controller]'; "
                         "see `claw doctor`)") from None
     run_id, private = run or new_run_dir(kind)
-    # ansible-runner starts `ansible-playbook` by name: make the one beside this Python findable.
-    bin_dir = str(Path(sys.executable).parent)
-    path = os.environ.get("PATH", "")
-    if bin_dir not in path.split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + path
+    # ansible-runner starts `ansible-playbook` by name: the one found first is our guard, which
+    # runs the one beside this Python.
+    guard_dir = str(playbook_guard().parent)
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p != guard_dir]
+    os.environ["PATH"] = os.pathsep.join([guard_dir, str(Path(sys.executable).parent), *path])
     hosts: dict[str, HostResult] = {}
 
     def handle(event: dict[str, Any]) -> bool:
@@ -124,7 +152,12 @@ def run_playbook(
         cmdline=" ".join(flag for flag, on in (("--check", check), ("--diff", diff)) if on) or None,
         quiet=True,
         event_handler=handle,
-        envvars={"ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "0"},
+        # Given a cancel callback, ansible-runner installs no SIGINT/SIGTERM handlers of its
+        # own (which would cancel only the playbook running and let the caller go on): Ctrl-C
+        # reaches the caller as KeyboardInterrupt, which records where the work stopped.
+        cancel_callback=lambda: False,
+        envvars={"ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "0",
+                 "CLAW_CONTROLLER_PID": str(os.getpid())},
     )
     return RunResult(run_id=run_id, artifacts=private, status=runner.status, rc=runner.rc,
                      hosts=hosts)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import typer
 
+from provision.interrupts import sigterm_as_interrupt
 from provision.output import console, err_console, print_json
-
-
-def _sigterm(_signum, _frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM ends a flash the same clear way Ctrl-C does
 
 
 def flash_cmd(
@@ -47,7 +43,6 @@ def flash_cmd(
 
     from provision.flash import flash
 
-    previous = signal.signal(signal.SIGTERM, _sigterm)
     bars = Progress(TextColumn("{task.description:<7}"), BarColumn(), DownloadColumn(),
                     TransferSpeedColumn(), TimeRemainingColumn(), console=err_console,
                     transient=as_json)
@@ -58,13 +53,10 @@ def flash_cmd(
             tasks[phase] = bars.add_task(phase, total=total)
         bars.update(tasks[phase], completed=done)
 
-    try:
-        with bars:
-            result = flash(image, target, target_file=target_file, bmap_path=bmap,
-                           verify=not no_verify, progress=progress,
-                           max_rate=max_rate * 1e6 if max_rate else None)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with sigterm_as_interrupt(), bars:  # SIGTERM ends a flash the same clear way Ctrl-C does
+        result = flash(image, target, target_file=target_file, bmap_path=bmap,
+                       verify=not no_verify, progress=progress,
+                       max_rate=max_rate * 1e6 if max_rate else None)
     record = vars(result) | {"verified": not no_verify}
     if as_json:
         print_json(record)

@@ -11,6 +11,7 @@ from rich.live import Live
 from rich.table import Table
 
 from provision.errors import EXIT_FAILED, BadInput
+from provision.interrupts import sigterm_as_interrupt
 from provision.output import console, emit, print_json
 
 app = typer.Typer(help="Roll out runtime images across the fleet: canary, batches, health "
@@ -142,13 +143,14 @@ def rollout_cmd(
         return
     display = LiveRollout(f"claw fleet rollout {image}")
     note = (lambda m: None) if json_out else (lambda m: console.print(f"[dim]{m}[/]"))
-    if json_out:
-        result = rollout(inventory, image, settings, limit=limit, extravars=extravars,
-                         resume=resume)
-    else:
-        with display.live:
+    with sigterm_as_interrupt():  # recorded as interrupted, resumable
+        if json_out:
             result = rollout(inventory, image, settings, limit=limit, extravars=extravars,
-                             resume=resume, progress=note, on_change=display)
+                             resume=resume)
+        else:
+            with display.live:
+                result = rollout(inventory, image, settings, limit=limit, extravars=extravars,
+                                 resume=resume, progress=note, on_change=display)
     _show_result(result, json_out)
 
 
@@ -172,13 +174,14 @@ def rollback_cmd(
 
     display = LiveRollout("claw fleet rollback")
     extravars = parse_extravars(extra)
-    if json_out:
-        result = rollback(inventory, to=to, rollout_id=rollout_id, limit=limit,
-                          extravars=extravars)
-    else:
-        with display.live:
+    with sigterm_as_interrupt():
+        if json_out:
             result = rollback(inventory, to=to, rollout_id=rollout_id, limit=limit,
-                              extravars=extravars, on_change=display)
+                              extravars=extravars)
+        else:
+            with display.live:
+                result = rollback(inventory, to=to, rollout_id=rollout_id, limit=limit,
+                                  extravars=extravars, on_change=display)
     _show_result(result, json_out)
 
 

@@ -29,6 +29,7 @@ from provision.provisioning import check_limit, run_inventory
 STRATEGIES = ("download-then-restart", "restart-then-download")
 FAIL_TASK = "Fail the device, saying what happened"
 SWITCHED = ("installed", "healthy", "committed")
+KEEP_TARBALLS = 3  # exported releases kept on the controller (a rollback may need the last)
 
 
 @dataclass
@@ -122,6 +123,10 @@ def tarball_for(tag: str, image_id: str, progress: Callable[[str], None]) -> Pat
     if not path.is_file():
         progress(f"exporting {tag} to {path}")
         export_image(tag, path)
+    path.touch()  # newest use first: the cache keeps the last few releases, not all of them
+    for old in sorted(folder.glob("*.tar.zst"), key=lambda p: p.stat().st_mtime)[:-KEEP_TARBALLS]:
+        old.unlink(missing_ok=True)
+        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
     return path
 
 

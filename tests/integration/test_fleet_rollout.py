@@ -279,6 +279,12 @@ def test_a_killed_controller_leaves_a_record_and_the_rollout_resumes(setup):
     assert rollout_id, "the first batch never got to its commit"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # ansible-playbook ends with its controller (it runs in a session of its own, under a pty
+    # that ignores SIGHUP: without the guard it went on alone).
+    deadline = time.monotonic() + 20
+    while subprocess.run(["pgrep", "-f", f"runs/{rollout_id}/"]).returncode == 0:
+        assert time.monotonic() < deadline, "ansible-playbook outlived its controller"
+        time.sleep(0.5)
     record = history.get(rollout_id)
     assert record["status"] == "interrupted"
     assert record["stopped_at"] == "batch 0: " + ", ".join(f"{n} healthy" for n in first)

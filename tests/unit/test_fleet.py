@@ -201,3 +201,31 @@ def test_bad_hooks_are_refused_naming_the_step(hooks, expected, claw, tmp_path):
     result = claw("inventory", "check", str(inv))
     assert result.code == 2 and expected in result.err, result.err
     assert "Traceback" not in result.err
+
+
+def test_the_tarball_cache_keeps_the_newest_releases_only(tmp_path, monkeypatch):
+    """Each rebuilt release has a new image id: without pruning the cache grows ~100 MB per
+    build. The three most recently used tarballs stay."""
+    from provision.fleet import rollout as ro
+
+    folder = history.db_path().parent / "images"
+    folder.mkdir(parents=True)
+    exported: list[str] = []
+
+    def fake_export(tag: str, path: Path) -> None:  # the docker part is tested with devices
+        path.write_bytes(b"tar")
+        path.with_name(path.name + ".sha256").write_text("x  y\n")
+        exported.append(tag)
+
+    monkeypatch.setattr("images.transfer.export_image", fake_export)
+    def image_id(i: int) -> str:
+        return f"sha256:{i}" + "ab" * 32
+
+    for i in range(5):
+        ro.tarball_for(f"img:{i}", image_id(i), lambda _: None)
+        time.sleep(0.01)
+    ro.tarball_for("img:2", image_id(2), lambda _: None)  # used again: kept, not redone
+    kept = sorted(p.name[:16] for p in folder.glob("*.tar.zst"))
+    assert kept == sorted(image_id(i)[7:23] for i in (2, 3, 4))
+    assert len(list(folder.glob("*.sha256"))) == 3
+    assert exported == [f"img:{i}" for i in range(5)]
