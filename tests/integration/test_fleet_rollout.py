@@ -116,6 +116,10 @@ def setup(tmp_path_factory):
     result = claw_subprocess("provision", "-i", str(inventory), "--tags",
                              "docker_engine,claw_runtime", "--json")
     assert result.code == 0, result.out[-3000:] + result.err[-2000:]
+    again = claw_subprocess("provision", "-i", str(inventory), "--tags",
+                            "docker_engine,claw_runtime", "--json")
+    # idempotent even with no release yet (the service waits for its first image)
+    assert [h["changed"] for h in json.loads(again.out)["hosts"]] == [0] * N, again.out[-2000:]
     names = list(group["hosts"])
     ports = {n: group["hosts"][n]["claw_runtime_port"] for n in names}
     with local_registry(work / "registry") as registry:
