@@ -158,7 +158,8 @@ def phase_stats(seen: dict[str, dict[str, float]]) -> dict[str, Any]:
 
 def timed_rollout(inventory: Path, names: list[str], image: str, registry: str,
                   batch: str) -> dict[str, Any]:
-    from provision.fleet.rollout import Settings, rollout
+    from provision.fleet.plan import Settings
+    from provision.fleet.rollout import rollout
     from provision.fleet.status import fleet_status
 
     # Untimed: the status a user reads before a rollout; it also leaves the SSH ControlPersist

@@ -113,7 +113,8 @@ def rollout_cmd(
     --canary 1 --batch 25% --max-fail 10%[/bold]
     """
     from provision.fleet import history
-    from provision.fleet.rollout import Settings, parse_batch, parse_max_fail, rollout
+    from provision.fleet.plan import Settings, parse_batch, parse_max_fail
+    from provision.fleet.rollout import rollout
     from provision.provisioning import parse_extravars
 
     if resume and not image:

@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS devices (
     PRIMARY KEY (rollout_id, device)
 );
 """
-FINAL = ("ok", "current", "rolled_back", "failed", "unreachable")
+FINAL = ("ok", "current", "rolled_back", "failed", "unreachable", "skipped")
 
 
 def db_path() -> Path:

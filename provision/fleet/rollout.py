@@ -12,76 +12,23 @@ history as the runner reports it.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provision.ansible import new_run_dir, result_message, run_playbook
+from provision.ansible import new_run_dir, run_playbook
 from provision.errors import BadInput
 from provision.fleet import history
+from provision.fleet.events import Tracker
+from provision.fleet.plan import STRATEGIES, Settings, plan_batches
 from provision.inventory import Inventory, load_inventory
 from provision.paths import state_dir
 from provision.provisioning import check_limit, run_inventory
 
-STRATEGIES = ("download-then-restart", "restart-then-download")
-FAIL_TASK = "Fail the device, saying what happened"
 SWITCHED = ("installed", "healthy", "committed")
 KEEP_TARBALLS = 3  # exported releases kept on the controller (a rollback may need the last)
-
-
-@dataclass
-class Settings:
-    canary: int = 1
-    batch: str = "25%"
-    max_fail: int = 10
-    strategy: str = STRATEGIES[0]
-    registry: str = ""
-    health_timeout: int = 180
-    guard_s: int = 900
-
-    @property
-    def delivery(self) -> str:
-        return "registry" if self.registry else "tar"
-
-    def serial(self) -> list[int | str]:
-        return ([self.canary] if self.canary else []) + [self.batch]
-
-
-def parse_batch(value: str) -> str:
-    """`25%` or `3`: what Ansible's `serial` takes."""
-    text = value.strip()
-    number = text[:-1] if text.endswith("%") else text
-    if not number.isdigit() or int(number) < 1 or (text.endswith("%") and int(number) > 100):
-        raise BadInput(f"--batch {value!r} is not valid (expected a number of devices ≥ 1 or a "
-                       "percentage 1%–100%, e.g. 25%)")
-    return f"{int(number)}%" if text.endswith("%") else str(int(number))
-
-
-def parse_max_fail(value: str) -> int:
-    text = value.strip().removesuffix("%")
-    if not text.isdigit() or int(text) > 100:
-        raise BadInput(f"--max-fail {value!r} is not valid (expected a percentage 0%–100% of a "
-                       "batch, e.g. 10%)")
-    return int(text)
-
-
-def plan_batches(hosts: list[str], serial: list[int | str]) -> list[list[str]]:
-    """The batches Ansible's `serial` makes of `hosts` (percentages of all of them, at least
-    one host each, the last size repeating)."""
-    sizes: list[int] = []
-    for item in serial:
-        text = str(item)
-        size = int(int(text[:-1]) / 100 * len(hosts)) if text.endswith("%") else int(text)
-        sizes.append(max(size, 1))
-    batches, i, k = [], 0, 0
-    while i < len(hosts):
-        size = sizes[min(k, len(sizes) - 1)]
-        batches.append(hosts[i:i + size])
-        i, k = i + size, k + 1
-    return batches
 
 
 def check_runtime_hosts(inventory: Inventory, hosts: list[str]) -> None:
@@ -128,81 +75,6 @@ def tarball_for(tag: str, image_id: str, progress: Callable[[str], None]) -> Pat
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)
     return path
-
-
-class Tracker:
-    """Folds the runner's events into the history as they arrive (and keeps them for the
-    caller): each device's batch, phase, versions, delivery, timings and outcome."""
-
-    def __init__(self, rollout_id: str, on_change: Callable[[dict[str, dict[str, Any]]], None]
-                 | None = None, batch_offset: int = 0):
-        self.rollout_id = rollout_id
-        self.on_change = on_change
-        self.batch = batch_offset - 1
-        self.devices: dict[str, dict[str, Any]] = {}
-        self.halted = False
-
-    def _update(self, host: str, **fields: Any) -> None:
-        row = self.devices.setdefault(host, {"device": host})
-        row.update(fields)
-        history.device_update(self.rollout_id, host, **fields)
-        if self.on_change:
-            self.on_change(self.devices)
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        kind = event.get("event", "")
-        data = event.get("event_data", {})
-        host = data.get("host")
-        if kind == "playbook_on_play_start":
-            self.batch += 1
-        elif kind == "playbook_on_no_hosts_remaining":
-            self.halted = True
-        if not host:
-            return
-        res = data.get("res") or {}
-        if kind == "runner_on_ok":
-            step = (res.get("ansible_facts") or {}).get("claw_release_event")
-            if isinstance(step, dict):
-                self._phase(host, step)
-        elif kind == "runner_on_failed" and not data.get("ignore_errors"):
-            message = result_message(res)
-            if data.get("task") == FAIL_TASK:
-                row = self.devices.get(host, {})
-                healthy = row.get("phase") == "rolled_back" and row.get("rollback_healthy")
-                self._update(host, outcome="rolled_back" if healthy else "failed",
-                             error=message, ended=time.time())
-            else:
-                self.devices.setdefault(host, {"device": host})["last_error"] = \
-                    f"{data.get('task', '')}: {message}"
-        elif kind == "runner_on_unreachable":
-            message = result_message(res, 300)
-            self._update(host, outcome="unreachable", error=message, ended=time.time())
-
-    def _phase(self, host: str, step: dict[str, Any]) -> None:
-        phase = step.get("phase", "")
-        fields: dict[str, Any] = {"phase": phase}
-        if phase == "started":
-            fields.update(batch=self.batch, from_image=step.get("from", ""), started=time.time(),
-                          outcome="pending", error="")
-        elif phase == "delivered":
-            fields["delivery"] = step.get("delivery", "")
-        elif phase == "committed":
-            fields.update(outcome="ok", ended=time.time())
-        elif phase == "current":
-            fields.update(outcome="current", ended=time.time())
-        elif phase == "rolled_back":
-            row = self.devices.setdefault(host, {"device": host})
-            row["rollback_healthy"] = str(step.get("healthy")).lower() == "true"
-            row["to"] = step.get("to", "")
-        self._update(host, **fields)
-
-    def finish_stats(self, stats: dict[str, Any]) -> None:
-        """Devices the playbook failed outside the release block (e.g. no runtime unit)."""
-        for host in (stats.get("failures") or {}):
-            row = self.devices.get(host, {})
-            if row.get("outcome") in (None, "pending"):
-                self._update(host, outcome="failed", ended=time.time(),
-                             error=row.get("last_error", "failed"))
 
 
 @dataclass
@@ -420,6 +292,3 @@ def rollback(inventory_path: Path, *, to: str | None = None, rollout_id: str | N
     return RolloutResult(rollback_id, status, history.get(rollback_id)["devices"], error,
                          str(run.artifacts))
 
-
-def dump(result: RolloutResult) -> str:
-    return json.dumps(result.__dict__, indent=2, default=str)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from provision.fleet import history
-from provision.fleet.rollout import parse_batch, parse_max_fail, plan_batches
+from provision.fleet.plan import parse_batch, parse_max_fail, plan_batches
 
 pytestmark = pytest.mark.unit
 
