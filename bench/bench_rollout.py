@@ -125,18 +125,10 @@ def build_releases() -> dict[str, str]:
 
 def provisioned_fleet(n: int, model: Path) -> tuple[Path, list[str]]:
     """`n` engine devices provisioned for the runtime container (docker_engine, claw_runtime)."""
-    import yaml
-
-    from provision import devices
     from provision.provisioning import provision
+    from tests.fleet_images import runtime_fleet
 
-    inventory = devices.devices_up(n, "qemu-virt", "amd64", fleet=FLEET, engine=True,
-                                   progress=lambda _: None)
-    data = yaml.safe_load(inventory.read_text())
-    group = data["all"]["children"]["emulated"]
-    group["vars"].update({"claw_runtime_model": str(model), "claw_runtime_backend": "numpy",
-                          "claw_runtime_install": "container", "claw_runtime_threads": 1})
-    inventory.write_text(yaml.safe_dump(data))
+    inventory, group = runtime_fleet(n, FLEET, model)
     names = list(group["hosts"])
     result, records = provision(inventory, tags=["docker_engine", "claw_runtime"])
     if result.rc != 0:

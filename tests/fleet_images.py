@@ -1,12 +1,14 @@
-"""Releases to roll out in tests: the numpy-only runtime image, and releases made from it that
-differ the way real ones do (a new version, one that never becomes healthy, one that fails on
-some boards only). Each is a one-instruction Dockerfile on top of the runtime image, so a
-release costs a config blob, not another copy of its layers."""
+"""Fleets and releases to roll out in tests and benchmarks: engine devices set up for the runtime
+container, the numpy-only runtime image, and releases made from it that differ the way real
+ones do (a new version, one that never becomes healthy, one that fails on some boards only).
+Each release is a one-instruction Dockerfile on top of the runtime image, so it costs a config
+blob, not another copy of its layers."""
 
 from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 from images.base import docker_client
 
@@ -37,3 +39,21 @@ def release_image(base: str, tag: str, version: str, fail: str = "") -> str:
     client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True,
                         network_mode="host")
     return client.images.get(tag).id
+
+
+def runtime_fleet(n: int, fleet: str, model: Path) -> tuple[Path, dict]:
+    """`n` engine devices in `fleet` whose inventory runs the runtime as a container (numpy, one
+    thread, `model`); returns the inventory and its `emulated` group. Hosts stay in file order:
+    Ansible batches in that order."""
+    import yaml
+
+    from provision import devices
+
+    inventory = devices.devices_up(n, "qemu-virt", "amd64", fleet=fleet, engine=True,
+                                   progress=lambda _: None)
+    data = yaml.safe_load(inventory.read_text())
+    group = data["all"]["children"]["emulated"]
+    group["vars"].update({"claw_runtime_model": str(model), "claw_runtime_backend": "numpy",
+                          "claw_runtime_install": "container", "claw_runtime_threads": 1})
+    inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+    return inventory, group

@@ -27,7 +27,7 @@ import yaml
 from provision import devices
 from provision.fleet import history
 from tests.conftest import CLAW, claw_subprocess, dexec
-from tests.fleet_images import REV_B_MARKER, release_image
+from tests.fleet_images import REV_B_MARKER, release_image, runtime_fleet
 from tests.registry import local_registry
 from tests.serve_model import tiny_chat_gguf
 
@@ -106,13 +106,7 @@ def setup(tmp_path_factory):
         release_image(base, tag, version, fail="rev-b" if version == "v3" else "")
     releases["bad"] = f"{PREFIX}/runtime:bad"
     release_image(base, releases["bad"], "bad", fail="always")
-    inventory = devices.devices_up(N, "qemu-virt", "amd64", fleet=FLEET, engine=True,
-                                   progress=lambda _: None)
-    data = yaml.safe_load(inventory.read_text())
-    group = data["all"]["children"]["emulated"]
-    group["vars"].update({"claw_runtime_model": str(model), "claw_runtime_backend": "numpy",
-                          "claw_runtime_install": "container", "claw_runtime_threads": 1})
-    inventory.write_text(yaml.safe_dump(data, sort_keys=False))  # Ansible batches in file order
+    inventory, group = runtime_fleet(N, FLEET, model)
     result = claw_subprocess("provision", "-i", str(inventory), "--tags",
                              "docker_engine,claw_runtime", "--json")
     assert result.code == 0, result.out[-3000:] + result.err[-2000:]
