@@ -131,6 +131,28 @@ def check_limit(inventory: Inventory, limit: str | None) -> None:
                            f"{inventory.path} (expected one of: {', '.join(sorted(names))})")
 
 
+def limit_hosts(inventory: Inventory, limit: str | None) -> list[str]:
+    """The hosts an Ansible --limit selects, in inventory order: patterns (host or group names,
+    shell wildcards) add, `&pattern` intersects, `!pattern` removes."""
+    check_limit(inventory, limit)
+    if not limit:
+        return list(inventory.hosts)
+
+    def matches(pattern: str) -> set[str]:  # a host by its name or any group it is in
+        return {name for name, host in inventory.hosts.items()
+                if any(fnmatch.fnmatch(n, pattern) for n in (name, "all", *host.groups))}
+
+    parts = [p.strip() for p in limit.replace(";", ",").replace(":", ",").split(",") if p.strip()]
+    chosen: set[str] = set()
+    for part in (p for p in parts if p[0] not in "!&"):
+        chosen |= matches(part)
+    for part in (p for p in parts if p[0] == "&"):
+        chosen &= matches(part[1:])
+    for part in (p for p in parts if p[0] == "!"):
+        chosen -= matches(part[1:])
+    return [h for h in inventory.hosts if h in chosen]
+
+
 def check_tags(tags: list[str]) -> None:
     unknown = [t for t in tags if t not in (*ROLES, "always")]
     if unknown:

@@ -25,7 +25,7 @@ from provision.fleet.events import Tracker
 from provision.fleet.plan import STRATEGIES, Settings, plan_batches
 from provision.inventory import Inventory, load_inventory
 from provision.paths import state_dir
-from provision.provisioning import check_limit, run_inventory
+from provision.provisioning import limit_hosts, run_inventory
 
 SWITCHED = ("installed", "healthy", "committed")
 KEEP_TARBALLS = 3  # exported releases kept on the controller (a rollback may need the last)
@@ -87,18 +87,9 @@ class RolloutResult:
 
 
 def select_hosts(inventory_path: Path, limit: str | None,
-             extravars: dict[str, Any] | None) -> tuple[Inventory, list[str]]:
+                 extravars: dict[str, Any] | None) -> tuple[Inventory, list[str]]:
     inventory = load_inventory(inventory_path, extra_vars=extravars)
-    check_limit(inventory, limit)
-    hosts = list(inventory.hosts)
-    if limit:
-        import fnmatch
-
-        pats = [p.strip() for p in limit.replace(":", ",").split(",") if p.strip()]
-        members = {h for p in pats for g, ms in inventory.groups.items()
-                   if fnmatch.fnmatch(g, p) for h in ms}
-        hosts = [h for h in hosts if h in members or any(fnmatch.fnmatch(h, p) for p in pats)]
-    return inventory, hosts
+    return inventory, limit_hosts(inventory, limit)
 
 
 def _run(playbook: str, inventory: Inventory, hosts: list[str], extravars: dict[str, Any],
@@ -209,8 +200,9 @@ def _conclude(rollout_id: str, inventory: Inventory, tracker: Tracker, run: Any,
         error = "the failure budget was exceeded"
         if undo:
             progress(f"rolling back batch {failed_batch}: {', '.join(sorted(undo))}")
-            targets = {h: ("" if next(d for d in devices if d["device"] == h)["outcome"]
-                           == "pending" else img) for h, img in undo.items()}
+            # an uncommitted switch goes back to the committed release ("")
+            outcome = {d["device"]: d["outcome"] for d in devices}
+            targets = {h: "" if outcome[h] == "pending" else img for h, img in undo.items()}
             rb = Tracker(rollout_id, tracker.on_change, batch_offset=failed_batch)
             _run("fleet_rollback.yml", inventory, sorted(undo),
                  {**(extravars or {}), "claw_release_targets": targets,

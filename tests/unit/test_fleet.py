@@ -229,3 +229,27 @@ def test_the_tarball_cache_keeps_the_newest_releases_only(tmp_path, monkeypatch)
     assert kept == sorted(image_id(i)[7:23] for i in (2, 3, 4))
     assert len(list(folder.glob("*.sha256"))) == 3
     assert exported == [f"img:{i}" for i in range(5)]
+
+
+@pytest.mark.parametrize("limit", ["site", "all:!rack1", "site:&rack2", "d*:!d2", "rack1,d4"])
+def test_limit_selects_the_hosts_ansible_selects(limit, tmp_path):
+    """A rollout plans its batches and records its devices from --limit: the selection must be
+    Ansible's own, nested groups, `!` and `&` included (a parent group once selected nothing,
+    and `!` was ignored)."""
+    import sys
+
+    from provision.inventory import load_inventory
+    from provision.provisioning import limit_hosts
+
+    rack = {"rack1": {"hosts": {"d1": {"claw_profile": "rpi5"}, "d2": {"claw_profile": "rpi5"}}},
+            "rack2": {"hosts": {"d3": {"claw_profile": "rpi5"}}}}
+    inv = tmp_path / "fleet.yml"
+    inv.write_text(yaml.safe_dump({"all": {"children": {
+        "site": {"children": rack}, "other": {"hosts": {"d4": {"claw_profile": "rpi5"}}}}}},
+        sort_keys=False))
+    bin_dir = os.path.dirname(sys.executable)
+    done = subprocess.run([f"{bin_dir}/ansible-inventory", "-i", str(inv), "--limit", limit,
+                           "--list"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    expected = set(json.loads(done.stdout)["_meta"]["hostvars"])
+    assert limit_hosts(load_inventory(inv), limit) == sorted(expected)
