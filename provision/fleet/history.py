@@ -147,6 +147,14 @@ def _mark_interrupted(con: sqlite3.Connection) -> None:
                         "WHERE id=?", (time.time(), where_stopped(devs), row["id"]))
 
 
+def _with_devices(con: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
+    out = dict(row)
+    out["settings"] = json.loads(out["settings"])
+    out["devices"] = [dict(d) for d in con.execute(
+        "SELECT * FROM devices WHERE rollout_id=? ORDER BY batch, device", (out["id"],))]
+    return out
+
+
 def rollouts(limit: int = 20, inventory: Path | None = None) -> list[dict[str, Any]]:
     """The newest rollouts first, each with its devices."""
     with connect() as con:
@@ -155,21 +163,19 @@ def rollouts(limit: int = 20, inventory: Path | None = None) -> list[dict[str, A
         if inventory is not None:
             query += " WHERE inventory=?"
             args.append(str(inventory.resolve()))
-        rows = [dict(r) for r in con.execute(query + " ORDER BY started DESC LIMIT ?",
-                                             (*args, limit))]
-        for row in rows:
-            row["settings"] = json.loads(row["settings"])
-            row["devices"] = [dict(d) for d in con.execute(
-                "SELECT * FROM devices WHERE rollout_id=? ORDER BY batch, device", (row["id"],))]
-    return rows
+        found = con.execute(query + " ORDER BY started DESC LIMIT ?", (*args, limit)).fetchall()
+        return [_with_devices(con, row) for row in found]
 
 
 def get(rollout_id: str) -> dict[str, Any]:
+    """One rollout by its id or the start of it (the newest that matches)."""
     with connect() as con:
         _mark_interrupted(con)
-    for row in rollouts(limit=10_000):
-        if row["id"] == rollout_id or row["id"].startswith(rollout_id):
-            return row
+        row = con.execute("SELECT * FROM rollouts WHERE substr(id, 1, ?) = ? "
+                          "ORDER BY started DESC LIMIT 1",
+                          (len(rollout_id), rollout_id)).fetchone()
+        if row is not None:
+            return _with_devices(con, row)
     raise BadInput(f"rollout {rollout_id!r} is not in the history ({db_path()}; see "
                    "`claw fleet history`)")
 
