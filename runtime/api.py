@@ -23,17 +23,28 @@ from runtime.sampling import SamplingParams
 
 class Model:
     def __init__(self, path: str | os.PathLike[str], *, backend: str = "auto",
-                 n_ctx: int | None = None, memory_budget: int | None = None,
-                 prefill_chunk: int = 256):
-        self.source = open_model(path)
-        self.config = self.source.config
-        choice = create_backend(backend, self.source, memory_budget=memory_budget)
-        self.backend, self.backend_reason = choice.backend, choice.reason
-        self.tokenizer = self.source.load_tokenizer() if self.source.load_tokenizer else None
-        self.n_ctx = min(n_ctx or self.config.context_length, self.config.context_length)
+                 n_ctx: int | None = None, memory_budget: int | str | None = None,
+                 prefill_chunk: int = 256, measure: bool | None = None):
+        """`memory_budget` (bytes, or '512M' / '2G') bounds the whole process's resident
+        memory: the plan (`self.plan`) decides which layers stay resident and which stream.
+        `measure` times disk, memory and dequantization for the plan's speed estimate
+        (default: when there is a budget; cached per machine)."""
+        from runtime.memory_plan import make_plan, measure_rates, parse_budget
+
+        budget = parse_budget(memory_budget)
         if prefill_chunk < 1:
             raise ModelError(f"prefill_chunk {prefill_chunk} is not valid (expected ≥ 1)")
         self.prefill_chunk = prefill_chunk
+        self.source = open_model(path)
+        self.config = self.source.config
+        self.tokenizer = self.source.load_tokenizer() if self.source.load_tokenizer else None
+        self.n_ctx = min(n_ctx or self.config.context_length, self.config.context_length)
+        rates = measure_rates(self.source) if (budget is not None if measure is None
+                                               else measure) else None
+        self.plan = make_plan(self.source, budget, n_ctx=self.n_ctx, chunk=prefill_chunk,
+                              rates=rates)
+        choice = create_backend(backend, self.source, plan=self.plan)
+        self.backend, self.backend_reason = choice.backend, choice.reason
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **options: Any) -> Model:
@@ -101,4 +112,5 @@ class Model:
                 "kind": type(tok).__name__, "vocab_size": tok.vocab_size,
                 "bos_id": tok.bos_id, "eos_id": tok.eos_id},
             "backend": self.backend.name, "backend_reason": self.backend_reason,
+            "memory_plan": self.plan.as_dict(),
         }

@@ -37,12 +37,18 @@ def host_copy_bandwidth(nbytes: int = 256 << 20) -> float:
     return 2 * nbytes / best
 
 
-def _load(path: Path, backend: str) -> tuple[Any, str, float]:
+def _load(path: Path, backend: str, budget: int | None = None,
+          n_ctx: int = 0) -> tuple[Any, str, float]:
     from runtime.backends import create_backend
+    from runtime.memory_plan import make_plan, measure_rates
     from runtime.model_file import open_model
 
     start = time.perf_counter()
-    choice = create_backend(backend, open_model(path))
+    source = open_model(path)
+    plan = None
+    if budget is not None:  # the pp test runs the whole prompt as one chunk
+        plan = make_plan(source, budget, n_ctx=n_ctx, chunk=n_ctx, rates=measure_rates(source))
+    choice = create_backend(backend, source, plan=plan)
     return choice.backend, choice.reason, time.perf_counter() - start
 
 
@@ -69,9 +75,20 @@ def _run(backend: Any, prompt: list[int], n_gen: int) -> tuple[float, float]:
     return prefill, time.perf_counter() - start
 
 
+def _plan_report(backend: Any) -> dict[str, Any]:
+    plan = getattr(backend, "plan", None)
+    if plan is None or plan.budget is None:
+        return {}
+    return {"memory_plan": plan.as_dict(), "memory_plan_summary": plan.summary(),
+            "streamed_bytes": backend.w.reads}
+
+
 def bench(path: Path, backend_name: str = "auto", n_prompt: int = 512, n_gen: int = 128,
-          repeats: int = 5) -> dict[str, Any]:
-    backend, reason, load_s = _load(path, backend_name)
+          repeats: int = 5, memory_budget: int | str | None = None) -> dict[str, Any]:
+    from runtime.memory_plan import parse_budget
+
+    budget, n_ctx = parse_budget(memory_budget), max(n_prompt, n_gen) + 1
+    backend, reason, load_s = _load(path, backend_name, budget, n_ctx)
     info: dict[str, Any] = {}
     cold_load_s = None
     if backend.name == "opencl":
@@ -80,7 +97,7 @@ def bench(path: Path, backend_name: str = "auto", n_prompt: int = 512, n_gen: in
             del backend
             gc.collect()
             cold_load_s = load_s
-            backend, reason, load_s = _load(path, backend_name)
+            backend, reason, load_s = _load(path, backend_name, budget, n_ctx)
             info = backend.describe()
     cfg = backend.config
     rng = np.random.default_rng(0)
@@ -119,4 +136,5 @@ def bench(path: Path, backend_name: str = "auto", n_prompt: int = 512, n_gen: in
             "bandwidth_fraction": round(achieved / device_bw, 3),
             "load_s": round(load_s, 3),
             **({"cold_load_s": round(cold_load_s, 3)} if cold_load_s is not None else {}),
+            **_plan_report(backend),
             **({"opencl": info} if info else {})}

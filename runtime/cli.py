@@ -16,20 +16,28 @@ app = typer.Typer(help="Run, inspect and convert quantized LLMs (GGUF or Hugging
                   no_args_is_help=True)
 
 BACKEND_HELP = "numpy, opencl or auto (OpenCL when present and faster, else numpy)."
+BUDGET_HELP = ("Resident memory for the whole process, e.g. 512M or 2G: layers that do not fit "
+               "stream from disk (numpy backend).")
 
 
 @app.command("info")
 def info(
     model: Path = typer.Argument(..., help="A GGUF file or a Hugging Face model directory."),
+    memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
+    ctx: int | None = typer.Option(None, "--ctx", min=16, help="Context size (tokens) the "
+                                   "KV cache and attention scratch are sized for."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Architecture, parameters, bytes per tensor type, context length and tokenizer.
+    """Architecture, parameters, bytes per tensor type, context length, tokenizer, and the
+    memory plan: KV cache, activation and attention scratch bounds, and with --memory-budget
+    which layers stay resident or stream and the expected decode speed (from measured disk,
+    memory and dequantization rates, cached per machine).
 
-    Example: [bold]claw runtime info smollm-135m-q8_0.gguf[/bold]
+    Example: [bold]claw runtime info smollm-135m-q8_0.gguf --memory-budget 512M[/bold]
     """
     from runtime.api import Model
 
-    data = Model(model, backend="numpy").info()
+    data = Model(model, backend="numpy", n_ctx=ctx, memory_budget=memory_budget).info()
     if json_out:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
@@ -53,6 +61,54 @@ def info(
                   f"{tok['kind']}, {tok['vocab_size']} tokens, bos {tok['bos_id']}, "
                   f"eos {tok['eos_id']}")
     console.print(table)
+    _print_plan(data["memory_plan"])
+
+
+def _print_plan(plan: dict) -> None:
+    """The memory plan as a table: bounds first, then the units grouped by tier."""
+    from rich.table import Table
+
+    from provision.output import console
+    from runtime.memory_plan import mib
+
+    table = Table(title="memory plan" + (f" for a budget of {mib(plan['budget'])}"
+                                         if plan["budget"] else " (no budget: all float32)"),
+                  title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("KV cache", f"{mib(plan['kv_cache'])} for {plan['n_ctx']:,} tokens"),
+        ("activations", f"≤ {mib(plan['activations'])} for prefill chunks of "
+                        f"{plan['prefill_chunk']} tokens"),
+        ("attention scratch", f"≤ {mib(plan['attention_scratch'])} (queries in blocks of "
+                              f"{plan['attention_rows']})"),
+        ("tile scratch", f"{mib(plan['tile_scratch'])} (quantized matmuls)"),
+        ("process baseline", mib(plan["baseline"])),
+        ("weights resident", mib(plan["weights_resident"])),
+        ("stream slots", mib(plan["stream_slots"])),
+        ("peak", mib(plan["peak"])),
+        ("minimum budget", mib(plan["minimum_budget"])),
+    ]
+    by_tier: dict[str, list[str]] = {}
+    for unit in plan["units"]:
+        by_tier.setdefault(unit["tier"], []).append(unit["name"])
+    from runtime.memory_plan import unit_ranges
+
+    rows += [(f"{tier} units", f"{len(names)}: {unit_ranges(names)}")
+             for tier, names in by_tier.items()]
+    rates, exp = plan["rates"], plan["expected"]
+    if rates:
+        rows.append(("measured", f"memory {rates['memory'] / 1e9:.1f} GB/s, disk "
+                     f"{rates['disk'] / 1e9:.2f} GB/s, dequantize " + ", ".join(
+                         f"{q} {v / 1e9:.1f} GB/s" for q, v in rates["dequant"].items())
+                     + (" (cached)" if rates["cached"] else "")))
+    if exp:
+        rows.append(("expected decode", f"{exp['tokens_per_s']:.2f} tok/s (compute "
+                     f"{exp['compute_s'] * 1e3:.0f} ms, disk {exp['disk_s'] * 1e3:.0f} ms "
+                     "per token, reads overlapped)"))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
 
 
 @app.command("generate")
@@ -72,9 +128,11 @@ def generate(
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
     ctx: int | None = typer.Option(None, "--ctx", min=16, help="Context size (tokens)."),
+    memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the result and stats as JSON."),
 ) -> None:
-    """Generate text, streaming it as it is made; speed goes to stderr.
+    """Generate text, streaming it as it is made; speed (and with --memory-budget, the memory
+    plan) goes to stderr.
 
     Example: [bold]claw runtime generate model.gguf -p "Why is the sky blue?" --chat -n 64[/bold]
     """
@@ -84,7 +142,9 @@ def generate(
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repeat_penalty, seed=seed,
                             max_tokens=max_tokens, stop=list(stop))
-    runtime = Model(model, backend=backend, n_ctx=ctx)
+    runtime = Model(model, backend=backend, n_ctx=ctx, memory_budget=memory_budget)
+    if memory_budget is not None and not json_out:
+        sys.stderr.write(f"[{runtime.plan.summary()}]\n")
     text = prompt
     add_bos = None
     if chat:
@@ -101,8 +161,9 @@ def generate(
     result = generation.result
     stats = result.stats()
     if json_out:
+        plan = {"memory_plan": runtime.plan.as_dict()} if memory_budget is not None else {}
         sys.stdout.write(json.dumps({"text": result.text, "backend": runtime.backend.name,
-                                     "backend_reason": runtime.backend_reason, **stats},
+                                     "backend_reason": runtime.backend_reason, **stats, **plan},
                                     indent=2) + "\n")
         return
     sys.stdout.write("\n")
@@ -149,10 +210,12 @@ def bench_cmd(
     n_prompt: int = typer.Option(512, "-p", "--n-prompt", min=1, help="Prompt tokens (pp)."),
     n_gen: int = typer.Option(128, "-n", "--n-gen", min=1, help="Generated tokens (tg)."),
     repeats: int = typer.Option(5, "-r", "--repetitions", min=1),
+    memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Prefill and decode tokens/s (mean ± sd), peak memory, decode bandwidth against the
-    device's measured copy bandwidth, and load time, like llama-bench.
+    device's measured copy bandwidth, and load time, like llama-bench; with --memory-budget,
+    under that budget's plan (and its expected decode speed beside the measured one).
 
     Example: [bold]claw runtime bench model.gguf --backend opencl -p 512 -n 128 -r 5[/bold]
     """
@@ -162,7 +225,7 @@ def bench_cmd(
         from runtime.errors import ModelError
 
         raise ModelError(f"{model}: no such model file or directory")
-    report = bench(model, backend, n_prompt, n_gen, repeats)
+    report = bench(model, backend, n_prompt, n_gen, repeats, memory_budget=memory_budget)
     if json_out:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
@@ -186,6 +249,8 @@ def bench_cmd(
                   f"({report['device_copy_bandwidth_gbs']} GB/s) · load {report['load_s']} s"
                   + (f" warm, {report['cold_load_s']} s cold (compiling)"
                      if "cold_load_s" in report else ""))
+    if "memory_plan" in report:
+        console.print(report["memory_plan_summary"])
 
 
 @app.command("tune")

@@ -8,7 +8,7 @@ plugs in without touching them, and tests compare any two backends on the same i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -16,6 +16,7 @@ import numpy as np
 
 from runtime.config import ModelConfig
 from runtime.errors import DeviceError, ModelError
+from runtime.memory_plan import Plan, mib
 from runtime.model_file import ModelSource
 
 BACKENDS = ("numpy", "opencl", "auto")
@@ -82,18 +83,39 @@ class Choice:
     reason: str
 
 
-def create_backend(name: str, source: ModelSource, *, memory_budget: int | None = None) -> Choice:
-    """Make the backend `name` (numpy, opencl or auto), saying why `auto` picked what it did."""
+def create_backend(name: str, source: ModelSource, *, memory_budget: int | None = None,
+                   plan: Plan | None = None) -> Choice:
+    """Make the backend `name` (numpy, opencl or auto), saying why `auto` picked what it did.
+
+    A `plan` that streams layers runs on numpy only: the OpenCL backend uploads every weight
+    once and has no ring of device buffers yet, so `opencl` refuses it and `auto` says why it
+    fell back."""
     if name not in BACKENDS:
         raise ModelError(f"backend {name!r} is not known (expected one of: {', '.join(BACKENDS)})")
     from runtime.backends.numpy_backend import NumpyBackend
 
+    def numpy_backend() -> Backend:
+        return NumpyBackend(source, memory_budget=memory_budget, plan=plan)
+
+    streams = plan is not None and plan.streaming
     if name == "numpy":
-        return Choice(NumpyBackend(source, memory_budget=memory_budget), "asked for numpy")
+        return Choice(numpy_backend(), "asked for numpy")
     if name == "opencl":
+        if streams:
+            raise ModelError(
+                f"--memory-budget {mib(plan.budget)} streams layers, which the OpenCL backend "
+                "does not do yet (it keeps every weight on the device; expected --backend "
+                f"numpy or auto, or a budget of at least {mib(_all_resident(plan))})")
         backend = _opencl(source)
         return Choice(backend, f"asked for opencl: {backend.dev.describe()}")
-    return _auto(source, memory_budget)
+    if streams:
+        return Choice(numpy_backend(), "auto: numpy (the memory budget streams layers, which "
+                      "only the numpy backend does)")
+    return _auto(source, numpy_backend)
+
+
+def _all_resident(plan: Plan) -> int:
+    return plan.fixed + sum(u.quantized_bytes for u in plan.units)
 
 
 def _opencl(source: ModelSource):  # -> OpenCLBackend, imported lazily (pyopencl is optional)
@@ -107,13 +129,12 @@ def _opencl(source: ModelSource):  # -> OpenCLBackend, imported lazily (pyopencl
                           "numpy / auto)") from None
 
 
-def _auto(source: ModelSource, memory_budget: int | None) -> Choice:
+def _auto(source: ModelSource, numpy_backend: Callable[[], Backend]) -> Choice:
     """OpenCL when a device exists, can run this model and is faster on a quick probe (one
     decode step against numpy's estimate from layer 0); numpy otherwise, saying why."""
-    from runtime.backends.numpy_backend import NumpyBackend
 
     def numpy(reason: str) -> Choice:
-        return Choice(NumpyBackend(source, memory_budget=memory_budget), f"auto: numpy ({reason})")
+        return Choice(numpy_backend(), f"auto: numpy ({reason})")
 
     try:
         from runtime.backends.opencl_backend import OpenCLBackend, quick_probe

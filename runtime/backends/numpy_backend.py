@@ -4,47 +4,25 @@ Written to be read top to bottom next to the model's definition: embedding → f
 (RMSNorm → attention with RoPE, KV cache and grouped-query heads → residual → RMSNorm → SwiGLU
 MLP → residual) → RMSNorm → output head. Shapes are in the comments: T new tokens, S cached
 positions, H query heads, KV key/value heads, D head size, C model width, F FFN width.
-Weights are dequantized to float32 when first used and kept while they fit the memory budget;
-past it, the least recently used are dropped and dequantized again when next needed, so a model
-larger than the budget still runs (slower).
+Weights come from a `WeightStore`: without a memory plan every weight is dequantized to float32
+when first used and kept; under a plan (runtime/memory_plan.py) some layers stay quantized and
+are dequantized tile by tile, and some stream from disk a layer ahead of use, so a model larger
+than the budget runs with the same tokens (slower). Attention runs per block of queries so that
+its score matrix stays under the plan's bound, whatever the prompt length.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
 
 from runtime.backends import Backend, KVCache
+from runtime.backends.weight_stream import WeightStore
 from runtime.config import ModelConfig
+from runtime.memory_plan import ATTENTION_SCRATCH, Plan, make_plan
 from runtime.model_file import ModelSource
-
-
-class WeightCache:
-    """float32 weights by name, least recently used dropped past `budget` bytes."""
-
-    def __init__(self, source: ModelSource, budget: int | None):
-        self.source = source
-        self.budget = budget
-        self.held: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.bytes = 0
-        self.loads = 0  # dequantizations so far: tests and benchmarks read it
-
-    def __call__(self, name: str) -> np.ndarray:
-        if name in self.held:
-            self.held.move_to_end(name)
-            return self.held[name]
-        array = self.source.tensors[name].to_float32()
-        self.loads += 1
-        if self.budget is None or array.nbytes <= self.budget:
-            self.held[name] = array
-            self.bytes += array.nbytes
-            while self.budget is not None and self.bytes > self.budget:
-                _, old = self.held.popitem(last=False)
-                self.bytes -= old.nbytes
-        return array
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -99,9 +77,15 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str) -> n
 class NumpyBackend(Backend):
     name = "numpy"
 
-    def __init__(self, source: ModelSource, *, memory_budget: int | None = None):
+    def __init__(self, source: ModelSource, *, memory_budget: int | None = None,
+                 plan: Plan | None = None):
+        """`plan` places the weights; a bare `memory_budget` plans for the weights and scratch
+        alone (no interpreter baseline) with a 256-token context."""
         super().__init__(source)
-        self.w = WeightCache(source, memory_budget)
+        if plan is None and memory_budget is not None:
+            plan = make_plan(source, memory_budget, n_ctx=256, baseline=0)
+        self.plan = plan
+        self.w = WeightStore(source, plan)
         factors = source.tensors.get("rope_freqs.weight")
         self.inv_freq = rope_inv_freq(self.config,
                                       factors.to_float32() if factors is not None else None)
@@ -115,8 +99,8 @@ class NumpyBackend(Backend):
         """Query, key and value rows for x (T, C): (T, H, D), (T, KV, D), (T, KV, D)."""
         cfg, w, b = self.config, self.w, f"blk.{layer}."
         T, H, KV, D = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        q, k, v = x @ w(b + "attn_q.weight").T, x @ w(b + "attn_k.weight").T, \
-            x @ w(b + "attn_v.weight").T  # (T, H·D), (T, KV·D), (T, KV·D)
+        q, k, v = w.matmul(x, b + "attn_q.weight"), w.matmul(x, b + "attn_k.weight"), \
+            w.matmul(x, b + "attn_v.weight")  # (T, H·D), (T, KV·D), (T, KV·D)
         if cfg.qkv_bias:
             q, k, v = q + w(b + "attn_q.bias"), k + w(b + "attn_k.bias"), v + w(b + "attn_v.bias")
         return q.reshape(T, H, D), k.reshape(T, KV, D), v.reshape(T, KV, D)
@@ -141,23 +125,28 @@ class NumpyBackend(Backend):
         S = start + T
         keys, values = cache.k[layer, :S], cache.v[layer, :S]  # (S, KV, D)
 
-        # Grouped-query attention: query head h reads key/value head h // (H / KV).
+        # Grouped-query attention: query head h reads key/value head h // (H / KV). Queries go
+        # in blocks so that the (H, rows, S) scores stay under ATTENTION_SCRATCH.
         group = H // KV
         qg = q.reshape(T, KV, group, D).transpose(1, 2, 0, 3)  # (KV, G, T, D)
-        scores = qg @ keys.transpose(1, 2, 0)[:, None] / math.sqrt(D)  # (KV, G, T, S)
-        causal = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # (T, S): future
-        scores = np.where(causal, -np.inf, scores)
-        out = softmax(scores) @ values.transpose(1, 0, 2)[:, None]  # (KV, G, T, D)
+        kt, vt = keys.transpose(1, 2, 0)[:, None], values.transpose(1, 0, 2)[:, None]
+        rows = max(1, ATTENTION_SCRATCH // (3 * 4 * H * S))
+        out = np.empty((KV, group, T, D), np.float32)
+        for r in range(0, T, rows):
+            scores = qg[:, :, r:r + rows] @ kt / math.sqrt(D)  # (KV, G, rows, S)
+            pos = start + r + np.arange(scores.shape[2])
+            scores[..., np.arange(S)[None, :] > pos[:, None]] = -np.inf  # the future
+            out[:, :, r:r + rows] = softmax(scores) @ vt  # (KV, G, rows, D)
         return out.transpose(2, 0, 1, 3).reshape(T, H * D)
 
     def attention(self, x: np.ndarray, layer: int, cache: KVCache) -> np.ndarray:
         out = self.attend(*self.qkv(x, layer), layer, cache)
-        return out @ self.w(f"blk.{layer}.attn_output.weight").T  # (T, C)
+        return self.w.matmul(out, f"blk.{layer}.attn_output.weight")  # (T, C)
 
     def mlp(self, x: np.ndarray, layer: int) -> np.ndarray:
         w, b = self.w, f"blk.{layer}."
-        gate = silu(x @ w(b + "ffn_gate.weight").T)  # (T, F)
-        return (gate * (x @ w(b + "ffn_up.weight").T)) @ w(b + "ffn_down.weight").T  # (T, C)
+        gate = silu(w.matmul(x, b + "ffn_gate.weight"))  # (T, F)
+        return w.matmul(gate * w.matmul(x, b + "ffn_up.weight"), b + "ffn_down.weight")  # (T, C)
 
     def forward(self, tokens: Sequence[int], cache: KVCache, *,
                 all_logits: bool = False) -> np.ndarray:
@@ -166,15 +155,24 @@ class NumpyBackend(Backend):
         x = self.embed(tokens)  # (T, C)
         for layer in range(cfg.n_layers):
             b = f"blk.{layer}."
+            w.enter(layer)
             x = x + self.attention(rms_norm(x, w(b + "attn_norm.weight"), cfg.norm_eps),
                                    layer, cache)
             x = x + self.mlp(rms_norm(x, w(b + "ffn_norm.weight"), cfg.norm_eps), layer)
+            w.leave(layer)
         cache.length += len(tokens)
         assert x.dtype == np.float32, "a float64 value leaked into the forward pass"
         x = x if all_logits else x[-1:]
+        return self.head(x)
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        """Final norm and output projection (the head is the plan's last unit): (T, vocab)."""
+        cfg, w = self.config, self.w
         x = rms_norm(x, w("output_norm.weight"), cfg.norm_eps)
-        head = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
-        return x @ w(head).T  # (T or 1, vocab)
+        w.enter(cfg.n_layers)
+        logits = w.matmul(x, "token_embd.weight" if cfg.tied_embeddings else "output.weight")
+        w.leave(cfg.n_layers)
+        return logits
 
     def forward_batch(self, tokens: Sequence[int], caches: Sequence[KVCache]) -> np.ndarray:
         """One decode step for B sequences with the B rows stacked, so every weight matrix is
@@ -186,13 +184,13 @@ class NumpyBackend(Backend):
         x = self.embed(tokens)  # (B, C)
         for layer in range(cfg.n_layers):
             b = f"blk.{layer}."
+            w.enter(layer)
             q, k, v = self.qkv(rms_norm(x, w(b + "attn_norm.weight"), cfg.norm_eps), layer)
             out = np.concatenate([self.attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], layer, c)
                                   for i, c in enumerate(caches)])  # (B, H·D)
-            x = x + out @ w(b + "attn_output.weight").T
+            x = x + w.matmul(out, b + "attn_output.weight")
             x = x + self.mlp(rms_norm(x, w(b + "ffn_norm.weight"), cfg.norm_eps), layer)
+            w.leave(layer)
         for c in caches:
             c.length += 1
-        x = rms_norm(x, w("output_norm.weight"), cfg.norm_eps)
-        head = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
-        return x @ w(head).T  # (B, vocab)
+        return self.head(x)  # (B, vocab)

@@ -139,16 +139,24 @@ def test_greedy_continuation_equals_transformers_generate(hf_models, name, tmp_p
 
 
 def test_chunked_prefill_and_weight_budget_change_nothing(hf_models, tmp_path):
+    from runtime.memory_plan import make_plan
+
     _, path = hf_models["llama-gqa"]
     gguf_path = convert(path, tmp_path / "m.gguf", T.Q8_0)
     ids = prompt(40)
     whole = our_logits(gguf_path, ids)
-    backend = NumpyBackend(open_model(gguf_path), memory_budget=300_000)  # < one layer
+    source = open_model(gguf_path)
+    least = make_plan(source, None, n_ctx=len(ids), chunk=9, baseline=0).minimum
+    plan = make_plan(source, least, n_ctx=len(ids), chunk=9, baseline=0)
+    assert all(u.tier == "stream" for u in plan.units)  # the smallest budget streams everything
+    backend = NumpyBackend(source, plan=plan)
     cache = backend.new_cache(len(ids))
     parts = [backend.forward(ids[i:i + 9], cache, all_logits=True) for i in range(0, 40, 9)]
     assert np.abs(np.concatenate(parts) - whole).max() <= 1e-5
-    assert backend.w.bytes <= 300_000
-    assert backend.w.loads > 2 * 9  # weights were streamed: dequantized again, layer by layer
+    assert backend.w.loads == 0  # no weight matrix was dequantized whole
+    layer_bytes = sum(u.quantized_bytes for u in plan.units)
+    assert backend.w.reads >= 4 * layer_bytes  # read ahead from disk on every chunk
+    assert backend.w.released >= 4 * layer_bytes  # and given back
 
 
 def test_sharded_safetensors_directory(hf_models, tmp_path):

@@ -1,0 +1,363 @@
+"""What fits in a memory budget: which weights stay resident, which stream from disk, how much
+scratch a forward pass needs and how fast decoding should be, decided before anything runs.
+
+The budget is the whole process's resident memory (what a cgroup limit or the OOM killer
+sees): the interpreter and libraries already loaded (`baseline`), the KV cache, activation and
+attention scratch, and the weights. Weights are planned per *unit*: one transformer layer, or the
+output head. Each unit gets a tier:
+
+    f32        dequantized once and kept (fastest: decode reads float32 at memory bandwidth)
+    quantized  its GGUF blocks stay mapped; matmuls dequantize bounded row tiles per use
+    stream     its blocks are read from disk ahead of use by a background thread and
+               released (MADV_DONTNEED + POSIX_FADV_DONTNEED) once the layer has run
+
+Why keep blocks quantized rather than dequantize to float32 like the unbudgeted path does:
+numpy has no quantized matmul, so a float32 copy costs 4-8x the file's bytes; dequantizing a
+1 MiB tile at a time keeps the resident copy at file size and the float32 scratch bounded,
+at the price of dequantizing every weight on every token (~4 GB/s of float32 on one core
+here). The planner spends leftover room on f32 units, which are the fast ones.
+
+Expected decode speed comes from three measured rates, cached per machine:
+memory bandwidth (a large copy), dequantization throughput per tensor type, and the model
+file's disk read bandwidth (page cache dropped first). Streaming overlaps reads with compute,
+so a token costs max(compute, disk reads) rather than their sum.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import ModelError
+from runtime.model_file import ModelSource
+
+TIERS = ("f32", "quantized", "stream")
+TILE_BYTES = 1 << 20  # float32 bytes of one dequantized row tile in a quantized matmul
+ATTENTION_SCRATCH = 16 << 20  # attention scores of one query block stay under this
+_SCALE = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_budget(text: str | int | None, what: str = "--memory-budget") -> int | None:
+    """'512M', '2G', '1.5GiB', '300000' → bytes (binary units, as `free -h`); None stays None."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not m or (m.group(3) and not m.group(2) and m.group(3) != "b"):
+        raise ModelError(f"{what} {text!r} is not a size (expected bytes or a number with K, M, "
+                         "G or T, e.g. 512M or 2G)")
+    value = int(float(m.group(1)) * _SCALE[m.group(2)])
+    if value <= 0:
+        raise ModelError(f"{what} {text!r} must be positive (expected e.g. 512M or 2G)")
+    return value
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+# ------------------------------------------------------------------------------- measurements
+
+def _cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "clawforge" / "bandwidth.json"
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (VmRSS), the planner's baseline."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _memory_bandwidth(nbytes: int = 32 << 20) -> float:
+    """Bytes/s read + written by a copy larger than any cache (kept small: a budget is tight)."""
+    src, dst = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(3))
+    return 2 * nbytes / best
+
+
+def _timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _dequant_bandwidth(source: ModelSource, qtype: str) -> float:
+    """float32 bytes/s produced by dequantizing row tiles of one tensor of this type."""
+    ref = max((r for r in source.tensors.values() if r.qtype.name == qtype and len(r.shape) == 2),
+              key=lambda r: r.nbytes)
+    rows = max(1, min(ref.shape[0], TILE_BYTES // (4 * ref.shape[1])))
+    ref.rows(0, rows)  # page the bytes in: time the arithmetic, not the disk
+    best = min(_timed(lambda: ref.rows(0, rows)) for _ in range(5))
+    return rows * ref.shape[1] * 4 / best
+
+
+def _disk_bandwidth(path: Path, nbytes: int = 64 << 20) -> float:
+    """Bytes/s reading the model file cold: its page cache dropped first, then read."""
+    size = path.stat().st_size
+    start, length = max(0, size // 2 - nbytes // 2), min(nbytes, size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+        buf, done = bytearray(1 << 20), 0
+        t0 = time.perf_counter()
+        while done < length:
+            n = os.preadv(fd, [memoryview(buf)[:min(len(buf), length - done)]], start + done)
+            if n <= 0:
+                break
+            done += n
+        elapsed = time.perf_counter() - t0
+        os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return done / max(elapsed, 1e-9)
+
+
+@dataclass
+class Rates:
+    """Measured bytes/s: memory copy, disk reads of the model file, dequantization per type."""
+
+    memory: float
+    disk: float
+    dequant: dict[str, float]
+    cached: bool = False
+
+
+def measure_rates(source: ModelSource, *, refresh: bool = False) -> Rates:
+    """The three rates, from the per-machine cache when there (keyed by host, the model file's
+    filesystem and tensor type), else measured (~0.5 s) and stored."""
+    path = _cache_path()
+    try:
+        store = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        store = {}
+    mine = store.setdefault(platform.node(), {})
+    if not isinstance(mine, dict):
+        mine = store[platform.node()] = {}
+    files = [source.path] if source.path.is_file() else sorted(source.path.glob("*.safetensors"))
+    disk_key = f"dev{files[0].stat().st_dev}"
+    qtypes = sorted({r.qtype.name for r in source.tensors.values() if len(r.shape) == 2})
+    fresh = False
+    if refresh or "memory" not in mine:
+        mine["memory"], fresh = _memory_bandwidth(), True
+    disks = mine.setdefault("disk", {})
+    if refresh or disk_key not in disks:
+        disks[disk_key], fresh = _disk_bandwidth(files[0]), True
+    deq = mine.setdefault("dequant", {})
+    for q in qtypes:
+        if refresh or q not in deq:
+            deq[q], fresh = _dequant_bandwidth(source, q), True
+    if fresh:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(store, indent=1), encoding="utf-8")
+        tmp.replace(path)
+    return Rates(mine["memory"], disks[disk_key], {q: deq[q] for q in qtypes}, cached=not fresh)
+
+
+# ------------------------------------------------------------------------------------ the plan
+
+@dataclass
+class Unit:
+    """A layer (or the output head): its matrices, their file bytes and float32 bytes."""
+
+    name: str
+    tensors: list[str]
+    quantized_bytes: int
+    f32_bytes: int
+    seconds_dequant: float = 0.0  # per token, dequantizing every tile once
+    tier: str = "f32"
+
+
+@dataclass
+class Plan:
+    budget: int | None
+    n_ctx: int
+    chunk: int
+    baseline: int  # the process before any weight is read
+    kv_cache: int
+    activations: int
+    attention_scratch: int
+    attention_rows: int  # queries per attention block: scores stay under ATTENTION_SCRATCH
+    tile_scratch: int
+    small_tensors: int  # norms and biases, always float32
+    stream_slots: int  # file bytes of the two largest streamed units (current + prefetched)
+    units: list[Unit] = field(default_factory=list)
+    rates: Rates | None = None
+
+    @property
+    def fixed(self) -> int:
+        """Everything but the resident weights."""
+        return (self.baseline + self.kv_cache + self.activations + self.attention_scratch
+                + self.tile_scratch + self.small_tensors)
+
+    @property
+    def minimum(self) -> int:
+        """The smallest budget that runs: fixed costs plus one streamed layer and the next."""
+        return self.fixed + 2 * max(u.quantized_bytes for u in self.units)
+
+    @property
+    def weights_resident(self) -> int:
+        return sum(u.f32_bytes if u.tier == "f32" else u.quantized_bytes
+                   for u in self.units if u.tier != "stream")
+
+    @property
+    def streaming(self) -> bool:
+        return any(u.tier == "stream" for u in self.units)
+
+    @property
+    def peak(self) -> int:
+        """The most this plan holds at once."""
+        return self.fixed + self.weights_resident + (self.stream_slots if self.streaming else 0)
+
+    def tiers(self) -> dict[str, str]:
+        return {t: u.tier for u in self.units for t in u.tensors}
+
+    def expected(self) -> dict[str, float] | None:
+        """Seconds per decoded token: compute (float32 reads, dequantization), disk reads, and
+        the tokens/s they allow when reads overlap compute."""
+        if self.rates is None:
+            return None
+        compute = sum(u.f32_bytes / self.rates.memory * 2 if u.tier == "f32"
+                      else u.seconds_dequant for u in self.units)
+        disk = sum(u.quantized_bytes for u in self.units if u.tier == "stream") / self.rates.disk
+        return {"compute_s": compute, "disk_s": disk,
+                "tokens_per_s": 1.0 / max(compute, disk, 1e-9)}
+
+    def as_dict(self) -> dict[str, Any]:
+        counts = {t: sum(u.tier == t for u in self.units) for t in TIERS}
+        return {
+            "budget": self.budget, "minimum_budget": self.minimum, "peak": self.peak,
+            "n_ctx": self.n_ctx, "prefill_chunk": self.chunk, "baseline": self.baseline,
+            "kv_cache": self.kv_cache, "activations": self.activations,
+            "attention_scratch": self.attention_scratch, "attention_rows": self.attention_rows,
+            "tile_scratch": self.tile_scratch, "small_tensors": self.small_tensors,
+            "weights_resident": self.weights_resident,
+            "stream_slots": self.stream_slots if self.streaming else 0,
+            "tiers": counts,
+            "units": [{"name": u.name, "tier": u.tier, "quantized_bytes": u.quantized_bytes,
+                       "f32_bytes": u.f32_bytes} for u in self.units],
+            "rates": None if self.rates is None else asdict(self.rates),
+            "expected": self.expected(),
+        }
+
+    def summary(self) -> str:
+        """One line: what is resident, what streams, and the expected speed."""
+        counts = {t: [u.name for u in self.units if u.tier == t] for t in TIERS}
+        parts = [f"{len(v)} {t}" for t, v in counts.items() if v]
+        exp = self.expected()
+        budget = "no budget" if self.budget is None else f"budget {mib(self.budget)}"
+        return (f"memory plan: {budget}, peak ~{mib(self.peak)} (baseline {mib(self.baseline)}, "
+                f"KV cache {mib(self.kv_cache)}, scratch "
+                f"{mib(self.activations + self.attention_scratch + self.tile_scratch)}); "
+                f"units: {', '.join(parts)}"
+                + (f" (stream: {unit_ranges(counts['stream'])})" if counts["stream"] else "")
+                + (f"; expected decode ~{exp['tokens_per_s']:.2f} tok/s "
+                   f"(compute {exp['compute_s'] * 1e3:.0f} ms, disk {exp['disk_s'] * 1e3:.0f} ms"
+                   " per token)" if exp else ""))
+
+
+def unit_ranges(names: list[str]) -> str:
+    """['blk.3', 'blk.4', 'blk.5', 'head'] → 'blk.3-5, head'."""
+    out: list[str] = []
+    for n in names:
+        last = out[-1] if out else ""
+        if n.startswith("blk.") and last.startswith("blk."):
+            hi = int(last.split("-")[-1].removeprefix("blk."))
+            if int(n[4:]) == hi + 1:
+                out[-1] = f"{last.split('-')[0]}-{n[4:]}"
+                continue
+        out.append(n)
+    return ", ".join(out)
+
+
+def weight_units(source: ModelSource) -> tuple[list[Unit], int]:
+    """The layers and the output head as units, and the float32 bytes of the 1-D tensors."""
+    cfg = source.config
+    head = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+    groups = [(f"blk.{i}", [n for n, r in source.tensors.items()
+                            if n.startswith(f"blk.{i}.") and len(r.shape) == 2])
+              for i in range(cfg.n_layers)] + [("head", [head])]
+    units = []
+    for name, tensors in groups:
+        refs = [source.tensors[t] for t in tensors]
+        units.append(Unit(name, tensors, sum(r.nbytes for r in refs),
+                          sum(4 * int(np.prod(r.shape)) for r in refs)))
+    small = sum(4 * int(np.prod(r.shape)) for r in source.tensors.values() if len(r.shape) == 1)
+    return units, small
+
+
+def scratch(source: ModelSource, n_ctx: int, chunk: int) -> dict[str, int]:
+    """Bytes of the KV cache and of one forward pass's float32 temporaries for `chunk` tokens."""
+    c = source.config
+    T, C, F, H, KV, D = chunk, c.dim, c.ffn_dim, c.n_heads, c.n_kv_heads, c.head_dim
+    kv = 2 * c.n_layers * n_ctx * KV * D * 4
+    # x, its norm, the attention output and its projection; q, k, v; rotated copies of q, k;
+    # gate, up and their product; the embedding rows; one row of logits.
+    act = 4 * (T * (4 * C + 2 * (H + 2 * KV) * D + 3 * F + C) + c.vocab_size)
+    rows = max(1, min(T, ATTENTION_SCRATCH // (3 * 4 * H * n_ctx)))
+    attn = 3 * 4 * H * rows * n_ctx  # scores, their exponentials, the masked copy
+    return {"kv_cache": kv, "activations": act, "attention_scratch": attn,
+            "attention_rows": rows, "tile_scratch": 3 * TILE_BYTES}  # tile, its temporaries
+
+
+def make_plan(source: ModelSource, budget: int | None, *, n_ctx: int, chunk: int = 256,
+              baseline: int | None = None, rates: Rates | None = None) -> Plan:
+    """Tier every unit under `budget` (None: everything float32, as without a budget).
+
+    Everything fits as file bytes → all `quantized`, then units are promoted to `f32` in order
+    while the extra float32 bytes fit. Otherwise two streaming slots are set aside and units
+    stay `quantized` in order while their bytes fit; the rest `stream`."""
+    units, small = weight_units(source)
+    chunk = min(chunk, n_ctx)
+    s = scratch(source, n_ctx, chunk)
+    plan = Plan(budget, n_ctx, chunk, rss_bytes() if baseline is None else baseline,
+                s["kv_cache"], s["activations"], s["attention_scratch"], s["attention_rows"],
+                s["tile_scratch"], small, 0, units, rates)
+    top2 = sorted((u.quantized_bytes for u in units), reverse=True)[:2]
+    plan.stream_slots = sum(top2)
+    if rates is not None:
+        for u in units:
+            u.seconds_dequant = sum(4 * int(np.prod(source.tensors[t].shape))
+                                    / rates.dequant[source.tensors[t].qtype.name]
+                                    for t in u.tensors)
+    if budget is None:
+        return plan
+    if budget < plan.minimum:
+        raise ModelError(
+            f"--memory-budget {mib(budget)} is below the minimum of {mib(plan.minimum)} this "
+            f"model needs with --ctx {n_ctx} (process {mib(plan.baseline)}, KV cache "
+            f"{mib(plan.kv_cache)}, scratch "
+            f"{mib(plan.activations + plan.attention_scratch + plan.tile_scratch)}, two "
+            f"streamed layers {mib(plan.stream_slots)}; expected ≥ {plan.minimum} bytes, or a "
+            "smaller --ctx)")
+    room = budget - plan.fixed
+    if room >= sum(u.quantized_bytes for u in units):
+        room -= sum(u.quantized_bytes for u in units)
+        for u in units:
+            u.tier = "quantized"
+            if u.f32_bytes - u.quantized_bytes <= room:
+                u.tier, room = "f32", room - (u.f32_bytes - u.quantized_bytes)
+        return plan
+    room -= plan.stream_slots
+    for u in units:
+        if u.quantized_bytes <= room:
+            u.tier, room = "quantized", room - u.quantized_bytes
+        else:
+            u.tier = "stream"
+    return plan
