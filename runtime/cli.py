@@ -162,7 +162,8 @@ def generate(
     stats = result.stats()
     if json_out:
         plan = {"memory_plan": runtime.plan.as_dict()} if memory_budget is not None else {}
-        sys.stdout.write(json.dumps({"text": result.text, "backend": runtime.backend.name,
+        sys.stdout.write(json.dumps({"text": result.text, "token_ids": result.token_ids,
+                                     "backend": runtime.backend.name,
                                      "backend_reason": runtime.backend_reason, **stats, **plan},
                                     indent=2) + "\n")
         return
