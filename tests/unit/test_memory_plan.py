@@ -1,0 +1,138 @@
+"""The memory planner, budget parsing, bounded attention and the CLI around --memory-budget."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from runtime.errors import ModelError
+from runtime.memory_plan import Rates, make_plan, measure_rates, parse_budget
+from runtime.model_file import open_model
+from tests.stream_models import write_stream_model
+
+pytestmark = pytest.mark.unit
+RATES = Rates(memory=20e9, disk=1e9, dequant={"Q8_0": 5e9})
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_stream_model(tmp_path_factory.mktemp("plan") / "m.gguf", n_layers=6)
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("300000", 300000), ("512M", 512 << 20), ("2G", 2 << 30), ("2g", 2 << 30),
+    ("1.5GiB", 3 << 29), ("64 MB", 64 << 20), ("4k", 4096), ("100b", 100), (None, None)])
+def test_budget_forms(text, value):
+    assert parse_budget(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "12x", "M", "-5M", "0", "1.2.3G", "5 ib", "2GG"])
+def test_malformed_budget_is_one_clear_error(text):
+    with pytest.raises(ModelError, match=r"--memory-budget .* (is not a size|must be positive)"):
+        parse_budget(text)
+
+
+def test_tiers_follow_the_budget(model):
+    src = open_model(model)
+    base = make_plan(src, None, n_ctx=64, chunk=16, baseline=10 << 20, rates=RATES)
+    assert {u.tier for u in base.units} == {"f32"}  # no budget: as before, all float32
+    q_total = sum(u.quantized_bytes for u in base.units)
+    f_total = sum(u.f32_bytes for u in base.units)
+
+    def tiers(budget):
+        plan = make_plan(src, budget, n_ctx=64, chunk=16, baseline=10 << 20, rates=RATES)
+        assert plan.peak <= budget
+        return [u.tier for u in plan.units], plan
+
+    assert tiers(base.fixed + f_total)[0] == ["f32"] * 7
+    assert tiers(base.fixed + q_total)[0] == ["quantized"] * 7  # blocks fit, float32 does not
+    one_more = base.units[0].f32_bytes - base.units[0].quantized_bytes
+    assert tiers(base.fixed + q_total + one_more)[0] == ["f32"] + ["quantized"] * 6
+    least, plan = tiers(base.minimum)
+    assert least == ["stream"] * 7
+    two_layers, plan = tiers(base.minimum + 2 * base.units[0].quantized_bytes)
+    assert two_layers == ["quantized"] * 2 + ["stream"] * 5  # kept in order while they fit
+    head = base.units[-1].quantized_bytes
+    two_and_head, plan = tiers(base.minimum + 2 * base.units[0].quantized_bytes + head)
+    assert two_and_head == ["quantized"] * 2 + ["stream"] * 4 + ["quantized"]
+    exp = plan.expected()
+    streamed = sum(u.quantized_bytes for u in plan.units[2:6])
+    assert exp["disk_s"] == pytest.approx(streamed / RATES.disk)
+    assert exp["tokens_per_s"] == pytest.approx(1 / max(exp["disk_s"], exp["compute_s"]))
+    assert "stream: blk.2-5" in plan.summary()
+
+
+def test_budget_below_one_layer_names_the_minimum(model):
+    src = open_model(model)
+    least = make_plan(src, None, n_ctx=64, baseline=0).minimum
+    with pytest.raises(ModelError, match=f"below the minimum .* expected ≥ {least} bytes"):
+        make_plan(src, least - 1, n_ctx=64, baseline=0)
+
+
+def test_streamed_and_blocked_attention_match_the_reference(model, monkeypatch):
+    """Every unit streamed, attention split into blocks of 3 queries: the same logits."""
+    import runtime.backends.numpy_backend as nb
+
+    src = open_model(model)
+    ids = [int(t) for t in np.random.default_rng(0).integers(3, 300, 30)]
+    ref = nb.NumpyBackend(src)
+    want = ref.forward(ids, ref.new_cache(40), all_logits=True)
+    monkeypatch.setattr(nb, "ATTENTION_SCRATCH", 3 * 3 * 4 * 8 * 30)  # 3 rows of 8 heads × 30
+    least = make_plan(src, None, n_ctx=40, chunk=30, baseline=0).minimum
+    streamed = nb.NumpyBackend(src, plan=make_plan(src, least, n_ctx=40, chunk=30, baseline=0))
+    cache = streamed.new_cache(40)
+    got = streamed.forward(ids, cache, all_logits=True)
+    assert np.array_equal(got, want) or np.abs(got - want).max() < 1e-5
+    steps = [int(np.argmax(streamed.forward([t], cache)[-1])) for t in (5, 6, 7)]
+    ref_cache = ref.new_cache(40)
+    ref.forward(ids, ref_cache)
+    assert steps == [int(np.argmax(ref.forward([t], ref_cache)[-1])) for t in (5, 6, 7)]
+    assert streamed.w.loads == 0 and streamed.w.reads > 0 and streamed.w.released > 0
+
+
+def test_rates_are_measured_once_then_cached(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = measure_rates(open_model(model))
+    assert not first.cached and first.memory > 0 and first.disk > 0 and first.dequant["Q8_0"] > 0
+    again = measure_rates(open_model(model))
+    assert again.cached and again.disk == first.disk
+    assert (tmp_path / "clawforge" / "bandwidth.json").is_file()
+
+
+def test_info_states_the_bounds_and_the_plan(claw, model, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    result = claw("runtime", "info", str(model), "--ctx", "64", "--json")
+    plan = json.loads(result.out)["memory_plan"]
+    assert plan["budget"] is None and plan["kv_cache"] == 2 * 6 * 64 * 4 * 32 * 4
+    assert plan["attention_scratch"] > 0 and plan["activations"] > 0
+    budget = plan["minimum_budget"] + (2 << 20)
+    result = claw("runtime", "info", str(model), "--ctx", "64", "--memory-budget", str(budget))
+    assert result.code == 0
+    assert "KV cache" in result.out and "attention scratch" in result.out
+    assert "stream units" in result.out and "expected decode" in result.out
+
+
+@pytest.mark.parametrize(("budget", "message"), [
+    ("lots", "--memory-budget 'lots' is not a size"),
+    ("1M", "is below the minimum of"),
+])
+def test_bad_budget_on_the_cli_is_exit_2(claw, model, budget, message):
+    result = claw("runtime", "generate", str(model), "-p", "the", "--ctx", "64",
+                  "--memory-budget", budget)
+    assert result.code == 2 and message in result.err
+    assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err
+
+
+def test_opencl_refuses_a_budget_that_streams_and_auto_says_why(model):
+    from runtime.backends import create_backend
+
+    src = open_model(model)
+    least = make_plan(src, None, n_ctx=64, baseline=0).minimum
+    plan = make_plan(src, least, n_ctx=64, baseline=0)
+    with pytest.raises(ModelError, match=r"streams layers, which the OpenCL backend does not do "
+                       r"yet .* expected --backend numpy or auto, or a budget of at least"):
+        create_backend("opencl", src, plan=plan)
+    choice = create_backend("auto", src, plan=plan)
+    assert choice.backend.name == "numpy" and "streams layers" in choice.reason
