@@ -24,11 +24,12 @@ from runtime.sampling import SamplingParams
 class Model:
     def __init__(self, path: str | os.PathLike[str], *, backend: str = "auto",
                  n_ctx: int | None = None, memory_budget: int | str | None = None,
-                 prefill_chunk: int = 256, measure: bool | None = None):
+                 prefill_chunk: int = 256, measure: bool | None = None, sequences: int = 1):
         """`memory_budget` (bytes, or '512M' / '2G') bounds the whole process's resident
         memory: the plan (`self.plan`) decides which layers stay resident and which stream.
         `measure` times disk, memory and dequantization for the plan's speed estimate
-        (default: when there is a budget; cached per machine)."""
+        (default: when there is a budget; cached per machine). `sequences`: KV caches held at
+        once (the server's batch)."""
         from runtime.memory_plan import make_plan, measure_rates, parse_budget
 
         budget = parse_budget(memory_budget)
@@ -42,7 +43,7 @@ class Model:
         rates = measure_rates(self.source) if (budget is not None if measure is None
                                                else measure) else None
         self.plan = make_plan(self.source, budget, n_ctx=self.n_ctx, chunk=prefill_chunk,
-                              rates=rates)
+                              rates=rates, sequences=sequences)
         choice = create_backend(backend, self.source, plan=self.plan)
         self.backend, self.backend_reason = choice.backend, choice.reason
 

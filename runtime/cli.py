@@ -301,6 +301,8 @@ def serve(
                                        help="Require this Bearer key on /v1 (also "
                                        "CLAW_API_KEY; overrides api_key_file)."),
     backend: str | None = typer.Option(None, "--backend", help=BACKEND_HELP),
+    memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP +
+                                             " Counts one KV cache per scheduler.max_batch."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models, /health, /metrics), offloading non-critical work under memory pressure.
@@ -313,7 +315,7 @@ def serve(
     from runtime.server.config import load_config, read_key_file
 
     cfg = load_config(config, model=str(model) if model else None, host=host, port=port,
-                      backend=backend)
+                      backend=backend, memory_budget=memory_budget)
     if cfg.model is None:
         from provision.errors import BadInput
 

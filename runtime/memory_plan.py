@@ -317,18 +317,20 @@ def scratch(source: ModelSource, n_ctx: int, chunk: int) -> dict[str, int]:
 
 
 def make_plan(source: ModelSource, budget: int | None, *, n_ctx: int, chunk: int = 256,
-              baseline: int | None = None, rates: Rates | None = None) -> Plan:
+              baseline: int | None = None, rates: Rates | None = None,
+              sequences: int = 1) -> Plan:
     """Tier every unit under `budget` (None: everything float32, as without a budget).
 
     Everything fits as file bytes → all `quantized`, then units are promoted to `f32` in order
     while the extra float32 bytes fit. Otherwise two streaming slots are set aside and units
-    stay `quantized` in order while their bytes fit; the rest `stream`."""
+    stay `quantized` in order while their bytes fit; the rest `stream`. `sequences` KV caches
+    are counted (a server decoding a batch holds one per sequence)."""
     units, small = weight_units(source)
     chunk = min(chunk, n_ctx)
     s = scratch(source, n_ctx, chunk)
     plan = Plan(budget, n_ctx, chunk, rss_bytes() if baseline is None else baseline,
-                s["kv_cache"], s["activations"], s["attention_scratch"], s["attention_rows"],
-                s["tile_scratch"], small, 0, units, rates)
+                s["kv_cache"] * sequences, s["activations"], s["attention_scratch"],
+                s["attention_rows"], s["tile_scratch"], small, 0, units, rates)
     top2 = sorted((u.quantized_bytes for u in units), reverse=True)[:2]
     plan.stream_slots = sum(top2)
     if rates is not None:

@@ -107,7 +107,8 @@ class Server:
             log.error("not serving locally: %s", self.load_error)
             return
         try:
-            model = Model(cfg.model, backend=cfg.backend, n_ctx=cfg.context)
+            model = Model(cfg.model, backend=cfg.backend, n_ctx=cfg.context,
+                          memory_budget=cfg.memory_budget, sequences=cfg.scheduler.max_batch)
             if model.tokenizer is None:
                 raise ValueError(f"{cfg.model} has no tokenizer (expected one in the model)")
         except Exception as exc:
@@ -125,6 +126,8 @@ class Server:
         self.metrics.model_loaded.set(1)
         log.info("model %s loaded (%s backend: %s)", cfg.model, model.backend.name,
                  model.backend_reason)
+        if cfg.memory_budget is not None:
+            log.info("%s", model.plan.summary())
 
     async def stop(self) -> None:
         self.monitor.stop()

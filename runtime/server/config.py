@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runtime.errors import ModelError
 
@@ -107,12 +107,26 @@ class ServeConfig(Section):
     api_key_file: FilePath | None = None
     backend: Literal["numpy", "opencl", "auto"] = "auto"
     context: int | None = Field(None, ge=16, description="context size (tokens)")
+    memory_budget: str | int | None = Field(None, description="resident memory for the whole "
+                                            "process, e.g. 512M or 2G: layers past it stream "
+                                            "from disk (numpy backend)")
     threads: int | None = Field(None, ge=1, le=256, description="BLAS threads (default: the "
                                 "library's, one per core); fewer when the cores are shared")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     offload: OffloadConfig = Field(default_factory=OffloadConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget_is_a_size(cls, value: str | int | None) -> str | int | None:
+        from runtime.memory_plan import parse_budget
+
+        try:
+            parse_budget(value, "memory_budget")
+        except ModelError as exc:
+            raise ValueError(str(exc).removeprefix("memory_budget ")) from None
+        return value
 
     def served_name(self) -> str:
         if self.model_name:
