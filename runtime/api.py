@@ -40,8 +40,8 @@ class Model:
         self.config = self.source.config
         self.tokenizer = self.source.load_tokenizer() if self.source.load_tokenizer else None
         self.n_ctx = min(n_ctx or self.config.context_length, self.config.context_length)
-        rates = measure_rates(self.source) if (budget is not None if measure is None
-                                               else measure) else None
+        rates = measure_rates(self.source, budget=budget) \
+            if (budget is not None if measure is None else measure) else None
         self.plan = make_plan(self.source, budget, n_ctx=self.n_ctx, chunk=prefill_chunk,
                               rates=rates, sequences=sequences)
         choice = create_backend(backend, self.source, plan=self.plan)

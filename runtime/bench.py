@@ -47,7 +47,8 @@ def _load(path: Path, backend: str, budget: int | None = None,
     source = open_model(path)
     plan = None
     if budget is not None:  # the pp test runs the whole prompt as one chunk
-        plan = make_plan(source, budget, n_ctx=n_ctx, chunk=n_ctx, rates=measure_rates(source))
+        plan = make_plan(source, budget, n_ctx=n_ctx, chunk=n_ctx,
+                         rates=measure_rates(source, budget=budget))
     choice = create_backend(backend, source, plan=plan)
     return choice.backend, choice.reason, time.perf_counter() - start
 

@@ -17,9 +17,10 @@ numpy has no quantized matmul, so a float32 copy costs 4-8x the file's bytes; de
 at the price of dequantizing every weight on every token (~4 GB/s of float32 on one core
 here). The planner spends leftover room on f32 units, which are the fast ones.
 
-Expected decode speed comes from three measured rates, cached per machine:
-memory bandwidth (a large copy), dequantization throughput per tensor type, and the model
-file's disk read bandwidth (page cache dropped first). Streaming overlaps reads with compute,
+Expected decode speed comes from three measured rates, cached per machine: the memory read
+rate of a float32 matrix-vector product larger than the caches, the rate of a quantized
+matrix-vector product per tensor type, and the model file's disk read bandwidth (page cache
+dropped first). Streaming overlaps reads with compute,
 so a token costs max(compute, disk reads) rather than their sum.
 """
 
@@ -84,11 +85,14 @@ def rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _memory_bandwidth(nbytes: int = 32 << 20) -> float:
-    """Bytes/s read + written by a copy larger than any cache (kept small: a budget is tight)."""
-    src, dst = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
-    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(3))
-    return 2 * nbytes / best
+def _memory_bandwidth(nbytes: int = 64 << 20) -> float:
+    """Bytes/s a one-row matmul reads from a float32 matrix larger than the caches: what a
+    decode step over the f32 tier achieves."""
+    cols = 1024
+    w = np.ones((max(1, nbytes // (4 * cols)), cols), np.float32)
+    x = np.ones((1, cols), np.float32)
+    best = min(_timed(lambda: x @ w.T) for _ in range(3))
+    return w.nbytes / best
 
 
 def _timed(fn: Any) -> float:
@@ -98,13 +102,16 @@ def _timed(fn: Any) -> float:
 
 
 def _dequant_bandwidth(source: ModelSource, qtype: str) -> float:
-    """float32 bytes/s produced by dequantizing row tiles of one tensor of this type."""
+    """float32-equivalent bytes/s of a one-row quantized matmul (tile dequantization, matmul,
+    loop) over the largest tensor of this type, its pages in memory: the quantized tier's rate."""
+    from runtime.backends.weight_stream import quantized_matmul
+
     ref = max((r for r in source.tensors.values() if r.qtype.name == qtype and len(r.shape) == 2),
               key=lambda r: r.nbytes)
-    rows = max(1, min(ref.shape[0], TILE_BYTES // (4 * ref.shape[1])))
-    ref.rows(0, rows)  # page the bytes in: time the arithmetic, not the disk
-    best = min(_timed(lambda: ref.rows(0, rows)) for _ in range(5))
-    return rows * ref.shape[1] * 4 / best
+    x = np.ones((1, ref.shape[1]), np.float32)
+    quantized_matmul(x, ref)  # page the bytes in: time the arithmetic, not the disk
+    best = min(_timed(lambda: quantized_matmul(x, ref)) for _ in range(3))
+    return 4 * ref.shape[0] * ref.shape[1] / best
 
 
 def _disk_bandwidth(path: Path, nbytes: int = 64 << 20) -> float:
@@ -130,7 +137,8 @@ def _disk_bandwidth(path: Path, nbytes: int = 64 << 20) -> float:
 
 @dataclass
 class Rates:
-    """Measured bytes/s: memory copy, disk reads of the model file, dequantization per type."""
+    """Measured bytes/s: float32 matmul reads, disk reads of the model file, and quantized
+    matmuls per type (in float32-equivalent bytes)."""
 
     memory: float
     disk: float
@@ -138,9 +146,11 @@ class Rates:
     cached: bool = False
 
 
-def measure_rates(source: ModelSource, *, refresh: bool = False) -> Rates:
+def measure_rates(source: ModelSource, *, refresh: bool = False,
+                  budget: int | None = None) -> Rates:
     """The three rates, from the per-machine cache when there (keyed by host, the model file's
-    filesystem and tensor type), else measured (~0.5 s) and stored."""
+    filesystem and tensor type), else measured (~1 s) and stored. Under a `budget` the memory
+    probe's matrix is kept to a quarter of it."""
     path = _cache_path()
     try:
         store = json.loads(path.read_text(encoding="utf-8"))
@@ -154,7 +164,8 @@ def measure_rates(source: ModelSource, *, refresh: bool = False) -> Rates:
     qtypes = sorted({r.qtype.name for r in source.tensors.values() if len(r.shape) == 2})
     fresh = False
     if refresh or "memory" not in mine:
-        mine["memory"], fresh = _memory_bandwidth(), True
+        probe = 64 << 20 if budget is None else min(64 << 20, budget // 4)
+        mine["memory"], fresh = _memory_bandwidth(probe), True
     disks = mine.setdefault("disk", {})
     if refresh or disk_key not in disks:
         disks[disk_key], fresh = _disk_bandwidth(files[0]), True
@@ -233,7 +244,7 @@ class Plan:
         the tokens/s they allow when reads overlap compute."""
         if self.rates is None:
             return None
-        compute = sum(u.f32_bytes / self.rates.memory * 2 if u.tier == "f32"
+        compute = sum(u.f32_bytes / self.rates.memory if u.tier == "f32"
                       else u.seconds_dequant for u in self.units)
         disk = sum(u.quantized_bytes for u in self.units if u.tier == "stream") / self.rates.disk
         return {"compute_s": compute, "disk_s": disk,

@@ -48,6 +48,16 @@ def file_span(ref: TensorRef) -> tuple[str, int, int, int] | None:
     return str(root.filename), addr - root.ctypes.data + int(root.offset), addr, ref.nbytes
 
 
+def quantized_matmul(x: np.ndarray, ref: TensorRef) -> np.ndarray:
+    """x @ W.T, W dequantized row tile by row tile into at most TILE_BYTES of float32."""
+    n_rows, n_cols = ref.shape
+    step = max(1, TILE_BYTES // (4 * n_cols))
+    out = np.empty((x.shape[0], n_rows), np.float32)
+    for r in range(0, n_rows, step):
+        out[:, r:r + step] = x @ ref.rows(r, min(r + step, n_rows)).T
+    return out
+
+
 class WeightStore:
     """Weights by name for the numpy backend, placed as `plan` says (no plan: all float32)."""
 
@@ -84,13 +94,7 @@ class WeightStore:
         dequantized into at most TILE_BYTES of scratch."""
         if self.tier.get(name, "f32") == "f32":
             return x @ self(name).T
-        ref = self.source.tensors[name]
-        n_rows, n_cols = ref.shape
-        step = max(1, TILE_BYTES // (4 * n_cols))
-        out = np.empty((x.shape[0], n_rows), np.float32)
-        for r in range(0, n_rows, step):
-            out[:, r:r + step] = x @ ref.rows(r, min(r + step, n_rows)).T
-        return out
+        return quantized_matmul(x, self.source.tensors[name])
 
     # -- streaming ------------------------------------------------------------------------
     def enter(self, unit: int) -> None:
