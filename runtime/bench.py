@@ -109,13 +109,15 @@ def bench(path: Path, backend_name: str = "auto", n_prompt: int = 512, n_gen: in
         prefill, decode = _run(backend, prompt, n_gen)
         pp.append(n_prompt / prefill)
         tg.append(n_gen / decode)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the probe
     if backend.name == "opencl":
         from runtime.backends.opencl_device import copy_bandwidth
 
         device_bw = copy_bandwidth(backend.dev, backend.kern.ops)
         device = backend.dev.describe()
     else:
-        device_bw, device = host_copy_bandwidth(), "host CPU (numpy)"
+        probe = 256 << 20 if budget is None else min(256 << 20, budget // 4)  # stay in budget
+        device_bw, device = host_copy_bandwidth(probe), "host CPU (numpy)"
     decode_bytes = _decode_bytes(backend)
     achieved = decode_bytes * statistics.mean(tg)
     size = sum(ref.nbytes for ref in backend.source.tensors.values())
@@ -130,7 +132,7 @@ def bench(path: Path, backend_name: str = "auto", n_prompt: int = 512, n_gen: in
     return {"model": str(path), "backend": backend.name, "backend_reason": reason,
             "device": device, "repeats": repeats,
             "rows": [row(f"pp{n_prompt}", pp), row(f"tg{n_gen}", tg)],
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mib": round(peak_rss / 2**20, 1),
             "decode_bytes_per_token": decode_bytes,
             "decode_bandwidth_gbs": round(achieved / 1e9, 2),
             "device_copy_bandwidth_gbs": round(device_bw / 1e9, 2),
