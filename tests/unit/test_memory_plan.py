@@ -136,3 +136,21 @@ def test_opencl_refuses_a_budget_that_streams_and_auto_says_why(model):
         create_backend("opencl", src, plan=plan)
     choice = create_backend("auto", src, plan=plan)
     assert choice.backend.name == "numpy" and "streams layers" in choice.reason
+
+
+def test_a_streamed_batch_step_matches_one_by_one(model):
+    """The server's batched decode under a streaming plan gives each sequence its own logits."""
+    from runtime.backends.numpy_backend import NumpyBackend
+
+    src = open_model(model)
+    least = make_plan(src, None, n_ctx=16, chunk=8, baseline=0).minimum
+    streamed = NumpyBackend(src, plan=make_plan(src, least, n_ctx=16, chunk=8, baseline=0))
+    ref = NumpyBackend(src)
+    caches, ref_caches = [streamed.new_cache(16) for _ in range(2)], []
+    for c, prompt in zip(caches, ([4, 9, 30], [7, 8]), strict=True):
+        streamed.forward(prompt, c)
+        ref_caches.append(ref.new_cache(16))
+        ref.forward(prompt, ref_caches[-1])
+    got = streamed.forward_batch([11, 12], caches)
+    want = np.concatenate([ref.forward([t], c) for t, c in zip([11, 12], ref_caches, strict=True)])
+    assert np.abs(got - want).max() < 1e-5
