@@ -60,9 +60,12 @@ class Model:
         return self.tokenizer.decode(ids)
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """Logits at every position of `ids`, from an empty cache: (len(ids), vocab)."""
+        """Logits at every position of `ids`, from an empty cache: (len(ids), vocab). The
+        forward passes run `prefill_chunk` tokens at a time, so activations stay bounded."""
+        ids, step = list(ids), self.prefill_chunk
         cache = self.backend.new_cache(max(len(ids), 1))
-        return self.backend.forward(list(ids), cache, all_logits=True)
+        return np.concatenate([self.backend.forward(ids[i:i + step], cache, all_logits=True)
+                               for i in range(0, max(len(ids), 1), step)])
 
     def chat_prompt(self, messages: list[dict[str, Any]],
                     add_generation_prompt: bool = True) -> str:

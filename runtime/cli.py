@@ -98,14 +98,15 @@ def _print_plan(plan: dict) -> None:
              for tier, names in by_tier.items()]
     rates, exp = plan["rates"], plan["expected"]
     if rates:
-        rows.append(("measured", f"memory {rates['memory'] / 1e9:.1f} GB/s, disk "
-                     f"{rates['disk'] / 1e9:.2f} GB/s, dequantize " + ", ".join(
+        rows.append(("measured", f"f32 matmul {rates['memory'] / 1e9:.1f} GB/s, disk "
+                     f"{rates['disk'] / 1e9:.2f} GB/s, quantized matmul " + ", ".join(
                          f"{q} {v / 1e9:.1f} GB/s" for q, v in rates["dequant"].items())
                      + (" (cached)" if rates["cached"] else "")))
     if exp:
-        rows.append(("expected decode", f"{exp['tokens_per_s']:.2f} tok/s (compute "
-                     f"{exp['compute_s'] * 1e3:.0f} ms, disk {exp['disk_s'] * 1e3:.0f} ms "
-                     "per token, reads overlapped)"))
+        rows.append(("expected decode", f"{exp['tokens_per_s_serial']:.2f}–"
+                     f"{exp['tokens_per_s']:.2f} tok/s (compute {exp['compute_s'] * 1e3:.0f} "
+                     f"ms, disk {exp['disk_s'] * 1e3:.0f} ms per token; reads not overlapped "
+                     "– fully overlapped)"))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)

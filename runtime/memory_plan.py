@@ -241,14 +241,16 @@ class Plan:
 
     def expected(self) -> dict[str, float] | None:
         """Seconds per decoded token: compute (float32 reads, dequantization), disk reads, and
-        the tokens/s they allow when reads overlap compute."""
+        the tokens/s they allow when reads overlap compute fully (`tokens_per_s`, the upper
+        bound) and not at all (`tokens_per_s_serial`, e.g. on cores busy with other work)."""
         if self.rates is None:
             return None
         compute = sum(u.f32_bytes / self.rates.memory if u.tier == "f32"
                       else u.seconds_dequant for u in self.units)
         disk = sum(u.quantized_bytes for u in self.units if u.tier == "stream") / self.rates.disk
         return {"compute_s": compute, "disk_s": disk,
-                "tokens_per_s": 1.0 / max(compute, disk, 1e-9)}
+                "tokens_per_s": 1.0 / max(compute, disk, 1e-9),
+                "tokens_per_s_serial": 1.0 / max(compute + disk, 1e-9)}
 
     def as_dict(self) -> dict[str, Any]:
         counts = {t: sum(u.tier == t for u in self.units) for t in TIERS}
@@ -278,7 +280,8 @@ class Plan:
                 f"{mib(self.activations + self.attention_scratch + self.tile_scratch)}); "
                 f"units: {', '.join(parts)}"
                 + (f" (stream: {unit_ranges(counts['stream'])})" if counts["stream"] else "")
-                + (f"; expected decode ~{exp['tokens_per_s']:.2f} tok/s "
+                + (f"; expected decode {exp['tokens_per_s_serial']:.2f}–"
+                   f"{exp['tokens_per_s']:.2f} tok/s "
                    f"(compute {exp['compute_s'] * 1e3:.0f} ms, disk {exp['disk_s'] * 1e3:.0f} ms"
                    " per token)" if exp else ""))
 
