@@ -40,10 +40,12 @@ class Model:
         self.config = self.source.config
         self.tokenizer = self.source.load_tokenizer() if self.source.load_tokenizer else None
         self.n_ctx = min(n_ctx or self.config.context_length, self.config.context_length)
-        rates = measure_rates(self.source, budget=budget) \
-            if (budget is not None if measure is None else measure) else None
         self.plan = make_plan(self.source, budget, n_ctx=self.n_ctx, chunk=prefill_chunk,
-                              rates=rates, sequences=sequences)
+                              sequences=sequences)  # a budget below the minimum fails here
+        if budget is not None if measure is None else measure:
+            self.plan = make_plan(self.source, budget, n_ctx=self.n_ctx, chunk=prefill_chunk,
+                                  sequences=sequences, baseline=self.plan.baseline,
+                                  rates=measure_rates(self.source, budget=budget))
         choice = create_backend(backend, self.source, plan=self.plan)
         self.backend, self.backend_reason = choice.backend, choice.reason
 
