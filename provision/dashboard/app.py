@@ -16,7 +16,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -231,10 +230,12 @@ def create_app(cfg: Config) -> FastAPI:
                 return await auth_error(request, exc)
         return await call_next(request)
 
-    def logged_in(request: Request) -> RedirectResponse:
-        nxt = request.query_params.get("next") or "/"
-        response = RedirectResponse(nxt if nxt.startswith("/") else "/", status_code=303)
-        response.set_cookie(COOKIE, cfg.auth.cookie(), max_age=int(cfg.auth.session_s),
+    def logged_in(nxt: str) -> RedirectResponse:
+        # only a path on this site: never an open redirect to another
+        safe = nxt if nxt.startswith("/") and not nxt.startswith("//") else "/"
+        response = RedirectResponse(safe, status_code=303)
+        # the browser keeps the cookie a day past the session, so the page can say "expired"
+        response.set_cookie(COOKIE, cfg.auth.cookie(), max_age=int(cfg.auth.session_s) + 86400,
                             httponly=True, samesite="strict")
         return response
 
@@ -245,14 +246,13 @@ def create_app(cfg: Config) -> FastAPI:
             return page(request, "login.html", title="token", message="",
                         next=request.query_params.get("next", "/"))
         authorize(request, token)
-        return logged_in(request)
+        return logged_in(request.query_params.get("next") or "/")
 
     @app.post("/login")
     async def login_post(request: Request) -> RedirectResponse:
         form = await request.form()
         authorize(request, str(form.get("token", "")) or None)
-        request.scope["query_string"] = f"next={quote(str(form.get('next', '/')))}".encode()
-        return logged_in(request)
+        return logged_in(str(form.get("next") or "/"))
 
     @app.get("/")
     async def index() -> RedirectResponse:
