@@ -329,7 +329,14 @@ def create_app(cfg: Config) -> FastAPI:
     @app.get("/rollouts/{rollout_id}/events")
     async def rollout_events(request: Request, rollout_id: str) -> StreamingResponse:
         first = await run_in_threadpool(get_rollout, rollout_id)
-        poll = float(request.query_params.get("poll", "0.5") or 0.5)
+        raw = request.query_params.get("poll", "0.5")
+        try:
+            poll = float(raw)
+        except ValueError:
+            poll = -1.0
+        if not 0.1 <= poll <= 5.0:
+            raise _bad(f"query parameter poll={raw!r} is not valid (expected seconds from 0.1 "
+                       "to 5)")
 
         async def stream() -> AsyncIterator[str]:
             row, sent = first, ""
@@ -345,7 +352,7 @@ def create_app(cfg: Config) -> FastAPI:
                     return
                 if await request.is_disconnected():
                     return
-                await asyncio.sleep(min(max(poll, 0.1), 5.0))
+                await asyncio.sleep(poll)
                 row = await run_in_threadpool(get_rollout, rollout_id)
 
         return StreamingResponse(stream(), media_type="text/event-stream",

@@ -8,6 +8,7 @@ would fight.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -97,6 +98,4 @@ class Jobs:
 
 
 def _env() -> dict[str, str]:
-    import os
-
     return {**os.environ, "COLUMNS": "160", "NO_COLOR": "1"}

@@ -35,8 +35,8 @@ def plot_tables(tables: list[Table], out: Path, title: str = "") -> Path:
         ax.set_title(table.section[:90], fontsize=10, loc="left")
         ax.legend(fontsize=7, loc="lower right")
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=9, y=0.998)
+    fig.tight_layout(rect=(0, 0, 1, 0.99))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
     fig.savefig(tmp, format="png", dpi=100)

@@ -90,6 +90,7 @@ def test_devices_table_lists_the_inventory_with_history_and_samples(inv):
     ("/devices/d1?minutes=99999", 400, "from 1 to 1440"),
     ("/rollouts?limit=-1", 400, "limit='-1'"),
     ("/rollouts/nope", 404, "not in the history"),
+    ("/rollouts/nope/events", 404, "not in the history"),
     ("/rollouts/a%3Bb", 400, "is not valid"),
     ("/actions/reboot", 404, "no action 'reboot'"),
     ("/actions/rollback?device=zz", 404, "device 'zz'"),
@@ -135,6 +136,7 @@ def test_charts_turn_counters_into_rates_and_skip_restarts():
 def test_a_running_rollout_streams_its_changes_then_ends(inv):
     history.start("20261126-live", "rollout", inv, "rt:v3", "sha", {}, [["d1"], ["d2"]])
     c = make_client(inv)
+    assert c.get("/rollouts/20261126-live/events?poll=abc").status_code == 400
 
     def progress() -> None:
         for phase in ("delivered", "installed", "committed"):
