@@ -62,6 +62,7 @@ function followRollout(box) {
       const row = box.querySelector(`tr[data-device="${CSS.escape(d.device)}"]`);
       if (!row) continue;
       row.querySelector(".from").textContent = d.from_image;
+      row.querySelector(".to").textContent = d.to_image;
       row.querySelector(".phase").textContent = d.phase;
       const out = row.querySelector(".outcome");
       out.textContent = d.outcome;
