@@ -136,14 +136,20 @@ def start_rollout(browser, fleet, image: str, max_fail: str) -> dict[str, set[st
     field.send_keys(max_fail)
     browser.find_element(By.ID, "confirm").click()
     browser.find_element(By.ID, "submit").click()
+    return follow(browser)
+
+
+def follow(browser) -> dict[str, set[str]]:
+    """From the job page on to the rollout page, watched until it ends: the phases each
+    device was seen in."""
     WebDriverWait(browser, 60).until(lambda b: "/rollouts/" in b.current_url)
-    seen: dict[str, set[str]] = {n: set() for n in fleet["names"]}
+    seen: dict[str, set[str]] = {}
     deadline = time.time() + 600
     while time.time() < deadline:
         box = browser.find_element(By.ID, "rollout")
-        for name in fleet["names"]:
-            row = box.find_element(By.CSS_SELECTOR, f"tr[data-device='{name}']")
-            seen[name].add(row.find_element(By.CSS_SELECTOR, ".phase").text)
+        for row in box.find_elements(By.CSS_SELECTOR, "#rollout-devices tbody tr"):
+            seen.setdefault(row.get_attribute("data-device"), set()).add(
+                row.find_element(By.CSS_SELECTOR, ".phase").text)
         if box.get_attribute("data-ended") == "1" or box.get_attribute("data-status") not in (
                 "running", None):
             break
@@ -162,6 +168,7 @@ def test_a_rollout_started_from_the_page_shows_live_progress(browser, fleet):
     login(browser, fleet)
     started = time.monotonic()
     seen = start_rollout(browser, fleet, fleet["releases"]["v1"], "10%")
+    assert set(seen) == set(fleet["names"])
     took = time.monotonic() - started
     screenshot(browser, "rollout-succeeded")
     assert text(browser, "#status") == "succeeded", (seen, fleet["log"].read_text()[-2000:])
@@ -192,6 +199,27 @@ def test_a_device_that_fails_shows_its_error(browser, fleet):
     # the device page keeps it too
     browser.get(f"{fleet['url']}/devices/{bad}")
     assert "no healthy runtime" in text(browser, "#device-rollouts")
+
+
+def test_undo_a_rollout_from_its_page(browser, fleet):
+    """The failed rollout's "Undo" puts the device it upgraded back on the release before."""
+    login(browser, fleet)
+    browser.get(fleet["url"] + "/rollouts")
+    failed = browser.find_element(By.CSS_SELECTOR, "#rollouts tbody tr[data-rollout]")
+    assert "failed" in failed.text and fleet["releases"]["v2"] in failed.text
+    failed.find_element(By.CSS_SELECTOR, "a").click()
+    browser.find_element(By.LINK_TEXT, "Undo this rollout…").click()
+    assert browser.find_element(By.ID, "rollout").get_attribute("value")
+    browser.find_element(By.ID, "confirm").click()
+    browser.find_element(By.ID, "submit").click()
+    follow(browser)
+    screenshot(browser, "rollback")
+    assert text(browser, "#status") == "succeeded"
+    rows = {r.get_attribute("data-device"): r.text for r in browser.find_elements(
+        By.CSS_SELECTOR, "#rollout-devices tbody tr")}
+    upgraded = fleet["names"][0]
+    assert list(rows) == [upgraded]  # the other one never left v1
+    assert fleet["releases"]["v1"] in rows[upgraded] and "ok" in rows[upgraded]
 
 
 def test_charts_render_with_real_data(browser, fleet):
@@ -227,6 +255,25 @@ def test_charts_render_with_real_data(browser, fleet):
     browser.get(fleet["url"] + "/rollouts")
     screenshot(browser, "rollouts")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#rollouts tbody tr[data-rollout]")) >= 2
+
+
+def test_reprovision_a_device_from_its_page(browser, fleet):
+    login(browser, fleet)
+    name = fleet["names"][1]
+    browser.get(f"{fleet['url']}/devices/{name}")
+    browser.find_element(By.LINK_TEXT, "Re-provision…").click()
+    assert browser.find_element(By.ID, "limit").get_attribute("value") == name
+    browser.find_element(By.ID, "tags").send_keys("claw_runtime")
+    browser.find_element(By.ID, "confirm").click()
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, 600, poll_frequency=1).until(
+        lambda b: text(b, "#job-state") != "running")
+    screenshot(browser, "reprovision-job")
+    assert text(browser, "#job-state") == "exited 0", text(browser, "#job-output")
+    assert name in text(browser, "#job-output")
+    browser.get(f"{fleet['url']}/devices/{name}")
+    runs = text(browser, "#device-provisions")
+    assert "claw_runtime" in runs and " ok " in f" {runs} "
 
 
 def test_pages_need_the_token_beyond_loopback(fleet):
