@@ -11,12 +11,14 @@ and its line, never an empty string in a Dockerfile.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import traceback
 from dataclasses import dataclass
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,29 @@ class Target:
 
 def wheel_name() -> str:
     return f"clawforge-{__version__}-py3-none-any.whl"
+
+
+def requirements(*extras: str, pyproject: Path | None = None) -> list[str]:
+    """The dependencies the wheel declares for `extras` (the core ones when none is named).
+
+    Images install them in a layer of their own, before the wheel: that layer is rebuilt only
+    when they change, not with every change of the source. They are read from the source
+    tree's pyproject.toml (what the wheel is built from), or from the installed metadata.
+    """
+    pyproject = pyproject or Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if pyproject.is_file():
+        project = tomllib.loads(pyproject.read_text())["project"]
+        groups = project.get("optional-dependencies", {})
+        found = [r for e in extras for r in groups.get(e, [])] if extras else \
+            list(project.get("dependencies", []))
+    else:
+        wanted = {f'extra == "{e}"' for e in extras}
+        found = []
+        for line in metadata.requires("clawforge") or []:
+            requirement, _, marker = (part.strip() for part in line.partition(";"))
+            if (marker in wanted) if extras else not marker:
+                found.append(requirement)
+    return list(dict.fromkeys(re.sub(r"\s+", "", r) for r in found))
 
 
 def templates_dir() -> Path:
@@ -103,6 +128,8 @@ def context(target: Target) -> dict[str, Any]:
         "apt_packages": packages, "fallback": fallback, "env": dict(target.opencl.env),
         "wheel": wheel_name(), "ca_bundle": CA_BUNDLE, "uid": IMAGE_UID, "port": RUNTIME_PORT,
         "dev_tools": DEV_TOOLS, "version": __version__,
+        "runtime_requirements": requirements() + requirements("runtime"),
+        "controller_requirements": requirements("controller"),
     }
 
 

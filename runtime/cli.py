@@ -207,27 +207,57 @@ def convert_cmd(
 
 @app.command("bench")
 def bench_cmd(
-    model: Path = typer.Argument(..., help="A GGUF file or a Hugging Face model directory."),
+    model: Path | None = typer.Argument(None, help="A GGUF file or a Hugging Face model "
+                                        "directory (none with --plot: plot --results)."),
     backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
     n_prompt: int = typer.Option(512, "-p", "--n-prompt", min=1, help="Prompt tokens (pp)."),
     n_gen: int = typer.Option(128, "-n", "--n-gen", min=1, help="Generated tokens (tg)."),
     repeats: int = typer.Option(5, "-r", "--repetitions", min=1),
     memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also draw the figures as a PNG: "
+                                     "this run's, or with no MODEL every table of --results."),
+    results: Path | None = typer.Option(None, "--results",
+                                        help="Recorded results to plot (bench/RESULTS.md)."),
 ) -> None:
     """Prefill and decode tokens/s (mean ± sd), peak memory, decode bandwidth against the
     device's measured copy bandwidth, and load time, like llama-bench; with --memory-budget,
     under that budget's plan (and its expected decode speed beside the measured one).
 
-    Example: [bold]claw runtime bench model.gguf --backend opencl -p 512 -n 128 -r 5[/bold]
+    Example: [bold]claw runtime bench model.gguf --backend opencl -p 512 -n 128 -r 5[/bold];
+    [bold]claw runtime bench --plot results.png[/bold] plots bench/RESULTS.md
     """
     from runtime.bench import bench
 
+    if plot is not None and plot.suffix.lower() != ".png":
+        from provision.errors import BadInput
+
+        raise BadInput(f"--plot {plot}: expected a .png file name")
+    if model is None:
+        if plot is None:
+            from provision.errors import BadInput
+
+            raise BadInput("MODEL is required (or --plot FILE.png to plot --results)")
+        from provision.dashboard import benchdata
+        from provision.dashboard.plot import plot_tables
+
+        path = results or benchdata.default_results()
+        tables = benchdata.load(path)
+        plot_tables(tables, plot, title=str(path))
+        typer.echo(f"{plot}: {len(tables)} table(s) from {path}")
+        return
     if not model.exists():
         from runtime.errors import ModelError
 
         raise ModelError(f"{model}: no such model file or directory")
     report = bench(model, backend, n_prompt, n_gen, repeats, memory_budget=memory_budget)
+    if plot is not None:
+        from provision.dashboard.benchdata import Table
+        from provision.dashboard.plot import plot_tables
+
+        table = Table(f"{model.name} on {report['device']}", ["test", "t/s"],
+                      [[r["test"], str(r["tps_mean"])] for r in report["rows"]])
+        plot_tables([table], plot)
     if json_out:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return

@@ -17,6 +17,7 @@ APT_PACKAGES=(
   e2fsprogs dosfstools parted fdisk util-linux  # disk images and flashing
   xz-utils zstd        # compressed images and exports
   docker-registry      # a local registry for the `claw image push` test
+  chromium chromium-driver  # headless browser tests of `claw fleet dashboard` (Selenium)
 )
 
 log() { printf '[setup] %s\n' "$*"; }

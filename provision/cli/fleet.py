@@ -10,7 +10,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from provision.errors import EXIT_FAILED, BadInput
+from provision.errors import EXIT_FAILED, BadInput, ClawError
 from provision.interrupts import sigterm_as_interrupt
 from provision.output import console, emit, print_json
 
@@ -253,3 +253,48 @@ def history_cmd(
                     "devices": " ".join(f"{k}={v}" for k, v in sorted(counts.items())),
                     "seconds": _seconds(row)})
     emit("Rollout history", out, HISTORY_COLUMNS, False)
+
+
+@app.command("dashboard")
+def dashboard_cmd(
+    inventory: Path = typer.Option(..., "-i", "--inventory", help=INVENTORY_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8765, "--port", min=1, max=65535, help="Port to listen on."),
+    token: str | None = typer.Option(None, "--token", envvar="CLAW_DASHBOARD_TOKEN",
+                                     help="Token for actions (and pages, off loopback); "
+                                     "default on loopback: a fresh one, printed."),
+    sample: float = typer.Option(5.0, "--sample", min=0.0,
+                                 help="Seconds between samples of each runtime's /metrics "
+                                 "(0: none)."),
+    session_hours: float = typer.Option(12.0, "--session-hours", min=0.01,
+                                        help="How long a login lasts."),
+    results: Path | None = typer.Option(None, "--results",
+                                        help="bench/RESULTS.md for the benchmark page."),
+) -> None:
+    """A web page for the fleet: devices, live rollouts, runtime charts, benchmark plots, and
+    rollout, rollback and re-provision actions (with the token).
+
+    Off loopback a --token is required, and every page asks for it.
+
+    Example: [bold]claw fleet dashboard -i fleet.yml --port 8765[/bold], then open the
+    printed link
+    """
+    import uvicorn
+
+    from provision.dashboard.app import Config, create_app
+    from provision.dashboard.auth import Auth, check_bind, is_loopback
+    from provision.inventory import load_inventory
+
+    the_token = check_bind(host, token)
+    inv = load_inventory(inventory)
+    cfg = Config(inventory=inv, auth=Auth(the_token, session_hours * 3600, is_loopback(host)),
+                 sample_interval=sample, results=results)
+    shown = host if ":" not in host else f"[{host}]"
+    link = f"http://{shown}:{port}/login?token={the_token}" if token is None else \
+        f"http://{shown}:{port}/ (token: the one given)"
+    console.print(f"dashboard for {inventory} ({len(inv.hosts)} devices): {link}",
+                  highlight=False, soft_wrap=True)
+    try:
+        uvicorn.run(create_app(cfg), host=host, port=port, log_level="warning")
+    except SystemExit as exc:  # uvicorn exits when it cannot bind
+        raise ClawError(f"--host {host} --port {port}: cannot listen there (in use?)") from exc

@@ -33,8 +33,10 @@ def _shipped(folder: str, patterns: tuple[str, ...]) -> set[str]:
 def test_wheel_carries_playbooks_templates_and_data(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     wanted = (_shipped("playbooks", ("*",)) | _shipped("images/templates", ("*",))
-              | _shipped("provision/data", ("*.yml",)) | _shipped("runtime", ("*.cl",)))
+              | _shipped("provision/data", ("*.yml",)) | _shipped("runtime", ("*.cl",))
+              | _shipped("provision/dashboard", ("*.html", "*.css", "*.js")))
     assert "playbooks/doctor.yml" in wanted
+    assert "provision/dashboard/templates/devices.html" in wanted
     assert wanted <= names, sorted(wanted - names)
     modules = {m for pkg in ("provision", "images", "runtime") for m in _shipped(pkg, ("*.py",))}
     assert "runtime/server/app.py" in modules

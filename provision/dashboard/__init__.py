@@ -1,0 +1,1 @@
+"""`claw fleet dashboard`: one web page for the fleet, its rollouts and its runtimes."""
