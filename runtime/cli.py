@@ -316,8 +316,7 @@ def quantize_cmd(
     Q6_K, Q5_K, Q4_K or Q4_0) so the model meets a size with the least loss; writes a
     standard GGUF that llama.cpp loads too.
 
-    Example: [bold]claw runtime quantize model-f16.gguf model-mixed.gguf --target-bpw 5
-    --calibration wiki.txt[/bold]
+    Example: [bold]claw runtime quantize f16.gguf out.gguf --target-bpw 5 --calibration t.txt[/bold]
     """
     from runtime.mixed_quant import quantize_model
 
@@ -363,8 +362,7 @@ def eval_cmd(
     """Perplexity as llama-perplexity computes it (non-overlapping windows of --ctx tokens,
     second half of each scored), and KL divergence against a base model.
 
-    Example: [bold]claw runtime eval model-q4_k.gguf --text wiki.test.txt --base
-    model-f16.gguf[/bold]
+    Example: [bold]claw runtime eval mixed.gguf --text wiki.test.txt --base f16.gguf[/bold]
     """
     from runtime.errors import ModelError
     from runtime.perplexity import evaluate
