@@ -36,7 +36,7 @@ from runtime.quant import dequantize, quantize, row_bytes
 
 CANDIDATES = (T.F16, T.Q8_0, T.Q6_K, T.Q5_K, T.Q4_K, T.Q4_0)
 FLOAT_INPUTS = frozenset({T.F32, T.F16, T.BF16})
-ALIGNMENT = 32  # GGUF's default data alignment: each tensor may take up to 31 bytes of padding
+ALIGNMENT = 32  # GGUF's default data alignment: each tensor's data is padded to it
 
 
 @dataclass
@@ -51,12 +51,20 @@ class TensorPlan:
     def n_weights(self) -> int:
         return int(np.prod(self.shape))
 
+    def cost(self, qtype: T) -> int:
+        """Bytes in the file: the tensor's data padded to GGUF's alignment."""
+        return padded(self.options[qtype])
+
+
+def padded(nbytes: int) -> int:
+    return nbytes + (-nbytes) % ALIGNMENT
+
 
 @dataclass
 class Plan:
     tensors: list[TensorPlan]  # the 2-D tensors we choose for
     fixed_bytes: int  # 1-D tensors (norms, biases) and rows no block divides: F32
-    overhead: int  # header, metadata, tensor table and alignment padding (an upper bound)
+    overhead: int  # header, metadata, tensor table, and padding but the chosen tensors'
     n_weights: int  # every weight of the model, 1-D included
     limit: str  # what was asked, e.g. "--target-bpw 4.8"
     choice_budget: int  # bytes the chosen 2-D tensors may take
@@ -69,8 +77,8 @@ class Plan:
 
     @property
     def file_bytes(self) -> int:
-        """The written file's size at most (padding counted at its worst)."""
-        return self.tensor_bytes + self.overhead
+        """The written file's size."""
+        return sum(t.cost(t.choice) for t in self.tensors) + self.fixed_bytes + self.overhead
 
     @property
     def bpw(self) -> float:
@@ -81,12 +89,12 @@ class Plan:
         return sum(t.loss.get(t.choice, 0.0) for t in self.tensors)
 
     def fits(self) -> bool:
-        return sum(t.options[t.choice] for t in self.tensors) <= self.choice_budget
+        return sum(t.cost(t.choice) for t in self.tensors) <= self.choice_budget
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "limit": self.limit, "tensor_bytes": self.tensor_bytes,
-            "file_bytes_at_most": self.file_bytes, "bpw": self.bpw,
+            "file_bytes": self.file_bytes, "bpw": self.bpw,
             "predicted_kl": self.predicted_kl, "calibration_tokens": self.calibration_tokens,
             "tensors": [{"name": t.name, "shape": list(t.shape), "type": t.choice.name,
                          "bytes": t.options[t.choice], "kl": t.loss.get(t.choice),
@@ -232,7 +240,7 @@ def _hull(plan: TensorPlan) -> list[T]:
     """The tensor's useful options from largest to smallest: an option is dropped when a
     smaller one loses no more, then the rest are cut to the lower convex hull of (bytes, loss),
     so each step down costs at least as much loss per byte saved as the one before."""
-    size, loss = plan.options, plan.loss
+    size, loss = {q: plan.cost(q) for q in plan.options}, plan.loss
     kept: list[T] = []
     for q in sorted(size, key=lambda q: (size[q], loss[q])):  # smallest first
         if not kept or loss[q] < loss[kept[-1]]:
@@ -257,7 +265,7 @@ def choose(plans: list[TensorPlan], budget_for_choices: int) -> None:
     at = {p.name: 0 for p in plans}
     for p in plans:
         p.choice = hulls[p.name][0]
-    total = sum(p.options[p.choice] for p in plans)
+    total = sum(p.cost(p.choice) for p in plans)
     heap: list[tuple[float, int, str]] = []
     by_name = {p.name: p for p in plans}
 
@@ -265,7 +273,7 @@ def choose(plans: list[TensorPlan], budget_for_choices: int) -> None:
         h, i = hulls[p.name], at[p.name]
         if i + 1 < len(h):
             a, b = h[i], h[i + 1]
-            slope = (p.loss[b] - p.loss[a]) / (p.options[a] - p.options[b])
+            slope = (p.loss[b] - p.loss[a]) / (p.cost(a) - p.cost(b))
             heapq.heappush(heap, (slope, len(heap), p.name))
 
     for p in plans:
@@ -275,14 +283,14 @@ def choose(plans: list[TensorPlan], budget_for_choices: int) -> None:
         p = by_name[name]
         at[name] += 1
         nxt = hulls[name][at[name]]
-        total -= p.options[p.choice] - p.options[nxt]
+        total -= p.cost(p.choice) - p.cost(nxt)
         p.choice = nxt
         push(p)
     while True:  # leftover bytes: the upgrade that removes the most loss and still fits
         best = None
         for p in plans:
-            for q, nbytes in p.options.items():
-                extra = nbytes - p.options[p.choice]
+            for q in p.options:
+                extra = p.cost(q) - p.cost(p.choice)
                 gain = p.loss[p.choice] - p.loss[q]
                 if 0 < extra <= budget_for_choices - total and gain > 0 and \
                         (best is None or gain > best[0]):
@@ -301,6 +309,7 @@ def make_plan(source: ModelSource, *, target_bpw: float | None = None,
     if (target_bpw is None) == (max_bytes is None):
         raise ModelError("give exactly one of --target-bpw and --max-bytes")
     plans, fixed, n_weights = [], 0, 0
+    overhead = padded(header_bytes)  # the data section starts aligned
     for name, ref in source.tensors.items():
         n_weights += int(np.prod(ref.shape))
         options = candidate_types(ref.shape)
@@ -308,7 +317,7 @@ def make_plan(source: ModelSource, *, target_bpw: float | None = None,
             plans.append(TensorPlan(name, tuple(ref.shape), options))
         else:
             fixed += int(np.prod(ref.shape)) * 4
-    overhead = header_bytes + (ALIGNMENT - 1) * len(source.tensors)
+            overhead += padded(int(np.prod(ref.shape)) * 4) - int(np.prod(ref.shape)) * 4
     if target_bpw is not None:
         if not 0 < target_bpw <= 32:
             raise ModelError(f"--target-bpw {target_bpw:g} is out of range (expected more than "
@@ -318,12 +327,13 @@ def make_plan(source: ModelSource, *, target_bpw: float | None = None,
         assert max_bytes is not None
         limit, budget = f"--max-bytes {max_bytes}", max_bytes - overhead - fixed
     plan = Plan(plans, fixed, overhead, n_weights, limit, budget)
-    smallest = sum(min(p.options.values()) for p in plans)
+    smallest = sum(min(p.cost(q) for q in p.options) for p in plans)
     if budget < smallest:
-        least = smallest + fixed
+        least = sum(min(p.options.values()) for p in plans) + fixed
         raise ModelError(f"{limit} cannot be met: the smallest this model gets with "
                          f"{', '.join(q.name for q in CANDIDATES)} is {least:,} bytes of tensors "
-                         f"({8 * least / n_weights:.2f} bits per weight), {least + overhead:,} "
+                         f"({8 * least / n_weights:.2f} bits per weight), "
+                         f"{smallest + fixed + overhead:,} "
                          "bytes of file; expected a target at least that large")
     return plan
 
