@@ -28,7 +28,7 @@ TRAIN_FILES = ("Apache-2.0", "Artistic", "BSD", "CC0-1.0", "GFDL-1.2", "GFDL-1.3
 EVAL_FILE = "GPL-2"
 CACHE = Path(os.environ.get("CLAW_TRAINED_CACHE",
                             Path.home() / ".cache" / "clawforge" / "trained-llama"))
-RECIPE = 2  # bump when the training or conversion changes: the cache key is the text, SETTINGS, this
+RECIPE = 2  # bump when training or conversion changes (the cache key: text, SETTINGS, this)
 SETTINGS = dict(vocab=512, dim=256, layers=2, heads=4, kv_heads=2, ffn=512, seq=64, batch=16,
                 steps=200, lr=3e-3, seed=0)
 
