@@ -451,6 +451,9 @@ def quantize_model(src: Path, out: Path | None, *, target_bpw: float | None = No
                    calibration_tokens: int = 256,
                    progress: Callable[[str], None] | None = None) -> Plan:
     """Measure, plan and (unless `out` is None) write; returns the plan."""
+    if out is not None and not Path(out).parent.is_dir():
+        raise ModelError(f"{out}: folder {Path(out).parent} does not exist (expected the output "
+                         "file's folder to exist)")
     if calibration is not None:
         try:
             text = Path(calibration).read_text(encoding="utf-8")

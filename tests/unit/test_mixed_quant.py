@@ -173,6 +173,8 @@ def test_bad_quantize_and_eval_input_is_one_line_and_exit_2(models, tmp_path, cl
           str(tmp_path / "none.txt")], "no such file"),
         (["quantize", f16, str(out), "--target-bpw", "5", "--calibration", str(binary)],
          "not a UTF-8 text file"),
+        (["quantize", f16, str(tmp_path / "no" / "x.gguf"), "--target-bpw", "5"],
+         "does not exist"),
         (["eval", f16, "--text", str(tmp_path / "none.txt")], "no such file"),
         (["eval", f16, "--text", str(text), "--ctx", "100000"], "larger than the model's"),
     ]
