@@ -113,7 +113,10 @@ def main() -> None:
         comparisons.append({"size_of": name, "mixed_bytes": ours["bytes"],
                             "llama_bytes": theirs["bytes"], "mixed_ppl": ours["ppl"],
                             "llama_ppl": theirs["ppl"],
-                            "ppl_ratio_mixed_over_llama": round(ours["ppl"] / theirs["ppl"], 4)})
+                            "ppl_ratio_mixed_over_llama": round(ours["ppl"] / theirs["ppl"], 4),
+                            "mixed_kl": ours["kl_vs_f16"], "llama_kl": theirs["kl_vs_f16"],
+                            "kl_ratio_mixed_over_llama":
+                                round(ours["kl_vs_f16"] / theirs["kl_vs_f16"], 3)})
     report = {"bench": "quant", "date": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
               "model": str(model.hf_dir.parent), "eval_text": "GPL-2 (held out)",
@@ -127,7 +130,8 @@ def main() -> None:
     if not args.json:
         for c in comparisons:
             print(f"same size as llama.cpp {c['size_of']}: mixed ppl {c['mixed_ppl']} vs "
-                  f"{c['llama_ppl']} = {c['ppl_ratio_mixed_over_llama']}x")
+                  f"{c['llama_ppl']} = {c['ppl_ratio_mixed_over_llama']}x, KL vs F16 "
+                  f"{c['mixed_kl']} vs {c['llama_kl']} = {c['kl_ratio_mixed_over_llama']}x")
 
 
 if __name__ == "__main__":
