@@ -184,3 +184,13 @@ def test_bad_quantize_and_eval_input_is_one_line_and_exit_2(models, tmp_path, cl
         assert message in r.err and "Traceback" not in r.err, (args, r.err)
         assert len(r.err.strip().splitlines()) == 1, r.err
         assert not out.exists() and not list(tmp_path.glob(".x.gguf*"))
+
+
+def test_plain_byte_level_vocabulary_gets_the_name_llama_cpp_knows():
+    """llama.cpp refuses `tokenizer.ggml.pre = "gpt2"` ("unknown pre-tokenizer type"): the
+    GPT-2 splitter is "gpt-2" there, and our files must load in it."""
+    from pathlib import Path
+
+    from runtime.convert import _pre_tokenizer_name
+
+    assert _pre_tokenizer_name({"type": "ByteLevel", "use_regex": True}, Path("t.json")) == "gpt-2"
