@@ -394,3 +394,94 @@ def selftest(
         failed = [f"{c.name}: {c.error}" for c in checks if not c.ok]
         sys.stderr.write(f"error: self-test failed: {'; '.join(failed)}\n")
         raise typer.Exit(1)
+
+
+@app.command("quantize")
+def quantize_cmd(
+    source: Path = typer.Argument(..., help="An F32/F16/BF16 GGUF or a Hugging Face directory."),
+    output: Path = typer.Argument(..., help="The GGUF file to write."),
+    target_bpw: float | None = typer.Option(None, "--target-bpw", help="Bits per weight of "
+                                            "the tensor data, at most (as llama.cpp counts)."),
+    max_bytes: int | None = typer.Option(None, "--max-bytes", help="File size, at most."),
+    calibration: Path | None = typer.Option(None, "--calibration", help="UTF-8 text the "
+                                            "sensitivities are measured on (default: text "
+                                            "drawn from the model's vocabulary)."),
+    calibration_tokens: int = typer.Option(256, "--calibration-tokens", min=16,
+                                           help="Tokens of the calibration text used."),
+    plan_only: bool = typer.Option(False, "--plan-only", help="Print the plan, write nothing."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Quantize each weight matrix to the type its measured sensitivity earns (F16, Q8_0,
+    Q6_K, Q5_K, Q4_K or Q4_0) so the model meets a size with the least loss; writes a
+    standard GGUF that llama.cpp loads too.
+
+    Example: [bold]claw runtime quantize f16.gguf out.gguf --target-bpw 5 --calibration t.txt[/bold]
+    """
+    from runtime.mixed_quant import quantize_model
+
+    log = None if json_out else (lambda line: sys.stderr.write(line + "\n"))
+    plan = quantize_model(source, None if plan_only else output, target_bpw=target_bpw,
+                          max_bytes=max_bytes, calibration=calibration,
+                          calibration_tokens=calibration_tokens, progress=log)
+    report = plan.as_dict()
+    if not plan_only:
+        report["output"], report["file_bytes"] = str(output), output.stat().st_size
+    if json_out:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    from rich.table import Table
+
+    from provision.output import console
+
+    table = Table(title=f"{source} → {'(plan only)' if plan_only else output}, {plan.limit}",
+                  title_justify="left")
+    for col in ("tensor", "shape", "type", "bytes", "KL alone", "KL by type"):
+        table.add_column(col, justify="left" if col in ("tensor", "KL by type") else "right")
+    for t in report["tensors"]:
+        table.add_row(t["name"], "×".join(map(str, t["shape"])), t["type"], f"{t['bytes']:,}",
+                      f"{t['kl']:.2e}", " ".join(f"{k} {v:.1e}" for k, v in
+                                                t["kl_by_type"].items()))
+    console.print(table)
+    console.print(f"tensor data {plan.tensor_bytes:,} bytes = {plan.bpw:.3f} bits/weight, "
+                  f"predicted KL {plan.predicted_kl:.2e} nats/token on "
+                  f"{plan.calibration_tokens} calibration tokens"
+                  + (f"; wrote {report['file_bytes']:,} bytes" if not plan_only else ""))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Argument(..., help="A GGUF file or a Hugging Face model directory."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 text to score."),
+    base: Path | None = typer.Option(None, "--base", help="The same model at full precision: "
+                                     "adds KL divergence and top-token agreement against it."),
+    ctx: int | None = typer.Option(None, "--ctx", min=4, help="Window size (default: 512 or "
+                                   "the model's context, whichever is smaller)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Perplexity as llama-perplexity computes it (non-overlapping windows of --ctx tokens,
+    second half of each scored), and KL divergence against a base model.
+
+    Example: [bold]claw runtime eval mixed.gguf --text wiki.test.txt --base f16.gguf[/bold]
+    """
+    from runtime.errors import ModelError
+    from runtime.perplexity import evaluate
+
+    try:
+        content = text.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError):
+        raise ModelError(f"--text {text}: no such file (expected a UTF-8 text file)") from None
+    except UnicodeDecodeError:
+        raise ModelError(f"--text {text}: not UTF-8 text") from None
+    result = evaluate(str(model), content, n_ctx=ctx,
+                      base_path=str(base) if base is not None else None)
+    report = {"model": str(model), "bytes": model.stat().st_size if model.is_file() else None,
+              **result.as_dict()}
+    if json_out:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    line = (f"{model}: perplexity {result.ppl:.4f} ± {result.ppl_error:.4f} over "
+            f"{result.tokens_scored} tokens ({result.windows} windows of {result.n_ctx})")
+    if result.kl_mean is not None:
+        line += (f"; KL vs {base} mean {result.kl_mean:.5f}, max {result.kl_max:.4f}, "
+                 f"same top token {result.top1_agree:.1%}")
+    typer.echo(line)

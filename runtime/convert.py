@@ -158,7 +158,7 @@ def _pre_tokenizer_name(pre: dict[str, Any] | None, source: Path) -> str:
     if kinds == ["Digits", "ByteLevel"]:
         return "smollm"
     if kinds == ["ByteLevel"]:
-        return "gpt2"
+        return "gpt-2"  # llama.cpp knows this name only with the hyphen
     raise ModelError(f"{source}: pre-tokenizer {kinds} has no llama.cpp name "
                      "(expected ByteLevel, Digits+ByteLevel or a Llama 3/Qwen2 Split)")
 

@@ -10,7 +10,7 @@ COMMANDS = [
     ["profiles", "list"], ["profiles", "show"], ["profiles", "check"],
     ["inventory", "check"], ["doctor"],
     ["runtime", "info"], ["runtime", "generate"], ["runtime", "convert"],
-    ["runtime", "bench"], ["runtime", "tune"],
+    ["runtime", "bench"], ["runtime", "tune"], ["runtime", "quantize"], ["runtime", "eval"],
     ["provision"], ["devices", "up"], ["devices", "list"], ["devices", "down"],
     ["vm", "up"], ["vm", "down"], ["vm", "list"], ["vm", "console"],
     ["runtime", "selftest"],

@@ -1,0 +1,114 @@
+"""Mixed-precision quantization on a model that has learned something (tests/trained_model.py:
+a tiny Llama trained on licence texts, cached): the plan meets its size target, perplexity on
+held-out text stays within the stated bound of the F16 model, mixed is closer to F16 than
+uniform at the same size, and llama.cpp loads our file and agrees with us on it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from runtime.perplexity import evaluate
+from tests import trained_model as tm
+from tests.llama_cpp import llama_python, run_llama
+
+pytestmark = pytest.mark.integration
+
+PPL_BOUND = 0.01  # the issue's goal: within 1 % of F16 at a fifth of the F32 bytes
+CTX = 128  # the trained model's context
+
+
+@pytest.fixture(scope="module")
+def trained():
+    why = tm.available()
+    if why:
+        pytest.skip(why)
+    return tm.trained_model()
+
+
+@pytest.fixture(scope="module")
+def f16_ppl(trained):
+    return evaluate(str(trained.f16), trained.eval_text.read_text(), n_ctx=CTX)
+
+
+@pytest.fixture(scope="module")
+def mixed(trained, tmp_path_factory):
+    """The F16 model at a fifth of the F32 file's bytes, through the CLI (its own process)."""
+    from tests.conftest import claw_subprocess
+
+    out = tmp_path_factory.mktemp("mixed") / "mixed.gguf"
+    limit = trained.f32.stat().st_size // 5
+    r = claw_subprocess("runtime", "quantize", str(trained.f16), str(out), "--max-bytes",
+                        str(limit), "--calibration", str(trained.calibration_text), "--json")
+    assert r.code == 0, r.err
+    return out, limit, json.loads(r.out)
+
+
+def test_trained_model_has_learned(trained, f16_ppl):
+    assert trained.final_loss < 3.5
+    assert f16_ppl.ppl < 40  # of 512 tokens: far from a random model's ~512
+
+
+def test_fifth_of_f32_within_bound_of_f16(trained, mixed, f16_ppl):
+    out, limit, plan = mixed
+    assert out.stat().st_size == plan["file_bytes"] <= limit
+    assert out.stat().st_size / trained.f32.stat().st_size <= 0.2
+    ours = evaluate(str(out), trained.eval_text.read_text(), n_ctx=CTX,
+                    base_path=str(trained.f16))
+    assert ours.tokens_scored == f16_ppl.tokens_scored
+    assert ours.ppl <= f16_ppl.ppl * (1 + PPL_BOUND), (ours.ppl, f16_ppl.ppl)
+    assert ours.kl_mean < 0.01 and ours.top1_agree > 0.95
+
+
+@pytest.mark.parametrize("qtype", [T.Q5_K, T.Q4_0])
+def test_mixed_beats_uniform_at_the_same_size(trained, tmp_path, qtype):
+    """At the bytes of a uniform file, mixed is closer to F16 (KL, the measure llama.cpp
+    recommends for quantization); perplexity differences here are below its own error
+    (±0.7 on ~28), so it is held to the uniform file's within 0.25 %."""
+    from runtime.mixed_quant import open_float_source, quantize_model, uniform_types, write
+
+    text = trained.eval_text.read_text()
+    src = open_float_source(trained.f16, tmp_path)
+    weights = {n: r.to_float32() for n, r in src.tensors.items()}
+    uniform = write(src, weights, uniform_types(src, qtype), tmp_path / "uniform.gguf")
+    mixed = tmp_path / "mixed.gguf"
+    quantize_model(trained.f16, mixed, max_bytes=uniform.stat().st_size,
+                   calibration=trained.calibration_text)
+    assert mixed.stat().st_size <= uniform.stat().st_size
+    u, m = (evaluate(str(p), text, n_ctx=CTX, base_path=str(trained.f16))
+            for p in (uniform, mixed))
+    assert m.kl_mean < u.kl_mean, (m.kl_mean, u.kl_mean)
+    assert m.top1_agree >= u.top1_agree
+    assert m.ppl <= u.ppl * 1.0025, (m.ppl, u.ppl)
+
+
+def test_llama_cpp_loads_our_mixed_file_and_agrees(trained, mixed):
+    from runtime.api import Model
+
+    python = llama_python()
+    if python is None:
+        pytest.skip(f"llama-cpp-python is not built in {tm.CACHE.parent / 'llamacpp-venv'} "
+                    "(bench/compare_llamacpp.py builds it)")
+    out, _, plan = mixed
+    assert len({t["type"] for t in plan["tensors"]}) > 1
+    ours = Model(out, backend="numpy")
+    prompt = trained.eval_text.read_text()[:300]
+    ids = ours.tokenize(prompt, parse_special=False)[:64]
+    theirs = run_llama(python, out, ids, n_greedy=16, n_ctx=CTX, text=prompt)
+    assert theirs["tokens"][:len(ids)] == ids  # the same tokenizer, read from our metadata
+    a, b = ours.logits(ids), np.asarray(theirs["logits"], np.float32)
+    assert a.shape == b.shape
+    # llama.cpp multiplies K-quant blocks against 8-bit-quantized activations: close, not equal
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.95
+    greedy = []
+    cache = ours.backend.new_cache(CTX)
+    logits = ours.backend.forward(ids, cache)
+    for _ in range(16):
+        greedy.append(int(logits[-1].argmax()))
+        logits = ours.backend.forward([greedy[-1]], cache)
+    assert greedy == theirs["greedy"]

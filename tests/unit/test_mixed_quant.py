@@ -1,0 +1,196 @@
+"""Mixed-precision quantization and llama-perplexity-style evaluation on small models: the
+knapsack against brute force, the CLI's plan against its size target, the written GGUF loaded
+back, perplexity's windows and scoring, and bad input as one line."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from runtime.mixed_quant import TensorPlan, _hull, candidate_types, choose
+from runtime.perplexity import perplexity, windows
+
+pytestmark = pytest.mark.unit
+
+
+def random_plans(seed: int, n: int) -> list[TensorPlan]:
+    """Tensors whose losses fall with size but noisily (non-convex, some dominated)."""
+    rng = np.random.default_rng(seed)
+    plans = []
+    for i in range(n):
+        options = candidate_types((256 * int(rng.integers(1, 4)), 256))
+        p = TensorPlan(f"t{i}", (1, 1), options)
+        scale = rng.uniform(0.1, 10)
+        for q, nbytes in options.items():
+            p.loss[q] = scale * (options[T.F16] / nbytes - 1) ** 2 * rng.uniform(0.5, 1.5)
+        plans.append(p)
+    return plans
+
+
+def test_candidate_types_respect_block_sizes():
+    assert set(candidate_types((64, 512))) == {T.F16, T.Q8_0, T.Q6_K, T.Q5_K, T.Q4_K, T.Q4_0}
+    assert set(candidate_types((64, 96))) == {T.F16, T.Q8_0, T.Q4_0}  # no K-quant: 96 % 256
+    assert set(candidate_types((64, 50))) == {T.F16}
+    assert candidate_types((64,)) == {}
+    assert candidate_types((10, 256))[T.Q4_K] == 10 * 144
+
+
+def test_hull_steps_cost_more_loss_per_byte_each_time():
+    for p in random_plans(1, 30):
+        hull = _hull(p)
+        sizes = [p.options[q] for q in hull]
+        losses = [p.loss[q] for q in hull]
+        assert sizes == sorted(sizes, reverse=True) and losses == sorted(losses)
+        assert sizes[-1] == min(p.options.values())  # the smallest size stays reachable
+        slopes = [(losses[i + 1] - losses[i]) / (sizes[i] - sizes[i + 1])
+                  for i in range(len(hull) - 1)]
+        assert slopes == sorted(slopes)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_choice_meets_the_budget_near_the_brute_force_optimum(seed):
+    plans = random_plans(seed, 4)
+    smallest = sum(min(p.options.values()) for p in plans)
+    largest = sum(max(p.options.values()) for p in plans)
+    budget = int(smallest + (largest - smallest) * (0.15 + 0.12 * seed))
+    choose(plans, budget)
+    used = sum(p.options[p.choice] for p in plans)
+    ours = sum(p.loss[p.choice] for p in plans)
+    assert used <= budget
+    best = min(sum(p.loss[q] for p, q in zip(plans, combo, strict=True))
+               for combo in itertools.product(*(p.options for p in plans))
+               if sum(p.options[q] for p, q in zip(plans, combo, strict=True)) <= budget)
+    assert ours <= best * 1.5 + 1e-9, (ours, best)  # greedy on hulls: near, not always exact
+
+
+def test_perplexity_windows_and_scored_half_like_llama_perplexity():
+    ids = list(range(3, 3 + 70))
+    wins = windows(ids, 32, bos=1)
+    assert len(wins) == 2 and wins[0][0] == 1 and wins[1][0] == 1 and wins[1][1:] == ids[33:64]
+    vocab = 80
+    seen = []
+
+    def uniform(w):  # every token equally likely: perplexity is the vocabulary size
+        seen.append(list(w))
+        return np.zeros((len(w), vocab), np.float32)
+
+    r = perplexity(uniform, ids, 32, 1, base_logits_of=uniform)
+    assert r.windows == 2 and r.tokens_scored == 2 * (32 - 1 - 16)
+    assert r.ppl == pytest.approx(vocab) and r.kl_mean == pytest.approx(0) and r.top1_agree == 1
+
+    def sure(w):  # certain of the right next token: perplexity 1
+        out = np.full((len(w), vocab), -1e4, np.float32)
+        out[np.arange(len(w) - 1), w[1:]] = 0
+        return out
+
+    assert perplexity(sure, ids, 32, 1).ppl == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ through the CLI
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    pytest.importorskip("torch")
+    from runtime.convert import convert, tokenizer_metadata
+    from tests.tiny_models import tiny_hf_model
+    from tests.unit import tokenizer_fixtures as fx
+
+    tok = fx.train_byte_level("qwen2")
+    folder = tmp_path_factory.mktemp("hf")
+    fx.save(tok, folder, {"eos_token": "<|endoftext|>"})
+    model = tiny_hf_model(vocab_size=tok.get_vocab_size(with_added_tokens=True), seed=5,
+                          num_hidden_layers=1)  # one layer: the sensitivity runs stay quick
+    model.save_pretrained(folder, safe_serialization=True)
+    out = tmp_path_factory.mktemp("gguf")
+    meta = tokenizer_metadata(folder)
+    files = {t: convert(folder, out / f"m-{t.name}.gguf", t, tokenizer_metadata=meta)
+             for t in (T.F16, T.Q8_0)}
+    text = out / "calibration.txt"
+    text.write_text(" ".join(fx.TRAIN_CORPUS)[:2500], encoding="utf-8")
+    return folder, files, text
+
+
+def test_quantize_meets_the_bpw_target_and_writes_a_gguf_we_load(models, tmp_path, claw):
+    from runtime.api import Model
+    from runtime.model_file import open_model
+
+    folder, files, text = models
+    out = tmp_path / "mixed.gguf"
+    r = claw("runtime", "quantize", str(files[T.F16]), str(out), "--target-bpw", "6",
+             "--calibration", str(text), "--calibration-tokens", "32", "--json")
+    assert r.code == 0, r.err
+    plan = json.loads(r.out)
+    assert plan["bpw"] <= 6 and plan["bpw"] > 5  # spends the budget, does not exceed it
+    src = open_model(out)
+    assert out.stat().st_size == plan["file_bytes"]  # the plan knows the file's size exactly
+    tensor_bytes = sum(ref.nbytes for ref in src.tensors.values())
+    assert tensor_bytes == plan["tensor_bytes"]
+    for t in plan["tensors"]:
+        assert src.tensors[t["name"]].qtype.name == t["type"]
+        assert set(t["kl_by_type"]) == {"F16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0"}
+    assert len({t["type"] for t in plan["tensors"]}) > 1  # mixed, not one type
+    assert src.tensors["blk.0.attn_norm.weight"].qtype == T.F32
+    ours, ref = Model(out, backend="numpy"), Model(files[T.F16], backend="numpy")
+    ids = ref.tokenize("the quick brown fox")
+    assert ours.tokenize("the quick brown fox") == ids
+    a, b = ours.logits(ids), ref.logits(ids)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+
+    # a Hugging Face directory and --max-bytes, plan only: nothing written
+    r = claw("runtime", "quantize", str(folder), str(tmp_path / "no.gguf"), "--max-bytes",
+             str(out.stat().st_size), "--calibration", str(text), "--calibration-tokens", "32",
+             "--plan-only")
+    assert r.code == 0, r.err
+    assert "bits/weight" in r.out and "blk.0.ffn_down.weight" in r.out
+    assert not (tmp_path / "no.gguf").exists()
+
+    r = claw("runtime", "eval", str(out), "--text", str(text), "--base", str(files[T.F16]),
+             "--ctx", "64", "--json")
+    assert r.code == 0, r.err
+    ev = json.loads(r.out)
+    assert ev["windows"] >= 1 and ev["ppl"] > 1 and 0 <= ev["kl_mean"] < 0.5
+
+
+def test_bad_quantize_and_eval_input_is_one_line_and_exit_2(models, tmp_path, claw):
+    _, files, text = models
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    out = tmp_path / "x.gguf"
+    f16 = str(files[T.F16])
+    cases = [
+        (["quantize", str(tmp_path / "none.gguf"), str(out), "--target-bpw", "5"],
+         "no such model file"),
+        (["quantize", str(files[T.Q8_0]), str(out), "--target-bpw", "5"],
+         "is already quantized (Q8_0)"),
+        (["quantize", f16, str(out), "--target-bpw", "1.0"], "--target-bpw 1 cannot be met"),
+        (["quantize", f16, str(out), "--max-bytes", "1000"], "--max-bytes 1000 cannot be met"),
+        (["quantize", f16, str(out)], "exactly one of --target-bpw and --max-bytes"),
+        (["quantize", f16, str(out), "--target-bpw", "5", "--calibration",
+          str(tmp_path / "none.txt")], "no such file"),
+        (["quantize", f16, str(out), "--target-bpw", "5", "--calibration", str(binary)],
+         "not a UTF-8 text file"),
+        (["quantize", f16, str(tmp_path / "no" / "x.gguf"), "--target-bpw", "5"],
+         "does not exist"),
+        (["eval", f16, "--text", str(tmp_path / "none.txt")], "no such file"),
+        (["eval", f16, "--text", str(text), "--ctx", "100000"], "larger than the model's"),
+    ]
+    for args, message in cases:
+        r = claw("runtime", *args)
+        assert r.code == 2, (args, r.err)
+        assert message in r.err and "Traceback" not in r.err, (args, r.err)
+        assert len(r.err.strip().splitlines()) == 1, r.err
+        assert not out.exists() and not list(tmp_path.glob(".x.gguf*"))
+
+
+def test_plain_byte_level_vocabulary_gets_the_name_llama_cpp_knows():
+    """llama.cpp refuses `tokenizer.ggml.pre = "gpt2"` ("unknown pre-tokenizer type"): the
+    GPT-2 splitter is "gpt-2" there, and our files must load in it."""
+    from pathlib import Path
+
+    from runtime.convert import _pre_tokenizer_name
+
+    assert _pre_tokenizer_name({"type": "ByteLevel", "use_regex": True}, Path("t.json")) == "gpt-2"
