@@ -76,7 +76,7 @@ def built(tmp_path_factory, preload_tag):
 
 @pytest.fixture(scope="module")
 def booted(built, tmp_path_factory):
-    image, key, record = built
+    image, key, _ = built
     boot = extract_boot_files(image, tmp_path_factory.mktemp("boot"))
     cmdline = boot["cmdline.txt"].read_text().strip()
     machine = vms.start_vm(vms.VmImage(boot["vmlinuz"], boot["initrd.img"], image),
@@ -94,6 +94,7 @@ def sh(machine: vms.Vm, command: str) -> str:
 
 def test_outputs_are_sparse_mapped_and_hashed(built):
     image, _, record = built
+    assert set(record['steps']) and record['files'][0] == str(image)
     assert image.stat().st_size == IMAGE_SIZE
     assert image.stat().st_blocks * 512 < IMAGE_SIZE  # written sparse
     bmap = json.loads(image.with_name(image.name + ".bmap").read_text())
