@@ -175,11 +175,10 @@ def apply_roles(root: Path, profile: str, host_vars: dict[str, Any], log: Path,
     inventory = log.parent / "os-image-inventory.yml"
     host = {"ansible_host": str(root.resolve()), "ansible_connection": "chroot",
             "ansible_become": False, "ansible_python_interpreter": "/usr/bin/python3",
-            "claw_profile": profile, **host_vars}
+            "claw_profile": profile, "claw_offline": True, **host_vars}
     inventory.write_text(yaml.safe_dump({"all": {"hosts": {HOST: host}}}))
     with chroot_session(root):
-        result, records = provision(inventory, extravars={"claw_offline": True},
-                                    on_event=on_event, tags=tags)
+        result, records = provision(inventory, on_event=on_event, tags=tags)
     with open(log, "a") as out:
         out.write(json.dumps({"provision": records, "artifacts": str(result.artifacts)},
                              indent=2) + "\n")
