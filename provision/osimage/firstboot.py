@@ -63,7 +63,10 @@ Before=ssh.service
 
 [Service]
 Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
+# Ed25519 and ECDSA only: an RSA key takes minutes on a slow or emulated CPU at first boot.
+ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key
+ExecStart=/usr/bin/ssh-keygen -q -t ecdsa -N "" -f /etc/ssh/ssh_host_ecdsa_key
+RemainAfterExit=yes
 
 [Install]
 WantedBy=multi-user.target
@@ -176,8 +179,15 @@ def apply(root: Path, settings: Settings, progress=lambda _: None) -> None:
     if settings.wifi and not has_unit(root, "wpa_supplicant@.service"):
         raise ClawError("--wifi: this root has no wpa_supplicant (install wpasupplicant)")
     enable(root, [*units, *(u for u in ("systemd-networkd.service", "systemd-resolved.service")
-                            if has_unit(root, u)),
-                  *(["wpa_supplicant@wlan0.service"] if settings.wifi else [])])
+                            if has_unit(root, u))])
+    if settings.wifi:
+        # Wanted by the interface, not by multi-user.target: a board without wlan0 would
+        # otherwise wait 90 s at every boot for a device that never comes.
+        wants = root / UNIT_DIR / "sys-subsystem-net-devices-wlan0.device.wants"
+        wants.mkdir(parents=True, exist_ok=True)
+        link = wants / "wpa_supplicant@wlan0.service"
+        link.unlink(missing_ok=True)
+        link.symlink_to("/lib/systemd/system/wpa_supplicant@.service")
     if has_unit(root, "systemd-resolved.service"):
         resolv = etc / "resolv.conf"  # resolved answers with what DHCP gave
         resolv.unlink(missing_ok=True)
