@@ -165,6 +165,9 @@ def build(profile_name: str, output: Path, *, size: str = "4G",
     if tags:
         from provision.provisioning import check_tags
         check_tags(tags)
+        if settings.preload and "docker_engine" not in tags:
+            raise BadInput("--preload-image needs Docker in the image: add docker_engine to "
+                           "--tags")
     layout = disk.plan_gpt(size_bytes, profile.os.boot_partition_mb)
     disk.check_tools()
 

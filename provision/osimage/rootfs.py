@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -34,6 +35,7 @@ from provision.paths import state_dir
 from provision.profiles import DeviceProfile
 
 RECIPE = 1  # bump when the way a root is made changes
+KEEP = 3  # cached roots kept per kind (base, provisioned per profile), most recently used first
 FIRST_BOOT_PACKAGES = ["fdisk", "wpasupplicant", "systemd-resolved"]
 HOST = "os-image"
 
@@ -80,6 +82,7 @@ def _cached(key: str, progress: Progress, make: Callable[[Path, Path], None]) ->
     final = roots_dir() / key
     if (final / "meta.json").exists():
         progress(f"cached root {key}")
+        os.utime(final / "meta.json")  # recently used: kept by the pruning below
         return final / "root"
     roots_dir().mkdir(parents=True, exist_ok=True)
     with open(roots_dir() / ".lock", "w") as lock:
@@ -97,6 +100,7 @@ def _cached(key: str, progress: Progress, make: Callable[[Path, Path], None]) ->
                 {"key": key, "build_seconds": round(time.monotonic() - started, 1),
                  "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
             work.rename(final)
+            _prune(key)
         except BaseException:
             if log.exists():
                 last_log().parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +109,15 @@ def _cached(key: str, progress: Progress, make: Callable[[Path, Path], None]) ->
         finally:
             remove_tree(work)
     return final / "root"
+
+
+def _prune(key: str) -> None:
+    """Roots of the same kind beyond the KEEP most recently used go (each is ~1-2 GB)."""
+    kind = key.rsplit("-", 1)[0]
+    same = sorted((p for p in roots_dir().glob(f"{kind}-*") if (p / "meta.json").exists()),
+                  key=lambda p: (p / "meta.json").stat().st_mtime, reverse=True)
+    for old in same[KEEP:]:
+        remove_tree(old)
 
 
 def remove_tree(path: Path) -> None:

@@ -111,3 +111,24 @@ def test_wifi_config_carries_the_derived_key_not_the_passphrase(tmp_path):
     assert f"psk={psk}" in conf and "correct horse" not in conf
     assert f"ssid={b'claw-lab'.hex()}" in conf
     assert (root / "etc/systemd/network/25-wireless.network").is_file()
+
+
+def test_cached_roots_are_pruned_to_the_most_recently_used(tmp_path, monkeypatch):
+    import os
+
+    from provision.osimage import rootfs
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    for i in range(5):
+        meta = rootfs.roots_dir() / f"provisioned-qemu-virt-{i:012d}" / "meta.json"
+        meta.parent.mkdir(parents=True)
+        meta.write_text("{}")
+        os.utime(meta, (1000 + i, 1000 + i))
+    other = rootfs.roots_dir() / "provisioned-rpi5-000000000000" / "meta.json"
+    other.parent.mkdir()
+    other.write_text("{}")
+    os.utime(other, (1, 1))  # oldest of all, but of another kind
+    rootfs._prune("provisioned-qemu-virt-000000000004")
+    left = sorted(p.name for p in rootfs.roots_dir().iterdir())
+    assert left == ["provisioned-qemu-virt-000000000002", "provisioned-qemu-virt-000000000003",
+                    "provisioned-qemu-virt-000000000004", "provisioned-rpi5-000000000000"]
