@@ -177,6 +177,7 @@ def build(profile_name: str, output: Path, *, size: str = "4G",
                             lambda: rootfs.provisioned_root(profile, host_vars, progress,
                                                             on_event, tags))
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.build-", dir=output.parent))
+    removing = None
     try:
         root, image = work / "root", work / output.name
         steps.run("copying the provisioned root", lambda: rootfs.copy_tree(provisioned, root))
@@ -199,10 +200,12 @@ def build(profile_name: str, output: Path, *, size: str = "4G",
         steps.run(f"GPT and FAT boot partition ({profile.os.boot_partition_mb} MiB)", partition)
         steps.run(f"ext4 root filesystem ({layout.root.size // disk.MIB} MiB)",
                   lambda: disk.make_ext4(image, layout.root, root))
-        rootfs.remove_tree(root)
+        removing = rootfs.start_removing(root)
         produced = finish_image(image, compress, steps)
         files = publish(produced, output.parent)
     finally:
+        if removing is not None:
+            steps.run("removing the work copy of the root", removing.wait)
         rootfs.remove_tree(work)
     return {"image": str(output), "files": [str(f) for f in files], "profile": profile.name,
             "size": size_bytes, "root_partuuid": layout.root.uuid,
