@@ -126,7 +126,13 @@ def kernel_files(root: Path) -> tuple[Path, Path]:
 
 
 def publish(produced: list[Path], output_dir: Path) -> list[Path]:
-    """Move the finished files beside each other in one go (renames on one filesystem)."""
+    """Move the finished files beside each other in one go (renames on one filesystem); a
+    compressed copy left from an earlier build of the same name goes (it would not match)."""
+    names = {path.name for path in produced}
+    image = produced[-1].name
+    for stale in (f"{image}.zst", f"{image}.xz"):
+        if stale not in names:
+            (output_dir / stale).unlink(missing_ok=True)
     final = []
     for path in produced:
         target = output_dir / path.name

@@ -132,3 +132,19 @@ def test_cached_roots_are_pruned_to_the_most_recently_used(tmp_path, monkeypatch
     left = sorted(p.name for p in rootfs.roots_dir().iterdir())
     assert left == ["provisioned-qemu-virt-000000000002", "provisioned-qemu-virt-000000000003",
                     "provisioned-qemu-virt-000000000004", "provisioned-rpi5-000000000000"]
+
+
+def test_publish_moves_the_set_and_drops_a_stale_compressed_copy(tmp_path):
+    from provision.osimage.build import publish
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    out.mkdir()
+    (out / "dev.img.zst").write_text("from an earlier build")
+    produced = [work / "dev.img.bmap", work / "dev.img.sha256", work / "dev.img"]
+    for path in produced:
+        path.write_text(path.name)
+    files = publish(produced, out)
+    assert [f.name for f in files] == ["dev.img.bmap", "dev.img.sha256", "dev.img"]
+    assert sorted(p.name for p in out.iterdir()) == ["dev.img", "dev.img.bmap", "dev.img.sha256"]
+    assert list(work.iterdir()) == []
