@@ -67,6 +67,9 @@ class HostVars(BaseModel):
     # Commands a fleet rollout runs on the device per step (see the claw_release role); they
     # replace the profile's rollout.hooks step by step.
     claw_rollout_hooks: RolloutHooks | None = None
+    # Apply only the persistent part of every setting (the claw role's switch): an offline
+    # target such as an image being built. `claw os` sets it; chroots are detected anyway.
+    claw_offline: bool | None = None
 
     ansible_host: str | None = None
     ansible_port: Port | None = None

@@ -165,15 +165,18 @@ def _check_build_tools() -> None:
                             "update-binfmts --enable qemu-aarch64; see `claw doctor`)")
 
 
-def _build(work: Path, progress: Progress) -> None:
-    root, out, log = work / "root", work / "image", work / "build.log"
-    out.mkdir()
-
+def bootstrap_root(root: Path, log: Path, progress: Progress,
+                   packages: list[str] = PACKAGES, kernel_packages: list[str] | None = None,
+                   initramfs_modules: list[str] = INITRAMFS_MODULES,
+                   saved_log: Path | None = None) -> None:
+    """An arm64 Debian root with the kernel installed: debootstrap, then the kernel after a
+    `MODULES=list` initramfs config (one small initramfs, built once). Shared with `claw os`."""
+    kernel_packages = kernel_packages or [KERNEL_PACKAGE]
     t0 = time.monotonic()
     progress(f"debootstrap {SUITE} {ARCH} with systemd and sshd (about 3 min)")
     _run(["debootstrap", f"--arch={ARCH}", "--variant=minbase",
-          f"--include={','.join(PACKAGES)}", SUITE, str(root), MIRROR], log, "debootstrap",
-         timeout=1800)
+          f"--include={','.join(packages)}", SUITE, str(root), MIRROR], log, "debootstrap",
+         timeout=1800, saved_log=saved_log)
 
     # Before the kernel arrives: one small initramfs, built once by the kernel's postinst.
     conf = root / "etc/initramfs-tools/initramfs.conf"
@@ -183,7 +186,7 @@ def _build(work: Path, progress: Progress) -> None:
         text = "\n".join([*lines, f"{key}={value}"]) + "\n"
     conf.write_text(text)
     with open(root / "etc/initramfs-tools/modules", "a") as modules:
-        modules.write("\n".join(INITRAMFS_MODULES) + "\n")
+        modules.write("\n".join(initramfs_modules) + "\n")
     (root / "etc/apt/sources.list").write_text(f"deb {MIRROR} {SUITE} main\n")
     (root / "etc/resolv.conf").unlink(missing_ok=True)
     shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")  # the build's DNS
@@ -192,17 +195,27 @@ def _build(work: Path, progress: Progress) -> None:
     policy.chmod(0o755)
 
     t1 = time.monotonic()
-    progress(f"debootstrap took {t1 - t0:.0f} s; installing {KERNEL_PACKAGE} (about 1 min)")
+    progress(f"debootstrap took {t1 - t0:.0f} s; installing {', '.join(kernel_packages)} "
+             "(about 1 min)")
     env = ["env", "DEBIAN_FRONTEND=noninteractive", "LC_ALL=C.UTF-8",
            "PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
     with _chroot_mounts(root):
         # debootstrap leaves bookworm's package lists in the root: no `apt-get update` needed.
         _run(["chroot", str(root), *env, "apt-get", "install", "-y", "--no-install-recommends",
-              KERNEL_PACKAGE], log, f"installing {KERNEL_PACKAGE}", timeout=1800)
+              *kernel_packages], log, f"installing {', '.join(kernel_packages)}", timeout=1800,
+             saved_log=saved_log)
         _run(["chroot", str(root), *env, "systemctl", "enable", "systemd-networkd"], log,
-             "enabling systemd-networkd", timeout=300)
-        _run(["chroot", str(root), *env, "apt-get", "clean"], log, "apt-get clean", timeout=300)
+             "enabling systemd-networkd", timeout=300, saved_log=saved_log)
+        _run(["chroot", str(root), *env, "apt-get", "clean"], log, "apt-get clean", timeout=300,
+             saved_log=saved_log)
     policy.unlink()
+
+
+def _build(work: Path, progress: Progress) -> None:
+    root, out, log = work / "root", work / "image", work / "build.log"
+    out.mkdir()
+    t0 = time.monotonic()
+    bootstrap_root(root, log, progress)
 
     kernels = sorted((root / "boot").glob("vmlinuz-*"))
     initrds = sorted((root / "boot").glob("initrd.img-*"))
@@ -216,7 +229,7 @@ def _build(work: Path, progress: Progress) -> None:
 
     _configure_root(root)
     t2 = time.monotonic()
-    progress(f"kernel took {t2 - t1:.0f} s; making the {ROOTFS_SIZE} ext4 root filesystem")
+    progress(f"root and kernel took {t2 - t0:.0f} s; making the {ROOTFS_SIZE} ext4 root filesystem")
     rootfs = out / "rootfs.img"
     _run(["truncate", "-s", ROOTFS_SIZE, str(rootfs)], log, "truncate")
     _run(["mkfs.ext4", "-q", "-F", "-L", "claw-root", "-d", str(root), str(rootfs)], log,
@@ -252,8 +265,11 @@ def _configure_root(root: Path) -> None:
     masked.symlink_to("/dev/null")
 
 
-def _run(argv: list[str], log: Path, what: str, timeout: float = 600) -> None:
-    """Run a build step, its output appended to the build log; stop it cleanly if interrupted."""
+def _run(argv: list[str], log: Path, what: str, timeout: float = 600,
+         saved_log: Path | None = None) -> None:
+    """Run a build step, its output appended to the build log; stop it cleanly if interrupted.
+    `saved_log` is where the caller keeps the log of a failed build (named in the error)."""
+    saved_log = saved_log or vm_dir() / "last-build.log"
     with open(log, "a") as out:
         out.write(f"\n$ {' '.join(argv)}\n")
         out.flush()
@@ -272,12 +288,12 @@ def _run(argv: list[str], log: Path, what: str, timeout: float = 600) -> None:
             proc.wait()
             if isinstance(exc, subprocess.TimeoutExpired):
                 raise ClawError(f"{what} did not finish in {timeout:.0f} s "
-                                f"(log: {vm_dir() / 'last-build.log'})") from None
+                                f"(log: {saved_log})") from None
             raise
     if code != 0:
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-4:])
         raise ClawError(f"{what} failed (exit {code}): {tail} "
-                        f"(whole log: {vm_dir() / 'last-build.log'})")
+                        f"(whole log: {saved_log})")
 
 
 @contextlib.contextmanager
@@ -350,6 +366,8 @@ class Vm:
     memory_mb: int = 2048
     cpus: int = 2
     status: str = "running"
+    user: str = "root"
+    key: Path | None = None  # None: the controller's key (provision.loopback.ssh_key)
     _proc: subprocess.Popen | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -369,7 +387,8 @@ class Vm:
         return _qemu_alive(self.pid, self.dir)
 
     def ssh_command(self) -> list[str]:
-        return ["ssh", "-i", str(ssh_key()), "-p", str(self.port), *SSH_OPTS, "root@127.0.0.1"]
+        return ["ssh", "-i", str(self.key or ssh_key()), "-p", str(self.port), *SSH_OPTS,
+                f"{self.user}@127.0.0.1"]
 
     def ssh(self, cmd: str, check: bool = False, timeout: float = 300,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -481,7 +500,8 @@ def _load(path: Path) -> Vm | None:
     try:
         meta = json.loads((path / "vm.json").read_text())
         vm = Vm(meta["name"], int(meta["port"]), int(meta["pid"]), path,
-                int(meta.get("memory_mb", 2048)), int(meta.get("cpus", 2)))
+                int(meta.get("memory_mb", 2048)), int(meta.get("cpus", 2)),
+                user=meta.get("user", "root"), key=Path(meta["key"]) if meta.get("key") else None)
     except (OSError, ValueError, KeyError):
         return None
     vm.status = "running" if vm.running() else "stopped"
@@ -506,8 +526,12 @@ def get_vm(name: str) -> Vm:
 
 def start_vm(image: VmImage, port: int | None = None, memory_mb: int = 2048, cpus: int = 2,
              name: str | None = None, boot_timeout: float = BOOT_TIMEOUT,
-             progress: Progress = print) -> Vm:
-    """Boot a VM from `image` on its own overlay; return once SSH answers with the key."""
+             progress: Progress = print, cmdline: str = KERNEL_CMDLINE, user: str = "root",
+             key: Path | None = None, disk_size: int | None = None) -> Vm:
+    """Boot a VM from `image` on its own overlay; return once SSH answers with the key.
+
+    A whole disk image (`claw os build`) boots the same way with its own `cmdline`, logging in
+    as its `user` with its `key`; `disk_size` makes the overlay a bigger disk than the image."""
     if shutil.which(QEMU) is None:
         raise ClawError(f"{QEMU} is not installed (apt-get install qemu-system-arm; "
                         "see `claw doctor`)")
@@ -542,15 +566,18 @@ def start_vm(image: VmImage, port: int | None = None, memory_mb: int = 2048, cpu
     if shutil.which("qemu-img"):
         disk, fmt = path / "overlay.qcow2", "qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b",
-                        str(image.rootfs.resolve()), "-F", "raw", str(disk)],
+                        str(image.rootfs.resolve()), "-F", "raw", str(disk),
+                        *([str(disk_size)] if disk_size else [])],
                        check=True, capture_output=True)
     else:  # no qemu-utils: a sparse copy (3 GiB apparent, only the used blocks written)
         disk, fmt = path / "disk.img", "raw"
         subprocess.run(["cp", "--sparse=always", str(image.rootfs), str(disk)], check=True,
                        capture_output=True)
+        if disk_size:
+            os.truncate(disk, max(disk_size, disk.stat().st_size))
     argv = [QEMU, "-M", "virt", "-cpu", "max,pauth-impdef=on", "-m", str(memory_mb),
             "-smp", str(cpus), "-nographic",
-            "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", KERNEL_CMDLINE,
+            "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline,
             "-drive", f"file={disk},if=virtio,format={fmt}",
             "-netdev", f"user,id=n,hostfwd=tcp:127.0.0.1:{port}-:22",
             "-device", "virtio-net-pci,netdev=n,romfile=",
@@ -561,11 +588,12 @@ def start_vm(image: VmImage, port: int | None = None, memory_mb: int = 2048, cpu
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
                                 stderr=subprocess.STDOUT, cwd=path, start_new_session=True)
     (path / "qemu.pid").write_text(f"{proc.pid}\n")
-    vm = Vm(name, port, proc.pid, path, memory_mb, cpus, _proc=proc)
+    vm = Vm(name, port, proc.pid, path, memory_mb, cpus, user=user, key=key, _proc=proc)
     (path / "vm.json").write_text(json.dumps(
         {"name": name, "port": port, "pid": proc.pid, "memory_mb": memory_mb, "cpus": cpus,
          "kernel": str(image.kernel), "initrd": str(image.initrd), "rootfs": str(image.rootfs),
-         "disk": str(disk), "argv": argv, "started": time.time()}, indent=2) + "\n")
+         "disk": str(disk), "argv": argv, "started": time.time(), "user": user,
+         "key": str(key) if key else None}, indent=2) + "\n")
     try:
         vm.wait_for_ssh(boot_timeout)
     except BaseException:

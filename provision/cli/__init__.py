@@ -21,7 +21,7 @@ from provision.cli import (
     fleet,
     image,
     inventory,
-    pending,
+    os_image,
     profiles,
     provision,
     vm,
@@ -50,7 +50,7 @@ app.add_typer(fleet.app, name="fleet")
 app.add_typer(runtime_cli.app, name="runtime")
 app.command("flash")(flash.flash_cmd)
 app.command("bmap")(flash.bmap_cmd)
-pending.register(app)
+app.add_typer(os_image.app, name="os")
 
 
 def _version(value: bool) -> None:

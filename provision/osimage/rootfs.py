@@ -1,0 +1,220 @@
+"""Root trees for OS images, each cached by a hash of its inputs under the state directory:
+
+- the *base* root: debootstrap + the profile's kernel (vm.bootstrap_root, the same recipe as
+  the QEMU VM's) + what first boot needs (sfdisk to grow the root, wpa_supplicant, resolved);
+- the *provisioned* root: the base root with playbooks/site.yml applied offline through the
+  chroot connection (playbooks/connection_plugins/chroot.py), so the roles write only the
+  persistent part of their settings. Its key adds the profile, the host variables and the
+  playbooks' own files, so a change to any role makes a new one.
+
+Per-device settings (firstboot.py) are applied to a copy, so both caches stay generic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from images.base import MIRROR, SUITE
+from provision import vm
+from provision.ansible import playbooks_dir
+from provision.errors import ClawError
+from provision.paths import state_dir
+from provision.profiles import DeviceProfile
+
+RECIPE = 1  # bump when the way a root is made changes
+KEEP = 3  # cached roots kept per kind (base, provisioned per profile), most recently used first
+FIRST_BOOT_PACKAGES = ["fdisk", "wpasupplicant", "systemd-resolved"]
+HOST = "os-image"
+
+Progress = Callable[[str], None]
+
+
+def roots_dir() -> Path:
+    return state_dir() / "os" / "roots"
+
+
+def last_log() -> Path:
+    return state_dir() / "os" / "last-build.log"
+
+
+def _digest(inputs: Any) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def base_key(profile: DeviceProfile) -> str:
+    inputs = [SUITE, vm.ARCH, MIRROR, vm.PACKAGES, FIRST_BOOT_PACKAGES,
+              profile.os.kernel_packages, profile.os.firmware_packages, vm.INITRAMFS_MODULES,
+              RECIPE]
+    return f"base-{profile.os.suite}-{vm.ARCH}-{_digest(inputs)[:12]}"
+
+
+def playbooks_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in playbooks_dir().rglob("*")
+                       if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(playbooks_dir())).encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def provisioned_key(profile: DeviceProfile, host_vars: dict[str, Any],
+                    tags: list[str] | None = None) -> str:
+    inputs = [base_key(profile), profile.model_dump(mode="json"), host_vars, sorted(tags or []),
+              playbooks_digest()]
+    return f"provisioned-{profile.name}-{_digest(inputs)[:12]}"
+
+
+def _cached(key: str, progress: Progress, make: Callable[[Path, Path], None]) -> Path:
+    """roots_dir()/key/root, made by `make(root, log)` under a lock unless already there."""
+    final = roots_dir() / key
+    if (final / "meta.json").exists():
+        progress(f"cached root {key}")
+        os.utime(final / "meta.json")  # recently used: kept by the pruning below
+        return final / "root"
+    roots_dir().mkdir(parents=True, exist_ok=True)
+    with open(roots_dir() / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; a second caller waits for it
+        if (final / "meta.json").exists():
+            return final / "root"
+        for stale in roots_dir().glob(".build-*"):  # killed before their cleanup
+            remove_tree(stale)
+        work = Path(tempfile.mkdtemp(prefix=".build-", dir=roots_dir()))
+        log = work / "build.log"
+        try:
+            started = time.monotonic()
+            make(work / "root", log)
+            (work / "meta.json").write_text(json.dumps(
+                {"key": key, "build_seconds": round(time.monotonic() - started, 1),
+                 "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
+            work.rename(final)
+            _prune(key)
+        except BaseException:
+            if log.exists():
+                last_log().parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(log, last_log())
+            raise
+        finally:
+            remove_tree(work)
+    return final / "root"
+
+
+def _prune(key: str) -> None:
+    """Roots of the same kind beyond the KEEP most recently used go (each is ~1-2 GB)."""
+    kind = key.rsplit("-", 1)[0]
+    same = sorted((p for p in roots_dir().glob(f"{kind}-*") if (p / "meta.json").exists()),
+                  key=lambda p: (p / "meta.json").stat().st_mtime, reverse=True)
+    for old in same[KEEP:]:
+        remove_tree(old)
+
+
+def remove_tree(path: Path) -> None:
+    """Unmount anything left under `path` (a chroot's /proc…), then remove it with rm -rf
+    --one-file-system: a root tree has ~60k files, which shutil.rmtree takes a minute over."""
+    proc = start_removing(path)
+    if proc is not None:
+        proc.wait()
+
+
+def start_removing(path: Path) -> subprocess.Popen | None:
+    """remove_tree in the background (the caller waits for it): deleting a root tree costs
+    as much as copying it, and overlaps with hashing the image."""
+    if not path.exists():
+        return None
+    vm._unmount_under(path)
+    if vm._mounts_under(path):
+        vm._remove_tree(path)  # refuses, naming what is still mounted
+    return subprocess.Popen(["rm", "-rf", "--one-file-system", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """A copy keeping owners, modes, links, hard links and xattrs (file capabilities)."""
+    done = subprocess.run(["cp", "-a", "--reflink=auto", str(src), str(dst)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ClawError(f"copying the root tree failed: {done.stderr.strip()[-300:]}")
+
+
+def base_root(profile: DeviceProfile, progress: Progress) -> Path:
+    def make(root: Path, log: Path) -> None:
+        vm._check_build_tools()
+        vm.bootstrap_root(root, log, progress, packages=[*vm.PACKAGES, *FIRST_BOOT_PACKAGES],
+                          kernel_packages=[*profile.os.kernel_packages,
+                                           *profile.os.firmware_packages],
+                          saved_log=last_log())
+    return _cached(base_key(profile), progress, make)
+
+
+def provisioned_root(profile: DeviceProfile, host_vars: dict[str, Any], progress: Progress,
+                     on_event: Callable[[dict[str, Any]], None] | None = None,
+                     tags: list[str] | None = None) -> Path:
+    base = base_root(profile, progress)
+
+    def make(root: Path, log: Path) -> None:
+        progress("copying the base root")
+        copy_tree(base, root)
+        progress("applying the provisioning roles offline (chroot connection)")
+        apply_roles(root, profile.name, host_vars, log, on_event, tags)
+    return _cached(provisioned_key(profile, host_vars, tags), progress, make)
+
+
+@contextlib.contextmanager
+def chroot_session(root: Path) -> Iterator[None]:
+    """What package scripts need inside the root (/proc, /sys, /dev, the build's DNS), and no
+    daemon started by them (policy-rc.d); everything put back afterwards, even on failure."""
+    policy = root / "usr/sbin/policy-rc.d"
+    resolv = root / "etc/resolv.conf"
+    saved = resolv.with_name("resolv.conf.claw-saved")
+    if resolv.is_symlink() or resolv.exists():
+        resolv.rename(saved)
+    shutil.copy("/etc/resolv.conf", resolv)
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    try:
+        with vm._chroot_mounts(root):
+            yield
+    finally:
+        policy.unlink(missing_ok=True)
+        resolv.unlink(missing_ok=True)
+        if saved.is_symlink() or saved.exists():
+            saved.rename(resolv)
+
+
+def apply_roles(root: Path, profile: str, host_vars: dict[str, Any], log: Path,
+                on_event: Callable[[dict[str, Any]], None] | None = None,
+                tags: list[str] | None = None) -> None:
+    """playbooks/site.yml on the root tree, through the chroot connection, persistent part
+    only (claw_offline, and the roles detect the chroot connection themselves)."""
+    from provision.provisioning import provision
+
+    inventory = log.parent / "os-image-inventory.yml"
+    host = {"ansible_host": str(root.resolve()), "ansible_connection": "chroot",
+            "ansible_become": False, "ansible_python_interpreter": "/usr/bin/python3",
+            "claw_profile": profile, "claw_offline": True, **host_vars}
+    inventory.write_text(yaml.safe_dump({"all": {"hosts": {HOST: host}}}))
+    with chroot_session(root):
+        result, records = provision(inventory, on_event=on_event, tags=tags)
+    with open(log, "a") as out:
+        out.write(json.dumps({"provision": records, "artifacts": str(result.artifacts)},
+                             indent=2) + "\n")
+    record = records[0] if records else {}
+    if result.rc != 0 or record.get("status") != "ok":
+        raise ClawError(f"provisioning the image failed at {record.get('failed_task')!r}: "
+                        f"{record.get('message') or result.status} "
+                        f"(artifacts: {result.artifacts})")
+    # The apt lists and caches the roles fetched are of no use on the device.
+    shutil.rmtree(root / "var/cache/apt/archives", ignore_errors=True)
+    (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
