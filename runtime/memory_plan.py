@@ -402,6 +402,17 @@ def scratch(source: ModelSource, n_ctx: int, chunk: int) -> dict[str, int]:
             "attention_rows": rows, "tile_scratch": 3 * TILE_BYTES}  # tile, its temporaries
 
 
+def check_budget(path: str | os.PathLike[str], budget: str | int, *, n_ctx: int | None = None,
+                 chunk: int = 256, sequences: int = 1) -> Plan:
+    """The plan for running `path` under `budget`, without timing anything, so that a server
+    refuses a budget below the minimum at start (exit 2, one line) rather than in its log."""
+    from runtime.model_file import open_model
+
+    source = open_model(path)
+    ctx = min(n_ctx or source.config.context_length, source.config.context_length)
+    return make_plan(source, parse_budget(budget), n_ctx=ctx, chunk=chunk, sequences=sequences)
+
+
 def make_plan(source: ModelSource, budget: int | None, *, n_ctx: int, chunk: int = 256,
               baseline: int | None = None, rates: Rates | None = None,
               sequences: int = 1) -> Plan:

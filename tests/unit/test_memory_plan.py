@@ -125,6 +125,24 @@ def test_bad_budget_on_the_cli_is_exit_2(claw, model, budget, message):
     assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err
 
 
+@pytest.mark.parametrize("where", ["cli", "config"])
+def test_serve_below_the_minimum_exits_2_at_start(claw, model, tmp_path, where, monkeypatch):
+    """Not the server's generic "model failed to load" log line: the generate command's one."""
+    import uvicorn
+
+    started = []  # a regression starts the server: record it instead of serving forever
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append(a))
+    args = ["--memory-budget", "1M"]
+    if where == "config":
+        (tmp_path / "runtime.yaml").write_text(f"model: {model}\nmemory_budget: 1M\n")
+        args = ["--config", str(tmp_path / "runtime.yaml")]
+    result = claw("runtime", "serve", *([str(model)] if where == "cli" else []), *args,
+                  "--port", "0")
+    assert result.code == 2 and not started, result.out + result.err
+    assert "--memory-budget 1.0 MiB is below the minimum of" in result.err
+    assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err
+
+
 def test_opencl_refuses_a_budget_that_streams_and_auto_says_why(model):
     from runtime.backends import create_backend
 
