@@ -149,8 +149,9 @@ def test_opencl_refuses_a_budget_that_streams_and_auto_says_why(model):
     src = open_model(model)
     least = make_plan(src, None, n_ctx=64, baseline=0).minimum
     plan = make_plan(src, least, n_ctx=64, baseline=0)
-    with pytest.raises(ModelError, match=r"streams layers, which the OpenCL backend does not do "
-                       r"yet .* expected --backend numpy or auto, or a budget of at least"):
+    with pytest.raises(ModelError, match=r"streams layers, which only the numpy backend does "
+                       r".* expected --backend numpy \(or auto, which picks numpy\) to stream, "
+                       r"or a budget of at least [\d.,]+ MiB for opencl"):
         create_backend("opencl", src, plan=plan)
     choice = create_backend("auto", src, plan=plan)
     assert choice.backend.name == "numpy" and "streams layers" in choice.reason
