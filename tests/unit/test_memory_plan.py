@@ -101,6 +101,29 @@ def test_rates_are_measured_once_then_cached(model, tmp_path, monkeypatch):
     assert (tmp_path / "clawforge" / "bandwidth.json").is_file()
 
 
+def test_a_real_layer_step_is_timed_per_tier_and_drives_the_estimate(model, tmp_path,
+                                                                      monkeypatch):
+    """Kernel probes overestimated decode 3-4x: layers' estimates come from timed layer steps."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    src = open_model(model)
+    rates = measure_rates(src)
+    (kind, steps), = rates.layers.items()  # the test model's layers are all alike
+    assert "Q8_0" in kind and set(steps) == {"f32", "quantized", "stream", "stream_disk"}
+    assert all(v > 0 for v in steps.values())
+    n = src.config.n_layers
+    base = make_plan(src, None, n_ctx=64, chunk=16, baseline=10 << 20, rates=rates)
+    head = base.units[-1]
+    assert base.expected()["compute_s"] == pytest.approx(n * steps["f32"] + head.seconds["f32"])
+    least = make_plan(src, base.minimum, n_ctx=64, chunk=16, baseline=10 << 20, rates=rates)
+    exp = least.expected()
+    assert exp["compute_s"] == pytest.approx(n * steps["stream"] + head.seconds["stream"])
+    assert exp["disk_s"] == pytest.approx(n * steps["stream_disk"] + head.seconds_disk)
+    assert measure_rates(src).cached
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "small"))
+    small = measure_rates(src, budget=base.units[0].f32_bytes)  # no room for a float32 layer
+    assert "f32" not in small.layers[kind] and small.layers[kind]["quantized"] > 0
+
+
 def test_info_states_the_bounds_and_the_plan(claw, model, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     result = claw("runtime", "info", str(model), "--ctx", "64", "--json")
