@@ -357,6 +357,11 @@ def serve(
     import uvicorn
 
     from runtime.server.app import create_app
+    if cfg.memory_budget is not None:  # the model loads in the background: check the budget now
+        from runtime.memory_plan import check_budget
+
+        check_budget(cfg.model, cfg.memory_budget, n_ctx=cfg.context,
+                     sequences=cfg.scheduler.max_batch)
     key = api_key or (read_key_file(cfg.api_key_file, "api_key_file")
                       if cfg.api_key_file else None)
     logging.basicConfig(level=cfg.log_level.upper(),

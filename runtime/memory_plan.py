@@ -17,11 +17,14 @@ numpy has no quantized matmul, so a float32 copy costs 4-8x the file's bytes; de
 at the price of dequantizing every weight on every token (~4 GB/s of float32 on one core
 here). The planner spends leftover room on f32 units, which are the fast ones.
 
-Expected decode speed comes from three measured rates, cached per machine: the memory read
-rate of a float32 matrix-vector product larger than the caches, the rate of a quantized
-matrix-vector product per tensor type, and the model file's disk read bandwidth (page cache
-dropped first). Streaming overlaps reads with compute,
-so a token costs max(compute, disk reads) rather than their sum.
+Expected decode speed comes from timing one real transformer layer of the model itself, a
+decode step in each tier (float32, quantized tiles, streamed: its pages dropped, read ahead
+cold, then run), scaled by the number of layers in each tier; cached per machine and layer
+shape. Short kernel probes (a float32 GEMV, one tensor's quantized GEMV) missed the per-layer
+Python and dispatch overhead and the small matrices' lower rates, and overestimated decode
+3-4x. The output head is one large matmul, where those rates hold: it is still estimated from
+the memory read rate, the per-type quantized rate and the disk bandwidth. Streaming overlaps
+reads with compute, so a token costs between max(compute, disk reads) and their sum.
 """
 
 from __future__ import annotations
@@ -144,6 +147,65 @@ class Rates:
     disk: float
     dequant: dict[str, float]
     cached: bool = False
+    # seconds of one layer's decode step, by layer kind (`layer_kind`) then tier: "f32",
+    # "quantized", "stream" (compute on pages read ahead) and "stream_disk" (the cold read)
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def layer_kind(source: ModelSource, layer: int) -> str:
+    """What a layer's decode cost depends on: the model's shape and the layer's tensor types."""
+    c = source.config
+    types = "/".join(sorted({r.qtype.name for n, r in source.tensors.items()
+                             if n.startswith(f"blk.{layer}.") and len(r.shape) == 2}))
+    return (f"{c.dim}x{c.ffn_dim} h{c.n_heads}/{c.n_kv_heads}x{c.head_dim} "
+            f"bias{int(c.qkv_bias)} {types}")
+
+
+def _probe_backend(source: ModelSource, layer: int, tier: str) -> Any:
+    """A numpy backend whose plan puts `layer` in `tier` (the rest are never touched)."""
+    from runtime.backends.numpy_backend import NumpyBackend
+
+    plan = make_plan(source, None, n_ctx=8, chunk=1, baseline=0)
+    plan.budget = 0  # a tiered store: only the units' tiers below decide
+    for i, u in enumerate(plan.units):
+        u.tier = tier if i == layer else "quantized"
+    return NumpyBackend(source, plan=plan)
+
+
+def _layer_seconds(source: ModelSource, layer: int, f32_room: bool) -> dict[str, float]:
+    """Time one decode step of `layer` per tier: quantized (pages mapped), float32 (when
+    `f32_room`: its float32 copy fits the budget) and streamed (pages dropped, read ahead as the
+    prefetch thread does, then the step on them). Best of a few, after a warm-up step."""
+    x = np.random.default_rng(0).standard_normal((1, source.config.dim)).astype(np.float32)
+    out: dict[str, float] = {}
+    for tier in ("quantized", "f32") if f32_room else ("quantized",):
+        backend = _probe_backend(source, layer, tier)
+        cache = backend.new_cache(8)
+        backend.layer(x, layer, cache)  # pages in, dequantizes the f32 tier: not timed
+        # A decode step finds a layer's float32 weights out of the caches (the other layers ran
+        # since): evict them before each timed step, as a layer's worth of other data would.
+        evict = np.empty(weight_units(source)[0][layer].f32_bytes // 4 if tier == "f32" else 0,
+                         np.float32)
+        times = []
+        for _ in range(3):
+            evict.fill(1.0)
+            times.append(_timed(lambda b=backend, c=cache: b.layer(x, layer, c)))
+        out[tier] = min(times)
+        backend.w.close()
+        del backend, cache, evict
+    backend = _probe_backend(source, layer, "stream")
+    cache, store = backend.new_cache(8), backend.w
+    refs = [source.tensors[t] for t in store.units[layer]]
+    backend.layer(x, layer, cache)  # the small tensors, once
+    store._release(refs)  # cold, as a streamed layer is until its read-ahead
+    disk, compute = [], []
+    for _ in range(2):  # the step maps the read-ahead pages, then gives them back (`leave`)
+        disk.append(_timed(lambda s=store: s._read_ahead(layer)))
+        compute.append(_timed(lambda b=backend, c=cache, s=store: (b.layer(x, layer, c),
+                                                                   s._release(refs))))
+    store.close()
+    out["stream"], out["stream_disk"] = min(compute), min(disk)
+    return out
 
 
 def measure_rates(source: ModelSource, *, refresh: bool = False,
@@ -173,12 +235,29 @@ def measure_rates(source: ModelSource, *, refresh: bool = False,
     for q in qtypes:
         if refresh or q not in deq:
             deq[q], fresh = _dequant_bandwidth(source, q), True
+    layers = mine.setdefault("layer_steps", {})
+    units, _ = weight_units(source)
+    for kind, layer in _layer_kinds(source).items():
+        key = f"{kind} {disk_key}"
+        f32_room = budget is None or units[layer].f32_bytes <= budget // 4
+        have = layers.get(key, {})
+        if refresh or not have or (f32_room and "f32" not in have):
+            layers[key], fresh = {**have, **_layer_seconds(source, layer, f32_room)}, True
     if fresh:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(store, indent=1), encoding="utf-8")
         tmp.replace(path)
-    return Rates(mine["memory"], disks[disk_key], {q: deq[q] for q in qtypes}, cached=not fresh)
+    return Rates(mine["memory"], disks[disk_key], {q: deq[q] for q in qtypes}, cached=not fresh,
+                 layers={k: layers[f"{k} {disk_key}"] for k in _layer_kinds(source)})
+
+
+def _layer_kinds(source: ModelSource) -> dict[str, int]:
+    """Each kind of layer and the layer that stands for it (the middle one of its kind)."""
+    kinds: dict[str, list[int]] = {}
+    for i in range(source.config.n_layers):
+        kinds.setdefault(layer_kind(source, i), []).append(i)
+    return {k: v[len(v) // 2] for k, v in kinds.items()}
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -191,7 +270,8 @@ class Unit:
     tensors: list[str]
     quantized_bytes: int
     f32_bytes: int
-    seconds_dequant: float = 0.0  # per token, dequantizing every tile once
+    seconds: dict[str, float] = field(default_factory=dict)  # per token, by tier (compute)
+    seconds_disk: float = 0.0  # per token when streamed: the cold read
     tier: str = "f32"
 
 
@@ -245,9 +325,8 @@ class Plan:
         bound) and not at all (`tokens_per_s_serial`, e.g. on cores busy with other work)."""
         if self.rates is None:
             return None
-        compute = sum(u.f32_bytes / self.rates.memory if u.tier == "f32"
-                      else u.seconds_dequant for u in self.units)
-        disk = sum(u.quantized_bytes for u in self.units if u.tier == "stream") / self.rates.disk
+        compute = sum(u.seconds[u.tier] for u in self.units)
+        disk = sum(u.seconds_disk for u in self.units if u.tier == "stream")
         return {"compute_s": compute, "disk_s": disk,
                 "tokens_per_s": 1.0 / max(compute, disk, 1e-9),
                 "tokens_per_s_serial": 1.0 / max(compute + disk, 1e-9)}
@@ -330,6 +409,17 @@ def scratch(source: ModelSource, n_ctx: int, chunk: int) -> dict[str, int]:
             "attention_rows": rows, "tile_scratch": 3 * TILE_BYTES}  # tile, its temporaries
 
 
+def check_budget(path: str | os.PathLike[str], budget: str | int, *, n_ctx: int | None = None,
+                 chunk: int = 256, sequences: int = 1) -> Plan:
+    """The plan for running `path` under `budget`, without timing anything, so that a server
+    refuses a budget below the minimum at start (exit 2, one line) rather than in its log."""
+    from runtime.model_file import open_model
+
+    source = open_model(path)
+    ctx = min(n_ctx or source.config.context_length, source.config.context_length)
+    return make_plan(source, parse_budget(budget), n_ctx=ctx, chunk=chunk, sequences=sequences)
+
+
 def make_plan(source: ModelSource, budget: int | None, *, n_ctx: int, chunk: int = 256,
               baseline: int | None = None, rates: Rates | None = None,
               sequences: int = 1) -> Plan:
@@ -348,10 +438,16 @@ def make_plan(source: ModelSource, budget: int | None, *, n_ctx: int, chunk: int
     top2 = sorted((u.quantized_bytes for u in units), reverse=True)[:2]
     plan.stream_slots = sum(top2)
     if rates is not None:
-        for u in units:
-            u.seconds_dequant = sum(4 * int(np.prod(source.tensors[t].shape))
-                                    / rates.dequant[source.tensors[t].qtype.name]
-                                    for t in u.tensors)
+        for i, u in enumerate(units):
+            u.seconds = {"f32": u.f32_bytes / rates.memory, "quantized": sum(
+                4 * int(np.prod(source.tensors[t].shape)) / rates.dequant[
+                    source.tensors[t].qtype.name] for t in u.tensors)}
+            u.seconds["stream"], u.seconds_disk = u.seconds["quantized"], \
+                u.quantized_bytes / rates.disk
+            timed = rates.layers.get(layer_kind(source, i)) if i < len(units) - 1 else None
+            if timed:  # a real layer's step: what the rates above miss
+                u.seconds.update({t: timed[t] for t in TIERS if t in timed})
+                u.seconds_disk = timed["stream_disk"]
     if budget is None:
         return plan
     if budget < plan.minimum:

@@ -103,9 +103,10 @@ def create_backend(name: str, source: ModelSource, *, memory_budget: int | None 
     if name == "opencl":
         if streams:
             raise ModelError(
-                f"--memory-budget {mib(plan.budget)} streams layers, which the OpenCL backend "
-                "does not do yet (it keeps every weight on the device; expected --backend "
-                f"numpy or auto, or a budget of at least {mib(_all_resident(plan))})")
+                f"--memory-budget {mib(plan.budget)} streams layers, which only the numpy "
+                "backend does (OpenCL keeps every weight on the device); expected --backend "
+                "numpy (or auto, which picks numpy) to stream, or a budget of at least "
+                f"{mib(_all_resident(plan))} for opencl")
         backend = _opencl(source)
         return Choice(backend, f"asked for opencl: {backend.dev.describe()}")
     if streams:

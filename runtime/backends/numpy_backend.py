@@ -148,17 +148,20 @@ class NumpyBackend(Backend):
         gate = silu(w.matmul(x, b + "ffn_gate.weight"))  # (T, F)
         return w.matmul(gate * w.matmul(x, b + "ffn_up.weight"), b + "ffn_down.weight")  # (T, C)
 
+    def layer(self, x: np.ndarray, layer: int, cache: KVCache) -> np.ndarray:
+        """One transformer block on x (T, C) at the cache's length (the planner times it)."""
+        cfg, w, b = self.config, self.w, f"blk.{layer}."
+        x = x + self.attention(rms_norm(x, w(b + "attn_norm.weight"), cfg.norm_eps), layer, cache)
+        return x + self.mlp(rms_norm(x, w(b + "ffn_norm.weight"), cfg.norm_eps), layer)
+
     def forward(self, tokens: Sequence[int], cache: KVCache, *,
                 all_logits: bool = False) -> np.ndarray:
         self.check_room(tokens, cache)
         cfg, w = self.config, self.w
         x = self.embed(tokens)  # (T, C)
         for layer in range(cfg.n_layers):
-            b = f"blk.{layer}."
             w.enter(layer)
-            x = x + self.attention(rms_norm(x, w(b + "attn_norm.weight"), cfg.norm_eps),
-                                   layer, cache)
-            x = x + self.mlp(rms_norm(x, w(b + "ffn_norm.weight"), cfg.norm_eps), layer)
+            x = self.layer(x, layer, cache)
             w.leave(layer)
         cache.length += len(tokens)
         assert x.dtype == np.float32, "a float64 value leaked into the forward pass"
