@@ -36,6 +36,7 @@ from provision import loopback
 from provision.errors import BadInput, ClawError
 from provision.loopback import port_free, ssh_banner, ssh_key
 from provision.paths import state_dir
+from provision.profiles import DeviceProfile, ProfileStore
 
 ARCH = "arm64"
 PACKAGES = ["systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "sudo", "kmod",
@@ -88,8 +89,8 @@ class VmImage:
 def image_key() -> str:
     """The cache key: everything that goes into the image, the root's SSH key included."""
     pub = Path(f"{ssh_key()}.pub").read_text().strip()
-    inputs = [SUITE, ARCH, MIRROR, PACKAGES, KERNEL_PACKAGE, INITRAMFS_MODULES, ROOTFS_SIZE,
-              HOSTNAME, KERNEL_CMDLINE, RECIPE, pub]
+    from provision.osimage.rootfs import base_key
+    inputs = [base_key(_os_profile()), ROOTFS_SIZE, HOSTNAME, KERNEL_CMDLINE, RECIPE, pub]
     digest = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
     return f"{SUITE}-{ARCH}-{digest[:12]}"
 
@@ -211,11 +212,19 @@ def bootstrap_root(root: Path, log: Path, progress: Progress,
     policy.unlink()
 
 
+def _os_profile() -> DeviceProfile:
+    return ProfileStore().get("qemu-virt")
+
+
 def _build(work: Path, progress: Progress) -> None:
+    """The VM's root is a copy of the cached base root `claw os build qemu-virt` starts from:
+    one debootstrap (the slow part, ~10 min under qemu-user) serves both."""
+    from provision.osimage.rootfs import base_root, copy_tree
+
     root, out, log = work / "root", work / "image", work / "build.log"
     out.mkdir()
     t0 = time.monotonic()
-    bootstrap_root(root, log, progress)
+    copy_tree(base_root(_os_profile(), progress), root)
 
     kernels = sorted((root / "boot").glob("vmlinuz-*"))
     initrds = sorted((root / "boot").glob("initrd.img-*"))
