@@ -128,9 +128,24 @@ class Kernels:
                y_off: int = 0, accumulate: bool = False) -> None:
         """y[t, :] (+)= W x[t] for t < n_tok; x is (n_tok, n_cols), y rows of y_stride."""
         p = self.params
+        if n_tok == 1 and p.LWS == 1:  # CPU-style: one work-item per row
+            kernel = self.k(self.mm, f"gemv_{FORMATS[w.qtype]}")
+            for r0, n, buf in w.parts:
+                kernel(self.queue, (math.ceil(n / p.RPW) * p.RPW,), (p.RPW,), buf, x, y,
+                       np.int32(w.n_cols), np.int32(n), np.int32(w.row_bytes),
+                       np.int32(y_off + r0), np.int32(accumulate))
+            return
+        stride = w.n_rows if y_stride is None else y_stride
+        if p.LWS == 1 and p.TT in (4, 8):  # CPU-style prefill: a token tile per work-item
+            kernel = self.k(self.mm, f"gemm_{FORMATS[w.qtype]}")
+            for r0, n, buf in w.parts:
+                kernel(self.queue, (math.ceil(n / p.RPW) * p.RPW, math.ceil(n_tok / p.TT)),
+                       (p.RPW, 1), buf, x, y, np.int32(w.n_cols), np.int32(n),
+                       np.int32(n_tok), np.int32(w.row_bytes), np.int32(stride),
+                       np.int32(y_off + r0), np.int32(accumulate))
+            return
         nt = 1 if n_tok == 1 else p.TT
         kernel = self.k(self.mm, f"matmul_{FORMATS[w.qtype]}_{'vec' if nt == 1 else 'mat'}")
-        stride = w.n_rows if y_stride is None else y_stride
         for r0, n, buf in w.parts:
             groups = math.ceil(n / p.RPW)
             kernel(self.queue, (groups * p.RPW * p.LWS, math.ceil(n_tok / nt)),
