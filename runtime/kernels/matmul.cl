@@ -283,17 +283,47 @@ kernel void gemv_##T(blk_t W, const global float* X, global float* Y, int n_cols
                      int row_bytes, int y_off, int accumulate) {                               \
     const int row = get_global_id(0);                                                          \
     if (row >= n_rows) return;                                                                 \
-    blk_t wrow = W + (size_t)row * row_bytes;                                                  \
-    const global float8* x = (const global float8*)X;                                          \
-    float8 acc = 0.0f;                                                                         \
-    for (int c = 0; c < n_cols / 32; c++, x += 4) {                                            \
+    const float dot = GEMV_DOT(T, W + (size_t)row * row_bytes, X, n_cols);                     \
+    global float* y = Y + y_off + row;                                                         \
+    *y = dot + (accumulate ? *y : 0.0f);                                                       \
+}
+
+// The dot product of gemv_<T>: one row of W (its GGUF blocks) with a float32 vector.
+#define GEMV_DOT(T, wrow, X, n_cols) ({                                                       \
+    const global float8* x_ = (const global float8*)(X);                                       \
+    float8 acc_ = 0.0f;                                                                        \
+    for (int c = 0; c < (n_cols) / 32; c++, x_ += 4) {                                         \
         float8 w0, w1, w2, w3;                                                                 \
         const float4 s = DQ_##T(wrow, c, &w0, &w1, &w2, &w3);                                  \
-        acc += s.x * (w0 * x[0] + w1 * x[1]) + s.y * (w2 * x[2] + w3 * x[3]);                  \
-        if (HAS_OFFSET_##T) acc += s.z * (x[0] + x[1] + x[2] + x[3]);                          \
+        acc_ += s.x * (w0 * x_[0] + w1 * x_[1]) + s.y * (w2 * x_[2] + w3 * x_[3]);             \
+        if (HAS_OFFSET_##T) acc_ += s.z * (x_[0] + x_[1] + x_[2] + x_[3]);                     \
     }                                                                                          \
-    global float* y = Y + y_off + row;                                                         \
-    *y = hsum8(acc) + (accumulate ? *y : 0.0f);                                                \
+    hsum8(acc_); })
+
+// Decode's fused launches (one instead of three each, 4 fewer launches per layer):
+// gemv_qkv_<T>: rows [0, nq) of the Q projection into q, the next nk rows of K and of V into the
+// KV cache at kv_off (the three matrices share a type). Global (nq + 2 nk rounded up to RPW).
+#define GEMV_QKV_KERNEL(T)                                                                     \
+kernel void gemv_qkv_##T(blk_t Wq, blk_t Wk, blk_t Wv, const global float* X,                 \
+                         global float* q, global float* kc, global float* vc, int n_cols,      \
+                         int nq, int nk, int row_bytes, int kv_off) {                          \
+    int row = get_global_id(0);                                                                \
+    if (row >= nq + 2 * nk) return;                                                            \
+    blk_t w = row < nq ? Wq : row < nq + nk ? Wk : Wv;                                         \
+    global float* y = row < nq ? q : (row < nq + nk ? kc : vc) + kv_off;                       \
+    row = row < nq ? row : row < nq + nk ? row - nq : row - nq - nk;                            \
+    y[row] = GEMV_DOT(T, w + (size_t)row * row_bytes, X, n_cols);                              \
+}
+// gemv_glu_<T>: out[row] = silu(gate[row] . x) * (up[row] . x), the SwiGLU of the two products
+// (numpy's g / (1 + exp(-g)) * u). Global (rows rounded up to RPW).
+#define GEMV_GLU_KERNEL(T)                                                                     \
+kernel void gemv_glu_##T(blk_t Wg, blk_t Wu, const global float* X, global float* out,        \
+                         int n_cols, int n_rows, int row_bytes) {                              \
+    const int row = get_global_id(0);                                                          \
+    if (row >= n_rows) return;                                                                 \
+    const float g = GEMV_DOT(T, Wg + (size_t)row * row_bytes, X, n_cols);                      \
+    const float u = GEMV_DOT(T, Wu + (size_t)row * row_bytes, X, n_cols);                      \
+    out[row] = g / (1.0f + exp(-g)) * u;                                                       \
 }
 
 // Prefill: y[t, row] (+)= W[row] . x[t] for a tile of TT (4 or 8) tokens per work-item, one
@@ -360,7 +390,8 @@ kernel void get_rows_##T(blk_t W, const global int* tokens, global float* out,  
 #define HAS_OFFSET_q6_k 0
 
 #define FORMAT(T) \
-    MATMUL_KERNEL(T, 1, _vec) MATMUL_KERNEL(T, TT, _mat) GEMV_KERNEL(T) GEMM_KERNEL(T) GET_ROWS_KERNEL(T)
+    MATMUL_KERNEL(T, 1, _vec) MATMUL_KERNEL(T, TT, _mat) GEMV_KERNEL(T) GEMV_QKV_KERNEL(T) \
+    GEMV_GLU_KERNEL(T) GEMM_KERNEL(T) GET_ROWS_KERNEL(T)
 
 FORMAT(f32)
 FORMAT(f16)

@@ -71,6 +71,11 @@ def test_weights_larger_than_the_device_allows_are_split(kern, monkeypatch):
     checks.check_split_weights(kern)
 
 
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_K, T.F16], ids=lambda t: t.name)
+def test_fused_decode_launches_agree_with_numpy(kern, qtype):
+    checks.check_fused_decode(kern, qtype)
+
+
 @pytest.mark.parametrize("shape", [{"TT": 4}, {"LWS": 4, "RPW": 4, "TT": 2}],
                          ids=["gemm-tile-4", "matmul-lws-4"])
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
