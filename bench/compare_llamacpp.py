@@ -174,8 +174,9 @@ def main() -> None:
         rows[-1].update({"decode_gbs": ours["decode_bandwidth_gbs"],
                          "device_copy_gbs": ours["device_copy_bandwidth_gbs"],
                          "peak_rss_mib": ours["peak_rss_mib"]})
-        print(f"{kind}: ours {pp:.2f}/{tg:.2f} vs llama.cpp {peer['pp']:.2f}/{peer['tg']:.2f} "
-              "(pp/tg tok/s)", file=sys.stderr, flush=True)
+        was = f", baseline {old[0]:.2f}/{old[1]:.2f}" if before else ""
+        print(f"{kind}: ours {pp:.2f}/{tg:.2f}{was} vs llama.cpp {peer['pp']:.2f}/"
+              f"{peer['tg']:.2f} (pp/tg tok/s)", file=sys.stderr, flush=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "backend": args.backend,
               "threads": args.threads, "prompt": args.prompt, "gen": args.gen,
