@@ -46,16 +46,17 @@ typedef char8 __attribute__((aligned(1))) char8_u;
 // IEEE half -> float by bits, inlined: PoCL's vload_half is an out-of-line call that spills the
 // accumulators around it once per block (it cost the Q8_0 GEMV ~30 %). Exact for every value:
 // a subnormal half becomes a float subnormal that the 2^112 multiply scales exactly.
-#define HALF_TO_FLOAT(T, U, h) ({                                                              \
-    const U h_ = (h), m_ = (h_ & (U)0x7fff) << (U)13;                                          \
-    const T f_ = as_##T(m_) * 0x1p112f;                                                        \
-    as_##T(as_##U(((h_ & (U)0x7c00) == (U)0x7c00) ? as_##T(m_ | (U)0x7f800000) : f_)           \
-           | (h_ & (U)0x8000) << (U)16); })
+// Written out per width (no GNU statement expressions: not every driver's compiler has them).
 inline float f16(blk_t p, int i) {
-    return HALF_TO_FLOAT(float, uint, (uint)((const global ushort*)p)[i]);
+    const uint h = ((const global ushort*)p)[i], m = (h & 0x7fffu) << 13;
+    const float f = (h & 0x7c00u) == 0x7c00u ? as_float(m | 0x7f800000u) : as_float(m) * 0x1p112f;
+    return as_float(as_uint(f) | (h & 0x8000u) << 16);
 }
 inline float8 f16x8(const global half* p, int i) {
-    return HALF_TO_FLOAT(float8, uint8, convert_uint8(((const global ushort8*)p)[i]));
+    const uint8 h = convert_uint8(((const global ushort8*)p)[i]), m = (h & 0x7fffu) << 13;
+    const float8 f = (h & 0x7c00u) == 0x7c00u ? as_float8(m | 0x7f800000u)
+                                              : as_float8(m) * 0x1p112f;
+    return as_float8(as_uint8(f) | (h & 0x8000u) << 16);
 }
 
 inline float8 nib_lo(uchar8 q) { return convert_float8(q & (uchar)15); }
@@ -283,22 +284,25 @@ kernel void gemv_##T(blk_t W, const global float* X, global float* Y, int n_cols
                      int row_bytes, int y_off, int accumulate) {                               \
     const int row = get_global_id(0);                                                          \
     if (row >= n_rows) return;                                                                 \
-    const float dot = GEMV_DOT(T, W + (size_t)row * row_bytes, X, n_cols);                     \
+    GEMV_DOT(T, dot, W + (size_t)row * row_bytes, X, n_cols)                                   \
     global float* y = Y + y_off + row;                                                         \
     *y = dot + (accumulate ? *y : 0.0f);                                                       \
 }
 
 // The dot product of gemv_<T>: one row of W (its GGUF blocks) with a float32 vector.
-#define GEMV_DOT(T, wrow, X, n_cols) ({                                                       \
-    const global float8* x_ = (const global float8*)(X);                                       \
-    float8 acc_ = 0.0f;                                                                        \
-    for (int c = 0; c < (n_cols) / 32; c++, x_ += 4) {                                         \
-        float8 w0, w1, w2, w3;                                                                 \
-        const float4 s = DQ_##T(wrow, c, &w0, &w1, &w2, &w3);                                  \
-        acc_ += s.x * (w0 * x_[0] + w1 * x_[1]) + s.y * (w2 * x_[2] + w3 * x_[3]);             \
-        if (HAS_OFFSET_##T) acc_ += s.z * (x_[0] + x_[1] + x_[2] + x_[3]);                     \
-    }                                                                                          \
-    hsum8(acc_); })
+#define GEMV_DOT(T, out, wrow, X, n_cols)                                                      \
+    float out;                                                                                 \
+    {                                                                                          \
+        const global float8* x_ = (const global float8*)(X);                                   \
+        float8 acc_ = 0.0f;                                                                    \
+        for (int c = 0; c < (n_cols) / 32; c++, x_ += 4) {                                     \
+            float8 w0, w1, w2, w3;                                                             \
+            const float4 s = DQ_##T(wrow, c, &w0, &w1, &w2, &w3);                              \
+            acc_ += s.x * (w0 * x_[0] + w1 * x_[1]) + s.y * (w2 * x_[2] + w3 * x_[3]);         \
+            if (HAS_OFFSET_##T) acc_ += s.z * (x_[0] + x_[1] + x_[2] + x_[3]);                 \
+        }                                                                                      \
+        out = hsum8(acc_);                                                                     \
+    }
 
 // Decode's fused launches (one instead of three each, 4 fewer launches per layer):
 // gemv_qkv_<T>: rows [0, nq) of the Q projection into q, the next nk rows of K and of V into the
@@ -312,7 +316,8 @@ kernel void gemv_qkv_##T(blk_t Wq, blk_t Wk, blk_t Wv, const global float* X,   
     blk_t w = row < nq ? Wq : row < nq + nk ? Wk : Wv;                                         \
     global float* y = row < nq ? q : (row < nq + nk ? kc : vc) + kv_off;                       \
     row = row < nq ? row : row < nq + nk ? row - nq : row - nq - nk;                            \
-    y[row] = GEMV_DOT(T, w + (size_t)row * row_bytes, X, n_cols);                              \
+    GEMV_DOT(T, dot, w + (size_t)row * row_bytes, X, n_cols)                                   \
+    y[row] = dot;                                                                              \
 }
 // gemv_glu_<T>: out[row] = silu(gate[row] . x) * (up[row] . x), the SwiGLU of the two products
 // (numpy's g / (1 + exp(-g)) * u). Global (rows rounded up to RPW).
@@ -321,8 +326,8 @@ kernel void gemv_glu_##T(blk_t Wg, blk_t Wu, const global float* X, global float
                          int n_cols, int n_rows, int row_bytes) {                              \
     const int row = get_global_id(0);                                                          \
     if (row >= n_rows) return;                                                                 \
-    const float g = GEMV_DOT(T, Wg + (size_t)row * row_bytes, X, n_cols);                      \
-    const float u = GEMV_DOT(T, Wu + (size_t)row * row_bytes, X, n_cols);                      \
+    GEMV_DOT(T, g, Wg + (size_t)row * row_bytes, X, n_cols)                                    \
+    GEMV_DOT(T, u, Wu + (size_t)row * row_bytes, X, n_cols)                                    \
     out[row] = g / (1.0f + exp(-g)) * u;                                                       \
 }
 
