@@ -12,7 +12,11 @@ the repository (~9 min on 2 cores), with the CPU flags DESIGN.md gives (its nati
 crashes on this CPU's AMX path). The script builds it when missing:
 
     .venv/bin/python bench/compare_llamacpp.py [--backend opencl] [-p 512] [-n 128] [-r 5]
-        [--threads 2] [--types q8_0,q4_0,q4_k_m] [--json]
+        [--threads 2] [--types q8_0,q4_0,q4_k_m] [--baseline DIR] [--json]
+
+--baseline DIR also runs our runtime from another source tree (e.g. `git archive REV | tar -x
+-C DIR`) in the same run, before ours, so that a change is measured beside its parent under the
+same load as a before/after pair of ratios.
 
 LLAMACPP_VENV overrides the venv (default ~/.cache/clawforge/llamacpp-venv).
 """
@@ -126,8 +130,8 @@ def run_llamacpp(python: Path, path: Path, args: argparse.Namespace) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_ours(path: Path, args: argparse.Namespace) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "POCL_MAX_PTHREAD_COUNT": str(args.threads),
+def run_ours(path: Path, args: argparse.Namespace, root: Path = ROOT) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(root), "POCL_MAX_PTHREAD_COUNT": str(args.threads),
            "OMP_NUM_THREADS": str(args.threads)}
     claw = Path(sys.executable).parent / "claw"
     done = subprocess.run([str(claw), "runtime", "bench", str(path),
@@ -147,30 +151,42 @@ def main() -> None:
     ap.add_argument("-r", "--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--types", default="q8_0,q4_0,q4_k_m")
+    ap.add_argument("--baseline", type=Path, help="another source tree of ours to run too")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     python = llama_python()
     rows = []
     for kind in args.types.split(","):
         path = model_file(kind, python)
+        before = run_ours(path, args, args.baseline) if args.baseline else None
         ours = run_ours(path, args)
         peer = run_llamacpp(python, path, args)
         pp, tg = (r["tps_mean"] for r in ours["rows"])
-        for test, mine, theirs, sd in ((f"pp{args.prompt}", pp, peer["pp"], peer["pp_sd"]),
-                                       (f"tg{args.gen}", tg, peer["tg"], peer["tg_sd"])):
-            rows.append({"type": kind, "test": test, "ours_tps": round(mine, 2),
-                         "llamacpp_tps": f"{theirs:.2f} ± {sd:.2f}",
-                         "ratio": round(mine / theirs, 3)})
+        old = [r["tps_mean"] for r in before["rows"]] if before else [None, None]
+        for test, mine, was, theirs, sd in (
+                (f"pp{args.prompt}", pp, old[0], peer["pp"], peer["pp_sd"]),
+                (f"tg{args.gen}", tg, old[1], peer["tg"], peer["tg_sd"])):
+            row = {"type": kind, "test": test, "ours_tps": round(mine, 2),
+                   "llamacpp_tps": f"{theirs:.2f} ± {sd:.2f}", "ratio": round(mine / theirs, 3)}
+            if was is not None:
+                row.update(baseline_tps=round(was, 2), baseline_ratio=round(was / theirs, 3))
+            rows.append(row)
         rows[-1].update({"decode_gbs": ours["decode_bandwidth_gbs"],
                          "device_copy_gbs": ours["device_copy_bandwidth_gbs"],
                          "peak_rss_mib": ours["peak_rss_mib"]})
-        print(f"{kind}: ours {pp:.2f}/{tg:.2f} vs llama.cpp {peer['pp']:.2f}/{peer['tg']:.2f} "
-              "(pp/tg tok/s)", file=sys.stderr, flush=True)
+        was = f", baseline {old[0]:.2f}/{old[1]:.2f}" if before else ""
+        print(f"{kind}: ours {pp:.2f}/{tg:.2f}{was} vs llama.cpp {peer['pp']:.2f}/"
+              f"{peer['tg']:.2f} (pp/tg tok/s)", file=sys.stderr, flush=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "backend": args.backend,
               "threads": args.threads, "prompt": args.prompt, "gen": args.gen,
               "repeats": args.repeats, "rows": rows}
-    print_report(report, ["type", "test", "ours_tps", "llamacpp_tps", "ratio"], args.json)
+    columns = ["type", "test", "ours_tps", "llamacpp_tps", "ratio"]
+    if args.baseline:
+        report["baseline"] = str(args.baseline)
+        columns[2:2] = ["baseline_tps"]
+        columns.append("baseline_ratio")
+    print_report(report, columns, args.json)
 
 
 if __name__ == "__main__":

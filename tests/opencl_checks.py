@@ -133,6 +133,30 @@ def check_sampling(kern: Kernels) -> None:
     np.testing.assert_allclose(kern.read(xb, x.shape), softmax(x), rtol=1e-5, atol=1e-9)
 
 
+def check_fused_decode(kern: Kernels, qtype: T) -> None:
+    """Decode's fused launches: Q/K/V into q and the caches at an offset, gate/up/SwiGLU;
+    the matmul tolerance applies to every product, SwiGLU's to what it makes of them."""
+    cols, nq, nk, off = 256, 40, 8, 3 * 8
+    (rq, wq), (rk, wk), (rv, wv) = (weights(qtype, r, cols) for r in (nq, nk, nk))
+    x = RNG.standard_normal(cols).astype(np.float32)
+    q, kc, vc = kern.empty(4 * nq), kern.upload(np.zeros(64, np.float32)), kern.upload(
+        np.zeros(64, np.float32))
+    up = (kern.upload_matrix(r, qtype, (n, cols)) for r, n in ((rq, nq), (rk, nk), (rv, nk)))
+    kern.matmul_qkv(*up, kern.upload(x), q, kc, vc, off)
+    for buf, w, at in ((q, wq, 0), (kc, wk, off), (vc, wv, off)):
+        got = kern.read(buf, (at + len(w),))[at:]
+        bound = 1e-5 * (np.abs(w) @ np.abs(x)) + 1e-6
+        assert (np.abs(got - w @ x) <= bound).all(), f"{qtype.name} qkv"
+    (rg, wg), (ru, wu) = weights(qtype, 70, cols), weights(qtype, 70, cols)
+    gate, scratch = kern.empty(4 * 70), kern.empty(4 * 70)
+    kern.matmul_glu(kern.upload_matrix(rg, qtype, (70, cols)),
+                    kern.upload_matrix(ru, qtype, (70, cols)), kern.upload(x), gate, scratch)
+    g, u = wg @ x, wu @ x  # each product's bound carried through silu (slope < 1.1) times u
+    bound = 1e-5 * (1.1 * (np.abs(wg) @ np.abs(x)) * np.abs(u) + (np.abs(wu) @ np.abs(x))
+                    * np.abs(silu(g))) + 1e-5
+    assert (np.abs(kern.read(gate, (70,)) - silu(g) * u) <= bound).all(), f"{qtype.name} glu"
+
+
 def check_split_weights(kern: Kernels, qtype: T = T.Q4_0) -> None:
     """A weight bigger than the device's largest buffer is split by rows and still agrees."""
     raw, wd = weights(qtype, 50, 256)

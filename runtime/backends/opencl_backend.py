@@ -4,7 +4,8 @@ Weights are uploaded once as their GGUF blocks (wrapped in place on unified-memo
 activations, the KV cache and the logits stay on the device between kernels, and the host only
 writes the token ids and reads the logits (or, for greedy decoding, one token id). The K and V
 projections write straight into the cache and the output projections add into the residual
-stream, so a layer is 13-15 kernel launches and no copies.
+stream, so a layer is 13-15 kernel launches and no copies; a decode step fuses Q/K/V into one
+launch and gate/up/SwiGLU into another on CPU-shaped devices (9 launches a layer).
 """
 
 from __future__ import annotations
@@ -174,9 +175,13 @@ class OpenCLBackend(Backend):
         kv_off = pos0 * KV * D
         for i, w in enumerate(self.layers):
             k.rms_norm(self.x, w["attn_norm"], self.xn, C, n, cfg.norm_eps)
-            k.matmul(w["attn_q"], self.xn, self.q, n)
-            k.matmul(w["attn_k"], self.xn, cache.k[i], n, y_off=kv_off)
-            k.matmul(w["attn_v"], self.xn, cache.v[i], n, y_off=kv_off)
+            if n == 1:
+                k.matmul_qkv(w["attn_q"], w["attn_k"], w["attn_v"], self.xn, self.q, cache.k[i],
+                             cache.v[i], kv_off)
+            else:
+                k.matmul(w["attn_q"], self.xn, self.q, n)
+                k.matmul(w["attn_k"], self.xn, cache.k[i], n, y_off=kv_off)
+                k.matmul(w["attn_v"], self.xn, cache.v[i], n, y_off=kv_off)
             if cfg.qkv_bias:
                 k.add_bias(self.q, 0, w["attn_q.bias"], H * D, n)
                 k.add_bias(cache.k[i], kv_off, w["attn_k.bias"], KV * D, n)
@@ -187,9 +192,12 @@ class OpenCLBackend(Backend):
             k.attention(self.q, cache.k[i], cache.v[i], self.att, self.part, n, H, KV, D, pos0)
             k.matmul(w["attn_output"], self.att, self.x, n, accumulate=True)
             k.rms_norm(self.x, w["ffn_norm"], self.xn, C, n, cfg.norm_eps)
-            k.matmul(w["ffn_gate"], self.xn, self.gate, n)
-            k.matmul(w["ffn_up"], self.xn, self.up, n)
-            k.swiglu(self.gate, self.up, n * cfg.ffn_dim)
+            if n == 1:
+                k.matmul_glu(w["ffn_gate"], w["ffn_up"], self.xn, self.gate, self.up)
+            else:
+                k.matmul(w["ffn_gate"], self.xn, self.gate, n)
+                k.matmul(w["ffn_up"], self.xn, self.up, n)
+                k.swiglu(self.gate, self.up, n * cfg.ffn_dim)
             k.matmul(w["ffn_down"], self.gate, self.x, n, accumulate=True)
         cache.length += n
         n_out = n if all_logits else 1

@@ -128,15 +128,65 @@ class Kernels:
                y_off: int = 0, accumulate: bool = False) -> None:
         """y[t, :] (+)= W x[t] for t < n_tok; x is (n_tok, n_cols), y rows of y_stride."""
         p = self.params
+        if n_tok == 1 and p.LWS == 1:  # CPU-style: one work-item per row
+            kernel = self.k(self.mm, f"gemv_{FORMATS[w.qtype]}")
+            for r0, n, buf in w.parts:
+                kernel(self.queue, (math.ceil(n / p.RPW) * p.RPW,), (p.RPW,), buf, x, y,
+                       np.int32(w.n_cols), np.int32(n), np.int32(w.row_bytes),
+                       np.int32(y_off + r0), np.int32(accumulate))
+            return
+        stride = w.n_rows if y_stride is None else y_stride
+        if p.LWS == 1 and p.TT in (4, 8):  # CPU-style prefill: a token tile per work-item
+            kernel = self.k(self.mm, f"gemm_{FORMATS[w.qtype]}")
+            for r0, n, buf in w.parts:
+                kernel(self.queue, (math.ceil(n / p.RPW) * p.RPW, math.ceil(n_tok / p.TT)),
+                       (p.RPW, 1), buf, x, y, np.int32(w.n_cols), np.int32(n),
+                       np.int32(n_tok), np.int32(w.row_bytes), np.int32(stride),
+                       np.int32(y_off + r0), np.int32(accumulate))
+            return
         nt = 1 if n_tok == 1 else p.TT
         kernel = self.k(self.mm, f"matmul_{FORMATS[w.qtype]}_{'vec' if nt == 1 else 'mat'}")
-        stride = w.n_rows if y_stride is None else y_stride
         for r0, n, buf in w.parts:
             groups = math.ceil(n / p.RPW)
             kernel(self.queue, (groups * p.RPW * p.LWS, math.ceil(n_tok / nt)),
                    (p.RPW * p.LWS, 1), buf, x, y, np.int32(w.n_cols), np.int32(n),
                    np.int32(n_tok), np.int32(w.row_bytes), np.int32(stride),
                    np.int32(y_off + r0), np.int32(accumulate))
+
+    def _fusable(self, *ws: DeviceMatrix) -> bool:
+        """Decode's fused kernels need the CPU shape (LWS 1), one type and width, one buffer."""
+        w0 = ws[0]
+        return self.params.LWS == 1 and all(
+            len(w.parts) == 1 and w.qtype == w0.qtype and w.n_cols == w0.n_cols for w in ws)
+
+    def matmul_qkv(self, wq: DeviceMatrix, wk: DeviceMatrix, wv: DeviceMatrix, x: Any, q: Any,
+                   kc: Any, vc: Any, kv_off: int) -> None:
+        """One token's Q, K and V projections: q = Wq x, and K, V into the caches at kv_off
+        (floats); one launch where the three matrices allow it (see _fusable), else three."""
+        if wk.n_rows != wv.n_rows or not self._fusable(wq, wk, wv):
+            self.matmul(wq, x, q, 1)
+            self.matmul(wk, x, kc, 1, y_off=kv_off)
+            self.matmul(wv, x, vc, 1, y_off=kv_off)
+            return
+        rpw, rows = self.params.RPW, wq.n_rows + 2 * wk.n_rows
+        self.k(self.mm, f"gemv_qkv_{FORMATS[wq.qtype]}")(
+            self.queue, (math.ceil(rows / rpw) * rpw,), (rpw,), wq.parts[0][2], wk.parts[0][2],
+            wv.parts[0][2], x, q, kc, vc, np.int32(wq.n_cols), np.int32(wq.n_rows),
+            np.int32(wk.n_rows), np.int32(wq.row_bytes), np.int32(kv_off))
+
+    def matmul_glu(self, wg: DeviceMatrix, wu: DeviceMatrix, x: Any, gate: Any, up: Any) -> None:
+        """One token's SwiGLU: gate = silu(Wg x) * (Wu x), in one launch where the matrices
+        allow it, else the two products and swiglu (`up` is then the scratch)."""
+        if wg.n_rows != wu.n_rows or not self._fusable(wg, wu):
+            self.matmul(wg, x, gate, 1)
+            self.matmul(wu, x, up, 1)
+            self.swiglu(gate, up, wg.n_rows)
+            return
+        rpw = self.params.RPW
+        self.k(self.mm, f"gemv_glu_{FORMATS[wg.qtype]}")(
+            self.queue, (math.ceil(wg.n_rows / rpw) * rpw,), (rpw,), wg.parts[0][2],
+            wu.parts[0][2], x, gate, np.int32(wg.n_cols), np.int32(wg.n_rows),
+            np.int32(wg.row_bytes))
 
     def get_rows(self, w: DeviceMatrix, tokens: Any, out: Any, n_tok: int) -> None:
         """out[t] = float32 row tokens[t] of w (embedding lookup); tokens int32 on the device."""

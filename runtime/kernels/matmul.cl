@@ -32,86 +32,115 @@ typedef const global uchar* blk_t;
 // 8 bytes of a block: a plain (unaligned) vector load where the device allows it (CPUs: PoCL's
 // vload8 is element by element, 1.6x slower), vload8 elsewhere (blocks are only 2-byte aligned).
 #if UNALIGNED
-#define LOAD_U8(i, p) (((const global uchar8*)(p))[i])
-#define LOAD_I8(i, p) (((const global char8*)(p))[i])
+// Vector types that may lie at any address: a plain uchar8 pointer promises 8-byte alignment,
+// which LLVM may turn into an aligned load that faults on a 34- or 18-byte block.
+typedef uchar8 __attribute__((aligned(1))) uchar8_u;
+typedef char8 __attribute__((aligned(1))) char8_u;
+#define LOAD_U8(i, p) (((const global uchar8_u*)(p))[i])
+#define LOAD_I8(i, p) (((const global char8_u*)(p))[i])
 #else
 #define LOAD_U8(i, p) vload8(i, (const global uchar*)(p))
 #define LOAD_I8(i, p) vload8(i, (const global char*)(p))
 #endif
 
-inline float f16(blk_t p, int i) { return vload_half(i, (const global half*)p); }
+// IEEE half -> float by bits, inlined: PoCL's vload_half is an out-of-line call that spills the
+// accumulators around it once per block (it cost the Q8_0 GEMV ~30 %). Exact for every value:
+// a subnormal half becomes a float subnormal that the 2^112 multiply scales exactly.
+// Written out per width (no GNU statement expressions: not every driver's compiler has them).
+inline float f16(blk_t p, int i) {
+    const uint h = ((const global ushort*)p)[i], m = (h & 0x7fffu) << 13;
+    const float f = (h & 0x7c00u) == 0x7c00u ? as_float(m | 0x7f800000u) : as_float(m) * 0x1p112f;
+    return as_float(as_uint(f) | (h & 0x8000u) << 16);
+}
+inline float8 f16x8(const global half* p, int i) {
+    const uint8 h = convert_uint8(((const global ushort8*)p)[i]), m = (h & 0x7fffu) << 13;
+    const float8 f = (h & 0x7c00u) == 0x7c00u ? as_float8(m | 0x7f800000u)
+                                              : as_float8(m) * 0x1p112f;
+    return as_float8(as_uint8(f) | (h & 0x8000u) << 16);
+}
 
 inline float8 nib_lo(uchar8 q) { return convert_float8(q & (uchar)15); }
 inline float8 nib_hi(uchar8 q) { return convert_float8(q >> (uchar)4); }
 
-// Each DQ_<type> returns (scale of weights 0-15, scale of 16-31, offset): x = scale * w + offset.
+// Each DQ_<type> writes the chunk's quants to w0..w3 and returns (scale of weights 0-15, scale
+// of 16-31, offset): x = scale * w + offset. Four separate outputs rather than a float8[4]:
+// PoCL keeps a private array in memory, one copy per work-item of the group (a 2 KiB stack
+// frame that made every matmul load and store its quants), where scalars live in registers.
+#define W4 float8 *w0, float8 *w1, float8 *w2, float8 *w3
 
 // F32 / F16: plain arrays.
-inline float4 DQ_f32(blk_t row, int c, float8* w) {
-    const global float* p = (const global float*)row;
-    for (int i = 0; i < 4; i++) w[i] = ((const global float8*)p)[4 * c + i];
+inline float4 DQ_f32(blk_t row, int c, W4) {
+    const global float8* p = (const global float8*)row + 4 * c;
+    *w0 = p[0]; *w1 = p[1]; *w2 = p[2]; *w3 = p[3];
     return (float4)(1.0f, 1.0f, 0.0f, 0.0f);
 }
-inline float4 DQ_f16(blk_t row, int c, float8* w) {
+inline float4 DQ_f16(blk_t row, int c, W4) {
     const global half* p = (const global half*)row;
-    for (int i = 0; i < 4; i++) w[i] = vload_half8(4 * c + i, p);
+    *w0 = f16x8(p, 4 * c); *w1 = f16x8(p, 4 * c + 1);
+    *w2 = f16x8(p, 4 * c + 2); *w3 = f16x8(p, 4 * c + 3);
     return (float4)(1.0f, 1.0f, 0.0f, 0.0f);
 }
 
 // Q8_0 (34 bytes): d f16 | qs[32] int8.  x = d * q
-inline float4 DQ_q8_0(blk_t row, int c, float8* w) {
+inline float4 DQ_q8_0(blk_t row, int c, W4) {
     blk_t b = row + c * 34;
     const global char* qs = (const global char*)(b + 2);
-    for (int i = 0; i < 4; i++) w[i] = convert_float8(LOAD_I8(i, qs));
+    *w0 = convert_float8(LOAD_I8(0, qs)); *w1 = convert_float8(LOAD_I8(1, qs));
+    *w2 = convert_float8(LOAD_I8(2, qs)); *w3 = convert_float8(LOAD_I8(3, qs));
     const float d = f16(b, 0);
     return (float4)(d, d, 0.0f, 0.0f);
 }
 
 // The 32 weights of a nibble block from qs[16]: low nibbles are weights 0-15, high 16-31.
-inline void nibbles(blk_t qs, float8* w) {
+inline void nibbles(blk_t qs, W4) {
     const uchar8 q0 = LOAD_U8(0, qs), q1 = LOAD_U8(1, qs);
-    w[0] = nib_lo(q0); w[1] = nib_lo(q1); w[2] = nib_hi(q0); w[3] = nib_hi(q1);
+    *w0 = nib_lo(q0); *w1 = nib_lo(q1); *w2 = nib_hi(q0); *w3 = nib_hi(q1);
 }
 
 // Q4_0 (18 bytes): d f16 | qs[16] nibbles.  x = d * (q - 8)
-inline float4 DQ_q4_0(blk_t row, int c, float8* w) {
+inline float4 DQ_q4_0(blk_t row, int c, W4) {
     blk_t b = row + c * 18;
-    nibbles(b + 2, w);
-    for (int i = 0; i < 4; i++) w[i] -= 8.0f;
+    const uchar8 q0 = LOAD_U8(0, b + 2), q1 = LOAD_U8(1, b + 2);  // q - 8 in int8: 2x faster
+    *w0 = convert_float8(as_char8(q0 & (uchar)15) - (char)8);
+    *w1 = convert_float8(as_char8(q1 & (uchar)15) - (char)8);
+    *w2 = convert_float8(as_char8(q0 >> (uchar)4) - (char)8);
+    *w3 = convert_float8(as_char8(q1 >> (uchar)4) - (char)8);
     const float d = f16(b, 0);
     return (float4)(d, d, 0.0f, 0.0f);
 }
 
 // Q4_1 (20 bytes): d f16 | m f16 | qs[16].  x = d * q + m
-inline float4 DQ_q4_1(blk_t row, int c, float8* w) {
+inline float4 DQ_q4_1(blk_t row, int c, W4) {
     blk_t b = row + c * 20;
-    nibbles(b + 4, w);
+    nibbles(b + 4, w0, w1, w2, w3);
     const float d = f16(b, 0);
     return (float4)(d, d, f16(b, 1), 0.0f);
 }
 
-// Adds the 5th bits of Q5_0/Q5_1: bit j of a little-endian u32 belongs to weight j.
-inline void add_bit5(blk_t qh, float8* w) {
+// The 5th bits of Q5_0/Q5_1 for weights 8i..8i+7: bit j of a little-endian u32 is weight j.
+inline float8 bit5(uint h, int i) {
+    return convert_float8(((uint8)(h >> (8 * i)) >> (uint8)(0, 1, 2, 3, 4, 5, 6, 7) & 1u) << 4);
+}
+inline void add_bit5(blk_t qh, W4) {
     const uint h = (uint)qh[0] | (uint)qh[1] << 8 | (uint)qh[2] << 16 | (uint)qh[3] << 24;
-    const uint8 sh = (uint8)(0, 1, 2, 3, 4, 5, 6, 7);
-    for (int i = 0; i < 4; i++) w[i] += convert_float8(((uint8)(h >> (8 * i)) >> sh & 1u) << 4);
+    *w0 += bit5(h, 0); *w1 += bit5(h, 1); *w2 += bit5(h, 2); *w3 += bit5(h, 3);
 }
 
 // Q5_0 (22 bytes): d f16 | qh[4] | qs[16].  x = d * (q - 16)
-inline float4 DQ_q5_0(blk_t row, int c, float8* w) {
+inline float4 DQ_q5_0(blk_t row, int c, W4) {
     blk_t b = row + c * 22;
-    nibbles(b + 6, w);
-    add_bit5(b + 2, w);
-    for (int i = 0; i < 4; i++) w[i] -= 16.0f;
+    nibbles(b + 6, w0, w1, w2, w3);
+    add_bit5(b + 2, w0, w1, w2, w3);
+    *w0 -= 16.0f; *w1 -= 16.0f; *w2 -= 16.0f; *w3 -= 16.0f;
     const float d = f16(b, 0);
     return (float4)(d, d, 0.0f, 0.0f);
 }
 
 // Q5_1 (24 bytes): d f16 | m f16 | qh[4] | qs[16].  x = d * q + m
-inline float4 DQ_q5_1(blk_t row, int c, float8* w) {
+inline float4 DQ_q5_1(blk_t row, int c, W4) {
     blk_t b = row + c * 24;
-    nibbles(b + 8, w);
-    add_bit5(b + 4, w);
+    nibbles(b + 8, w0, w1, w2, w3);
+    add_bit5(b + 4, w0, w1, w2, w3);
     const float d = f16(b, 0);
     return (float4)(d, d, f16(b, 1), 0.0f);
 }
@@ -130,12 +159,16 @@ inline void scale_min_k4(blk_t s, int j, float* sc, float* m) {
 
 // Q4_K (144 bytes): d | dmin | scales[12] | qs[128]; sub-block j is the low (j even) or high
 // nibbles of qs[32 (j/2) ...].  x = (d sc) q - (dmin m)
-inline float4 DQ_q4_k(blk_t row, int c, float8* w) {
+inline float8 q4k_part(blk_t qs, int i, uchar sh) {
+    return convert_float8(LOAD_U8(i, qs) >> sh & (uchar)15);
+}
+inline float4 DQ_q4_k(blk_t row, int c, W4) {
     blk_t b = row + (c >> 3) * 144;
     const int j = c & 7;
     blk_t qs = b + 16 + 32 * (j >> 1);
     const uchar sh = (j & 1) * 4;
-    for (int i = 0; i < 4; i++) w[i] = convert_float8(LOAD_U8(i, qs) >> sh & (uchar)15);
+    *w0 = q4k_part(qs, 0, sh); *w1 = q4k_part(qs, 1, sh);
+    *w2 = q4k_part(qs, 2, sh); *w3 = q4k_part(qs, 3, sh);
     float sc, m;
     scale_min_k4(b + 4, j, &sc, &m);
     const float d = f16(b, 0) * sc;
@@ -144,15 +177,17 @@ inline float4 DQ_q4_k(blk_t row, int c, float8* w) {
 
 // Q5_K (176 bytes): d | dmin | scales[12] | qh[32] | qs[128]; the 5th bit of weight l of
 // sub-block j is bit j of qh[l].
-inline float4 DQ_q5_k(blk_t row, int c, float8* w) {
+inline float8 q5k_part(blk_t b, blk_t qs, int i, int j, uchar sh) {
+    const uchar8 h = LOAD_U8(i, b + 16) >> (uchar)j & (uchar)1;
+    return convert_float8((LOAD_U8(i, qs) >> sh & (uchar)15) | h << (uchar)4);
+}
+inline float4 DQ_q5_k(blk_t row, int c, W4) {
     blk_t b = row + (c >> 3) * 176;
     const int j = c & 7;
     blk_t qs = b + 48 + 32 * (j >> 1);
     const uchar sh = (j & 1) * 4;
-    for (int i = 0; i < 4; i++) {
-        const uchar8 h = LOAD_U8(i, b + 16) >> (uchar)j & (uchar)1;
-        w[i] = convert_float8((LOAD_U8(i, qs) >> sh & (uchar)15) | h << (uchar)4);
-    }
+    *w0 = q5k_part(b, qs, 0, j, sh); *w1 = q5k_part(b, qs, 1, j, sh);
+    *w2 = q5k_part(b, qs, 2, j, sh); *w3 = q5k_part(b, qs, 3, j, sh);
     float sc, m;
     scale_min_k4(b + 4, j, &sc, &m);
     const float d = f16(b, 0) * sc;
@@ -162,16 +197,18 @@ inline float4 DQ_q5_k(blk_t row, int c, float8* w) {
 // Q6_K (210 bytes): ql[128] | qh[64] | scales[16] int8 | d.  Chunk k of the super-block is
 // quarter k % 4 of half k / 4: low bits from ql (low or high nibbles), 2 high bits from qh.
 // x = (d scale[i / 16]) (q - 32)
-inline float4 DQ_q6_k(blk_t row, int c, float8* w) {
+inline float8 q6k_part(blk_t ql, blk_t qh, int i, uchar sl, uchar sh) {
+    const uchar8 q = (LOAD_U8(i, ql) >> sl & (uchar)15) | (LOAD_U8(i, qh) >> sh & (uchar)3) << (uchar)4;
+    return convert_float8(q) - 32.0f;
+}
+inline float4 DQ_q6_k(blk_t row, int c, W4) {
     blk_t b = row + (c >> 3) * 210;
     const int k = c & 7, h = k >> 2, qr = k & 3;
     blk_t ql = b + 64 * h + 32 * (qr & 1);
     blk_t qh = b + 128 + 32 * h;
     const uchar sl = (qr >> 1) * 4, sh = 2 * qr;
-    for (int i = 0; i < 4; i++) {
-        const uchar8 q = (LOAD_U8(i, ql) >> sl & (uchar)15) | (LOAD_U8(i, qh) >> sh & (uchar)3) << (uchar)4;
-        w[i] = convert_float8(q) - 32.0f;
-    }
+    *w0 = q6k_part(ql, qh, 0, sl, sh); *w1 = q6k_part(ql, qh, 1, sl, sh);
+    *w2 = q6k_part(ql, qh, 2, sl, sh); *w3 = q6k_part(ql, qh, 3, sl, sh);
     const global char* scales = (const global char*)(b + 192);
     const float d = f16(b, 104);  // byte 208
     return (float4)(d * scales[8 * h + 2 * qr], d * scales[8 * h + 2 * qr + 1], 0.0f, 0.0f);
@@ -198,7 +235,7 @@ kernel void matmul_##T##SUFFIX(blk_t W, const global float* X, global float* Y, 
         const int n_chunks = n_cols / 32, nt = NT == 1 ? 1 : min(NT, n_tok - t0);              \
         for (int c = lane; c < n_chunks; c += LWS) {                                           \
             float8 w[4];                                                                       \
-            const float4 s = DQ_##T(wrow, c, w);                                               \
+            const float4 s = DQ_##T(wrow, c, w, w + 1, w + 2, w + 3);                          \
             for (int t = 0; t < nt; t++) {                                                     \
                 const global float8* x = (const global float8*)(X + (size_t)(t0 + t) * n_cols + c * 32); \
                 const float8 x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];                       \
@@ -238,15 +275,111 @@ kernel void matmul_##T##SUFFIX(blk_t W, const global float* X, global float* Y, 
         }
 #endif
 
+// Decode (one token): y[row] (+)= W[row] . x with one work-item per row and no local memory,
+// barrier or private array, so that PoCL runs a work-group as a plain loop over rows with the
+// accumulator in a register (3x the matmul kernel's speed on a CPU). Devices tuned to LWS > 1
+// (GPUs) keep matmul_<T>_vec. Global (rows rounded up to RPW), local (RPW).
+#define GEMV_KERNEL(T)                                                                          \
+kernel void gemv_##T(blk_t W, const global float* X, global float* Y, int n_cols, int n_rows, \
+                     int row_bytes, int y_off, int accumulate) {                               \
+    const int row = get_global_id(0);                                                          \
+    if (row >= n_rows) return;                                                                 \
+    GEMV_DOT(T, dot, W + (size_t)row * row_bytes, X, n_cols)                                   \
+    global float* y = Y + y_off + row;                                                         \
+    *y = dot + (accumulate ? *y : 0.0f);                                                       \
+}
+
+// The dot product of gemv_<T>: one row of W (its GGUF blocks) with a float32 vector.
+#define GEMV_DOT(T, out, wrow, X, n_cols)                                                      \
+    float out;                                                                                 \
+    {                                                                                          \
+        const global float8* x_ = (const global float8*)(X);                                   \
+        float8 acc_ = 0.0f;                                                                    \
+        for (int c = 0; c < (n_cols) / 32; c++, x_ += 4) {                                     \
+            float8 w0, w1, w2, w3;                                                             \
+            const float4 s = DQ_##T(wrow, c, &w0, &w1, &w2, &w3);                              \
+            acc_ += s.x * (w0 * x_[0] + w1 * x_[1]) + s.y * (w2 * x_[2] + w3 * x_[3]);         \
+            if (HAS_OFFSET_##T) acc_ += s.z * (x_[0] + x_[1] + x_[2] + x_[3]);                 \
+        }                                                                                      \
+        out = hsum8(acc_);                                                                     \
+    }
+
+// Decode's fused launches (one instead of three each, 4 fewer launches per layer):
+// gemv_qkv_<T>: rows [0, nq) of the Q projection into q, the next nk rows of K and of V into the
+// KV cache at kv_off (the three matrices share a type). Global (nq + 2 nk rounded up to RPW).
+#define GEMV_QKV_KERNEL(T)                                                                     \
+kernel void gemv_qkv_##T(blk_t Wq, blk_t Wk, blk_t Wv, const global float* X,                 \
+                         global float* q, global float* kc, global float* vc, int n_cols,      \
+                         int nq, int nk, int row_bytes, int kv_off) {                          \
+    int row = get_global_id(0);                                                                \
+    if (row >= nq + 2 * nk) return;                                                            \
+    blk_t w = row < nq ? Wq : row < nq + nk ? Wk : Wv;                                         \
+    global float* y = row < nq ? q : (row < nq + nk ? kc : vc) + kv_off;                       \
+    row = row < nq ? row : row < nq + nk ? row - nq : row - nq - nk;                            \
+    GEMV_DOT(T, dot, w + (size_t)row * row_bytes, X, n_cols)                                   \
+    y[row] = dot;                                                                              \
+}
+// gemv_glu_<T>: out[row] = silu(gate[row] . x) * (up[row] . x), the SwiGLU of the two products
+// (numpy's g / (1 + exp(-g)) * u). Global (rows rounded up to RPW).
+#define GEMV_GLU_KERNEL(T)                                                                     \
+kernel void gemv_glu_##T(blk_t Wg, blk_t Wu, const global float* X, global float* out,        \
+                         int n_cols, int n_rows, int row_bytes) {                              \
+    const int row = get_global_id(0);                                                          \
+    if (row >= n_rows) return;                                                                 \
+    GEMV_DOT(T, g, Wg + (size_t)row * row_bytes, X, n_cols)                                    \
+    GEMV_DOT(T, u, Wu + (size_t)row * row_bytes, X, n_cols)                                    \
+    out[row] = g / (1.0f + exp(-g)) * u;                                                       \
+}
+
+// Prefill: y[t, row] (+)= W[row] . x[t] for a tile of TT (4 or 8) tokens per work-item, one
+// row each: a chunk is dequantized once (to the floats numpy's dequantize gives) and used TT
+// times at 4 FMAs per token, the tile's x rows stay in L1 (the
+// work-group's rows share them), and the TT accumulators are named registers, not an array
+// (see DQ above). A tile past the last token reads the last token again and stores nothing.
+// Global (rows rounded up to RPW, ceil(n_tok / TT)), local (RPW, 1).
+#define GEMM_ACC(t)                                                                            \
+    a##t += w0 * x##t[0] + w1 * x##t[1] + w2 * x##t[2] + w3 * x##t[3];                         \
+    x##t += 4;
+#define GEMM_X(t)                                                                              \
+    const global float8* x##t = (const global float8*)(X + (size_t)(t0 + t < n_tok ? t0 + t : n_tok - 1) * n_cols);
+#define GEMM_STORE(t)                                                                          \
+    if (t0 + t < n_tok) {                                                                      \
+        global float* y = Y + y_off + (size_t)(t0 + t) * y_stride + row;                       \
+        *y = hsum8(a##t) + (accumulate ? *y : 0.0f);                                           \
+    }
+#if TT == 8
+#define GEMM_TILE(F) F(0) F(1) F(2) F(3) F(4) F(5) F(6) F(7)
+#define GEMM_ZERO float8 a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, a4 = 0.0f, a5 = 0.0f, a6 = 0.0f, a7 = 0.0f
+#else
+#define GEMM_TILE(F) F(0) F(1) F(2) F(3)
+#define GEMM_ZERO float8 a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f
+#endif
+#define GEMM_KERNEL(T)                                                                         \
+kernel void gemm_##T(blk_t W, const global float* X, global float* Y, int n_cols, int n_rows, \
+                     int n_tok, int row_bytes, int y_stride, int y_off, int accumulate) {      \
+    const int row = get_global_id(0), t0 = get_global_id(1) * TT;                              \
+    if (row >= n_rows) return;                                                                 \
+    blk_t wrow = W + (size_t)row * row_bytes;                                                  \
+    GEMM_TILE(GEMM_X)                                                                          \
+    GEMM_ZERO;                                                                                 \
+    for (int c = 0; c < n_cols / 32; c++) {                                                    \
+        float8 w0, w1, w2, w3;                                                                 \
+        const float4 s = DQ_##T(wrow, c, &w0, &w1, &w2, &w3);                                  \
+        w0 = s.x * w0 + s.z; w1 = s.x * w1 + s.z; w2 = s.y * w2 + s.z; w3 = s.y * w3 + s.z;    \
+        GEMM_TILE(GEMM_ACC)                                                                    \
+    }                                                                                          \
+    GEMM_TILE(GEMM_STORE)                                                                      \
+}
+
 // out[t, :] = W[tokens[t], :] as float32. Global (n_cols / 32, n_tok).
 #define GET_ROWS_KERNEL(T)                                                                     \
 kernel void get_rows_##T(blk_t W, const global int* tokens, global float* out,                \
                          int n_cols, int row_bytes) {                                          \
     const int c = get_global_id(0), t = get_global_id(1);                                     \
-    float8 w[4];                                                                               \
-    const float4 s = DQ_##T(W + (size_t)tokens[t] * row_bytes, c, w);                          \
-    for (int i = 0; i < 4; i++)                                                                \
-        vstore8((i < 2 ? s.x : s.y) * w[i] + s.z, 4 * c + i, out + (size_t)t * n_cols);        \
+    float8 w0, w1, w2, w3;                                                                     \
+    const float4 s = DQ_##T(W + (size_t)tokens[t] * row_bytes, c, &w0, &w1, &w2, &w3);         \
+    global float8* o = (global float8*)(out + (size_t)t * n_cols) + 4 * c;                     \
+    o[0] = s.x * w0 + s.z; o[1] = s.x * w1 + s.z; o[2] = s.y * w2 + s.z; o[3] = s.y * w3 + s.z; \
 }
 
 // Formats whose dequantization adds an offset (x = d q + m): their dot products add m sum(x).
@@ -261,7 +394,9 @@ kernel void get_rows_##T(blk_t W, const global int* tokens, global float* out,  
 #define HAS_OFFSET_q5_k 1
 #define HAS_OFFSET_q6_k 0
 
-#define FORMAT(T) MATMUL_KERNEL(T, 1, _vec) MATMUL_KERNEL(T, TT, _mat) GET_ROWS_KERNEL(T)
+#define FORMAT(T) \
+    MATMUL_KERNEL(T, 1, _vec) MATMUL_KERNEL(T, TT, _mat) GEMV_KERNEL(T) GEMV_QKV_KERNEL(T) \
+    GEMV_GLU_KERNEL(T) GEMM_KERNEL(T) GET_ROWS_KERNEL(T)
 
 FORMAT(f32)
 FORMAT(f16)

@@ -156,41 +156,46 @@ kernel void attn_combine(const global float* part, global float* out, int head_d
 // Prefill attention: a work-group takes WG consecutive query tokens of one head, so that the
 // keys and values they share are staged once into local memory, PK positions at a time; each
 // work-item runs an online softmax over its own causal range and keeps its output row in
-// registers. Global (WG * ceil(n_tok / WG), n_heads), local (WG, 1).
+// registers. Rows are float4s (head_dim % 4 == 0): PoCL runs a scalar loop over d as scalar
+// FMAs, 4x the instructions. Global (WG * ceil(n_tok / WG), n_heads), local (WG, 1).
 kernel void attn_prefill(const global float* q, const global float* kc, const global float* vc,
                          global float* out, int n_tok, int n_heads, int n_kv, int head_dim,
                          int pos0, float scale) {
-    local float kt[PK * HEAD_DIM_MAX];
-    local float vt[PK * HEAD_DIM_MAX];
+    local float4 kt[PK * HEAD_DIM_MAX / 4];
+    local float4 vt[PK * HEAD_DIM_MAX / 4];
     const int t = get_global_id(0), h = get_group_id(1), kvh = h / (n_heads / n_kv);
-    const int lid = get_local_id(0), kv_stride = n_kv * head_dim;
+    const int lid = get_local_id(0), kv_stride = n_kv * head_dim, d4 = head_dim / 4;
     const int limit = t < n_tok ? pos0 + t + 1 : 0;  // keys this query may see
     const int tile_limit = pos0 + min(n_tok, (int)(get_group_id(0) + 1) * WG);
-    float qv[HEAD_DIM_MAX], o[HEAD_DIM_MAX];
-    const global float* qrow = q + ((size_t)min(t, n_tok - 1) * n_heads + h) * head_dim;
-    for (int d = 0; d < head_dim; d++) { qv[d] = qrow[d] * scale; o[d] = 0.0f; }
+    float4 qv[HEAD_DIM_MAX / 4], o[HEAD_DIM_MAX / 4];
+    const global float4* qrow =
+        (const global float4*)(q + ((size_t)(t < n_tok ? t : n_tok - 1) * n_heads + h) * head_dim);
+    for (int d = 0; d < d4; d++) { qv[d] = qrow[d] * scale; o[d] = 0.0f; }
     float m = -INFINITY, l = 0.0f;
     for (int p0 = 0; p0 < tile_limit; p0 += PK) {
-        const int n = min(PK, tile_limit - p0);
-        for (int i = lid; i < n * head_dim; i += WG) {
-            const size_t at = (size_t)(p0 + i / head_dim) * kv_stride + kvh * head_dim + i % head_dim;
-            kt[i] = kc[at];
-            vt[i] = vc[at];
+        const int n = tile_limit - p0 < PK ? tile_limit - p0 : PK;
+        for (int i = lid; i < n * d4; i += WG) {
+            const size_t at = (size_t)(p0 + i / d4) * kv_stride + kvh * head_dim;
+            kt[i] = ((const global float4*)(kc + at))[i % d4];
+            vt[i] = ((const global float4*)(vc + at))[i % d4];
         }
         barrier(CLK_LOCAL_MEM_FENCE);
-        for (int j = 0; j < min(n, limit - p0); j++) {
-            float s = 0.0f;
-            for (int d = 0; d < head_dim; d++) s += qv[d] * kt[j * head_dim + d];
+        const int seen = limit - p0 < n ? limit - p0 : n;
+        for (int j = 0; j < seen; j++) {
+            float4 acc = 0.0f;
+            for (int d = 0; d < d4; d++) acc += qv[d] * kt[j * d4 + d];
+            const float s = (acc.x + acc.y) + (acc.z + acc.w);
             const float m_new = fmax(m, s), corr = exp(m - m_new), e = exp(s - m_new);
             l = l * corr + e;
-            for (int d = 0; d < head_dim; d++) o[d] = o[d] * corr + e * vt[j * head_dim + d];
+            for (int d = 0; d < d4; d++) o[d] = o[d] * corr + e * vt[j * d4 + d];
             m = m_new;
         }
         barrier(CLK_LOCAL_MEM_FENCE);
     }
-    if (t < n_tok)
-        for (int d = 0; d < head_dim; d++)
-            out[((size_t)t * n_heads + h) * head_dim + d] = o[d] / l;
+    if (t < n_tok) {
+        global float4* orow = (global float4*)(out + ((size_t)t * n_heads + h) * head_dim);
+        for (int d = 0; d < d4; d++) orow[d] = o[d] / l;
+    }
 }
 
 // Softmax of each row of n, in place. Global (WG, n_rows).

@@ -39,6 +39,8 @@ def test_matmul_and_embedding_agree_with_numpy(kern, qtype):
     checks.check_matmul(kern, qtype, 1)
     checks.check_matmul(kern, qtype, 7)
     checks.check_get_rows(kern, qtype)
+    if qtype in (T.Q8_0, T.Q4_0, T.Q4_K, T.F16):  # decode's Q/K/V and gate/up/SwiGLU launches
+        checks.check_fused_decode(kern, qtype)
 
 
 def test_the_other_kernels_agree_with_numpy(kern):

@@ -4,7 +4,10 @@ warm run compiles nothing; the first run on a machine compiles both programs (~3
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+from gguf import GGMLQuantizationType as T
 
 pytest.importorskip("pyopencl")
 
@@ -66,3 +69,20 @@ def test_argmax_top_k_softmax(kern):
 def test_weights_larger_than_the_device_allows_are_split(kern, monkeypatch):
     monkeypatch.setenv("CLAW_OPENCL_MAX_ALLOC", str(20 * 144))  # 20 rows of 256 Q4_0 weights
     checks.check_split_weights(kern)
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_K, T.F16], ids=lambda t: t.name)
+def test_fused_decode_launches_agree_with_numpy(kern, qtype):
+    checks.check_fused_decode(kern, qtype)
+
+
+@pytest.mark.parametrize("shape", [{"TT": 4}, {"LWS": 4, "RPW": 4, "TT": 2}],
+                         ids=["gemm-tile-4", "matmul-lws-4"])
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_every_tunable_matmul_shape_agrees_with_numpy(kern, shape, qtype):
+    """`claw runtime tune` may pick a 4-token gemm tile, or the work-group matmul kernels (LWS > 1,
+    the GPU shape): each must agree as the default shape does."""
+    params = dataclasses.replace(kern.params, **shape)
+    other = Kernels(kern.dev, params, ProgramCache(kern.dev))
+    checks.check_matmul(other, qtype, 1)
+    checks.check_matmul(other, qtype, 7)
