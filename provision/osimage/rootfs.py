@@ -55,9 +55,11 @@ def _digest(inputs: Any) -> str:
 
 
 def base_key(profile: DeviceProfile) -> str:
+    """The base holds the kernel, not the board's firmware/bootloader packages (those go over a
+    copy in provisioned_root), so every profile with the same kernel shares one debootstrap.
+    The empty slot is where firmware once was: the keys of roots already cached stay valid."""
     inputs = [SUITE, vm.ARCH, MIRROR, vm.PACKAGES, FIRST_BOOT_PACKAGES,
-              profile.os.kernel_packages, profile.os.firmware_packages, vm.INITRAMFS_MODULES,
-              RECIPE]
+              profile.os.kernel_packages, [], vm.INITRAMFS_MODULES, RECIPE]
     return f"base-{profile.os.suite}-{vm.ARCH}-{_digest(inputs)[:12]}"
 
 
@@ -152,8 +154,7 @@ def base_root(profile: DeviceProfile, progress: Progress) -> Path:
     def make(root: Path, log: Path) -> None:
         vm._check_build_tools()
         vm.bootstrap_root(root, log, progress, packages=[*vm.PACKAGES, *FIRST_BOOT_PACKAGES],
-                          kernel_packages=[*profile.os.kernel_packages,
-                                           *profile.os.firmware_packages],
+                          kernel_packages=profile.os.kernel_packages,
                           saved_log=last_log())
     return _cached(base_key(profile), progress, make)
 
@@ -166,9 +167,22 @@ def provisioned_root(profile: DeviceProfile, host_vars: dict[str, Any], progress
     def make(root: Path, log: Path) -> None:
         progress("copying the base root")
         copy_tree(base, root)
+        if profile.os.firmware_packages:
+            install_packages(root, profile.os.firmware_packages, log, progress)
         progress("applying the provisioning roles offline (chroot connection)")
         apply_roles(root, profile.name, host_vars, log, on_event, tags)
     return _cached(provisioned_key(profile, host_vars, tags), progress, make)
+
+
+def install_packages(root: Path, packages: list[str], log: Path, progress: Progress) -> None:
+    """The board's firmware/bootloader packages into the root (its apt lists are debootstrap's)."""
+    progress(f"installing {', '.join(packages)}")
+    env = ["env", "DEBIAN_FRONTEND=noninteractive", "LC_ALL=C.UTF-8",
+           "PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+    with chroot_session(root):
+        vm._run(["chroot", str(root), *env, "apt-get", "install", "-y",
+                 "--no-install-recommends", *packages], log, f"installing {', '.join(packages)}",
+                timeout=1800, saved_log=last_log())
 
 
 @contextlib.contextmanager
