@@ -76,6 +76,8 @@ def provisioned_key(profile: DeviceProfile, host_vars: dict[str, Any],
                     tags: list[str] | None = None) -> str:
     inputs = [base_key(profile), profile.model_dump(mode="json"), host_vars, sorted(tags or []),
               playbooks_digest()]
+    if board_initramfs(profile):
+        inputs.append(board_initramfs(profile))
     return f"provisioned-{profile.name}-{_digest(inputs)[:12]}"
 
 
@@ -169,9 +171,29 @@ def provisioned_root(profile: DeviceProfile, host_vars: dict[str, Any], progress
         copy_tree(base, root)
         if profile.os.firmware_packages:
             install_packages(root, profile.os.firmware_packages, log, progress)
+        if board_initramfs(profile):
+            rebuild_initramfs(root, board_initramfs(profile), log, progress)
         progress("applying the provisioning roles offline (chroot connection)")
         apply_roles(root, profile.name, host_vars, log, on_event, tags)
     return _cached(provisioned_key(profile, host_vars, tags), progress, make)
+
+
+def board_initramfs(profile: DeviceProfile) -> str | None:
+    """initramfs-tools' MODULES for a real board: the base's `list` holds only virtio (QEMU),
+    while a UEFI board's root may sit on NVMe, SATA, USB or SD, all modules in Debian's
+    kernel; `most` carries them all. None: keep the base's."""
+    return "most" if profile.os.bootloader == "uefi" else None
+
+
+def rebuild_initramfs(root: Path, modules: str, log: Path, progress: Progress) -> None:
+    progress(f"rebuilding the initramfs with MODULES={modules} (storage drivers of real boards)")
+    conf = root / "etc/initramfs-tools/initramfs.conf"
+    lines = [ln for ln in conf.read_text().splitlines() if not ln.startswith("MODULES=")]
+    conf.write_text("\n".join([*lines, f"MODULES={modules}"]) + "\n")
+    with chroot_session(root):
+        vm._run(["chroot", str(root), "env", "LC_ALL=C.UTF-8", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                 "update-initramfs", "-u", "-k", "all"], log, "update-initramfs", timeout=1800,
+                saved_log=last_log())
 
 
 def install_packages(root: Path, packages: list[str], log: Path, progress: Progress) -> None:
