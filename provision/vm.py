@@ -536,11 +536,14 @@ def get_vm(name: str) -> Vm:
 def start_vm(image: VmImage, port: int | None = None, memory_mb: int = 2048, cpus: int = 2,
              name: str | None = None, boot_timeout: float = BOOT_TIMEOUT,
              progress: Progress = print, cmdline: str = KERNEL_CMDLINE, user: str = "root",
-             key: Path | None = None, disk_size: int | None = None) -> Vm:
+             key: Path | None = None, disk_size: int | None = None,
+             firmware: Path | None = None) -> Vm:
     """Boot a VM from `image` on its own overlay; return once SSH answers with the key.
 
     A whole disk image (`claw os build`) boots the same way with its own `cmdline`, logging in
-    as its `user` with its `key`; `disk_size` makes the overlay a bigger disk than the image."""
+    as its `user` with its `key`; `disk_size` makes the overlay a bigger disk than the image.
+    With `firmware` (a UEFI build such as QEMU_EFI.fd) the disk boots through its own ESP and
+    bootloader, as a board would: image.kernel/initrd and `cmdline` are not used."""
     if shutil.which(QEMU) is None:
         raise ClawError(f"{QEMU} is not installed (apt-get install qemu-system-arm; "
                         "see `claw doctor`)")
@@ -586,7 +589,8 @@ def start_vm(image: VmImage, port: int | None = None, memory_mb: int = 2048, cpu
             os.truncate(disk, max(disk_size, disk.stat().st_size))
     argv = [QEMU, "-M", "virt", "-cpu", "max,pauth-impdef=on", "-m", str(memory_mb),
             "-smp", str(cpus), "-nographic",
-            "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline,
+            *(["-bios", str(firmware)] if firmware else
+              ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline]),
             "-drive", f"file={disk},if=virtio,format={fmt}",
             "-netdev", f"user,id=n,hostfwd=tcp:127.0.0.1:{port}-:22",
             "-device", "virtio-net-pci,netdev=n,romfile=",

@@ -28,7 +28,8 @@ def flash_cmd(
 
     Refuses (exit 2, nothing written) a mounted or in-use device, the disk holding /, a
     non-block target without --target-file, a target smaller than the image, a block map passed
-    as the image, and a map that is not the image's. Ctrl-C leaves the target incomplete (exit 1).
+    as the image, and a map that is not the image's or a damaged image (every mapped range's
+    SHA-256 is checked before the first write). Ctrl-C leaves the target incomplete (exit 1).
 
     Example: [bold]claw flash rpi5.img.zst /dev/sdb[/bold]
     """
@@ -54,9 +55,14 @@ def flash_cmd(
         bars.update(tasks[phase], completed=done)
 
     with sigterm_as_interrupt(), bars:  # SIGTERM ends a flash the same clear way Ctrl-C does
-        result = flash(image, target, target_file=target_file, bmap_path=bmap,
-                       verify=not no_verify, progress=progress,
-                       max_rate=max_rate * 1e6 if max_rate else None)
+        try:
+            result = flash(image, target, target_file=target_file, bmap_path=bmap,
+                           verify=not no_verify, progress=progress,
+                           max_rate=max_rate * 1e6 if max_rate else None)
+        except BaseException:
+            for task in tasks.values():  # a refusal or failure is its one error line, no bars
+                bars.remove_task(task)
+            raise
     record = vars(result) | {"verified": not no_verify}
     if as_json:
         print_json(record)

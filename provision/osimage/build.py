@@ -7,6 +7,11 @@ not at all, and the work directory goes whatever happens.
 Boot for `direct-kernel` profiles (qemu-virt): the FAT boot partition holds the kernel, the
 initrd and cmdline.txt (root=PARTUUID=…), which the machine's loader (QEMU's -kernel/-initrd/
 -append) boots; the same files are in the root's /boot for updates.
+
+Boot for `uefi` profiles (generic-arm64): the same FAT partition is the ESP and also holds
+EFI/BOOT/BOOTAA64.EFI (the removable-media path every UEFI firmware looks at, so no NVRAM
+entry is needed) made by the root's own grub-mkimage, and EFI/BOOT/grub.cfg, which boots the
+kernel and initrd beside it with the same command line.
 """
 
 from __future__ import annotations
@@ -27,7 +32,11 @@ from provision.profiles import DeviceProfile, ProfileStore
 
 GIB = 1 << 30
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]i?B?)?$", re.I)
-SUPPORTED_BOOT = ("direct-kernel",)
+SUPPORTED_BOOT = ("direct-kernel", "uefi")
+UEFI_FILES = ("EFI/BOOT/BOOTAA64.EFI", "EFI/BOOT/grub.cfg")
+# Enough GRUB for a GPT disk, a FAT ESP and a gzip-compressed Debian kernel; nothing probed.
+GRUB_MODULES = ["part_gpt", "part_msdos", "fat", "ext2", "normal", "configfile", "linux", "gzio",
+                "echo", "search", "search_fs_uuid", "efi_gop"]
 BOOT_FILES = ("vmlinuz", "initrd.img", "cmdline.txt")
 
 Progress = Callable[[str], None]
@@ -94,6 +103,30 @@ def load_profile(name: str) -> DeviceProfile:
 def kernel_cmdline(profile: DeviceProfile, root_partuuid: str) -> str:
     return (f"root=PARTUUID={root_partuuid} rw rootwait console={profile.os.console} "
             "net.ifnames=0")
+
+
+def grub_config(cmdline: str) -> str:
+    return ("# claw os build: the kernel and initrd on this ESP, root by PARTUUID\n"
+            "set timeout=1\n"
+            "menuentry 'Debian (clawforge)' {\n"
+            f"  linux /vmlinuz {cmdline}\n"
+            "  initrd /initrd.img\n"
+            "}\n")
+
+
+def uefi_boot_files(root: Path, work: Path, cmdline: str) -> dict[str, Path]:
+    """BOOTAA64.EFI from the root's own GRUB (grub-efi-arm64-bin, run under qemu-user) with its
+    prefix on the ESP it is loaded from, and the grub.cfg it reads there."""
+    if not (root / "usr/lib/grub/arm64-efi").is_dir():
+        raise ClawError("the root has no GRUB for arm64-efi (expected grub-efi-arm64-bin in "
+                        "the profile's os.firmware_packages)")
+    inside = "/tmp/claw-BOOTAA64.EFI"
+    disk.run(["chroot", str(root), "grub-mkimage", "-O", "arm64-efi", "-o", inside,
+              "-p", "/EFI/BOOT", *GRUB_MODULES], "grub-mkimage (arm64-efi)", timeout=600)
+    efi, cfg = work / "BOOTAA64.EFI", work / "grub.cfg"
+    os.replace(root / inside.lstrip("/"), efi)
+    cfg.write_text(grub_config(cmdline))
+    return dict(zip(UEFI_FILES, (efi, cfg), strict=True))
 
 
 def write_fstab(root: Path, layout: disk.Layout) -> None:
@@ -197,12 +230,17 @@ def build(profile_name: str, output: Path, *, size: str = "4G",
         cmdline = work / "cmdline.txt"
         cmdline.write_text(kernel_cmdline(profile, layout.root.uuid) + "\n")
 
+        boot_files = {"vmlinuz": kernel, "initrd.img": initrd, "cmdline.txt": cmdline}
+        if profile.os.bootloader == "uefi":
+            boot_files |= steps.run("GRUB for UEFI (BOOTAA64.EFI, grub.cfg)",
+                                    lambda: uefi_boot_files(root, work, cmdline.read_text()
+                                                            .strip()))
+
         def partition() -> None:
             with open(image, "wb") as out:
                 out.truncate(size_bytes)
             disk.write_partition_table(image, layout)
-            disk.make_fat(image, layout.boot, "CLAW-BOOT",
-                          {"vmlinuz": kernel, "initrd.img": initrd, "cmdline.txt": cmdline})
+            disk.make_fat(image, layout.boot, "CLAW-BOOT", boot_files)
         steps.run(f"GPT and FAT boot partition ({profile.os.boot_partition_mb} MiB)", partition)
         steps.run(f"ext4 root filesystem ({layout.root.size // disk.MIB} MiB)",
                   lambda: disk.make_ext4(image, layout.root, root))
@@ -216,7 +254,7 @@ def build(profile_name: str, output: Path, *, size: str = "4G",
     return {"image": str(output), "files": [str(f) for f in files], "profile": profile.name,
             "size": size_bytes, "root_partuuid": layout.root.uuid,
             "boot_partuuid": layout.boot.uuid, "cmdline": kernel_cmdline(profile, layout.root.uuid),
-            "boot": f"FAT partition 1: {', '.join(BOOT_FILES)}", "steps": steps.times,
+            "boot": f"FAT partition 1: {', '.join(boot_files)}", "steps": steps.times,
             "seconds": round(time.monotonic() - started, 1)}
 
 

@@ -93,7 +93,14 @@ def make_fat(image: Path, part: Partition, label: str, files: dict[str, Path]) -
 
 
 def fill_fat(image: Path, part: Partition, files: dict[str, Path]) -> None:
+    """`files` into the FAT; the folders their names need (EFI/BOOT/…) are made first."""
     target = f"{image}@@{part.start}"
+    folders = sorted({"/".join(name.split("/")[:i]) for name in files
+                      for i in range(1, name.count("/") + 1)})
+    for folder in folders:
+        if subprocess.run(["mdir", "-b", "-i", target, f"::/{folder}"],
+                          capture_output=True).returncode != 0:
+            run(["mmd", "-i", target, f"::/{folder}"], f"mmd {folder}")
     for name, src in files.items():
         run(["mcopy", "-o", "-i", target, str(src), f"::/{name}"], f"mcopy {name}")
 

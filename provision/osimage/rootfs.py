@@ -55,9 +55,11 @@ def _digest(inputs: Any) -> str:
 
 
 def base_key(profile: DeviceProfile) -> str:
+    """The base holds the kernel, not the board's firmware/bootloader packages (those go over a
+    copy in provisioned_root), so every profile with the same kernel shares one debootstrap.
+    The empty slot is where firmware once was: the keys of roots already cached stay valid."""
     inputs = [SUITE, vm.ARCH, MIRROR, vm.PACKAGES, FIRST_BOOT_PACKAGES,
-              profile.os.kernel_packages, profile.os.firmware_packages, vm.INITRAMFS_MODULES,
-              RECIPE]
+              profile.os.kernel_packages, [], vm.INITRAMFS_MODULES, RECIPE]
     return f"base-{profile.os.suite}-{vm.ARCH}-{_digest(inputs)[:12]}"
 
 
@@ -74,6 +76,8 @@ def provisioned_key(profile: DeviceProfile, host_vars: dict[str, Any],
                     tags: list[str] | None = None) -> str:
     inputs = [base_key(profile), profile.model_dump(mode="json"), host_vars, sorted(tags or []),
               playbooks_digest()]
+    if board_initramfs(profile):
+        inputs.append(board_initramfs(profile))
     return f"provisioned-{profile.name}-{_digest(inputs)[:12]}"
 
 
@@ -152,8 +156,7 @@ def base_root(profile: DeviceProfile, progress: Progress) -> Path:
     def make(root: Path, log: Path) -> None:
         vm._check_build_tools()
         vm.bootstrap_root(root, log, progress, packages=[*vm.PACKAGES, *FIRST_BOOT_PACKAGES],
-                          kernel_packages=[*profile.os.kernel_packages,
-                                           *profile.os.firmware_packages],
+                          kernel_packages=profile.os.kernel_packages,
                           saved_log=last_log())
     return _cached(base_key(profile), progress, make)
 
@@ -166,9 +169,42 @@ def provisioned_root(profile: DeviceProfile, host_vars: dict[str, Any], progress
     def make(root: Path, log: Path) -> None:
         progress("copying the base root")
         copy_tree(base, root)
+        if profile.os.firmware_packages:
+            install_packages(root, profile.os.firmware_packages, log, progress)
+        if board_initramfs(profile):
+            rebuild_initramfs(root, board_initramfs(profile), log, progress)
         progress("applying the provisioning roles offline (chroot connection)")
         apply_roles(root, profile.name, host_vars, log, on_event, tags)
     return _cached(provisioned_key(profile, host_vars, tags), progress, make)
+
+
+def board_initramfs(profile: DeviceProfile) -> str | None:
+    """initramfs-tools' MODULES for a real board: the base's `list` holds only virtio (QEMU),
+    while a UEFI board's root may sit on NVMe, SATA, USB or SD, all modules in Debian's
+    kernel; `most` carries them all. None: keep the base's."""
+    return "most" if profile.os.bootloader == "uefi" else None
+
+
+def rebuild_initramfs(root: Path, modules: str, log: Path, progress: Progress) -> None:
+    progress(f"rebuilding the initramfs with MODULES={modules} (storage drivers of real boards)")
+    conf = root / "etc/initramfs-tools/initramfs.conf"
+    lines = [ln for ln in conf.read_text().splitlines() if not ln.startswith("MODULES=")]
+    conf.write_text("\n".join([*lines, f"MODULES={modules}"]) + "\n")
+    with chroot_session(root):
+        vm._run(["chroot", str(root), "env", "LC_ALL=C.UTF-8", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                 "update-initramfs", "-u", "-k", "all"], log, "update-initramfs", timeout=1800,
+                saved_log=last_log())
+
+
+def install_packages(root: Path, packages: list[str], log: Path, progress: Progress) -> None:
+    """The board's firmware/bootloader packages into the root (its apt lists are debootstrap's)."""
+    progress(f"installing {', '.join(packages)}")
+    env = ["env", "DEBIAN_FRONTEND=noninteractive", "LC_ALL=C.UTF-8",
+           "PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+    with chroot_session(root):
+        vm._run(["chroot", str(root), *env, "apt-get", "install", "-y",
+                 "--no-install-recommends", *packages], log, f"installing {', '.join(packages)}",
+                timeout=1800, saved_log=last_log())
 
 
 @contextlib.contextmanager

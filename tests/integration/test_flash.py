@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from provision.blockmap import map_image
-from provision.errors import ClawError
 from provision.flash import VerifyFailed, flash
 from tests.conftest import CLAW, claw_subprocess
 
@@ -215,16 +214,28 @@ def test_interrupted_flash_says_the_target_is_incomplete(tmp_path, sig):
     assert "the target is incomplete" in err and "Traceback" not in err
 
 
-def test_image_damaged_after_mapping_is_caught(tmp_path):
-    """Caught against the map's per-range hashes while writing; exit 1, not success."""
+@pytest.mark.parametrize("kind", ["raw", "zst"])
+def test_image_damaged_after_mapping_is_refused_before_writing(tmp_path, kind):
+    """Caught against the map's per-range hashes in the check pass before the device is
+    opened: exit 2 and the device byte-identical, not a half-written card."""
     img = partitioned_image(tmp_path / "os.img")
     bmap, _, _ = map_image(img)
     with open(img, "r+b") as f:
         f.seek(bmap.ranges[-2].start + 10)
         f.write(b"\x00\x01\x02")
-    with (loop_device(blank(tmp_path / "disk", 96 * MIB)) as dev,
-          pytest.raises(ClawError, match=r"do not match the block map.*target is incomplete")):
-        flash(img, Path(dev))
+    if kind == "zst":
+        import zstandard
+
+        packed = tmp_path / "os.img.zst"
+        packed.write_bytes(zstandard.ZstdCompressor(level=1).compress(img.read_bytes()))
+        img.unlink()  # os.img.bmap stays: found beside os.img.zst
+        img = packed
+    disk = blank(tmp_path / "disk", 96 * MIB, fill=b"\x5a")
+    with loop_device(disk) as dev:
+        before = sha(dev, 96 * MIB)
+        line = refused(str(img), dev)
+        assert "does not match" in line and "nothing written" in line, line
+        assert sha(dev, 96 * MIB) == before
 
 
 def test_refuses_a_device_in_use_as_swap(tmp_path):

@@ -175,3 +175,44 @@ def test_refuses_a_map_of_another_size_for_a_compressed_image(tmp_path, claw, ki
     line = refused(claw, str(packed), str(out), "--target-file", "--bmap", f"{bigger}.bmap")
     assert "33554432-byte image" in line and "not this image's map" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["zst", "xz", "gz"])
+def test_map_of_another_same_size_image_refused_before_writing(tmp_path, claw, kind):
+    """Same size, same layout, other contents: only the map's hashes can tell, and they are
+    checked over the whole stream before the target is opened."""
+    import gzip
+
+    img = sparse_image(tmp_path / "a.img")
+    other = sparse_image(tmp_path / "b.img")
+    map_image(other)
+    if kind == "gz":
+        packed = tmp_path / "a.img.gz"
+        packed.write_bytes(gzip.compress(img.read_bytes(), compresslevel=1))
+    else:
+        _, _, packed = map_image(img, kind)
+    out = tmp_path / "out.img"
+    out.write_bytes(b"keep")
+    line = refused(claw, str(packed), str(out), "--target-file", "--bmap", f"{other}.bmap")
+    assert "does not match" in line and "nothing written" in line, line
+    assert out.read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("kind", ["zst", "xz"])
+def test_compressed_image_damaged_after_mapping_refused_before_writing(tmp_path, claw, kind):
+    """Bytes flipped in the last mapped range's compressed data: refused (one line, exit 2)
+    with the target file never created, not found halfway through writing."""
+    img = sparse_image(tmp_path / "a.img")
+    _, _, packed = map_image(img, kind)
+    data = bytearray(packed.read_bytes())
+    at = len(data) * 3 // 4  # inside the last 1 MiB of random data, which dominates the file
+    data[at:at + 16] = bytes(b ^ 0xFF for b in data[at:at + 16])
+    packed.write_bytes(bytes(data))
+    out = tmp_path / "out.img"
+    line = refused(claw, str(packed), str(out), "--target-file")
+    assert "nothing written" in line and str(packed) in line, line
+    assert not out.exists()
+    img.unlink()  # the untouched raw image still flashes with its map: the check is not noise
+    packed.unlink()
+    _, _, packed = map_image(sparse_image(tmp_path / "a.img"), kind)
+    assert claw("flash", str(packed), str(out), "--target-file").code == 0

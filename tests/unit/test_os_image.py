@@ -148,3 +148,31 @@ def test_publish_moves_the_set_and_drops_a_stale_compressed_copy(tmp_path):
     assert [f.name for f in files] == ["dev.img.bmap", "dev.img.sha256", "dev.img"]
     assert sorted(p.name for p in out.iterdir()) == ["dev.img", "dev.img.bmap", "dev.img.sha256"]
     assert list(work.iterdir()) == []
+
+
+def test_esp_files_land_in_their_folders(tmp_path):
+    """The ESP layout a UEFI profile needs (EFI/BOOT/…) made by mtools in a real FAT, beside
+    the kernel files at its top; the grub.cfg boots those with root by PARTUUID."""
+    import subprocess
+
+    from provision.osimage.build import grub_config
+
+    disk.check_tools("mkfs.vfat", "mcopy")
+    image = tmp_path / "esp.img"
+    esp_size = 64 * disk.MIB
+    with open(image, "wb") as f:
+        f.truncate(esp_size + disk.MIB)
+    part = disk.Partition(1, disk.MIB, esp_size, disk.ESP_TYPE, "x")
+    cfg = tmp_path / "grub.cfg"
+    cfg.write_text(grub_config("root=PARTUUID=abcd rw"))
+    efi = tmp_path / "BOOTAA64.EFI"
+    efi.write_bytes(b"MZ" + bytes(100))
+    disk.make_fat(image, part, "CLAW-BOOT", {"cmdline.txt": cfg, "EFI/BOOT/BOOTAA64.EFI": efi,
+                                             "EFI/BOOT/grub.cfg": cfg})
+    disk.fill_fat(image, part, {"EFI/BOOT/grub.cfg": cfg})  # folders already there: fine
+    listing = subprocess.run(["mdir", "-b", "-/", "-i", f"{image}@@{disk.MIB}", "::/"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert {"::/cmdline.txt", "::/EFI/BOOT/BOOTAA64.EFI", "::/EFI/BOOT/grub.cfg"} <= set(listing)
+    text = subprocess.run(["mtype", "-i", f"{image}@@{disk.MIB}", "::/EFI/BOOT/grub.cfg"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "linux /vmlinuz root=PARTUUID=abcd rw" in text and "initrd /initrd.img" in text
