@@ -26,6 +26,7 @@ from provision.osimage.build import extract_boot_files
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.timeout(3600),  # a cold arm64 root under qemu-user: 10-20 min
     pytest.mark.skipif(shutil.which(vms.QEMU) is None,
                        reason=f"{vms.QEMU} is not installed (apt-get install qemu-system-arm)"),
 ]

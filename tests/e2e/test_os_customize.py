@@ -24,6 +24,7 @@ from provision.osimage import disk
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.timeout(3600),  # a cold arm64 root under qemu-user: 10-20 min
     pytest.mark.skipif(shutil.which(vms.QEMU) is None,
                        reason=f"{vms.QEMU} is not installed (apt-get install qemu-system-arm)"),
 ]
