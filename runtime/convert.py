@@ -97,12 +97,7 @@ def convert(
             target = choose_type(name, ref.shape, qtype, overrides)
             if progress:
                 progress(f"{name} {ref.shape} → {target.name}")
-            if target == T.F32:
-                writer.add_tensor(name, data.astype(np.float32))
-            elif target == T.F16:
-                writer.add_tensor(name, data.astype(np.float16))
-            else:
-                writer.add_tensor(name, quantize(data, target), raw_dtype=target)
+            add_typed_tensor(writer, name, data, target)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -235,3 +230,13 @@ def _add_kv(w: gguf.GGUFWriter, key: str, value: Any) -> None:
         w.add_array(key, list(value))  # element type from the first item, as llama.cpp does
     else:
         raise ModelError(f"metadata {key}: cannot write a {type(value).__name__}")
+
+
+def add_typed_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray, qtype: T) -> None:
+    """Adds `data` to a GGUF being written, stored as `qtype` (F32, F16 or a block type)."""
+    if qtype == T.F32:
+        writer.add_tensor(name, data.astype(np.float32))
+    elif qtype == T.F16:
+        writer.add_tensor(name, data.astype(np.float16))
+    else:
+        writer.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)

@@ -380,7 +380,7 @@ def write(source: ModelSource, weights: Mapping[str, np.ndarray], types: Mapping
     """A GGUF with each 2-D tensor in `types[name]` (others F32), via a temporary file."""
     import gguf
 
-    from runtime.convert import FILE_TYPES
+    from runtime.convert import FILE_TYPES, add_typed_tensor
 
     out = Path(out)
     totals: dict[T, int] = {}
@@ -394,14 +394,7 @@ def write(source: ModelSource, weights: Mapping[str, np.ndarray], types: Mapping
     try:
         _copy_metadata(writer, source.path, FILE_TYPES.get(main, 1))
         for name in source.tensors:
-            w = weights[name]
-            qtype = types.get(name, T.F32)
-            if qtype == T.F32:
-                writer.add_tensor(name, w.astype(np.float32))
-            elif qtype == T.F16:
-                writer.add_tensor(name, w.astype(np.float16))
-            else:
-                writer.add_tensor(name, quantize(w, qtype), raw_dtype=qtype)
+            add_typed_tensor(writer, name, weights[name], types.get(name, T.F32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from provision.fleet.history import open_store
 from provision.paths import state_dir
 
 KEEP_S = 24 * 3600
@@ -45,16 +46,8 @@ def db_path() -> Path:
 
 @contextmanager
 def connect(path: Path | None = None) -> Iterator[sqlite3.Connection]:
-    path = path or db_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(path, timeout=30)
-    con.row_factory = sqlite3.Row
-    try:
-        con.executescript(SCHEMA)
-        with con:
-            yield con
-    finally:
-        con.close()
+    with open_store(path or db_path(), SCHEMA) as con:
+        yield con
 
 
 def add(rows: list[dict[str, Any]], path: Path | None = None) -> None:

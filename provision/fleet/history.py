@@ -66,12 +66,19 @@ def db_path() -> Path:
 
 @contextmanager
 def connect() -> Iterator[sqlite3.Connection]:
-    path = db_path()
+    with open_store(db_path(), SCHEMA) as con:
+        yield con
+
+
+@contextmanager
+def open_store(path: Path, schema: str) -> Iterator[sqlite3.Connection]:
+    """A SQLite store with its schema applied, one transaction per use (shared with the
+    dashboard's samples); waits up to 30 s for another process's write."""
     path.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(path, timeout=30)
     con.row_factory = sqlite3.Row
     try:
-        con.executescript(SCHEMA)
+        con.executescript(schema)
         with con:
             yield con
     finally:
