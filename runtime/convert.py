@@ -10,7 +10,9 @@ F32). Written to a temporary file and renamed, so a failed conversion leaves not
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +84,7 @@ def convert(
     if src.format != "safetensors":
         raise ModelError(f"{source_dir}: expected a Hugging Face directory to convert")
     cfg = src.config
-    out = Path(out_path)
-    tmp = out.with_name(f".{out.name}.part")
-    writer = gguf.GGUFWriter(tmp, cfg.arch)
-    try:
+    with gguf_output(out_path, cfg.arch) as writer:
         _write_metadata(writer, cfg, qtype, tokenizer_metadata)
         if cfg.rope_scaling.kind == "llama3":
             writer.add_tensor("rope_freqs.weight", llama3_freq_factors(cfg))
@@ -98,15 +97,7 @@ def convert(
             if progress:
                 progress(f"{name} {ref.shape} → {target.name}")
             add_typed_tensor(writer, name, data, target)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(out)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-    return out
+    return Path(out_path)
 
 
 def _write_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, qtype: T,
@@ -240,3 +231,24 @@ def add_typed_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray, qtype
         writer.add_tensor(name, data.astype(np.float16))
     else:
         writer.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
+
+
+@contextmanager
+def gguf_output(out: str | os.PathLike[str], arch: str) -> Iterator[gguf.GGUFWriter]:
+    """A GGUFWriter whose file appears at `out` only once everything is written: the data goes
+    to a temporary file beside it, renamed at the end and removed on any failure."""
+    out = Path(out)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(out)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)

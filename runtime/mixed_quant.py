@@ -18,7 +18,6 @@ where they buy the most accuracy.
 from __future__ import annotations
 
 import heapq
-import os
 import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -378,31 +377,18 @@ def header_bytes(source: ModelSource) -> int:
 def write(source: ModelSource, weights: Mapping[str, np.ndarray], types: Mapping[str, T],
           out: Path) -> Path:
     """A GGUF with each 2-D tensor in `types[name]` (others F32), via a temporary file."""
-    import gguf
 
-    from runtime.convert import FILE_TYPES, add_typed_tensor
+    from runtime.convert import FILE_TYPES, add_typed_tensor, gguf_output
 
     out = Path(out)
     totals: dict[T, int] = {}
     for name, qtype in types.items():
         totals[qtype] = totals.get(qtype, 0) + int(np.prod(weights[name].shape))
     main = max(totals, key=lambda q: totals[q]) if totals else T.F32
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    writer = gguf.GGUFWriter(tmp, source.config.arch)
-    try:
+    with gguf_output(out, source.config.arch) as writer:
         _copy_metadata(writer, source.path, FILE_TYPES.get(main, 1))
         for name in source.tensors:
             add_typed_tensor(writer, name, weights[name], types.get(name, T.F32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(out)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
     return out
 
 
