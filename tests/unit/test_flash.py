@@ -3,6 +3,7 @@ images, real compressors, the real CLI."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -159,18 +160,21 @@ def test_refuses_the_disk_holding_root(tmp_path, claw):
     assert "holds /" in line, line
 
 
+def compressed(img: Path, kind: str) -> Path:
+    """`img` compressed beside itself (`claw bmap` writes zst and xz; gz is made here)."""
+    if kind != "gz":
+        return map_image(img, kind)[2]
+    packed = img.with_name(f"{img.name}.gz")
+    packed.write_bytes(gzip.compress(img.read_bytes(), compresslevel=1))
+    return packed
+
+
 @pytest.mark.parametrize("kind", ["zst", "xz", "gz"])
 def test_refuses_a_map_of_another_size_for_a_compressed_image(tmp_path, claw, kind):
-    import gzip
-
     img = sparse_image(tmp_path / "a.img")
     bigger = sparse_image(tmp_path / "c.img", size=32 * MIB)
     map_image(bigger)
-    if kind == "gz":
-        packed = tmp_path / "a.img.gz"
-        packed.write_bytes(gzip.compress(img.read_bytes(), compresslevel=1))
-    else:
-        _, _, packed = map_image(img, kind)
+    packed = compressed(img, kind)
     out = tmp_path / "out.img"
     line = refused(claw, str(packed), str(out), "--target-file", "--bmap", f"{bigger}.bmap")
     assert "33554432-byte image" in line and "not this image's map" in line
@@ -181,16 +185,10 @@ def test_refuses_a_map_of_another_size_for_a_compressed_image(tmp_path, claw, ki
 def test_map_of_another_same_size_image_refused_before_writing(tmp_path, claw, kind):
     """Same size, same layout, other contents: only the map's hashes can tell, and they are
     checked over the whole stream before the target is opened."""
-    import gzip
-
     img = sparse_image(tmp_path / "a.img")
     other = sparse_image(tmp_path / "b.img")
     map_image(other)
-    if kind == "gz":
-        packed = tmp_path / "a.img.gz"
-        packed.write_bytes(gzip.compress(img.read_bytes(), compresslevel=1))
-    else:
-        _, _, packed = map_image(img, kind)
+    packed = compressed(img, kind)
     out = tmp_path / "out.img"
     out.write_bytes(b"keep")
     line = refused(claw, str(packed), str(out), "--target-file", "--bmap", f"{other}.bmap")
