@@ -69,7 +69,7 @@ def _print_plan(plan: dict) -> None:
     from rich.table import Table
 
     from provision.output import console
-    from runtime.memory_plan import mib
+    from runtime.memory_plan import mib, unit_ranges
 
     table = Table(title="memory plan" + (f" for a budget of {mib(plan['budget'])}"
                                          if plan["budget"] else " (no budget: all float32)"),
@@ -92,8 +92,6 @@ def _print_plan(plan: dict) -> None:
     by_tier: dict[str, list[str]] = {}
     for unit in plan["units"]:
         by_tier.setdefault(unit["tier"], []).append(unit["name"])
-    from runtime.memory_plan import unit_ranges
-
     rows += [(f"{tier} units", f"{len(names)}: {unit_ranges(names)}")
              for tier, names in by_tier.items()]
     rates, exp = plan["rates"], plan["expected"]
@@ -227,16 +225,17 @@ def bench_cmd(
     Example: [bold]claw runtime bench model.gguf --backend opencl -p 512 -n 128 -r 5[/bold];
     [bold]claw runtime bench --plot results.png[/bold] plots bench/RESULTS.md
     """
+    from provision.errors import BadInput
     from runtime.bench import bench
 
-    if plot is not None and plot.suffix.lower() != ".png":
-        from provision.errors import BadInput
+    if plot is not None:
+        if plot.suffix.lower() != ".png":
+            raise BadInput(f"--plot {plot}: expected a .png file name")
+        from provision.dashboard.plot import pyplot
 
-        raise BadInput(f"--plot {plot}: expected a .png file name")
+        pyplot()  # a missing matplotlib is said now, not after the benchmark
     if model is None:
         if plot is None:
-            from provision.errors import BadInput
-
             raise BadInput("MODEL is required (or --plot FILE.png to plot --results)")
         from provision.dashboard import benchdata
         from provision.dashboard.plot import plot_tables

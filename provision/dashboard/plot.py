@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from provision.dashboard.benchdata import Table
 from provision.errors import ClawError
 
 
-def plot_tables(tables: list[Table], out: Path, title: str = "") -> Path:
-    """Write `out` (PNG) with a horizontal grouped bar panel per table; temp file + rename."""
+def pyplot() -> Any:
+    """matplotlib's pyplot, headless; asked for before a long benchmark, so that a missing
+    matplotlib is said at once rather than after the run."""
     try:
         import matplotlib
 
@@ -17,6 +19,12 @@ def plot_tables(tables: list[Table], out: Path, title: str = "") -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ClawError("--plot needs matplotlib (pip install 'clawforge[dashboard]')") from None
+    return plt
+
+
+def plot_tables(tables: list[Table], out: Path, title: str = "") -> Path:
+    """Write `out` (PNG) with a horizontal grouped bar panel per table; temp file + rename."""
+    plt = pyplot()
     if not tables:
         raise ClawError("nothing to plot: no table with numbers")
     fig, axes = plt.subplots(len(tables), 1, figsize=(10, 2.2 + 3.2 * len(tables)),
