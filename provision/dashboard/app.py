@@ -76,24 +76,6 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
     return int(raw)
 
 
-def releases() -> dict[str, dict[str, Any]]:
-    """Per device: the release its newest successful rollout or rollback put on it."""
-    with history.connect() as con:
-        rows = con.execute("SELECT d.device, d.to_image, r.id, r.started FROM devices d JOIN "
-                           "rollouts r ON r.id = d.rollout_id WHERE d.outcome IN ('ok', "
-                           "'current') ORDER BY r.started")
-        return {r["device"]: dict(r) for r in rows}
-
-
-def device_history(device: str) -> list[dict[str, Any]]:
-    with history.connect() as con:
-        rows = con.execute("SELECT d.*, r.kind, r.status, r.image, r.user, r.started AS "
-                           "rollout_started FROM devices d JOIN rollouts r ON r.id = "
-                           "d.rollout_id WHERE d.device=? ORDER BY r.started DESC LIMIT 50",
-                           (device,))
-        return [dict(r) for r in rows]
-
-
 def provisioning_runs(device: str) -> list[dict[str, Any]]:
     """`claw provision` runs that reached this device: each run keeps a summary.json."""
     from provision.paths import state_dir
@@ -117,7 +99,7 @@ def provisioning_runs(device: str) -> list[dict[str, Any]]:
 def device_rows(cfg: Config) -> list[dict[str, Any]]:
     samples = store.latest(cfg.samples_db)
     last = history.last_per_device()
-    rel = releases()
+    rel = history.releases_per_device()
     stale = max(3 * cfg.sample_interval, 30.0)
     rows = []
     for name, host in cfg.inventory.hosts.items():
@@ -302,7 +284,7 @@ def create_app(cfg: Config) -> FastAPI:
         return page(request, "device.html", title=name, host=host, row=row, minutes=minutes,
                     charts=charts.runtime_charts(samples, now - minutes * 60, now),
                     n_samples=len(samples), W=charts.W, H=charts.H, PAD=charts.PAD,
-                    rollouts=await run_in_threadpool(device_history, name),
+                    rollouts=await run_in_threadpool(history.device_rollouts, name),
                     provisions=await run_in_threadpool(provisioning_runs, name))
 
     @app.get("/rollouts", response_class=HTMLResponse)

@@ -198,3 +198,22 @@ def last_per_device() -> dict[str, dict[str, Any]]:
                                "ORDER BY r.started"):
             out[row["device"]] = dict(row)
     return out
+
+
+def releases_per_device() -> dict[str, dict[str, Any]]:
+    """Per device: the release its newest successful rollout or rollback put on it."""
+    with connect() as con:
+        rows = con.execute("SELECT d.device, d.to_image, r.id, r.started FROM devices d JOIN "
+                           "rollouts r ON r.id = d.rollout_id WHERE d.outcome IN ('ok', "
+                           "'current') ORDER BY r.started")
+        return {r["device"]: dict(r) for r in rows}
+
+
+def device_rollouts(device: str, limit: int = 50) -> list[dict[str, Any]]:
+    """One device's rows, newest first, each with its rollout's kind, status, image and user."""
+    with connect() as con:
+        rows = con.execute("SELECT d.*, r.kind, r.status, r.image, r.user, r.started AS "
+                           "rollout_started FROM devices d JOIN rollouts r ON r.id = "
+                           "d.rollout_id WHERE d.device=? ORDER BY r.started DESC LIMIT ?",
+                           (device, limit))
+        return [dict(r) for r in rows]
