@@ -7,6 +7,7 @@ rebuild finds the same wheel bytes and Docker reuses its layers.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import shutil
 import subprocess
@@ -51,8 +52,19 @@ def ensure_wheel(progress=print) -> Path:
     wheel = folder / wheel_name()
     if wheel.is_file():
         return wheel
-    progress(f"building {wheel_name()} (source {key})")
     folder.parent.mkdir(parents=True, exist_ok=True)
+    # setuptools builds in the source tree's build/: one build at a time from this machine
+    # (two image builds at once raced there, one deleting what the other was building).
+    with open(folder.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if wheel.is_file():  # built by whoever held the lock before us
+            return wheel
+        return _build_wheel(root, folder, key, progress)
+
+
+def _build_wheel(root: Path, folder: Path, key: str, progress=print) -> Path:
+    wheel = folder / wheel_name()
+    progress(f"building {wheel_name()} (source {key})")
     with tempfile.TemporaryDirectory(prefix="claw-wheel-", dir=folder.parent) as tmp:
         out = Path(tmp) / "dist"
         # setuptools' build/ would carry files deleted since the last build into the wheel:
