@@ -6,8 +6,12 @@ blob, not another copy of its layers."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from images.base import docker_client
@@ -57,3 +61,48 @@ def runtime_fleet(n: int, fleet: str, model: Path) -> tuple[Path, dict]:
                           "claw_runtime_install": "container", "claw_runtime_threads": 1})
     inventory.write_text(yaml.safe_dump(data, sort_keys=False))
     return inventory, group
+
+
+@dataclass
+class ReleaseFleet:
+    inventory: Path
+    group: dict  # the inventory's `emulated` group
+    names: list[str]  # the devices, in Ansible's order
+    ports: dict[str, int]  # each device's runtime port on this machine
+    releases: dict[str, str]  # version -> image tag
+    work: Path
+
+
+@contextlib.contextmanager
+def release_fleet(n: int, fleet: str, prefix: str, work: Path, model: Path,
+                  releases: dict[str, str]) -> Iterator[ReleaseFleet]:
+    """`n` engine devices provisioned for the runtime container (docker_engine, claw_runtime),
+    the numpy-only runtime image and `releases` (version -> how it fails, as release_image)
+    built on it; the devices and this fleet's images are removed afterwards."""
+    from images.build import build_image
+    from images.render import resolve
+    from provision import devices
+    from tests.conftest import claw_subprocess
+
+    model = Path(shutil.copy(model, work / "chat.gguf"))
+    base = f"{prefix}/runtime:base"
+    build_image(resolve("runtime", "qemu-virt", "amd64", "none"), tag=base,
+                progress=lambda *_: None)
+    tags = {version: f"{prefix}/runtime:{version}" for version in releases}
+    try:
+        for version, fail in releases.items():
+            release_image(base, tags[version], version, fail=fail)
+        inventory, group = runtime_fleet(n, fleet, model)
+        done = claw_subprocess("provision", "-i", str(inventory), "--tags",
+                               "docker_engine,claw_runtime", "--json")
+        assert done.code == 0, done.out[-3000:] + done.err[-2000:]
+        names = list(group["hosts"])
+        yield ReleaseFleet(inventory, group, names,
+                           {n: group["hosts"][n]["claw_runtime_port"] for n in names}, tags,
+                           work)
+    finally:
+        devices.devices_down(fleet=fleet)
+        client = docker_client()
+        for tag in [*tags.values(), base]:
+            with contextlib.suppress(Exception):  # best effort: this fleet's images only
+                client.images.remove(tag, force=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -19,10 +18,9 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from provision import devices
 from tests.browser import chromium, close, screenshot
 from tests.conftest import CLAW, claw_subprocess, dexec
-from tests.fleet_images import REV_B_MARKER, release_image, runtime_fleet
+from tests.fleet_images import REV_B_MARKER, release_fleet
 from tests.serve_model import tiny_chat_gguf
 
 pytestmark = pytest.mark.integration
@@ -41,47 +39,27 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     """Two engine devices provisioned for the runtime, two releases, and the dashboard."""
-    from images.build import build_image
-    from images.render import resolve
-
     work = tmp_path_factory.mktemp("dash")
-    model = shutil.copy(tiny_chat_gguf(tmp_path_factory.mktemp("tiny")), work / "chat.gguf")
-    base = f"{PREFIX}/runtime:base"
-    build_image(resolve("runtime", "qemu-virt", "amd64", "none"), tag=base,
-                progress=lambda *_: None)
-    releases = {"v1": f"{PREFIX}/runtime:v1", "v2": f"{PREFIX}/runtime:v2"}
-    release_image(base, releases["v1"], "v1")
-    release_image(base, releases["v2"], "v2", fail="rev-b")
-    inventory, group = runtime_fleet(2, FLEET, model)
-    done = claw_subprocess("provision", "-i", str(inventory), "--tags",
-                           "docker_engine,claw_runtime", "--json")
-    assert done.code == 0, done.out[-3000:] + done.err[-2000:]
-    names = list(group["hosts"])
-    port = free_port()
-    log = (work / "dashboard.log").open("w")
-    server = subprocess.Popen([str(CLAW), "fleet", "dashboard", "-i", str(inventory), "--port",
-                               str(port), "--token", TOKEN, "--sample", "1"],
-                              stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/devices", timeout=2).status_code == 200:
-                break
-        time.sleep(0.2)
-    try:
-        yield {"url": url, "names": names, "releases": releases, "inventory": inventory,
-               "ports": {n: group["hosts"][n]["claw_runtime_port"] for n in names},
-               "log": work / "dashboard.log"}
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        devices.devices_down(fleet=FLEET)
-        from images.base import docker_client
-
-        client = docker_client()
-        for tag in [*releases.values(), base]:
-            with contextlib.suppress(Exception):  # best effort: this test's images only
-                client.images.remove(tag, force=True)
+    model = tiny_chat_gguf(tmp_path_factory.mktemp("tiny"))
+    with release_fleet(2, FLEET, PREFIX, work, model, {"v1": "", "v2": "rev-b"}) as built:
+        port = free_port()
+        log = (work / "dashboard.log").open("w")
+        server = subprocess.Popen([str(CLAW), "fleet", "dashboard", "-i", str(built.inventory),
+                                   "--port", str(port), "--token", TOKEN, "--sample", "1"],
+                                  stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/devices", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        try:
+            yield {"url": url, "names": built.names, "releases": built.releases,
+                   "inventory": built.inventory, "ports": built.ports,
+                   "log": work / "dashboard.log"}
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
 
 
 @pytest.fixture

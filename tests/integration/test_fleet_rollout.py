@@ -11,10 +11,8 @@ each for a completion itself.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -24,10 +22,9 @@ import httpx
 import pytest
 import yaml
 
-from provision import devices
 from provision.fleet import history
 from tests.conftest import CLAW, claw_subprocess, dexec
-from tests.fleet_images import REV_B_MARKER, release_image, runtime_fleet
+from tests.fleet_images import REV_B_MARKER, release_fleet
 from tests.registry import local_registry
 from tests.serve_model import tiny_chat_gguf
 
@@ -93,39 +90,18 @@ def with_vars(setup, name: str, host: str | None = None, **more) -> Path:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Ten engine devices provisioned for the runtime container, and the releases."""
-    from images.build import build_image
-    from images.render import resolve
-
     work = tmp_path_factory.mktemp("fleet")
-    model = shutil.copy(tiny_chat_gguf(tmp_path_factory.mktemp("tiny")), work / "chat.gguf")
-    base = f"{PREFIX}/runtime:base"
-    build_image(resolve("runtime", "qemu-virt", "amd64", "none"), tag=base,
-                progress=lambda *_: None)
-    releases = {v: f"{PREFIX}/runtime:{v}" for v in ("v1", "v2", "v3", "v4", "v5")}
-    for version, tag in releases.items():
-        release_image(base, tag, version, fail="rev-b" if version == "v3" else "")
-    releases["bad"] = f"{PREFIX}/runtime:bad"
-    release_image(base, releases["bad"], "bad", fail="always")
-    inventory, group = runtime_fleet(N, FLEET, model)
-    result = claw_subprocess("provision", "-i", str(inventory), "--tags",
-                             "docker_engine,claw_runtime", "--json")
-    assert result.code == 0, result.out[-3000:] + result.err[-2000:]
-    again = claw_subprocess("provision", "-i", str(inventory), "--tags",
-                            "docker_engine,claw_runtime", "--json")
-    # idempotent even with no release yet (the service waits for its first image)
-    assert [h["changed"] for h in json.loads(again.out)["hosts"]] == [0] * N, again.out[-2000:]
-    names = list(group["hosts"])
-    ports = {n: group["hosts"][n]["claw_runtime_port"] for n in names}
-    with local_registry(work / "registry") as registry:
-        yield {"inventory": inventory, "names": names, "ports": ports, "releases": releases,
-               "registry": registry, "work": work}
-    devices.devices_down(fleet=FLEET)
-    from images.base import docker_client
-
-    client = docker_client()
-    for tag in [*releases.values(), base]:
-        with contextlib.suppress(Exception):  # best effort: this test's images only
-            client.images.remove(tag, force=True)
+    model = tiny_chat_gguf(tmp_path_factory.mktemp("tiny"))
+    versions = {v: "rev-b" if v == "v3" else "" for v in ("v1", "v2", "v3", "v4", "v5")}
+    with release_fleet(N, FLEET, PREFIX, work, model, {**versions, "bad": "always"}) as fleet:
+        again = claw_subprocess("provision", "-i", str(fleet.inventory), "--tags",
+                                "docker_engine,claw_runtime", "--json")
+        # idempotent even with no release yet (the service waits for its first image)
+        assert [h["changed"] for h in json.loads(again.out)["hosts"]] == [0] * N, \
+            again.out[-2000:]
+        with local_registry(work / "registry") as registry:
+            yield {"inventory": fleet.inventory, "names": fleet.names, "ports": fleet.ports,
+                   "releases": fleet.releases, "registry": registry, "work": work}
 
 
 def test_first_install_by_tarball_then_upgrade_through_a_registry(setup):
