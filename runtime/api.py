@@ -21,6 +21,20 @@ from runtime.model_file import open_model
 from runtime.sampling import SamplingParams
 
 
+def open_opencl_device() -> Any:
+    """(Device, ProgramCache) for --backend opencl, as a clear error when there is none."""
+    from runtime.backends.opencl_device import NoDevice
+    from runtime.errors import DeviceError
+
+    try:
+        from runtime.backends.opencl_backend import open_device
+
+        return open_device()
+    except (NoDevice, ImportError) as e:
+        raise DeviceError(f"--backend opencl: {e} (expected an OpenCL device, or --backend "
+                          "numpy / auto)") from None
+
+
 class Model:
     def __init__(self, path: str | os.PathLike[str], *, backend: str = "auto",
                  n_ctx: int | None = None, memory_budget: int | str | None = None,
@@ -30,7 +44,7 @@ class Model:
         `measure` times disk, memory and dequantization for the plan's speed estimate
         (default: when there is a budget; cached per machine). `sequences`: KV caches held at
         once (the server's batch)."""
-        from runtime.memory_plan import make_plan, measure_rates, parse_budget
+        from runtime.memory_plan import make_plan, measure_rates, parse_budget, plan_backend
 
         budget = parse_budget(memory_budget)
         if prefill_chunk < 1:
@@ -40,13 +54,17 @@ class Model:
         self.config = self.source.config
         self.tokenizer = self.source.load_tokenizer() if self.source.load_tokenizer else None
         self.n_ctx = min(n_ctx or self.config.context_length, self.config.context_length)
+        planned_for, device = plan_backend(backend), None
+        if planned_for == "opencl" and budget is not None:  # the driver is part of the baseline
+            device = open_opencl_device()
         self.plan = make_plan(self.source, budget, n_ctx=self.n_ctx, chunk=prefill_chunk,
-                              sequences=sequences)  # a budget below the minimum fails here
-        if budget is not None if measure is None else measure:
+                              sequences=sequences, backend=planned_for)  # below minimum: fails
+        # the measured speeds are the numpy tiers': an OpenCL plan gives none
+        if planned_for == "numpy" and (budget is not None if measure is None else measure):
             self.plan = make_plan(self.source, budget, n_ctx=self.n_ctx, chunk=prefill_chunk,
                                   sequences=sequences, baseline=self.plan.baseline,
                                   rates=measure_rates(self.source, budget=budget))
-        choice = create_backend(backend, self.source, plan=self.plan)
+        choice = create_backend(backend, self.source, plan=self.plan, device=device)
         self.backend, self.backend_reason = choice.backend, choice.reason
 
     @classmethod

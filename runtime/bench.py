@@ -40,16 +40,21 @@ def host_copy_bandwidth(nbytes: int = 256 << 20) -> float:
 def _load(path: Path, backend: str, budget: int | None = None,
           n_ctx: int = 0) -> tuple[Any, str, float]:
     from runtime.backends import create_backend
-    from runtime.memory_plan import make_plan, measure_rates
+    from runtime.memory_plan import make_plan, measure_rates, plan_backend
     from runtime.model_file import open_model
 
     start = time.perf_counter()
     source = open_model(path)
-    plan = None
-    if budget is not None:  # the pp test runs the whole prompt as one chunk
+    plan, device = None, None
+    if budget is not None and plan_backend(backend) == "opencl":  # the driver in the baseline
+        from runtime.api import open_opencl_device
+
+        device = open_opencl_device()
+        plan = make_plan(source, budget, n_ctx=n_ctx, chunk=n_ctx, backend="opencl")
+    elif budget is not None:  # the pp test runs the whole prompt as one chunk
         plan = make_plan(source, budget, n_ctx=n_ctx, chunk=n_ctx,
                          rates=measure_rates(source, budget=budget))
-    choice = create_backend(backend, source, plan=plan)
+    choice = create_backend(backend, source, plan=plan, device=device)
     return choice.backend, choice.reason, time.perf_counter() - start
 
 
@@ -80,8 +85,10 @@ def _plan_report(backend: Any) -> dict[str, Any]:
     plan = getattr(backend, "plan", None)
     if plan is None or plan.budget is None:
         return {}
+    ring = getattr(backend, "ring", None)
     return {"memory_plan": plan.as_dict(), "memory_plan_summary": plan.summary(),
-            "streamed_bytes": backend.w.reads}
+            "streamed_bytes": backend.w.reads if hasattr(backend, "w") else
+            ring.reads if ring else 0}
 
 
 def bench(path: Path, backend_name: str = "auto", n_prompt: int = 512, n_gen: int = 128,

@@ -17,7 +17,7 @@ app = typer.Typer(help="Run, inspect and convert quantized LLMs (GGUF or Hugging
 
 BACKEND_HELP = "numpy, opencl or auto (OpenCL when present and faster, else numpy)."
 BUDGET_HELP = ("Resident memory for the whole process, e.g. 512M or 2G: layers that do not fit "
-               "stream from disk (numpy backend).")
+               "stream from disk (numpy; opencl through a ring of device buffers).")
 
 
 @app.command("info")
@@ -26,18 +26,25 @@ def info(
     memory_budget: str | None = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
     ctx: int | None = typer.Option(None, "--ctx", min=16, help="Context size (tokens) the "
                                    "KV cache and attention scratch are sized for."),
+    backend: str = typer.Option("numpy", "--backend", help="Whose memory plan: numpy, or "
+                                "opencl (device ring for streamed layers; loads the model on "
+                                "the device)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Architecture, parameters, bytes per tensor type, context length, tokenizer, and the
     memory plan: KV cache, activation and attention scratch bounds, and with --memory-budget
     which layers stay resident or stream and the expected decode speed (from measured disk,
-    memory and dequantization rates, cached per machine).
+    memory and dequantization rates, cached per machine); with --backend opencl, the ring of
+    device buffers streamed layers go through (slots, bytes per slot, host staging).
 
     Example: [bold]claw runtime info smollm-135m-q8_0.gguf --memory-budget 512M[/bold]
     """
+    from provision.errors import BadInput
     from runtime.api import Model
 
-    data = Model(model, backend="numpy", n_ctx=ctx, memory_budget=memory_budget).info()
+    if backend not in ("numpy", "opencl"):
+        raise BadInput(f"--backend {backend!r}: expected numpy or opencl")
+    data = Model(model, backend=backend, n_ctx=ctx, memory_budget=memory_budget).info()
     if json_out:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
@@ -82,10 +89,14 @@ def _print_plan(plan: dict) -> None:
                         f"{plan['prefill_chunk']} tokens"),
         ("attention scratch", f"≤ {mib(plan['attention_scratch'])} (queries in blocks of "
                               f"{plan['attention_rows']})"),
-        ("tile scratch", f"{mib(plan['tile_scratch'])} (quantized matmuls)"),
+        ("tile scratch", f"{mib(plan['tile_scratch'])} (quantized matmuls)")
+        if plan.get("backend") != "opencl" else ("backend", "opencl (GGUF blocks on the device)"),
         ("process baseline", mib(plan["baseline"])),
         ("weights resident", mib(plan["weights_resident"])),
         ("stream slots", mib(plan["stream_slots"])),
+        *([("OpenCL ring", f"{ring['slots']} device buffers of {mib(ring['slot_bytes'])} "
+            f"({mib(ring['device_bytes'])}; host memory too on a unified-memory device), "
+            f"host staging {mib(ring['staging_bytes'])}")] if (ring := plan.get("ring")) else []),
         ("peak", mib(plan["peak"])),
         ("minimum budget", mib(plan["minimum_budget"])),
     ]
@@ -360,7 +371,7 @@ def serve(
         from runtime.memory_plan import check_budget
 
         check_budget(cfg.model, cfg.memory_budget, n_ctx=cfg.context,
-                     sequences=cfg.scheduler.max_batch)
+                     sequences=cfg.scheduler.max_batch, backend=cfg.backend)
     key = api_key or (read_key_file(cfg.api_key_file, "api_key_file")
                       if cfg.api_key_file else None)
     logging.basicConfig(level=cfg.log_level.upper(),

@@ -45,6 +45,9 @@ from runtime.model_file import ModelSource
 
 TIERS = ("f32", "quantized", "stream")
 TILE_BYTES = 1 << 20  # float32 bytes of one dequantized row tile in a quantized matmul
+RING_SLOTS = 2  # OpenCL: device buffers for streamed units (one computing, one uploading)
+STAGING_BYTES = 1 << 20  # OpenCL: the host buffer streamed blocks pass through to the device
+SLOT_ALIGN = 512  # OpenCL: bytes a tensor in a ring slot may be padded by (sub-buffer origin)
 ATTENTION_SCRATCH = 16 << 20  # attention scores of one query block stay under this
 _SCALE = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -290,6 +293,8 @@ class Plan:
     stream_slots: int  # file bytes of the two largest streamed units (current + prefetched)
     units: list[Unit] = field(default_factory=list)
     rates: Rates | None = None
+    backend: str = "numpy"  # "opencl": no f32 tier, streamed units go through a device ring
+    ring_slot_bytes: int = 0  # OpenCL: one ring slot (the largest streamed unit, aligned)
 
     @property
     def fixed(self) -> int:
@@ -299,7 +304,10 @@ class Plan:
 
     @property
     def minimum(self) -> int:
-        """The smallest budget that runs: fixed costs plus one streamed layer and the next."""
+        """The smallest budget that runs: fixed costs plus one streamed layer and the next (on
+        OpenCL: a ring of slots for the largest unit, and the staging buffer)."""
+        if self.backend == "opencl":
+            return self.fixed + RING_SLOTS * max(map(slot_bytes, self.units)) + STAGING_BYTES
         return self.fixed + 2 * max(u.quantized_bytes for u in self.units)
 
     @property
@@ -315,6 +323,16 @@ class Plan:
     def peak(self) -> int:
         """The most this plan holds at once."""
         return self.fixed + self.weights_resident + (self.stream_slots if self.streaming else 0)
+
+    @property
+    def ring(self) -> dict[str, int] | None:
+        """OpenCL's ring of device buffers when units stream: slots, bytes per slot and the
+        host staging buffer; on a unified-memory device (a CPU, an iGPU) the ring is host
+        memory too, which is why `stream_slots` counts it whole."""
+        if self.backend != "opencl" or not self.streaming:
+            return None
+        return {"slots": RING_SLOTS, "slot_bytes": self.ring_slot_bytes,
+                "device_bytes": RING_SLOTS * self.ring_slot_bytes, "staging_bytes": STAGING_BYTES}
 
     def tiers(self) -> dict[str, str]:
         return {t: u.tier for u in self.units for t in u.tensors}
@@ -341,6 +359,7 @@ class Plan:
             "tile_scratch": self.tile_scratch, "small_tensors": self.small_tensors,
             "weights_resident": self.weights_resident,
             "stream_slots": self.stream_slots if self.streaming else 0,
+            "backend": self.backend, "ring": self.ring,
             "tiers": counts,
             "units": [{"name": u.name, "tier": u.tier, "quantized_bytes": u.quantized_bytes,
                        "f32_bytes": u.f32_bytes} for u in self.units],
@@ -354,6 +373,10 @@ class Plan:
         parts = [f"{len(v)} {t}" for t, v in counts.items() if v]
         exp = self.expected()
         budget = "no budget" if self.budget is None else f"budget {mib(self.budget)}"
+        ring = self.ring
+        if ring:
+            parts.append(f"OpenCL ring {ring['slots']} x {mib(ring['slot_bytes'])} + staging "
+                         f"{mib(ring['staging_bytes'])}")
         return (f"memory plan: {budget}, peak ~{mib(self.peak)} (baseline {mib(self.baseline)}, "
                 f"KV cache {mib(self.kv_cache)}, scratch "
                 f"{mib(self.activations + self.attention_scratch + self.tile_scratch)}); "
@@ -377,6 +400,11 @@ def unit_ranges(names: list[str]) -> str:
                 continue
         out.append(n)
     return ", ".join(out)
+
+
+def slot_bytes(unit: Unit) -> int:
+    """Bytes of an OpenCL ring slot holding `unit`: its blocks, each tensor's start aligned."""
+    return unit.quantized_bytes + SLOT_ALIGN * len(unit.tensors)
 
 
 def weight_units(source: ModelSource) -> tuple[list[Unit], int]:
@@ -410,33 +438,47 @@ def scratch(source: ModelSource, n_ctx: int, chunk: int) -> dict[str, int]:
 
 
 def check_budget(path: str | os.PathLike[str], budget: str | int, *, n_ctx: int | None = None,
-                 chunk: int = 256, sequences: int = 1) -> Plan:
+                 chunk: int = 256, sequences: int = 1, backend: str = "numpy") -> Plan:
     """The plan for running `path` under `budget`, without timing anything, so that a server
     refuses a budget below the minimum at start (exit 2, one line) rather than in its log."""
     from runtime.model_file import open_model
 
     source = open_model(path)
     ctx = min(n_ctx or source.config.context_length, source.config.context_length)
-    return make_plan(source, parse_budget(budget), n_ctx=ctx, chunk=chunk, sequences=sequences)
+    return make_plan(source, parse_budget(budget), n_ctx=ctx, chunk=chunk, sequences=sequences,
+                     backend=plan_backend(backend))
+
+
+def plan_backend(backend: str) -> str:
+    """Which plan a backend choice runs: `opencl` its own (device ring, no float32 tier);
+    numpy and auto (which streams on numpy) the numpy one."""
+    return "opencl" if backend == "opencl" else "numpy"
 
 
 def make_plan(source: ModelSource, budget: int | None, *, n_ctx: int, chunk: int = 256,
               baseline: int | None = None, rates: Rates | None = None,
-              sequences: int = 1) -> Plan:
+              sequences: int = 1, backend: str = "numpy") -> Plan:
     """Tier every unit under `budget` (None: everything float32, as without a budget).
 
     Everything fits as file bytes → all `quantized`, then units are promoted to `f32` in order
     while the extra float32 bytes fit. Otherwise two streaming slots are set aside and units
     stay `quantized` in order while their bytes fit; the rest `stream`. `sequences` KV caches
-    are counted (a server decoding a batch holds one per sequence)."""
+    are counted (a server decoding a batch holds one per sequence).
+
+    `backend="opencl"`: the device keeps GGUF blocks (no `f32` tier, no host tiles); the
+    streaming reserve is a ring of RING_SLOTS device buffers sized for the largest unit plus
+    the host staging buffer, then shrunk to the largest unit that does stream."""
     units, small = weight_units(source)
     chunk = min(chunk, n_ctx)
     s = scratch(source, n_ctx, chunk)
     plan = Plan(budget, n_ctx, chunk, rss_bytes() if baseline is None else baseline,
                 s["kv_cache"] * sequences, s["activations"], s["attention_scratch"],
-                s["attention_rows"], s["tile_scratch"], small, 0, units, rates)
+                s["attention_rows"], s["tile_scratch"], small, 0, units, rates, backend)
     top2 = sorted((u.quantized_bytes for u in units), reverse=True)[:2]
     plan.stream_slots = sum(top2)
+    if backend == "opencl":
+        plan.tile_scratch = 0
+        plan.stream_slots = plan.minimum - plan.fixed
     if rates is not None:
         for i, u in enumerate(units):
             u.seconds = {"f32": u.f32_bytes / rates.memory, "quantized": sum(
@@ -463,7 +505,7 @@ def make_plan(source: ModelSource, budget: int | None, *, n_ctx: int, chunk: int
         room -= sum(u.quantized_bytes for u in units)
         for u in units:
             u.tier = "quantized"
-            if u.f32_bytes - u.quantized_bytes <= room:
+            if u.f32_bytes - u.quantized_bytes <= room and backend != "opencl":
                 u.tier, room = "f32", room - (u.f32_bytes - u.quantized_bytes)
         return plan
     room -= plan.stream_slots
@@ -472,4 +514,7 @@ def make_plan(source: ModelSource, budget: int | None, *, n_ctx: int, chunk: int
             u.tier, room = "quantized", room - u.quantized_bytes
         else:
             u.tier = "stream"
+    if backend == "opencl":
+        plan.ring_slot_bytes = max(slot_bytes(u) for u in units if u.tier == "stream")
+        plan.stream_slots = RING_SLOTS * plan.ring_slot_bytes + STAGING_BYTES
     return plan

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -84,12 +84,14 @@ class Choice:
 
 
 def create_backend(name: str, source: ModelSource, *, memory_budget: int | None = None,
-                   plan: Plan | None = None) -> Choice:
+                   plan: Plan | None = None, device: Any = None) -> Choice:
     """Make the backend `name` (numpy, opencl or auto), saying why `auto` picked what it did.
 
-    A `plan` that streams layers runs on numpy only: the OpenCL backend uploads every weight
-    once and has no ring of device buffers yet, so `opencl` refuses it and `auto` says why it
-    fell back."""
+    `opencl` under a budget needs a plan made for it (make_plan(..., backend="opencl")): its
+    streamed units go through a ring of device buffers. `auto` under a plan that streams picks
+    numpy: probing OpenCL would upload every weight, past the budget. `device`: (Device,
+    ProgramCache) from opencl_backend.open_device, opened before the plan measured the
+    process."""
     if name not in BACKENDS:
         raise ModelError(f"backend {name!r} is not known (expected one of: {', '.join(BACKENDS)})")
     from runtime.backends.numpy_backend import NumpyBackend
@@ -101,30 +103,29 @@ def create_backend(name: str, source: ModelSource, *, memory_budget: int | None 
     if name == "numpy":
         return Choice(numpy_backend(), "asked for numpy")
     if name == "opencl":
-        if streams:
-            raise ModelError(
-                f"--memory-budget {mib(plan.budget)} streams layers, which only the numpy "
-                "backend does (OpenCL keeps every weight on the device); expected --backend "
-                "numpy (or auto, which picks numpy) to stream, or a budget of at least "
-                f"{mib(_all_resident(plan))} for opencl")
-        backend = _opencl(source)
-        return Choice(backend, f"asked for opencl: {backend.dev.describe()}")
+        budgeted = plan is not None and plan.budget is not None
+        if budgeted and plan.backend != "opencl":
+            raise ModelError(f"--memory-budget {mib(plan.budget)} was planned for numpy; "
+                             "expected a plan made with backend='opencl' for --backend opencl")
+        backend = _opencl(source, plan if budgeted else None, device)
+        ring = f", {mib(backend.ring.nbytes)} ring of {len(backend.ring.slots)} slots for " \
+            f"{len(backend.streamed)} streamed units" if backend.ring else ""
+        return Choice(backend, f"asked for opencl: {backend.dev.describe()}{ring}")
     if streams:
-        return Choice(numpy_backend(), "auto: numpy (the memory budget streams layers, which "
-                      "only the numpy backend does)")
+        return Choice(numpy_backend(), "auto: numpy (the memory budget streams layers, and "
+                      "probing OpenCL would upload every weight; --backend opencl streams "
+                      "through a ring of device buffers)")
     return _auto(source, numpy_backend)
 
 
-def _all_resident(plan: Plan) -> int:
-    return plan.fixed + sum(u.quantized_bytes for u in plan.units)
-
-
-def _opencl(source: ModelSource):  # -> OpenCLBackend, imported lazily (pyopencl is optional)
+def _opencl(source: ModelSource, plan: Plan | None = None, device: Any = None):
+    """An OpenCLBackend (imported lazily: pyopencl is optional), on `device` when given."""
     from runtime.backends.opencl_backend import OpenCLBackend
     from runtime.backends.opencl_device import NoDevice
 
+    dev, programs = device if device is not None else (None, None)
     try:
-        return OpenCLBackend(source)
+        return OpenCLBackend(source, device=dev, programs=programs, plan=plan)
     except NoDevice as e:
         raise DeviceError(f"--backend opencl: {e} (expected an OpenCL device, or --backend "
                           "numpy / auto)") from None

@@ -6,6 +6,11 @@ writes the token ids and reads the logits (or, for greedy decoding, one token id
 projections write straight into the cache and the output projections add into the residual
 stream, so a layer is 13-15 kernel launches and no copies; a decode step fuses Q/K/V into one
 launch and gate/up/SwiGLU into another on CPU-shaped devices (9 launches a layer).
+
+Under a memory plan that streams (`--memory-budget`, planned with `backend="opencl"`), the
+resident units are uploaded as above and the streamed ones go through a ring of device buffers
+(`opencl_ring.DeviceRing`): the next streamed unit uploads while the current one computes, and
+embedding rows are looked up on the host, so the table is never uploaded whole.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from runtime.backends.opencl_programs import ProgramCache
 from runtime.backends.opencl_tuning import load_params
 from runtime.config import ModelConfig
 from runtime.errors import ModelError
+from runtime.memory_plan import Plan
 from runtime.model_file import ModelSource
 
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -49,7 +55,10 @@ class OpenCLBackend(Backend):
     name = "opencl"
 
     def __init__(self, source: ModelSource, *, device: Device | None = None,
-                 params: Params | None = None, programs: ProgramCache | None = None):
+                 params: Params | None = None, programs: ProgramCache | None = None,
+                 plan: Plan | None = None):
+        """`plan`: a memory plan made with backend="opencl"; its streamed units go through a
+        ring of device buffers (without one, or without a budget, every weight is uploaded)."""
         super().__init__(source)
         start = time.perf_counter()
         self.dev = device or find_device()
@@ -61,13 +70,29 @@ class OpenCLBackend(Backend):
         if cfg.head_dim % 4 or cfg.head_dim > 256:
             raise ModelError(f"head_dim {cfg.head_dim} has no OpenCL attention kernel "
                              "(expected a multiple of 4, at most 256)")
-        self.layers = [self._upload_layer(i) for i in range(cfg.n_layers)]
+        self.plan = plan if plan is not None and plan.budget is not None else None
+        if self.plan is not None and self.plan.backend != "opencl":
+            raise ModelError("the OpenCL backend needs a memory plan made for it "
+                             "(make_plan(..., backend='opencl'))")
+        self.streamed = {i for i, u in enumerate(self.plan.units) if u.tier == "stream"} \
+            if self.plan else set()
+        self.ring = None
+        if self.streamed:
+            from runtime.backends.opencl_ring import DeviceRing
+
+            self.ring = DeviceRing(self.kern, source, self.plan)
+        self.layers = [self._upload_layer(i, i not in self.streamed)
+                       for i in range(cfg.n_layers)]
         self.output_norm = self._vector("output_norm.weight")
-        self.embd = self._matrix("token_embd.weight")
-        self.head = self.embd if cfg.tied_embeddings else self._matrix("output.weight")
-        self.weight_bytes = sum(m.nbytes for layer in self.layers for m in layer.values()
-                                if isinstance(m, DeviceMatrix)) + self.embd.nbytes + (
-            0 if cfg.tied_embeddings else self.head.nbytes)
+        head_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+        self.head = None if cfg.n_layers in self.streamed else self._matrix(head_name)
+        # the embedding table on the device, unless the plan streams: then rows come from the
+        # host (the table is then not a resident unit, or it is the streamed head)
+        self.embd = (self.head if cfg.tied_embeddings else self._matrix("token_embd.weight")) \
+            if not self.streamed else self.head if cfg.tied_embeddings else None
+        resident = [m for layer in self.layers for m in layer.values()
+                    if isinstance(m, DeviceMatrix)] + [self.embd, self.head]
+        self.weight_bytes = sum(m.nbytes for m in {id(m): m for m in resident if m}.values())
         from runtime.backends.numpy_backend import rope_inv_freq
 
         factors = source.tensors.get("rope_freqs.weight")
@@ -96,9 +121,11 @@ class OpenCLBackend(Backend):
     def _vector(self, name: str) -> Any:
         return self.kern.upload(self.source.tensors[name].to_float32().reshape(-1))
 
-    def _upload_layer(self, i: int) -> dict[str, Any]:
+    def _upload_layer(self, i: int, matrices: bool = True) -> dict[str, Any]:
+        """Layer i's norms and biases, and its matrices unless they stream."""
         b = f"blk.{i}."
-        layer: dict[str, Any] = {m: self._matrix(b + m + ".weight") for m in MATRICES}
+        layer: dict[str, Any] = {m: self._matrix(b + m + ".weight") for m in MATRICES} \
+            if matrices else {}
         layer["attn_norm"] = self._vector(b + "attn_norm.weight")
         layer["ffn_norm"] = self._vector(b + "ffn_norm.weight")
         if self.config.qkv_bias:
@@ -165,15 +192,16 @@ class OpenCLBackend(Backend):
         self._rope_tables(cache.n_ctx)
         self._scratch(n, pos0 + n)
         cl = self.dev.cl
-        if len(self.embd.parts) == 1:
+        if self.embd is not None and len(self.embd.parts) == 1:
             cl.enqueue_copy(self.dev.queue, self.token_buf, np.asarray(tokens, np.int32))
             k.get_rows(self.embd, self.token_buf, self.x, n)
-        else:  # a table split past the device's largest buffer: rows dequantized on the host
+        else:  # split past the largest buffer, or not on the device: rows dequantized here
             table = self.source.tensors["token_embd.weight"]
             rows = np.concatenate([table.rows(t, t + 1) for t in tokens])
             cl.enqueue_copy(self.dev.queue, self.x, rows)
         kv_off = pos0 * KV * D
-        for i, w in enumerate(self.layers):
+        for i in range(cfg.n_layers):
+            w = self._enter(i)
             k.rms_norm(self.x, w["attn_norm"], self.xn, C, n, cfg.norm_eps)
             if n == 1:
                 k.matmul_qkv(w["attn_q"], w["attn_k"], w["attn_v"], self.xn, self.q, cache.k[i],
@@ -199,6 +227,8 @@ class OpenCLBackend(Backend):
                 k.matmul(w["ffn_up"], self.xn, self.up, n)
                 k.swiglu(self.gate, self.up, n * cfg.ffn_dim)
             k.matmul(w["ffn_down"], self.gate, self.x, n, accumulate=True)
+            if i in self.streamed:
+                self.ring.leave(i)
         cache.length += n
         n_out = n if all_logits else 1
         if n_out < n:  # only the last row goes through the head
@@ -207,8 +237,22 @@ class OpenCLBackend(Backend):
             k.rms_norm(self.xn, self.output_norm, self.xn, C, 1, cfg.norm_eps)
         else:
             k.rms_norm(self.x, self.output_norm, self.xn, C, n, cfg.norm_eps)
-        k.matmul(self.head, self.xn, self.logits, n_out)
+        head = self.head
+        if head is None:  # streamed
+            head = next(iter(self.ring.enter(cfg.n_layers).values()))
+        k.matmul(head, self.xn, self.logits, n_out)
+        if head is not self.head:
+            self.ring.leave(cfg.n_layers)
         return n_out
+
+    def _enter(self, i: int) -> dict[str, Any]:
+        """Layer i's weights: resident, or its ring slot's (waiting for its upload) with the
+        layer's norms and biases."""
+        if i not in self.streamed:
+            return self.layers[i]
+        b = f"blk.{i}."
+        slot = self.ring.enter(i)
+        return {**self.layers[i], **{m: slot[b + m + ".weight"] for m in MATRICES}}
 
     def greedy_next(self) -> int:
         """argmax of the first logits row on the device (after a forward_device without
@@ -222,7 +266,7 @@ class OpenCLBackend(Backend):
         scratch = [getattr(self, n, None) for n in ("x", "xn", "q", "att", "gate", "up",
                                                     "logits", "token_buf", "part")]
         held = self.kern.uploaded_bytes + sum(b.size for b in scratch if b is not None) + sum(
-            c.nbytes for c in self.caches)
+            c.nbytes for c in self.caches) + (self.ring.nbytes if self.ring else 0)
         return held, int(self.dev.device.global_mem_size)
 
     def describe(self) -> dict[str, Any]:
@@ -230,7 +274,21 @@ class OpenCLBackend(Backend):
                 "params_from": self.params_from, "programs": dict(self.programs.stats),
                 "weight_bytes": self.weight_bytes,
                 "host_pointer_bytes": self.kern.host_pointer_bytes,
+                "ring": None if self.ring is None else {
+                    "slots": len(self.ring.slots), "slot_bytes": self.ring.slot_bytes,
+                    "staging_bytes": self.ring.staging.nbytes,
+                    "streamed_units": len(self.streamed)},
                 "load_seconds": round(self.load_seconds, 3)}
+
+
+def open_device() -> tuple[Device, ProgramCache]:
+    """The device with its programs built or loaded, before a memory plan reads the process's
+    baseline: the OpenCL driver and its compiler (PoCL's LLVM: ~50 MiB here) are host memory the
+    budget must count."""
+    dev = find_device()
+    programs = ProgramCache(dev)
+    Kernels(dev, load_params(dev)[0], programs)
+    return dev, programs
 
 
 def quick_probe(backend: OpenCLBackend, source: ModelSource) -> tuple[float, float]:
