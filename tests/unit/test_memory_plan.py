@@ -166,18 +166,49 @@ def test_serve_below_the_minimum_exits_2_at_start(claw, model, tmp_path, where, 
     assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err
 
 
-def test_opencl_refuses_a_budget_that_streams_and_auto_says_why(model):
+def test_opencl_needs_its_own_plan_and_auto_streams_on_numpy(model):
+    """A numpy plan (f32 tiers, host tiles) is not what the OpenCL backend runs: refused before
+    any device is touched; auto under a streaming budget stays numpy and says why."""
     from runtime.backends import create_backend
 
     src = open_model(model)
     least = make_plan(src, None, n_ctx=64, baseline=0).minimum
     plan = make_plan(src, least, n_ctx=64, baseline=0)
-    with pytest.raises(ModelError, match=r"streams layers, which only the numpy backend does "
-                       r".* expected --backend numpy \(or auto, which picks numpy\) to stream, "
-                       r"or a budget of at least [\d.,]+ MiB for opencl"):
+    with pytest.raises(ModelError, match=r"was planned for numpy; expected a plan made with "
+                       r"backend='opencl' for --backend opencl"):
         create_backend("opencl", src, plan=plan)
     choice = create_backend("auto", src, plan=plan)
     assert choice.backend.name == "numpy" and "streams layers" in choice.reason
+    assert "--backend opencl streams through a ring of device buffers" in choice.reason
+
+
+def test_the_opencl_plan_keeps_blocks_and_sizes_a_ring(model):
+    """No f32 tier on OpenCL; the reserve is two slots of the largest unit plus the staging
+    buffer, shrunk to the largest unit that does stream; every byte counted in the peak."""
+    from runtime.memory_plan import RING_SLOTS, SLOT_ALIGN, STAGING_BYTES, slot_bytes
+
+    src = open_model(model)
+    base = make_plan(src, None, n_ctx=64, chunk=16, baseline=0, backend="opencl")
+    largest = max(slot_bytes(u) for u in base.units)
+    assert base.minimum == base.fixed + RING_SLOTS * largest + STAGING_BYTES
+    assert base.tile_scratch == 0  # the device reads the blocks: no host tiles
+    total = sum(u.quantized_bytes for u in base.units)
+    roomy = make_plan(src, base.fixed + 10 * total, n_ctx=64, chunk=16, baseline=0,
+                      backend="opencl")
+    assert {u.tier for u in roomy.units} == {"quantized"} and roomy.ring is None
+    half = make_plan(src, base.fixed + total - 1, n_ctx=64, chunk=16, baseline=0,
+                     backend="opencl")  # one byte short of all resident
+    streamed = [u for u in half.units if u.tier == "stream"]
+    assert streamed and {u.tier for u in half.units} == {"quantized", "stream"}
+    ring = half.ring
+    assert ring["slots"] == RING_SLOTS and ring["staging_bytes"] == STAGING_BYTES
+    assert ring["slot_bytes"] == max(slot_bytes(u) for u in streamed)
+    assert ring["slot_bytes"] <= max(u.quantized_bytes for u in streamed) + 16 * SLOT_ALIGN
+    assert half.stream_slots == RING_SLOTS * ring["slot_bytes"] + STAGING_BYTES
+    assert half.peak <= half.budget and half.as_dict()["ring"] == ring
+    assert "OpenCL ring 2 x" in half.summary()
+    with pytest.raises(ModelError, match="is below the minimum of"):
+        make_plan(src, base.minimum - 1, n_ctx=64, chunk=16, baseline=0, backend="opencl")
 
 
 def test_a_streamed_batch_step_matches_one_by_one(model):
