@@ -493,12 +493,14 @@ def make_plan(source: ModelSource, budget: int | None, *, n_ctx: int, chunk: int
     if budget is None:
         return plan
     if budget < plan.minimum:
+        slots = "two streamed layers" if backend != "opencl" else \
+            f"an OpenCL ring of {RING_SLOTS} slots and staging"
         raise ModelError(
             f"--memory-budget {mib(budget)} is below the minimum of {mib(plan.minimum)} this "
             f"model needs with --ctx {n_ctx} (process {mib(plan.baseline)}, KV cache "
             f"{mib(plan.kv_cache)}, scratch "
-            f"{mib(plan.activations + plan.attention_scratch + plan.tile_scratch)}, two "
-            f"streamed layers {mib(plan.stream_slots)}; expected ≥ {plan.minimum} bytes, or a "
+            f"{mib(plan.activations + plan.attention_scratch + plan.tile_scratch)}, {slots} "
+            f"{mib(plan.stream_slots)}; expected ≥ {plan.minimum} bytes, or a "
             "smaller --ctx)")
     room = budget - plan.fixed
     if room >= sum(u.quantized_bytes for u in units):

@@ -119,7 +119,9 @@ class OpenCLBackend(Backend):
                              "--backend numpy") from None
 
     def _vector(self, name: str) -> Any:
-        return self.kern.upload(self.source.tensors[name].to_float32().reshape(-1))
+        ref = self.source.tensors[name]
+        values = self.ring.rows(ref, 0, 1) if self.ring else ref.to_float32()
+        return self.kern.upload(values.reshape(-1))
 
     def _upload_layer(self, i: int, matrices: bool = True) -> dict[str, Any]:
         """Layer i's norms and biases, and its matrices unless they stream."""
@@ -197,7 +199,8 @@ class OpenCLBackend(Backend):
             k.get_rows(self.embd, self.token_buf, self.x, n)
         else:  # split past the largest buffer, or not on the device: rows dequantized here
             table = self.source.tensors["token_embd.weight"]
-            rows = np.concatenate([table.rows(t, t + 1) for t in tokens])
+            read = self.ring.rows if self.ring else lambda ref, a, b: ref.rows(a, b)
+            rows = np.concatenate([read(table, t, t + 1) for t in tokens])
             cl.enqueue_copy(self.dev.queue, self.x, rows)
         kv_off = pos0 * KV * D
         for i in range(cfg.n_layers):

@@ -11,15 +11,17 @@ WeightStore does. `enter` waits for the unit's upload and schedules the next str
 into the least recently used other slot; `leave` puts a marker on the compute queue. An upload
 runs on a background thread with its own command queue: it waits for the marker of the slot's
 previous unit (the kernels reading the slot are done), then reads the blocks from the model file
-with `preadv` into one reused host staging buffer and copies each piece to the slot (blocking on
-the upload queue, which releases the GIL), and drops the file's pages from the page cache
-(POSIX_FADV_DONTNEED, which a cgroup charges), so the host holds the staging buffer, not layers.
+with `preadv` into one reused host staging buffer (kernel read-ahead off: POSIX_FADV_RANDOM),
+copies each piece to the slot (blocking on the upload queue, which releases the GIL) and drops
+its pages from the page cache (POSIX_FADV_DONTNEED: a cgroup charges the page cache), so the
+host holds the staging buffer, not layers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -30,7 +32,9 @@ from runtime.backends.weight_stream import file_span
 from runtime.errors import ModelError
 from runtime.memory_plan import RING_SLOTS, SLOT_ALIGN, STAGING_BYTES, Plan
 from runtime.model_file import ModelSource, TensorRef
-from runtime.quant import row_bytes
+from runtime.quant import dequantize, row_bytes
+
+FOLIO = 2 << 20  # the largest page-cache folio to expect (a PMD on x86-64 and arm64 4K)
 
 
 class DeviceRing:
@@ -69,6 +73,8 @@ class DeviceRing:
         self.reads = 0  # bytes read from the file and uploaded so far
         self.uploads = 0  # units uploaded so far
         self._fds: dict[str, int] = {}
+        self._dropped: list[tuple[str, int, int]] = []  # file ranges the last upload read
+        self._lock = threading.Lock()
         self._clock = 0
 
     @property
@@ -142,6 +148,12 @@ class DeviceRing:
     def _upload(self, unit: int, slot: int, after: Any) -> None:
         if after is not None:
             after.wait()
+        # the last unit's pages again, its span rounded out to FOLIO: FADV_DONTNEED keeps a
+        # large folio (ext4 on Linux 6.x) that crosses its range's ends, which left ~2 MiB of
+        # every layer cached (mapped pages, e.g. a neighbouring resident unit's, stay anyway)
+        for path, start, end in self._dropped:
+            self._drop(self._fd(path), start, end)
+        self._dropped = []
         cl, view = self.cl, memoryview(self.staging)
         for buf, off, ref in self.layout[unit].values():
             dst = self.slots[slot][buf]
@@ -160,14 +172,46 @@ class DeviceRing:
                                      f"{length} bytes at offset {file_off})")
                 cl.enqueue_copy(self.upload_queue, dst, self.staging[:n], dst_offset=off + done,
                                 is_blocking=True)
+                os.posix_fadvise(fd, file_off + done, n, os.POSIX_FADV_DONTNEED)
                 done += n
-            os.posix_fadvise(fd, file_off, length, os.POSIX_FADV_DONTNEED)
+            self._dropped.append((path, file_off, file_off + length))
             self.reads += done
         self.uploads += 1
 
+    # -- small reads beside the ring ----------------------------------------------------------
+    def rows(self, ref: TensorRef, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor as float32, read from the file, not through the map:
+        a fault on the map reads ahead around it (megabytes per norm vector or embedding row
+        with large folios), which streamed layers' neighbours would then keep cached."""
+        span = file_span(ref)
+        if span is None:
+            return ref.rows(start, stop) if len(ref.shape) == 2 else ref.to_float32()
+        path, file_off, _, _ = span
+        n_cols = ref.shape[-1]
+        per_row = row_bytes(ref.qtype, n_cols)
+        fd, off, length = self._fd(path), file_off + start * per_row, (stop - start) * per_row
+        raw = os.pread(fd, length, off)
+        if len(raw) != length:
+            raise ModelError(f"{path}: the file ends inside {ref.name} (expected {length} bytes "
+                             f"at offset {off})")
+        self._drop(fd, off, off + length)
+        return dequantize(np.frombuffer(raw, np.uint8), ref.qtype, (stop - start, n_cols)).copy()
+
+    @staticmethod
+    def _drop(fd: int, start: int, end: int) -> None:
+        start, end = start - start % FOLIO, -(-end // FOLIO) * FOLIO
+        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+
     def _fd(self, path: str) -> int:
+        with self._lock:
+            return self._open(path)
+
+    def _open(self, path: str) -> int:
         if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd = os.open(path, os.O_RDONLY)
+            # no kernel read-ahead past what is asked: pages still being read ahead when
+            # FADV_DONTNEED comes are skipped by it, and stay charged to the process's cgroup
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         return self._fds[path]
 
     def close(self) -> None:
