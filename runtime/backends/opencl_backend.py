@@ -112,11 +112,19 @@ class OpenCLBackend(Backend):
             raise ModelError(f"{name} is {ref.qtype.name}, which the OpenCL backend cannot read "
                              f"(expected one of {', '.join(t.name for t in FORMATS)}); "
                              "use --backend numpy")
+        wrapped = self.kern.host_pointer_bytes
         try:
-            return self.kern.upload_matrix(ref.raw, ref.qtype, ref.shape)
+            matrix = self.kern.upload_matrix(ref.raw, ref.qtype, ref.shape)
         except ValueError as e:
             raise ModelError(f"{name}: {e} (the OpenCL kernels read 32-weight chunks); use "
                              "--backend numpy") from None
+        if self.plan is not None and self.kern.host_pointer_bytes == wrapped:
+            # copied (to a GPU, or a CPU device's own aligned copy): under a budget the file's
+            # pages must not stay resident beside the copy
+            from runtime.backends.weight_stream import release_pages
+
+            release_pages(ref)
+        return matrix
 
     def _vector(self, name: str) -> Any:
         ref = self.source.tensors[name]

@@ -48,6 +48,21 @@ def file_span(ref: TensorRef) -> tuple[str, int, int, int] | None:
     return str(root.filename), addr - root.ctypes.data + int(root.offset), addr, ref.nbytes
 
 
+def release_pages(ref: TensorRef) -> None:
+    """Give a mapped tensor's pages back: dropped from this process's map and from the page
+    cache (a cgroup charges both), e.g. once a copy of it lives elsewhere."""
+    span = file_span(ref)
+    if span is None:
+        return
+    path, offset, addr, length = span
+    _madvise(addr, length, mmap.MADV_DONTNEED)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def quantized_matmul(x: np.ndarray, ref: TensorRef) -> np.ndarray:
     """x @ W.T, W dequantized row tile by row tile into at most TILE_BYTES of float32."""
     n_rows, n_cols = ref.shape
