@@ -25,6 +25,13 @@ Python and dispatch overhead and the small matrices' lower rates, and overestima
 3-4x. The output head is one large matmul, where those rates hold: it is still estimated from
 the memory read rate, the per-type quantized rate and the disk bandwidth. Streaming overlaps
 reads with compute, so a token costs between max(compute, disk reads) and their sum.
+
+The OpenCL backend gets its own plan (`backend="opencl"`): the device reads GGUF blocks, so a
+resident unit costs its file bytes and there is no f32 tier; streamed units go through a ring
+of RING_SLOTS device buffers, each the largest streamed unit, filled through one host staging
+buffer. On a CPU or iGPU device that memory is the host's, so the plan counts it whole; the
+baseline is read after the driver has loaded (PoCL with its compiler is ~50 MiB). It gives no
+speed estimate: the timed layer steps are the numpy tiers'.
 """
 
 from __future__ import annotations

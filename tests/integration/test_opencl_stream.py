@@ -4,6 +4,7 @@ through `claw runtime generate` in a memory cgroup of half the model's size."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -141,3 +142,30 @@ def test_half_the_model_size_in_a_cgroup_on_opencl(device, cgroup, tmp_path):
     assert 0 < peak <= budget * 1.1
     assert int((cgroup / "memory.failcnt").read_text()) == 0, \
         f"the cgroup reached its limit {limit} (peak {peak})"
+
+
+def test_info_states_the_opencl_ring(device, model):
+    """`claw runtime info --backend opencl --memory-budget` says which units stream and the
+    ring they go through; a budget under the OpenCL minimum names it, in one line."""
+    from tests.conftest import claw_subprocess
+
+    src = open_model(model)
+    total = sum(u.quantized_bytes for u in make_plan(src, None, n_ctx=64).units)
+    least = claw_subprocess("runtime", "info", str(model), "--backend", "opencl", "--ctx", "64",
+                            "--memory-budget", "1M")
+    assert least.code == 2 and "an OpenCL ring of 2 slots and staging" in least.err, least.err
+    assert len(least.err.strip().splitlines()) == 1
+    minimum = int(least.err.split("expected ≥ ")[1].split()[0])
+    budget = str(minimum + total // 3)
+    done = claw_subprocess("runtime", "info", str(model), "--backend", "opencl", "--ctx", "64",
+                           "--memory-budget", budget, "--json")
+    assert done.code == 0, done.err
+    plan = json.loads(done.out)["memory_plan"]
+    assert plan["backend"] == "opencl" and plan["tiers"]["stream"] > 0
+    assert plan["ring"]["slots"] == 2 and plan["ring"]["slot_bytes"] > 3 << 20
+    assert plan["stream_slots"] == 2 * plan["ring"]["slot_bytes"] + plan["ring"]["staging_bytes"]
+    table = claw_subprocess("runtime", "info", str(model), "--backend", "opencl", "--ctx", "64",
+                            "--memory-budget", budget)
+    assert table.code == 0 and "OpenCL ring" in table.out and "2 device buffers of" in table.out
+    bad = claw_subprocess("runtime", "info", str(model), "--backend", "cuda")
+    assert bad.code == 2 and "--backend 'cuda': expected numpy or opencl" in bad.err
