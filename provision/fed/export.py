@@ -26,6 +26,9 @@ from provision.fed.runs import Adapter, Run, find_run, read_adapter, read_run
 from runtime.model_file import ModelSource, gguf_name, open_model
 
 EXPORT_TYPES = (T.F32, T.F16, T.Q8_0, T.Q6_K, T.Q5_K, T.Q4_K, T.Q4_0)
+# The Linear layers a Llama's LoRA adapts, by their GGUF names (HF q_proj … down_proj)
+MERGEABLE = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+             "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 
 
 @dataclass
@@ -91,7 +94,7 @@ def lora_deltas(adapter: Adapter, source: ModelSource) -> dict[str, np.ndarray]:
     out = {}
     for module, (a, b) in adapter.pairs.items():
         name = gguf_name(module + ".weight")
-        if name is None or name not in source.tensors:
+        if name is None or not name.endswith(MERGEABLE) or name not in source.tensors:
             raise BadInput(f"{weights}: module {module} is not a weight of {source.path} "
                            "(expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj or "
                            "down_proj of model.layers.N)")
