@@ -56,7 +56,7 @@ def export_cmd(
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(result.types.items()))
     console.print(f"wrote {result.output}: {result.file_bytes:,} bytes, "
                   f"{result.bpw:.3f} bits/weight ({kinds}); run {result.run_id}, "
-                  f"{len(result.merged)} tensors merged", highlight=False)
+                  f"{len(result.merged)} tensors merged", highlight=False, soft_wrap=True)
 
 
 @app.command("runs")

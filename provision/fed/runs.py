@@ -215,7 +215,7 @@ def read_adapter(run_dir: Path) -> Adapter:
                        "(expected 'LORA')")
     _field(cfg, "lora_alpha", (int, float), cfg_path, "a number")
     for key, why in (("use_dora", "DoRA's magnitude vectors"), ("fan_in_fan_out", "Conv1D "
-                     "layouts")):
+                     "layouts"), ("lora_bias", "LoRA biases")):
         if cfg.get(key):
             raise BadInput(f"{cfg_path}: field {key!r} is true ({why} cannot be merged here; "
                            "expected plain LoRA on Linear layers)")

@@ -142,6 +142,7 @@ BAD_RUNS = {
     "still running": (dict(run={"status": "running"}), "is running (expected succeeded"),
     "not lora": (dict(adapter_cfg={"peft_type": "IA3"}), "field 'peft_type' is 'IA3'"),
     "dora": (dict(adapter_cfg={"use_dora": True}), "field 'use_dora' is true"),
+    "lora bias": (dict(adapter_cfg={"lora_bias": True}), "field 'lora_bias' is true"),
     "lone A": (dict(tensors={k: v for k, v in lora_tensors().items() if "lora_B" not in k}),
                "has no lora_B"),
     "wrong shape": (dict(tensors={k: (v[:, :32] if "q_proj.lora_A" in k else v)
