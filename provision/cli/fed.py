@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from provision.output import console, emit, print_json
 
@@ -63,13 +64,19 @@ def export_cmd(
 def runs_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """List the federated runs recorded on this controller, oldest first.
+    """List the federated runs recorded on this controller, oldest first (a run whose record
+    cannot be read is named on stderr, with why).
 
     Example: [bold]claw fed runs --json[/bold]
     """
     from provision.fed.runs import list_runs
+    from provision.output import err_console
 
-    records = [r.as_dict() for r in list_runs()]
+    runs, problems = list_runs()
+    for line in problems:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False,
+                          soft_wrap=True)
+    records = [r.as_dict() for r in runs]
     if json_out:
         print_json(records)
         return

@@ -168,11 +168,16 @@ def read_rounds(path: Path) -> list[RoundRecord]:
     return out
 
 
-def list_runs() -> list[Run]:
-    """Every readable run, oldest first; an unreadable one is skipped by `claw fed runs`'s
-    caller only if it asks: here it raises, so a broken record is never silently hidden."""
-    runs = [read_run(d) for d in list_run_dirs()]
-    return sorted(runs, key=lambda r: (r.started, r.id))
+def list_runs() -> tuple[list[Run], list[str]]:
+    """Every readable run, oldest first; and for each unreadable one, why (one line), so one
+    broken record neither hides the others nor goes unmentioned."""
+    runs, problems = [], []
+    for folder in list_run_dirs():
+        try:
+            runs.append(read_run(folder))
+        except BadInput as e:
+            problems.append(str(e))
+    return sorted(runs, key=lambda r: (r.started, r.id)), problems
 
 
 # ----------------------------------------------------------------------------- the adapter

@@ -119,8 +119,10 @@ def test_runs_lists_each_run_with_its_last_eval_loss(base, state, claw):
              run={"status": "running", "started": "2026-11-26T09:00:00Z", "ended": None},
              rounds=[])
     make_run(state, base)
+    broken = make_run(state, base, "fed-20261126-100000-ef56", run={"rounds": "two"})
     r = claw("fed", "runs", "--json")
     assert r.code == 0, r.err
+    assert f"warning: {broken / 'run.json'}: field 'rounds' is 'two'" in r.err
     runs = json.loads(r.out)
     assert [x["id"] for x in runs] == ["fed-20261126-081500-ab12", "fed-20261126-090000-cd34"]
     assert runs[0]["final_eval_loss"] == 1.25 and runs[0]["rounds_done"] == 2
