@@ -147,3 +147,38 @@ def test_target_bpw_export_meets_its_size(trained, run, tmp_path):
     result = json.loads(r.out)
     assert result["bpw"] <= 5.0 and len(result["types"]) > 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_exported_model_is_delivered_to_a_device_like_any_model(q4k, tmp_path):
+    """Deploy back to the fleet: the inventory names the exported file as the device's model
+    (`claw_runtime_model`), `claw provision --tags claw_runtime` copies it and (re)starts the
+    service, which answers a completion from it."""
+    import os
+    import shutil
+
+    import httpx
+    import yaml
+
+    from provision import devices
+    from tests.conftest import dexec
+
+    fleet = f"fedx{os.getpid()}"
+    model = shutil.copy(q4k, tmp_path / "tuned.gguf")
+    inventory = devices.devices_up(1, "qemu-virt", "amd64", fleet=fleet, progress=lambda _: None)
+    try:
+        data = yaml.safe_load(inventory.read_text())
+        group = data["all"]["children"]["emulated"]
+        group["vars"].update({"claw_runtime_model": str(model), "claw_runtime_backend": "numpy"})
+        inventory.write_text(yaml.safe_dump(data))
+        [(name, host)] = group["hosts"].items()
+        r = claw_subprocess("provision", "-i", str(inventory), "--tags", "claw_runtime", "--json")
+        assert r.code == 0, r.out[-3000:] + r.err[-2000:]
+        on_device = dexec(name, "sha256sum /var/lib/clawforge/models/tuned.gguf").split()[0]
+        assert on_device == hashlib.sha256(q4k.read_bytes()).hexdigest()
+        answer = httpx.post(f"http://127.0.0.1:{host['claw_runtime_port']}/v1/completions",
+                            timeout=120, json={"model": "tuned", "prompt": "The licence",
+                                               "max_tokens": 8, "temperature": 0})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        devices.devices_down(fleet=fleet)
