@@ -211,3 +211,22 @@ def test_unfinished_run_exports_with_the_flag(base, tmp_path, claw):
     r = claw("fed", "export", str(run), "-o", str(out), "--allow-unfinished")
     assert r.code == 0, r.err
     assert open_model(out).config.n_layers == 2
+
+
+def test_a_quantized_base_is_dequantized_then_merged(base, tmp_path, claw):
+    from gguf import GGMLQuantizationType as T
+
+    from runtime.mixed_quant import float_weights, uniform_types, write
+
+    src = open_model(base)
+    q8 = write(src, float_weights(src), uniform_types(src, T.Q8_0), tmp_path / "base-q8.gguf")
+    run = make_run(tmp_path, q8)
+    out = tmp_path / "tuned.gguf"
+    r = claw("fed", "export", str(run), "-o", str(out), "--quantize", "F32")
+    assert r.code == 0, r.err
+    lora = lora_tensors()
+    key = "base_model.model.model.layers.1.self_attn.v_proj"
+    delta = 2.0 * lora[key + ".lora_B.weight"] @ lora[key + ".lora_A.weight"]
+    got = (open_model(out).tensors["blk.1.attn_v.weight"].to_float32()
+           - open_model(q8).tensors["blk.1.attn_v.weight"].to_float32())
+    assert np.abs(got - delta).max() < 1e-6
