@@ -18,6 +18,7 @@ COMMANDS = [
     ["image", "import"], ["image", "push"], ["image", "run-dev"], ["image", "k8s"],
     ["fleet", "rollout"], ["fleet", "rollback"], ["fleet", "status"], ["fleet", "history"],
     ["flash"], ["bmap"], ["os", "build"], ["os", "customize"],
+    ["fed", "export"], ["fed", "runs"],
 ]
 
 
@@ -25,7 +26,7 @@ def test_root_help_lists_every_group(claw):
     result = claw("--help")
     assert result.code == 0
     for group in ["profiles", "inventory", "doctor", "runtime", "provision", "devices", "flash",
-                  "bmap", "image", "fleet", "os"]:
+                  "bmap", "image", "fleet", "os", "fed"]:
         assert group in result.out
 
 
