@@ -1,0 +1,1 @@
+"""Federated fine-tuning on the fleet (`claw fed`): the controller side."""

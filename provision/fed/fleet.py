@@ -1,0 +1,533 @@
+"""Federated fine-tuning over the fleet: Flower SuperNodes on the devices, the SuperLink here.
+
+`claw fed run` checks every device before any round (pre-flight over Ansible: the data
+directory holds text, the model file hashes to the controller's, the fed image is there) and
+names every device that fails, starts a SuperLink on the controller, a SuperNode container on
+each device (playbooks/fed_clients.yml), waits until enough of them are online, hands the run to
+the Flower apps, follows `rounds.jsonl` in the run directory, and always stops the clients and
+the SuperLink. The run is recorded in the rollout history store (`fed_runs`).
+
+The SuperLink and the submitted run belong to `runtime.fed.federation` (the Flower side);
+until it offers them, `start_superlink` starts Flower's own `flower-superlink` here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provision.errors import BadInput, ClawError
+from provision.paths import state_dir
+
+PLAYBOOK = "fed_clients.yml"
+DEVICE_MODEL_DIR = "/var/lib/clawforge/models"  # where the claw_runtime role puts models
+GGUF_MAGIC = b"GGUF"
+NODES_TIMEOUT_S = 120.0
+
+
+def new_run_id() -> str:
+    return time.strftime("fed-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def run_dir(run_id: str) -> Path:
+    return state_dir() / "fed" / run_id
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Temp file + rename: a reader never sees half a record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+@dataclass
+class FedSettings:
+    """What one federated run was asked for; checked before anything touches a device."""
+
+    model: Path  # the base GGUF on the controller
+    data_dir: str  # the directory of *.txt on each device
+    rounds: int
+    min_clients: int | None = None  # None: every device
+    secagg: bool = True
+    server_address: str | None = None  # how devices reach the controller; None: found
+    device_model: str | None = None  # the GGUF on each device; None: DEVICE_MODEL_DIR/model.name
+    image: str | None = None  # the fed image; None: each host's profile's default tag
+    local_steps: int = 5
+    lr: float = 5e-4
+
+    def model_on_device(self) -> str:
+        return self.device_model or f"{DEVICE_MODEL_DIR}/{self.model.name}"
+
+    def record(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "min_clients": self.min_clients, "secagg": self.secagg,
+                "data_dir": self.data_dir, "device_model": self.model_on_device(),
+                "server_address": self.server_address, "image": self.image,
+                "local_steps": self.local_steps, "lr": self.lr}
+
+
+def check_settings(s: FedSettings, hosts: list[str]) -> None:
+    """Bad input, one line each, before the history or any device is touched."""
+    if not s.model.is_file():
+        raise BadInput(f"--model {s.model}: not a file (expected the base model, a GGUF file)")
+    with s.model.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise BadInput(f"--model {s.model}: not a GGUF file (expected the runtime's model "
+                           "format, magic 'GGUF')")
+    for name, path in (("--data-dir", s.data_dir), ("--device-model", s.device_model)):
+        if path is not None and not path.startswith("/"):
+            raise BadInput(f"{name} {path!r}: expected an absolute path on the devices")
+    if s.rounds < 1:
+        raise BadInput(f"--rounds {s.rounds}: expected at least 1")
+    if s.min_clients is not None and not 1 <= s.min_clients <= len(hosts):
+        raise BadInput(f"--min-clients {s.min_clients}: expected 1 to {len(hosts)} (the "
+                       "inventory's devices)")
+    if s.secagg and len(hosts) < 2:
+        raise BadInput("--secagg needs at least 2 devices (a sum over one client is that "
+                       "client's update); use --no-secagg")
+    if s.local_steps < 1 or s.lr <= 0:
+        raise BadInput(f"--local-steps {s.local_steps} / --lr {s.lr}: expected positive values")
+
+
+def fleet_hosts(inventory: Path) -> dict[str, dict[str, Any]]:
+    """The inventory's devices (checked by the inventory loader), in file order."""
+    from provision.inventory import load_inventory
+
+    inv = load_inventory(inventory)
+    return {name: host.effective() for name, host in inv.hosts.items()}
+
+
+def images_for(hosts: dict[str, dict[str, Any]], image: str | None) -> dict[str, str]:
+    """Each device's fed image: the one named, or its profile's `--extra fed` numpy tag."""
+    from images.render import resolve
+
+    if image:
+        return {h: image for h in hosts}
+    return {h: resolve("runtime", e["profile"], None, "none", ("fed",)).default_tag
+            for h, e in hosts.items()}
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(address)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def server_address_for(hosts: dict[str, dict[str, Any]], given: str | None) -> str:
+    """How the devices reach the controller: given, loopback for emulated devices (they share
+    this machine's network), else this machine's address on the route to the first device."""
+    if given:
+        return given
+    addresses = [e["address"] for e in hosts.values()]
+    if all(is_loopback(a) for a in addresses):
+        return "127.0.0.1"
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect((socket.gethostbyname(addresses[0]), 9))  # no packet is sent
+        return probe.getsockname()[0]
+    except OSError as exc:
+        raise BadInput(f"cannot find this machine's address towards {addresses[0]} ({exc}); "
+                       "give --server-address") from None
+    finally:
+        probe.close()
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct ports free now (the kernel's choice, held until all are picked)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# ---- pre-flight ----------------------------------------------------------------------------
+
+@dataclass
+class DeviceCheck:
+    host: str
+    data_dir_exists: bool = False
+    texts: int = 0
+    model_exists: bool = False
+    model_sha256: str = ""
+    image: str = ""
+    image_id: str = ""
+    error: str = ""  # unreachable, or the play failed on it
+
+    def problems(self, want_sha256: str) -> list[str]:
+        if self.error:
+            return [self.error]
+        out = []
+        if not self.data_dir_exists:
+            out.append("data dir missing")
+        elif not self.texts:
+            out.append("data dir holds no *.txt")
+        if not self.model_exists:
+            out.append("model file missing")
+        elif self.model_sha256 != want_sha256:
+            out.append(f"model sha256 {self.model_sha256[:12]}… differs from the controller's "
+                       f"{want_sha256[:12]}…")
+        if not self.image_id:
+            out.append(f"image {self.image} not on the device")
+        return out
+
+
+def _ansible(inventory: Path, action: str, extravars: dict[str, Any]):
+    from provision.ansible import run_playbook
+
+    return run_playbook(PLAYBOOK, inventory, extravars={"claw_fed_action": action, **extravars},
+                        kind=f"fed-{action}")
+
+
+def preflight(inventory: Path, hosts: list[str], settings: FedSettings, images: dict[str, str],
+              model_sha256: str) -> list[DeviceCheck]:
+    """Every device's state; BadInput naming each failing device and why, before any round."""
+    result = _ansible(inventory, "preflight", {
+        "claw_fed_client_data_dir": settings.data_dir,
+        "claw_fed_client_model": settings.model_on_device(), "claw_fed_images": images})
+    checks = []
+    for host in hosts:
+        hr = result.hosts.get(host)
+        check = DeviceCheck(host, image=images[host])
+        fact = ((hr.results.get("Report the pre-flight") or {}).get("ansible_facts", {})
+                .get("claw_fed_client_preflight")) if hr else None
+        if hr is None:
+            check.error = "no result (not in the play)"
+        elif hr.unreachable or hr.failed or not fact:
+            check.error = f"{'unreachable' if hr.unreachable else 'failed'}: " \
+                          f"{hr.message or hr.failed_task or 'no pre-flight report'}"
+        else:
+            check.data_dir_exists = _true(fact["data_dir_exists"])
+            check.texts = int(fact["texts"])
+            check.model_exists = _true(fact["model_exists"])
+            check.model_sha256 = fact["model_sha256"]
+            check.image_id = fact["image_id"]
+        checks.append(check)
+    refused = [f"{c.host}: {'; '.join(p)}" for c in checks if (p := c.problems(model_sha256))]
+    if refused:
+        raise BadInput(f"refused before the first round ({len(refused)} of {len(hosts)} "
+                       f"devices not ready; data dir {settings.data_dir}, model "
+                       f"{settings.model_on_device()}): " + " | ".join(refused))
+    return checks
+
+
+def _true(value: Any) -> bool:
+    return value is True or str(value).lower() == "true"
+
+
+# ---- the SuperLink (runtime.fed.federation once merged) ----------------------------------
+
+@dataclass
+class SuperLink:
+    """A SuperLink on this machine: its Fleet/Control address and how to stop it."""
+
+    address: str  # host:port the devices connect to (Fleet API); also Control here
+    local: str  # 127.0.0.1:port, for the controller's own calls
+    process: subprocess.Popen | None
+    home: Path  # FLWR_HOME for the controller's `flwr` calls (a config naming this link)
+    log: Path
+    stops: list[Callable[[], None]] = field(default_factory=list)
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": _venv_path()}
+        return subprocess.run([_tool("flwr"), *args], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The SuperNodes the SuperLink knows (`flwr supernode list`), online or not."""
+        done = self.flwr("supernode", "list", "fed", "--format", "json")
+        try:
+            data = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            raise ClawError(f"flwr supernode list failed: {(done.stderr or done.stdout)[-300:]}"
+                            ) from None
+        if not data.get("success"):
+            raise ClawError(f"flwr supernode list failed: {data.get('error-message', data)}")
+        return data.get("nodes", [])
+
+    def stop(self) -> None:
+        for stop in self.stops:
+            stop()
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def _venv_path() -> str:
+    """Flower's SuperLink starts `flower-superexec` by name: this Python's scripts first."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name, path=_venv_path())
+    if not found:
+        raise ClawError(f"{name} is not installed (pip install 'clawforge[fed]')")
+    return found
+
+
+def start_superlink(bind: str, log: Path, timeout: float = 60) -> SuperLink:
+    """Flower's `flower-superlink` on a free port (Fleet, Control and Runtime APIs share it in
+    Flower 1.42), in-memory state, insecure (the fleet's own network); ready when it answers
+    `flwr supernode list`. The swap point for runtime.fed.federation's own SuperLink."""
+    port = free_ports(1, bind if bind != "0.0.0.0" else "127.0.0.1")[0]
+    home = Path(tempfile.mkdtemp(prefix="claw-flwr-"))
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fed"\n\n[superlink.fed]\naddress = "127.0.0.1:{port}"\n'
+        "insecure = true\n")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [_tool("flower-superlink"), "--insecure", "--host", bind, "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "PATH": _venv_path(), "FLWR_HOME": str(home)},
+            start_new_session=True)
+    link = SuperLink(f"{bind}:{port}", f"127.0.0.1:{port}", process, home, log)
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            link.stop()
+            raise ClawError(f"flower-superlink exited with {process.returncode}: "
+                            f"{_tail(log)}")
+        try:
+            link.nodes()
+            return link
+        except (ClawError, subprocess.TimeoutExpired):
+            if time.monotonic() > deadline:
+                link.stop()
+                raise ClawError(f"flower-superlink did not answer in {timeout:.0f} s: "
+                                f"{_tail(log)}") from None
+            time.sleep(0.5)
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    return " / ".join(ln.strip() for ln in text.strip().splitlines()[-lines:]) or "(no output)"
+
+
+def wait_for_nodes(link: SuperLink, want: int, timeout: float = NODES_TIMEOUT_S,
+                   on_change: Callable[[int], None] = lambda n: None) -> list[dict[str, Any]]:
+    """Until `want` SuperNodes are online at the SuperLink; ClawError naming how many came."""
+    deadline, seen = time.monotonic() + timeout, -1
+    while True:
+        online = [n for n in link.nodes() if n.get("status") == "online"]
+        if len(online) != seen:
+            seen = len(online)
+            on_change(seen)
+        if seen >= want:
+            return online
+        if time.monotonic() > deadline:
+            raise ClawError(f"only {seen} of {want} SuperNodes came online at the SuperLink "
+                            f"{link.address} in {timeout:.0f} s (see the devices' "
+                            "claw-fed-supernode logs)")
+        time.sleep(1)
+
+
+# ---- clients over Ansible ------------------------------------------------------------------
+
+def start_clients(inventory: Path, settings: FedSettings, superlink: str,
+                  images: dict[str, str], ports: dict[str, int]) -> None:
+    """A SuperNode container on every device; ClawError naming the devices where it failed."""
+    result = _ansible(inventory, "start", {
+        "claw_fed_client_superlink": superlink, "claw_fed_client_data_dir": settings.data_dir,
+        "claw_fed_client_model": settings.model_on_device(), "claw_fed_images": images,
+        "claw_fed_ports": ports})
+    failed = [f"{h}: {r.message or r.failed_task}" for h, r in result.hosts.items()
+              if r.failed or r.unreachable]
+    if failed or result.rc != 0:
+        raise ClawError("starting the SuperNodes failed: " + (" | ".join(failed) or
+                        f"ansible-playbook exited {result.rc} ({result.artifacts})"))
+
+
+def stop_clients(inventory: Path) -> dict[str, list[str]]:
+    """Remove every device's SuperNode container (any time, twice, after a failure); each
+    device's last log lines."""
+    result = _ansible(inventory, "stop", {})
+    logs = {}
+    for host, hr in result.hosts.items():
+        fact = (hr.results.get("Report the stop") or {}).get("ansible_facts", {})
+        logs[host] = list((fact.get("claw_fed_client_stopped") or {}).get("logs") or [])
+    return logs
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+def read_rounds(path: Path) -> list[dict[str, Any]]:
+    """The finished rounds so far (a line still being written is left for the next read)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+def follow_rounds(path: Path, finished: Callable[[], bool], poll_s: float = 0.5
+                  ) -> Iterator[dict[str, Any]]:
+    """Each round record as it appears in `rounds.jsonl`, until `finished()` and all read."""
+    seen = 0
+    while True:
+        done = finished()
+        rounds = read_rounds(path)
+        yield from rounds[seen:]
+        seen = len(rounds)
+        if done:
+            return
+        time.sleep(poll_s)
+
+
+def federation() -> Any:
+    """fed-learn's runtime.fed.federation (submit the Flower apps, follow the run)."""
+    try:
+        from runtime.fed import federation as fed
+    except ImportError as exc:
+        raise ClawError("not yet: the Flower apps (runtime.fed.federation, server_app, "
+                        f"client_app) are not in this build ({exc}); the SuperLink and the "
+                        "clients were started and have been stopped") from None
+    return fed
+
+
+def run_config(settings: FedSettings, directory: Path, model_sha256: str, clients: int
+               ) -> dict[str, Any]:
+    """The Flower run config (kebab-case keys, as the ServerApp reads them)."""
+    return {"num-rounds": settings.rounds, "local-steps": settings.local_steps,
+            "lr": settings.lr, "secagg": settings.secagg,
+            "min-clients": settings.min_clients or clients, "run-dir": str(directory),
+            "model-sha256": model_sha256}
+
+
+@dataclass
+class FedRun:
+    id: str
+    dir: Path
+    clients: list[str]
+    status: str = "running"  # succeeded | failed | refused | interrupted
+    rounds_done: int = 0
+    error: str = ""
+    client_logs: dict[str, list[str]] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        return {"id": self.id, "run_dir": str(self.dir), "clients": self.clients,
+                "status": self.status, "rounds_done": self.rounds_done, "error": self.error}
+
+
+def run_federation(inventory: Path, settings: FedSettings,
+                   on_phase: Callable[[str], None] = lambda p: None,
+                   on_round: Callable[[dict[str, Any]], None] = lambda r: None) -> FedRun:
+    """One federated run over the inventory's devices, recorded in the history store; the
+    clients and the SuperLink are stopped whatever happens. Bad input and a refused
+    pre-flight raise BadInput, a failed run ClawError, after the record is closed."""
+    from provision.fleet import history
+
+    hosts = fleet_hosts(inventory)
+    names = list(hosts)
+    check_settings(settings, names)
+    model_sha256 = sha256_file(settings.model)
+    images = images_for(hosts, settings.image)
+    address = server_address_for(hosts, settings.server_address)
+    run = FedRun(new_run_id(), Path(), names)
+    run.dir = run_dir(run.id)
+    run.dir.mkdir(parents=True)
+    history.fed_run_start(run.id, inventory, settings.model, model_sha256,
+                          settings.record() | {"clients": names, "images": images}, run.dir)
+    started = time.time()
+    write_json(run.dir / "run.json", _run_json(run, settings, model_sha256, started))
+    link: SuperLink | None = None
+    clients_up = False
+    try:
+        on_phase(f"pre-flight on {len(names)} devices")
+        preflight(inventory, names, settings, images, model_sha256)
+        on_phase("starting the SuperLink")
+        link = start_superlink("127.0.0.1" if is_loopback(address) else "0.0.0.0",
+                               run.dir / "superlink.log")
+        fleet_port = link.address.rsplit(":", 1)[1]
+        on_phase(f"starting {len(names)} SuperNodes (SuperLink {address}:{fleet_port})")
+        clients_up = True
+        start_clients(inventory, settings, f"{address}:{fleet_port}", images,
+                      dict(zip(names, free_ports(len(names)), strict=True)))
+        want = settings.min_clients or len(names)
+        wait_for_nodes(link, want, on_change=lambda n: on_phase(f"{n}/{want} SuperNodes online"))
+        fed = federation()
+        on_phase("training")
+        config = run_config(settings, run.dir, model_sha256, len(names))
+        for record in fed.follow_run(fed.submit_run(link.local, config), run.dir):
+            run.rounds_done = max(run.rounds_done, int(record.get("round", 0)))
+            history.fed_run_progress(run.id, run.rounds_done)
+            on_round(record)
+        final = json.loads((run.dir / "run.json").read_text()).get("status", "")
+        run.status = "succeeded" if run.rounds_done >= settings.rounds and final != "failed" \
+            else "failed"
+        if run.status == "failed":
+            run.error = f"the run ended after {run.rounds_done} of {settings.rounds} rounds"
+    except BadInput as exc:
+        run.status, run.error = ("refused" if not clients_up else "failed"), str(exc)
+        raise
+    except KeyboardInterrupt:
+        run.status, run.error = "interrupted", "stopped by the user (Ctrl-C)"
+        raise
+    except Exception as exc:
+        run.status, run.error = "failed", str(exc)
+        raise
+    finally:
+        if clients_up:
+            on_phase("stopping the SuperNodes")
+            run.client_logs = stop_clients(inventory)
+        if link is not None:
+            link.stop()
+        history.fed_run_finish(run.id, run.status, run.rounds_done, run.error)
+        _close_run_json(run, settings, model_sha256, started)
+    if run.status != "succeeded":
+        raise ClawError(f"federated run {run.id} failed: {run.error}")
+    return run
+
+
+def _run_json(run: FedRun, s: FedSettings, sha: str, started: float) -> dict[str, Any]:
+    return {"id": run.id, "model": str(s.model.resolve()), "model_sha256": sha,
+            "rounds": s.rounds, "secagg": s.secagg, "status": run.status, "started": started,
+            "ended": None, "clients": run.clients}
+
+
+def _close_run_json(run: FedRun, s: FedSettings, sha: str, started: float) -> None:
+    """The final status, keeping what the ServerApp wrote (its LoRA settings, ...)."""
+    path = run.dir / "run.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        data = _run_json(run, s, sha, started)
+    status = "succeeded" if run.status == "succeeded" else "failed"
+    write_json(path, data | {"status": status, "ended": time.time()})
