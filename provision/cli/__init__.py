@@ -17,6 +17,7 @@ from provision import __version__
 from provision.cli import (
     devices,
     doctor,
+    fed,
     flash,
     fleet,
     image,
@@ -47,6 +48,7 @@ app.add_typer(image.app, name="image")
 app.command("doctor")(doctor.doctor)
 app.command("provision")(provision.provision_cmd)
 app.add_typer(fleet.app, name="fleet")
+app.add_typer(fed.app, name="fed")
 app.add_typer(runtime_cli.app, name="runtime")
 app.command("flash")(flash.flash_cmd)
 app.command("bmap")(flash.bmap_cmd)

@@ -13,12 +13,14 @@ until it offers them, `start_superlink` starts Flower's own `flower-superlink` h
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -243,47 +245,37 @@ def _true(value: Any) -> bool:
     return value is True or str(value).lower() == "true"
 
 
-# ---- the SuperLink (runtime.fed.federation once merged) ----------------------------------
+# ---- the SuperLink (runtime.fed.federation's when present) --------------------------------
+
+CONNECTION = "clawforge"  # the `flwr` CLI's name for the SuperLink, in its FLWR_HOME config
+
 
 @dataclass
 class SuperLink:
-    """A SuperLink on this machine: its Fleet/Control address and how to stop it."""
+    """A SuperLink on this machine, shaped like runtime.fed.federation's: the address the
+    devices dial (Fleet and Control share one port in Flower 1.42), the FLWR_HOME whose
+    config names it for the `flwr` CLI, and how to stop it."""
 
-    address: str  # host:port the devices connect to (Fleet API); also Control here
-    local: str  # 127.0.0.1:port, for the controller's own calls
-    process: subprocess.Popen | None
-    home: Path  # FLWR_HOME for the controller's `flwr` calls (a config naming this link)
+    address: str
+    home: Path
+    process: subprocess.Popen
     log: Path
-    stops: list[Callable[[], None]] = field(default_factory=list)
 
-    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": _venv_path()}
-        return subprocess.run([_tool("flwr"), *args], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
 
-    def nodes(self) -> list[dict[str, Any]]:
-        """The SuperNodes the SuperLink knows (`flwr supernode list`), online or not."""
-        done = self.flwr("supernode", "list", "fed", "--format", "json")
-        try:
-            data = json.loads(done.stdout)
-        except json.JSONDecodeError:
-            raise ClawError(f"flwr supernode list failed: {(done.stderr or done.stdout)[-300:]}"
-                            ) from None
-        if not data.get("success"):
-            raise ClawError(f"flwr supernode list failed: {data.get('error-message', data)}")
-        return data.get("nodes", [])
+    def tail(self, lines: int = 20) -> str:
+        return _tail(self.log, lines)
 
     def stop(self) -> None:
-        for stop in self.stops:
-            stop()
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
+        if self.alive:
+            os.killpg(self.process.pid, signal.SIGTERM)  # with the SuperExec it started
             try:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        shutil.rmtree(self.home, ignore_errors=True)
 
 
 def _venv_path() -> str:
@@ -298,38 +290,41 @@ def _tool(name: str) -> str:
     return found
 
 
-def start_superlink(bind: str, log: Path, timeout: float = 60) -> SuperLink:
-    """Flower's `flower-superlink` on a free port (Fleet, Control and Runtime APIs share it in
-    Flower 1.42), in-memory state, insecure (the fleet's own network); ready when it answers
-    `flwr supernode list`. The swap point for runtime.fed.federation's own SuperLink."""
+def start_superlink(work: Path, bind: str, advertise: str) -> Any:
+    """A SuperLink listening on `bind`, dialled as `advertise`: runtime.fed.federation's
+    `start_superlink` when this build has it, else Flower's `flower-superlink` started here
+    the same way (free port, insecure: the fleet's own network)."""
+    try:
+        from runtime.fed import federation as fed
+    except ImportError:
+        fed = None
+    if fed is not None and hasattr(fed, "start_superlink"):
+        return fed.start_superlink(work, host=bind, advertise=advertise)
     port = free_ports(1, bind if bind != "0.0.0.0" else "127.0.0.1")[0]
-    home = Path(tempfile.mkdtemp(prefix="claw-flwr-"))
+    home = work / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "fed"\n\n[superlink.fed]\naddress = "127.0.0.1:{port}"\n'
-        "insecure = true\n")
-    log.parent.mkdir(parents=True, exist_ok=True)
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{advertise}:{port}"\ninsecure = true\n')
+    log = work / "superlink.log"
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [_tool("flower-superlink"), "--insecure", "--host", bind, "--port", str(port)],
+            [_tool("flower-superlink"), "--insecure", "--host", bind, "--port", str(port),
+             "--database", str(work / "state.db")],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "PATH": _venv_path(), "FLWR_HOME": str(home)},
             start_new_session=True)
-    link = SuperLink(f"{bind}:{port}", f"127.0.0.1:{port}", process, home, log)
-    deadline = time.monotonic() + timeout
+    link = SuperLink(f"{advertise}:{port}", home, process, log)
+    deadline = time.monotonic() + 60
     while True:
-        if process.poll() is not None:
-            link.stop()
-            raise ClawError(f"flower-superlink exited with {process.returncode}: "
-                            f"{_tail(log)}")
-        try:
-            link.nodes()
+        if not link.alive:
+            raise ClawError(f"flower-superlink exited with {process.returncode}: {link.tail(3)}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
             return link
-        except (ClawError, subprocess.TimeoutExpired):
-            if time.monotonic() > deadline:
-                link.stop()
-                raise ClawError(f"flower-superlink did not answer in {timeout:.0f} s: "
-                                f"{_tail(log)}") from None
-            time.sleep(0.5)
+        if time.monotonic() > deadline:
+            link.stop()
+            raise ClawError(f"flower-superlink did not listen in 60 s: {link.tail(3)}")
+        time.sleep(0.3)
 
 
 def _tail(path: Path, lines: int = 3) -> str:
@@ -337,12 +332,33 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " / ".join(ln.strip() for ln in text.strip().splitlines()[-lines:]) or "(no output)"
 
 
-def wait_for_nodes(link: SuperLink, want: int, timeout: float = NODES_TIMEOUT_S,
+def supernodes(link: Any) -> list[dict[str, Any]]:
+    """The SuperNodes the SuperLink knows (`flwr supernode list`), online or not."""
+    env = {**os.environ, "FLWR_HOME": str(link.home), "PATH": _venv_path()}
+    default = CONNECTION
+    with contextlib.suppress(OSError, ValueError):
+        import tomllib
+
+        default = tomllib.loads((Path(link.home) / "config.toml").read_text())["superlink"][
+            "default"]
+    done = subprocess.run([_tool("flwr"), "supernode", "list", default, "--format", "json"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    try:
+        data = json.loads(done.stdout[done.stdout.index("{"):])
+    except ValueError:
+        raise ClawError(f"flwr supernode list failed: {(done.stderr or done.stdout)[-300:]}"
+                        ) from None
+    if not data.get("success"):
+        raise ClawError(f"flwr supernode list failed: {data.get('error-message', data)}")
+    return data.get("nodes", [])
+
+
+def wait_for_nodes(link: Any, want: int, timeout: float = NODES_TIMEOUT_S,
                    on_change: Callable[[int], None] = lambda n: None) -> list[dict[str, Any]]:
     """Until `want` SuperNodes are online at the SuperLink; ClawError naming how many came."""
     deadline, seen = time.monotonic() + timeout, -1
     while True:
-        online = [n for n in link.nodes() if n.get("status") == "online"]
+        online = [n for n in supernodes(link) if n.get("status") == "online"]
         if len(online) != seen:
             seen = len(online)
             on_change(seen)
@@ -412,14 +428,30 @@ def follow_rounds(path: Path, finished: Callable[[], bool], poll_s: float = 0.5
 
 
 def federation() -> Any:
-    """fed-learn's runtime.fed.federation (submit the Flower apps, follow the run)."""
+    """fed-learn's runtime.fed.federation: submits the Flower apps and follows the run."""
     try:
         from runtime.fed import federation as fed
     except ImportError as exc:
-        raise ClawError("not yet: the Flower apps (runtime.fed.federation, server_app, "
-                        f"client_app) are not in this build ({exc}); the SuperLink and the "
-                        "clients were started and have been stopped") from None
+        fed, why = None, str(exc)
+    else:
+        why = "it has no submit/follow"
+    if fed is None or not all(hasattr(fed, f) for f in ("submit", "follow")):
+        raise ClawError("not yet: the Flower apps (runtime.fed.federation with server_app and "
+                        f"client_app) are not in this build ({why}); the SuperLink and the "
+                        "clients were started and are being stopped")
     return fed
+
+
+def submit_and_follow(link: Any, settings: FedSettings, directory: Path, model_sha256: str,
+                      clients: int) -> Iterator[dict[str, Any]]:
+    """Submit the run to the SuperLink and yield each round's record as it is written."""
+    fed = federation()
+    from runtime.fed.settings import RunSettings
+
+    run_settings = RunSettings.from_run_config(run_config(settings, directory, model_sha256,
+                                                          clients))
+    run_id = fed.submit(link, run_settings)
+    yield from fed.follow(directory, link, run_id)
 
 
 def run_config(settings: FedSettings, directory: Path, model_sha256: str, clients: int
@@ -467,25 +499,22 @@ def run_federation(inventory: Path, settings: FedSettings,
                           settings.record() | {"clients": names, "images": images}, run.dir)
     started = time.time()
     write_json(run.dir / "run.json", _run_json(run, settings, model_sha256, started))
-    link: SuperLink | None = None
+    link: Any = None
     clients_up = False
     try:
         on_phase(f"pre-flight on {len(names)} devices")
         preflight(inventory, names, settings, images, model_sha256)
         on_phase("starting the SuperLink")
-        link = start_superlink("127.0.0.1" if is_loopback(address) else "0.0.0.0",
-                               run.dir / "superlink.log")
-        fleet_port = link.address.rsplit(":", 1)[1]
-        on_phase(f"starting {len(names)} SuperNodes (SuperLink {address}:{fleet_port})")
+        link = start_superlink(run.dir, "127.0.0.1" if is_loopback(address) else "0.0.0.0",
+                               address)
+        on_phase(f"starting {len(names)} SuperNodes (SuperLink {link.address})")
         clients_up = True
-        start_clients(inventory, settings, f"{address}:{fleet_port}", images,
+        start_clients(inventory, settings, link.address, images,
                       dict(zip(names, free_ports(len(names)), strict=True)))
         want = settings.min_clients or len(names)
         wait_for_nodes(link, want, on_change=lambda n: on_phase(f"{n}/{want} SuperNodes online"))
-        fed = federation()
         on_phase("training")
-        config = run_config(settings, run.dir, model_sha256, len(names))
-        for record in fed.follow_run(fed.submit_run(link.local, config), run.dir):
+        for record in submit_and_follow(link, settings, run.dir, model_sha256, len(names)):
             run.rounds_done = max(run.rounds_done, int(record.get("round", 0)))
             history.fed_run_progress(run.id, run.rounds_done)
             on_round(record)
@@ -500,13 +529,18 @@ def run_federation(inventory: Path, settings: FedSettings,
     except KeyboardInterrupt:
         run.status, run.error = "interrupted", "stopped by the user (Ctrl-C)"
         raise
-    except Exception as exc:
+    except ClawError as exc:
         run.status, run.error = "failed", str(exc)
         raise
+    except Exception as exc:  # Flower's side (FederationError, a subprocess timing out)
+        run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
+        raise ClawError(f"federated run {run.id} failed: {run.error}") from exc
     finally:
         if clients_up:
             on_phase("stopping the SuperNodes")
             run.client_logs = stop_clients(inventory)
+            for host, lines in run.client_logs.items():  # for a failed run's post-mortem
+                (run.dir / f"supernode-{host}.log").write_text("\n".join(lines) + "\n")
         if link is not None:
             link.stop()
         history.fed_run_finish(run.id, run.status, run.rounds_done, run.error)
