@@ -17,7 +17,7 @@ COMMANDS = [
     ["image", "render"], ["image", "build"], ["image", "base"], ["image", "export"],
     ["image", "import"], ["image", "push"], ["image", "run-dev"], ["image", "k8s"],
     ["fleet", "rollout"], ["fleet", "rollback"], ["fleet", "status"], ["fleet", "history"],
-    ["flash"], ["bmap"], ["os", "build"], ["os", "customize"],
+    ["flash"], ["bmap"], ["os", "build"], ["os", "customize"], ["fed", "run"],
 ]
 
 
