@@ -176,7 +176,9 @@ def test_supernodes_connect_to_the_superlink_and_are_removed_after(fed_fleet, tm
             assert inspect["State"]["Running"] and inspect["HostConfig"]["NetworkMode"] == "host"
             mounts = {m["Destination"]: m["RW"] for m in inspect["Mounts"]}
             assert mounts == {DATA: False, MODEL: False}  # the device's text stays read-only
-            assert f"--port {ports[name]}" in " ".join(inspect["Args"])
+            args = " ".join(inspect["Args"])
+            assert f"--port {ports[name]}" in args
+            assert f'data-dir="{DATA}" model="{MODEL}" name="{name}"' in args
             log = subprocess.run(["docker", "exec", name, "docker", "logs", CONTAINER],
                                  capture_output=True, text=True, timeout=60)
             logged |= set(re.findall(r"SuperNode ID: (\d+)", log.stdout + log.stderr))
