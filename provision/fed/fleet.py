@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -497,7 +498,7 @@ def run_federation(inventory: Path, settings: FedSettings,
     run.dir.mkdir(parents=True)
     history.fed_run_start(run.id, inventory, settings.model, model_sha256,
                           settings.record() | {"clients": names, "images": images}, run.dir)
-    started = time.time()
+    started = _utc_now()
     write_json(run.dir / "run.json", _run_json(run, settings, model_sha256, started))
     link: Any = None
     clients_up = False
@@ -550,18 +551,25 @@ def run_federation(inventory: Path, settings: FedSettings,
     return run
 
 
-def _run_json(run: FedRun, s: FedSettings, sha: str, started: float) -> dict[str, Any]:
+def _utc_now() -> str:
+    """Timestamps in run.json as the ServerApp writes them (ISO 8601, UTC)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _run_json(run: FedRun, s: FedSettings, sha: str, started: str) -> dict[str, Any]:
     return {"id": run.id, "model": str(s.model.resolve()), "model_sha256": sha,
             "rounds": s.rounds, "secagg": s.secagg, "status": run.status, "started": started,
             "ended": None, "clients": run.clients}
 
 
-def _close_run_json(run: FedRun, s: FedSettings, sha: str, started: float) -> None:
-    """The final status, keeping what the ServerApp wrote (its LoRA settings, ...)."""
+def _close_run_json(run: FedRun, s: FedSettings, sha: str, started: str) -> None:
+    """The final status, keeping what the ServerApp wrote (its LoRA settings, its clients)
+    and the contract's keys it may leave out (id, the controller's model path)."""
     path = run.dir / "run.json"
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        data = _run_json(run, s, sha, started)
+        data = {}
     status = "succeeded" if run.status == "succeeded" else "failed"
-    write_json(path, data | {"status": status, "ended": time.time()})
+    write_json(path, _run_json(run, s, sha, started) | data | {"status": status,
+                                                                "ended": _utc_now()})
