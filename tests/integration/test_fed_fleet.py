@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -111,6 +112,7 @@ def fed_fleet() -> Iterator[FedFleet]:
             os.environ.pop("XDG_STATE_HOME", None)
         else:
             os.environ["XDG_STATE_HOME"] = saved
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def fed_run(f: FedFleet, *args: str):
