@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from images.base import docker_client, ensure_image_base, scratch_dir
-from images.render import CA_BUNDLE, Target, render, wheel_name
+from images.render import CA_BUNDLE, Target, local_wheels, render, wheel_name
 from images.wheel import ensure_wheel, source_root
 from provision import __version__
 from provision.errors import ClawError
@@ -126,6 +126,11 @@ def _short(text: str, width: int = 90) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
+def _same_fs(a: Path, b: Path) -> bool:
+    """A hard link saves copying a large wheel (torch: 190 MB) into the build context."""
+    return a.stat().st_dev == b.stat().st_dev
+
+
 def host_ca_bundle() -> Path:
     """The CA bundle this machine's pip trusts (PIP_CERT, SSL_CERT_FILE or Debian's)."""
     for candidate in (os.environ.get("PIP_CERT"), os.environ.get("SSL_CERT_FILE"),
@@ -163,6 +168,7 @@ def oci_labels(target: Target, root: Path) -> dict[str, str]:
         "org.clawforge.profile": target.profile.name,
         "org.clawforge.arch": target.arch,
         "org.clawforge.opencl": target.opencl.name,
+        "org.clawforge.extras": ",".join(target.extras),
     }
 
 
@@ -216,8 +222,16 @@ def split_tag(tag: str) -> tuple[str, str]:
     return tag, "latest"
 
 
-def smoke_command(kind: str) -> list[str]:
+# What an extra must bring into the image, checked before the runtime's self-test.
+EXTRA_SMOKE = {"fed": "python -c 'import flwr, peft, torch' && flower-supernode --help >/dev/null"}
+
+
+def smoke_command(kind: str, extras: tuple[str, ...] = ()) -> list[str]:
     selftest = "claw runtime selftest --json"
+    if kind == "runtime" and extras:
+        checks = " && ".join(f"{{ {EXTRA_SMOKE[e]} || {{ echo 'error: the {e} extra is not "
+                             f"usable' >&2; exit 3; }}; }}" for e in extras)
+        return ["bash", "-c", f"{checks} && {selftest}"]
     if kind == "runtime":
         return ["claw", "runtime", "selftest", "--json"]
     check = "; ".join(f"command -v {t} >/dev/null || {{ echo 'missing tool: {t}' >&2; exit 3; }}"
@@ -226,10 +240,11 @@ def smoke_command(kind: str) -> list[str]:
 
 
 def smoke_test(client: Any, image: str, kind: str, timeout: float = SMOKE_TIMEOUT_S,
-               name_prefix: str = "claw-smoke") -> dict[str, Any]:
+               name_prefix: str = "claw-smoke", extras: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the runtime's self-test inside `image`; its JSON report, or BuildFailed."""
     name = f"{name_prefix}-{uuid.uuid4().hex[:8]}"
-    container = client.containers.create(image, smoke_command(kind), entrypoint=[], name=name,
+    container = client.containers.create(image, smoke_command(kind, extras), entrypoint=[],
+                                         name=name,
                                          network_mode="host", detach=True)
     try:
         container.start()
@@ -272,11 +287,18 @@ def build_image(target: Target, *, tag: str | None = None, no_cache: bool = Fals
         (context_dir / "Dockerfile").write_text(dockerfile)
         shutil.copy2(wheel, context_dir / wheel_name())
         shutil.copy2(host_ca_bundle(), context_dir / CA_BUNDLE)
+        if target.extras:
+            (context_dir / "wheels").mkdir()
+            for local in local_wheels(target).values():
+                if _same_fs(local, context_dir):
+                    os.link(local, context_dir / "wheels" / local.name)
+                else:
+                    shutil.copy2(local, context_dir / "wheels")
         image_id = run_build(client, context_dir, labels, no_cache, log, target.kind)
     report, smoke_start = None, time.monotonic()
     if smoke:
         progress(f"smoke test: claw runtime selftest inside {image_id[:19]}")
-        report = smoke_test(client, image_id, target.kind)
+        report = smoke_test(client, image_id, target.kind, extras=target.extras)
     smoke_seconds = time.monotonic() - smoke_start
     final = tag or target.default_tag
     repository, version = split_tag(final)

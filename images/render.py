@@ -11,6 +11,7 @@ and its line, never an empty string in a Dockerfile.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -32,6 +33,8 @@ RUNTIME_PORT = 8080
 IMAGE_UID = 10001
 DEV_TOOLS = ["pytest", "ruff", "build"]
 CA_BUNDLE = "build-ca.crt"  # the builder's trust store, for pip inside the build
+# Extras a runtime image may carry beside `runtime` (the wheel's other extras are controller-side).
+EXTRA_CHOICES = ("fed",)
 # No OpenCL at all: not a stack of any profile, accepted for every one (runtime image only).
 NO_OPENCL = OpenCLStack(name="none")
 
@@ -44,11 +47,14 @@ class Target:
     profile: DeviceProfile
     arch: str
     opencl: OpenCLStack
+    extras: tuple[str, ...] = ()  # extras of the wheel installed beside `runtime` (e.g. fed)
 
     @property
     def default_tag(self) -> str:
         numpy_only = "-numpy" if self.opencl is NO_OPENCL else ""
-        return f"clawforge/{self.kind}:{__version__}-{self.profile.name}-{self.arch}{numpy_only}"
+        extras = "".join(f"-{e}" for e in self.extras)
+        return (f"clawforge/{self.kind}:{__version__}-{self.profile.name}-{self.arch}"
+                f"{numpy_only}{extras}")
 
 
 def wheel_name() -> str:
@@ -88,10 +94,26 @@ def check_kind(kind: str) -> str:
     return kind
 
 
+def check_extras(kind: str, extras: tuple[str, ...]) -> tuple[str, ...]:
+    """Extras go into the runtime image only, and must be ones the wheel declares."""
+    if not extras:
+        return ()
+    if kind != "runtime":
+        raise BadInput(f"--extra is for the runtime image only (the {kind} image has its own "
+                       "tool set)")
+    known = [e for e in EXTRA_CHOICES if requirements(e)]
+    for extra in extras:
+        if extra not in known:
+            raise BadInput(f"--extra {extra!r} is not an extra for the runtime image (expected "
+                           f"one of: {', '.join(known)})")
+    return tuple(dict.fromkeys(extras))
+
+
 def resolve(kind: str, profile: str, arch: str | None = None,
-            opencl: str | None = None) -> Target:
+            opencl: str | None = None, extras: tuple[str, ...] = ()) -> Target:
     """Check every input before anything is rendered or built."""
     check_kind(kind)
+    extras = check_extras(kind, tuple(extras))
     prof = ProfileStore().get(profile)
     arch = check_arch(arch or prof.arch)
     stacks = {s.name: s for s in prof.gpu.opencl}
@@ -100,11 +122,48 @@ def resolve(kind: str, profile: str, arch: str | None = None,
         if kind != "runtime":
             raise BadInput(f"--opencl none is for the runtime image only (the {kind} image "
                            "carries OpenCL headers and clinfo)")
-        return Target(kind, prof, arch, NO_OPENCL)
+        return Target(kind, prof, arch, NO_OPENCL, extras)
     if name not in stacks:
         raise BadInput(f"--opencl {name!r} is not a stack of profile {prof.name} (expected one "
                        f"of: {', '.join(stacks)}, or none for a numpy-only runtime image)")
-    return Target(kind, prof, arch, stacks[name])
+    return Target(kind, prof, arch, stacks[name], extras)
+
+
+def local_wheels(target: Target) -> dict[str, Path]:
+    """Wheels of the extras' requirements found in PIP_FIND_LINKS that fit the image (CPython
+    3.11 of Debian bookworm, the target's machine), by project name: PyPI's default torch
+    drags in gigabytes of CUDA libraries; the machine's `+cpu` build does not."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}[target.arch]
+    wanted = {canonicalize_name(r.name): r for r in map(Requirement,
+              (r for e in target.extras for r in requirements(e)))}
+    found: dict[str, Path] = {}
+    for folder in os.environ.get("PIP_FIND_LINKS", "").split():
+        for wheel in sorted(Path(folder).glob("*.whl")) if Path(folder).is_dir() else []:
+            try:
+                name, version, _, tags = parse_wheel_filename(wheel.name)
+            except ValueError:
+                continue
+            fits = any(t.interpreter in ("cp311", "py3") and (t.platform == "any" or
+                       t.platform.endswith(machine)) for t in tags)
+            req = wanted.get(name)
+            if fits and req and req.specifier.contains(version, prereleases=True):
+                found[name] = wheel
+    return found
+
+
+def extra_requirements(target: Target, wheels: dict[str, Path]) -> list[str]:
+    """The extras' requirements, each one a local wheel stands for replaced by its file."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    out = []
+    for r in (r for e in target.extras for r in requirements(e)):
+        name = canonicalize_name(Requirement(r).name)
+        out.append(f"/tmp/wheels/{wheels[name].name}" if name in wheels else r)
+    return list(dict.fromkeys(out))
 
 
 def opencl_packages(target: Target) -> tuple[list[str], bool]:
@@ -122,6 +181,7 @@ def opencl_packages(target: Target) -> tuple[list[str], bool]:
 
 def context(target: Target) -> dict[str, Any]:
     packages, fallback = opencl_packages(target)
+    wheels = local_wheels(target)
     return {
         "kind": target.kind, "profile": target.profile, "arch": target.arch,
         "base_image": IMAGE_BASE.tag(target.arch), "opencl": target.opencl,
@@ -130,6 +190,8 @@ def context(target: Target) -> dict[str, Any]:
         "dev_tools": DEV_TOOLS, "version": __version__,
         "runtime_requirements": requirements() + requirements("runtime"),
         "controller_requirements": requirements("controller"),
+        "extras": list(target.extras), "extra_requirements": extra_requirements(target, wheels),
+        "extra_wheels": sorted(w.name for w in wheels.values()),
     }
 
 

@@ -1,4 +1,4 @@
-"""`claw fed`: federated fine-tuning runs: list them, export one as a deployable GGUF.
+"""`claw fed`: federated fine-tuning: start a run on the fleet, list runs, export one as a GGUF.
 
 (`claw fed run`, which starts a run on the fleet, lives in `provision/cli/fed_run.py`.)
 Heavy modules (numpy, the runtime's model code) are imported inside commands.
@@ -12,10 +12,12 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from provision.cli.fed_run import run_cmd
 from provision.output import console, emit, print_json
 
-app = typer.Typer(help="Federated fine-tuning: list runs, export a run's adapter as a model.",
+app = typer.Typer(help="Federated LoRA fine-tuning with Flower (SecAgg+): run, list, export.",
                   no_args_is_help=True)
+app.command("run")(run_cmd)
 
 RUN_COLUMNS = {"id": "Run", "started": "Started", "status": "Status", "rounds": "Rounds",
                "clients": "Clients", "final_eval_loss": "Final eval loss"}

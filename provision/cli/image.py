@@ -22,10 +22,15 @@ OPENCL_HELP = ("OpenCL stack from the profile (default: its first), or none (any
 TEMPLATES_HELP = "A directory of your own templates (default: the shipped ones)."
 
 
-def _target(kind: str, profile: str, arch: str | None, opencl: str | None):
+EXTRA_HELP = ("An extra of the wheel to install beside the runtime (repeatable; fed: Flower, "
+              "PyTorch CPU and peft for `claw fed run`); the tag gets -EXTRA after it.")
+
+
+def _target(kind: str, profile: str, arch: str | None, opencl: str | None,
+            extras: list[str] | None = None):
     from images.render import resolve
 
-    return resolve(kind, profile, arch, opencl)
+    return resolve(kind, profile, arch, opencl, tuple(extras or ()))
 
 
 @app.command("render")
@@ -34,6 +39,7 @@ def render_cmd(
     profile: str = typer.Option(..., "--profile", "-p", help=PROFILE_HELP),
     arch: str | None = typer.Option(None, "--arch", help=ARCH_HELP),
     opencl: str | None = typer.Option(None, "--opencl", help=OPENCL_HELP),
+    extra: list[str] | None = typer.Option(None, "--extra", help=EXTRA_HELP),
     output: Path | None = typer.Option(None, "-o", "--output", help="Write it here."),
     templates: Path | None = typer.Option(None, "--templates", help=TEMPLATES_HELP),
     lint: bool = typer.Option(False, "--lint", help="Check it with hadolint (errors fail)."),
@@ -46,7 +52,7 @@ def render_cmd(
     from images.render import render
     from provision.errors import ClawError
 
-    text = render(_target(kind, profile, arch, opencl), templates)
+    text = render(_target(kind, profile, arch, opencl, extra), templates)
     if lint:
         findings = hadolint(text)
         for f in findings:
@@ -102,9 +108,11 @@ def build_cmd(
     profile: str = typer.Option(..., "--profile", "-p", help=PROFILE_HELP),
     arch: str | None = typer.Option(None, "--arch", help=ARCH_HELP),
     opencl: str | None = typer.Option(None, "--opencl", help=OPENCL_HELP),
+    extra: list[str] | None = typer.Option(None, "--extra", help=EXTRA_HELP),
     tag: str | None = typer.Option(None, "--tag", "-t",
                                    help=("Image tag (default clawforge/KIND:VERSION-PROFILE-ARCH, "
-                                         "with -numpy after it for --opencl none).")),
+                                         "with -numpy after it for --opencl none, then "
+                                         "-EXTRA for each --extra).")),
     no_cache: bool = typer.Option(False, "--no-cache", help="Rebuild every layer."),
     no_smoke: bool = typer.Option(False, "--no-smoke-test",
                                   help="Tag without running the self-test inside the image."),
@@ -118,7 +126,7 @@ def build_cmd(
     """
     from images.build import BuildFailed, BuildLog, build_image
 
-    target = _target(kind, profile, arch, opencl)
+    target = _target(kind, profile, arch, opencl, extra)
     display = _BuildDisplay(kind, quiet=json_out)
     log = BuildLog(on_step=display.step, on_step_done=display.done, on_line=display.line)
 

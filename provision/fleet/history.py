@@ -1,5 +1,8 @@
 """Rollout history: one SQLite file in the user's state directory.
 
+Federated fine-tuning runs (`claw fed run`) are recorded in the same store (`fed_runs`): what
+learned on the fleet is what a later rollout delivers, and both are read from one place.
+
 A rollout row says who started what, when, with which settings, and how it ended; a device
 row per device says where that device got to (its last phase), from which version to which,
 how long it took and what failed. Rows are written as the runner's events arrive, so a
@@ -55,6 +58,22 @@ CREATE TABLE IF NOT EXISTS devices (
     ended REAL,
     error TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (rollout_id, device)
+);
+CREATE TABLE IF NOT EXISTS fed_runs (
+    id TEXT PRIMARY KEY,           -- the run directory's name, fed-YYYYMMDD-HHMMSS-xxxx
+    inventory TEXT NOT NULL,
+    model TEXT NOT NULL,           -- the base GGUF on the controller
+    model_sha256 TEXT NOT NULL,
+    settings TEXT NOT NULL,        -- JSON: rounds, min_clients, secagg, data_dir, clients, ...
+    user TEXT NOT NULL,
+    controller TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started REAL NOT NULL,
+    ended REAL,
+    status TEXT NOT NULL,          -- running | succeeded | failed | refused | interrupted
+    rounds_done INTEGER NOT NULL DEFAULT 0,
+    run_dir TEXT NOT NULL,
+    error TEXT NOT NULL DEFAULT ''
 );
 """
 FINAL = ("ok", "current", "rolled_back", "failed", "unreachable", "skipped")
@@ -217,3 +236,55 @@ def device_rollouts(device: str, limit: int = 50) -> list[dict[str, Any]]:
                            "d.rollout_id WHERE d.device=? ORDER BY r.started DESC LIMIT ?",
                            (device, limit))
         return [dict(r) for r in rows]
+
+
+def fed_run_start(run_id: str, inventory: Path, model: Path, model_sha256: str,
+                  settings: dict[str, Any], run_dir: Path) -> None:
+    """Record a federated run as it starts (before pre-flight: a refusal is history too)."""
+    with connect() as con:
+        con.execute("INSERT INTO fed_runs (id, inventory, model, model_sha256, settings, user, "
+                    "controller, pid, started, status, run_dir) VALUES (?,?,?,?,?,?,?,?,?, "
+                    "'running', ?)",
+                    (run_id, str(inventory.resolve()), str(model.resolve()), model_sha256,
+                     json.dumps(settings), getpass.getuser(), socket.gethostname(), os.getpid(),
+                     time.time(), str(run_dir)))
+
+
+def fed_run_progress(run_id: str, rounds_done: int) -> None:
+    with connect() as con:
+        con.execute("UPDATE fed_runs SET rounds_done=? WHERE id=?", (rounds_done, run_id))
+
+
+def fed_run_finish(run_id: str, status: str, rounds_done: int, error: str = "") -> None:
+    with connect() as con:
+        con.execute("UPDATE fed_runs SET status=?, rounds_done=?, error=?, ended=? WHERE id=?",
+                    (status, rounds_done, error, time.time(), run_id))
+
+
+def _mark_fed_interrupted(con: sqlite3.Connection) -> None:
+    """A `running` federated run whose controller process is gone was interrupted."""
+    for row in con.execute("SELECT id, pid, controller FROM fed_runs WHERE status='running'"):
+        if row["controller"] == socket.gethostname() and not _alive(row["pid"]):
+            con.execute("UPDATE fed_runs SET status='interrupted', ended=?, error='the "
+                        "controller stopped before the run finished' WHERE id=?",
+                        (time.time(), row["id"]))
+
+
+def fed_runs(limit: int = 20) -> list[dict[str, Any]]:
+    """The newest federated runs first, settings decoded."""
+    with connect() as con:
+        _mark_fed_interrupted(con)
+        rows = con.execute("SELECT * FROM fed_runs ORDER BY started DESC LIMIT ?", (limit,))
+        return [dict(r) | {"settings": json.loads(r["settings"])} for r in rows]
+
+
+def fed_run(run_id: str) -> dict[str, Any]:
+    """One federated run by its id or the start of it (the newest that matches)."""
+    with connect() as con:
+        _mark_fed_interrupted(con)
+        row = con.execute("SELECT * FROM fed_runs WHERE substr(id, 1, ?) = ? "
+                          "ORDER BY started DESC LIMIT 1", (len(run_id), run_id)).fetchone()
+        if row is not None:
+            return dict(row) | {"settings": json.loads(row["settings"])}
+    raise BadInput(f"federated run {run_id!r} is not in the history ({db_path()}; see "
+                   "`claw fed runs`)")

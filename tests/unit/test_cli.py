@@ -18,7 +18,7 @@ COMMANDS = [
     ["image", "import"], ["image", "push"], ["image", "run-dev"], ["image", "k8s"],
     ["fleet", "rollout"], ["fleet", "rollback"], ["fleet", "status"], ["fleet", "history"],
     ["flash"], ["bmap"], ["os", "build"], ["os", "customize"],
-    ["fed", "export"], ["fed", "runs"],
+    ["fed", "export"], ["fed", "runs"], ["fed", "run"],
 ]
 
 

@@ -282,3 +282,35 @@ def test_image_build_json_record_is_serialisable():
     result = BuildResult("t:1", "sha256:x", 1.0, 10, [Step(1, 1, "FROM x", 0.0, cached=True)],
                          {"a": "b"}, {"ok": True})
     assert json.loads(json.dumps(result.record()))["cached_steps"] == 1
+
+
+def test_fed_extra_installs_the_local_cpu_torch_wheel_in_its_own_layer(tmp_path, monkeypatch):
+    wheel = tmp_path / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+    wheel.write_bytes(b"")
+    (tmp_path / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_aarch64.whl").write_bytes(b"")
+    (tmp_path / "torch-2.13.0-cp312-cp312-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    target = resolve("runtime", "qemu-virt", "amd64", "none", ("fed",))
+    assert target.default_tag.endswith("-amd64-numpy-fed")
+    text = render(target)
+    assert not [f for f in lint(text) if f["level"] == "error"]
+    layer = next(b for b in text.split("\nRUN ") if "flwr" in b)
+    assert f"'/tmp/wheels/{wheel.name}'" in layer and "'torch>=" not in layer
+    assert "'peft>=" in layer and "numpy" not in layer  # the runtime's own layer stays apart
+    assert "COPY wheels/ /tmp/wheels/" in text
+    arm = render(resolve("runtime", "qemu-virt", "arm64", "none", ("fed",)))
+    assert "manylinux_2_28_aarch64.whl'" in arm and "x86_64" not in arm
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "none"))
+    plain = render(target)  # no local wheel: torch from the index, no wheels/ copied
+    assert "'torch>=2.2'" in plain and "COPY wheels/" not in plain
+
+
+@pytest.mark.parametrize("kind,extras,needle", [
+    ("runtime", ("cuda",), "'cuda' is not an extra"),
+    ("runtime", ("controller",), "expected one of: fed"),
+    ("dev-env", ("fed",), "runtime image only")])
+def test_bad_extras_are_refused_before_rendering(kind, extras, needle):
+    from provision.errors import BadInput
+
+    with pytest.raises(BadInput, match=re.escape(needle)):
+        resolve(kind, "qemu-virt", "amd64", extras=extras)

@@ -1,0 +1,230 @@
+"""`claw fed run` on three emulated devices, each with its own Docker engine holding the runtime
+image built with the `fed` extra (Flower, PyTorch CPU, peft), its own shard of text and the
+trained test model.
+
+Pre-flight refusals (a device without the data directory; a device holding another model)
+name the device and start nothing; SuperNode containers started over the playbook connect to a
+SuperLink on this machine (seen through the SuperLink: `flwr supernode list`, matched against
+each container's own log) and are removed afterwards; a whole `claw fed run` stops every client
+and the SuperLink whatever its end, and is recorded in the history store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import claw_subprocess, dexec
+
+pytestmark = pytest.mark.integration
+
+FLEET = f"fedfleet{os.getpid() % 100000}"
+IMAGE = f"fedfleet-{os.getpid()}/runtime:fed"
+DATA = "/srv/fed/text"
+MODEL = "/var/lib/clawforge/models/base.gguf"
+CONTAINER = "claw-fed-supernode"
+
+
+def _federation_available() -> bool:
+    try:
+        return importlib.util.find_spec("runtime.fed.federation") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+FEDERATION = _federation_available()
+
+
+@dataclass
+class FedFleet:
+    inventory: Path
+    names: list[str]
+    model: Path  # the controller's copy
+    state: Path
+
+
+def containers(name: str) -> list[str]:
+    """The containers in a device's own engine, running or not."""
+    return dexec(name, "docker ps -a --format '{{.Names}}'").split()
+
+
+@pytest.fixture(scope="module")
+def fed_fleet() -> Iterator[FedFleet]:
+    """The fed image (cached layers after the first build), three engine devices with it
+    loaded, each with a shard of the training text and the model; all removed afterwards."""
+    from images.base import docker_client
+    from images.build import build_image
+    from images.render import resolve
+    from provision import devices
+    from tests.trained_model import available, trained_model
+
+    if why := available():
+        pytest.skip(why)
+    saved = os.environ.get("XDG_STATE_HOME")
+    state = Path(tempfile.mkdtemp(prefix="fedfleet-state-"))
+    os.environ["XDG_STATE_HOME"] = str(state)  # runs, history and inventories of this module
+    try:
+        model = trained_model().f32
+        build_image(resolve("runtime", "qemu-virt", "amd64", "none", ("fed",)), tag=IMAGE,
+                    progress=lambda *_: None)
+        inventory = devices.devices_up(3, "qemu-virt", "amd64", fleet=FLEET, engine=True,
+                                       progress=lambda _: None)
+        names = list(yaml.safe_load(inventory.read_text())["all"]["children"]["emulated"]
+                     ["hosts"])
+        done = claw_subprocess("provision", "-i", str(inventory), "--tags", "docker_engine",
+                               "--json")
+        assert done.code == 0, done.out[-3000:] + done.err[-2000:]
+        tar = state / "fed-image.tar"
+        subprocess.run(["docker", "save", "-o", str(tar), IMAGE], check=True, timeout=600)
+        text = (Path("/usr/share/common-licenses") / "GPL-3").read_text()
+        third = len(text) // 3
+        for i, name in enumerate(names):
+            with tar.open("rb") as f:
+                subprocess.run(["docker", "exec", "-i", name, "docker", "load"], stdin=f,
+                               check=True, capture_output=True, timeout=600)
+            dexec(name, f"mkdir -p {DATA} {Path(MODEL).parent}")
+            subprocess.run(["docker", "cp", str(model), f"{name}:{MODEL}"], check=True)
+            shard = state / f"shard{i}.txt"
+            shard.write_text(text[i * third:(i + 1) * third])
+            subprocess.run(["docker", "cp", str(shard), f"{name}:{DATA}/shard.txt"], check=True)
+        tar.unlink()
+        yield FedFleet(inventory, names, model, state)
+    finally:
+        for device in devices.list_devices(FLEET):  # the devices' engines drop the 1.7 GB
+            subprocess.run(["docker", "exec", device.name, "docker", "rmi", "-f", IMAGE],
+                           capture_output=True, timeout=600)  # first, in steps
+        devices.devices_down(fleet=FLEET)
+        with contextlib.suppress(Exception):  # best effort: this module's image only
+            docker_client().images.remove(IMAGE, force=True)
+        if saved is None:
+            os.environ.pop("XDG_STATE_HOME", None)
+        else:
+            os.environ["XDG_STATE_HOME"] = saved
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def fed_run(f: FedFleet, *args: str):
+    return claw_subprocess("fed", "run", "-i", str(f.inventory), "--model", str(f.model),
+                           "--data-dir", DATA, "--device-model", MODEL, "--rounds", "2",
+                           "--image", IMAGE, *args)
+
+
+def test_a_device_without_the_data_dir_is_refused_before_anything_starts(fed_fleet):
+    from provision.fleet import history
+
+    f, missing = fed_fleet, fed_fleet.names[1]
+    dexec(missing, f"mv {DATA} {DATA}.away")
+    try:
+        done = fed_run(f, "--json")
+    finally:
+        dexec(missing, f"mv {DATA}.away {DATA}")
+    assert done.code == 2, done.out[-2000:] + done.err[-2000:]
+    assert "Traceback" not in done.err
+    assert f"{missing}: data dir missing" in done.err
+    assert "refused before the first round (1 of 3 devices not ready" in done.err
+    assert not [n for n in f.names if n != missing and n in done.err]
+    assert all(containers(n) == [] for n in f.names)  # no SuperNode was started
+    run = history.fed_runs(1)[0]
+    assert run["status"] == "refused" and run["rounds_done"] == 0
+    assert missing in run["error"] and run["settings"]["clients"] == f.names
+
+
+def test_a_device_holding_another_model_is_refused_naming_it(fed_fleet):
+    f, other = fed_fleet, fed_fleet.names[2]
+    dexec(other, f"cp {MODEL} {MODEL}.keep && printf x >> {MODEL}")
+    try:
+        done = fed_run(f)
+    finally:
+        dexec(other, f"mv {MODEL}.keep {MODEL}")
+    assert done.code == 2, done.out[-2000:] + done.err[-2000:]
+    assert re.search(rf"{other}: model sha256 [0-9a-f]{{12}}… differs from the controller's",
+                     done.err), done.err
+    assert not [n for n in f.names if n != other and n in done.err]
+    assert all(containers(n) == [] for n in f.names)
+
+
+def test_supernodes_connect_to_the_superlink_and_are_removed_after(fed_fleet, tmp_path):
+    from provision.fed import fleet
+
+    f = fed_fleet
+    settings = fleet.FedSettings(model=f.model, data_dir=DATA, rounds=1, device_model=MODEL,
+                                 image=IMAGE)
+    hosts = fleet.fleet_hosts(f.inventory)
+    images = fleet.images_for(hosts, IMAGE)
+    checks = fleet.preflight(f.inventory, f.names, settings, images,
+                             fleet.sha256_file(f.model))
+    assert [(c.host, c.texts, bool(c.image_id)) for c in checks] == [
+        (n, 1, True) for n in f.names]
+    link = fleet.start_superlink(tmp_path, "127.0.0.1", "127.0.0.1")
+    try:
+        ports = dict(zip(f.names, fleet.free_ports(3), strict=True))
+        fleet.start_clients(f.inventory, settings, link.address, images, ports)
+        online = fleet.wait_for_nodes(link, 3, timeout=180)
+        logged = set()
+        for name in f.names:
+            inspect = json.loads(dexec(name, f"docker inspect {CONTAINER}"))[0]
+            assert inspect["State"]["Running"] and inspect["HostConfig"]["NetworkMode"] == "host"
+            mounts = {m["Destination"]: m["RW"] for m in inspect["Mounts"]}
+            assert mounts == {DATA: False, MODEL: False}  # the device's text stays read-only
+            args = " ".join(inspect["Args"])
+            assert f"--port {ports[name]}" in args
+            assert f'data-dir="{DATA}" model="{MODEL}" name="{name}"' in args
+            log = subprocess.run(["docker", "exec", name, "docker", "logs", CONTAINER],
+                                 capture_output=True, text=True, timeout=60)
+            logged |= set(re.findall(r"SuperNode ID: (\d+)", log.stdout + log.stderr))
+        assert {n["node-id"] for n in online} == logged and len(logged) == 3
+    finally:
+        logs = fleet.stop_clients(f.inventory)
+        link.stop()
+    assert all(containers(n) == [] for n in f.names)
+    assert all(any("SuperNode ID" in line for line in logs[n]) for n in f.names)
+    assert not link.alive
+    fleet.stop_clients(f.inventory)  # twice is harmless (the clean-up after any failure)
+
+
+@pytest.mark.skipif(FEDERATION, reason="runtime.fed.federation is here: the run trains "
+                    "(test_a_run_trains_over_the_fleet)")
+def test_without_the_flower_apps_a_run_stops_its_clients_and_is_recorded_failed(fed_fleet):
+    from provision.fleet import history
+
+    f = fed_fleet
+    done = fed_run(f, "--no-secagg", "--json")
+    assert done.code == 1, done.out[-2000:] + done.err[-2000:]
+    assert "not yet: the Flower apps" in done.err and "Traceback" not in done.err
+    assert all(containers(n) == [] for n in f.names)
+    run = history.fed_runs(1)[0]
+    assert run["status"] == "failed" and "not yet" in run["error"]
+    folder = Path(run["run_dir"])
+    assert json.loads((folder / "run.json").read_text())["status"] == "failed"
+    for name in f.names:  # each client came up (its log is kept), then went
+        assert "SuperNode ID" in (folder / f"supernode-{name}.log").read_text()
+    assert not subprocess.run(["pgrep", "-f", f"flower-superlink.*{folder.name}"],
+                              capture_output=True).stdout
+
+
+@pytest.mark.skipif(not FEDERATION, reason="not yet: runtime.fed.federation (the Flower "
+                    "apps) is not in this build")
+def test_a_run_trains_over_the_fleet(fed_fleet):
+    from provision.fleet import history
+
+    f = fed_fleet
+    done = fed_run(f, "--json", "--local-steps", "2")
+    assert done.code == 0, done.out[-3000:] + done.err[-3000:]
+    result = json.loads(done.out)
+    assert result["status"] == "succeeded" and result["rounds_done"] == 2
+    assert [r["clients_joined"] for r in result["rounds"]] == [3, 3]
+    assert (Path(result["run_dir"]) / "adapter" / "adapter_model.safetensors").is_file()
+    assert all(containers(n) == [] for n in f.names)
+    assert history.fed_run(result["id"])["status"] == "succeeded"
