@@ -85,6 +85,28 @@ def test_mixed_beats_uniform_at_the_same_size(trained, tmp_path, qtype):
     assert m.ppl <= u.ppl * 1.0025, (m.ppl, u.ppl)
 
 
+def test_scale_search_loses_less_than_round_to_nearest_on_trained_weights(trained, tmp_path):
+    """Every matrix of the trained model, in every searched type its rows allow: the searched
+    encoder's squared error is at most round to nearest's (measured 2-13 % less)."""
+    from runtime import quant
+    from runtime.mixed_quant import open_float_source
+
+    src = open_float_source(trained.f16, tmp_path)
+    checked = 0
+    for name, ref in src.tensors.items():
+        x = ref.to_float32()
+        if x.ndim != 2:
+            continue
+        for qtype in (T.Q8_0, T.Q6_K, T.Q5_K, T.Q4_K, T.Q4_0):
+            if x.shape[1] % quant.block_shape(qtype)[0]:
+                continue
+            err = [float(np.sum((quant.dequantize(quant.quantize(x, qtype, search=s), qtype,
+                                                  x.shape) - x) ** 2)) for s in (True, False)]
+            assert err[0] <= err[1], (name, qtype.name, err)
+            checked += 1
+    assert checked >= 5 * 14  # 2 layers x 7 matrices, embeddings and output, each type
+
+
 def test_llama_cpp_loads_our_mixed_file_and_agrees(trained, mixed):
     from runtime.api import Model
 
