@@ -87,7 +87,7 @@ def test_mixed_beats_uniform_at_the_same_size(trained, tmp_path, qtype):
 
 def test_scale_search_loses_less_than_round_to_nearest_on_trained_weights(trained, tmp_path):
     """Every matrix of the trained model, in every searched type its rows allow: the searched
-    encoder's squared error is at most round to nearest's (measured 2-13 % less)."""
+    encoder's squared error is at most round to nearest's (measured 10-18 % less)."""
     from runtime import quant
     from runtime.mixed_quant import open_float_source
 
@@ -104,7 +104,7 @@ def test_scale_search_loses_less_than_round_to_nearest_on_trained_weights(traine
                                                   x.shape) - x) ** 2)) for s in (True, False)]
             assert err[0] <= err[1], (name, qtype.name, err)
             checked += 1
-    assert checked >= 5 * 14  # 2 layers x 7 matrices, embeddings and output, each type
+    assert checked == 5 * 16  # 2 layers x 7 matrices, embeddings and output, each type
 
 
 def test_llama_cpp_loads_our_mixed_file_and_agrees(trained, mixed):
