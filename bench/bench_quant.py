@@ -32,7 +32,7 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from bench.report import print_report  # noqa: E402
 from runtime import mixed_quant as mq  # noqa: E402
 from runtime.model_file import open_model  # noqa: E402
-from runtime.perplexity import evaluate  # noqa: E402
+from runtime.perplexity import evaluate, paired_log_ratio  # noqa: E402
 from tests import trained_model as tm  # noqa: E402
 from tests.llama_cpp import llama_python, llama_quantize  # noqa: E402
 
@@ -89,6 +89,7 @@ def main() -> None:
 
     text = model.eval_text.read_text()
     rows = []
+    evals = {}
     base, scored = None, 0
     for name, method, path in files:
         src = open_model(path)
@@ -96,6 +97,7 @@ def main() -> None:
         tensor_bytes = sum(r.nbytes for r in src.tensors.values())
         ev = evaluate(str(path), text, n_ctx=args.ctx,
                       base_path=None if name == "F16" else str(model.f16))
+        evals[name] = ev
         if name == "F16":
             base, scored = ev.ppl, ev.tokens_scored
         size = path.stat().st_size
@@ -117,6 +119,10 @@ def main() -> None:
                             "mixed_kl": ours["kl_vs_f16"], "llama_kl": theirs["kl_vs_f16"],
                             "kl_ratio_mixed_over_llama":
                                 round(ours["kl_vs_f16"] / theirs["kl_vs_f16"], 3)})
+        # the same tokens scored by both files: ln(ppl ratio) +- its paired standard error
+        log_ratio, err = paired_log_ratio(evals[f"mixed ={name}"], evals[name])
+        comparisons[-1].update({"ln_ppl_ratio": round(log_ratio, 6), "ln_ppl_ratio_se":
+                                round(err, 6), "z": round(log_ratio / err, 2) if err else None})
     report = {"bench": "quant", "date": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
               "model": str(model.hf_dir.parent), "eval_text": "GPL-2 (held out)",
@@ -131,7 +137,9 @@ def main() -> None:
         for c in comparisons:
             print(f"same size as llama.cpp {c['size_of']}: mixed ppl {c['mixed_ppl']} vs "
                   f"{c['llama_ppl']} = {c['ppl_ratio_mixed_over_llama']}x, KL vs F16 "
-                  f"{c['mixed_kl']} vs {c['llama_kl']} = {c['kl_ratio_mixed_over_llama']}x")
+                  f"{c['mixed_kl']} vs {c['llama_kl']} = {c['kl_ratio_mixed_over_llama']}x; "
+                  f"ln(ppl ratio) {c['ln_ppl_ratio']:+.5f} ± {c['ln_ppl_ratio_se']:.5f} (paired "
+                  f"SE, z {c['z']})")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from runtime.mixed_quant import TensorPlan, _hull, candidate_types, choose
-from runtime.perplexity import perplexity, windows
+from runtime.perplexity import paired_log_ratio, perplexity, windows
 
 pytestmark = pytest.mark.unit
 
@@ -88,6 +88,31 @@ def test_perplexity_windows_and_scored_half_like_llama_perplexity():
         return out
 
     assert perplexity(sure, ids, 32, 1).ppl == pytest.approx(1.0)
+
+
+def test_paired_log_ratio_of_two_evaluations_of_the_same_tokens():
+    """ln(ppl_a / ppl_b) from per-token NLLs, with the standard error of their differences:
+    a constant shift has no error; the per-token NLLs stay out of the JSON dict."""
+    ids, vocab = list(range(3, 3 + 70)), 80
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((70, vocab)).astype(np.float32)
+
+    def a(w):
+        return noise[: len(w)]
+
+    def b(w):  # every logit of the right token 0.1 higher: each NLL drops by nearly 0.1
+        out = noise[: len(w)].copy()
+        out[np.arange(len(w) - 1), w[1:]] += 0.1
+        return out
+
+    ra, rb = perplexity(a, ids, 32, 1), perplexity(b, ids, 32, 1)
+    log_ratio, err = paired_log_ratio(ra, rb)
+    assert log_ratio == pytest.approx(np.log(ra.ppl / rb.ppl)) and 0.05 < log_ratio < 0.1
+    assert 0 < err < 0.01
+    assert paired_log_ratio(ra, ra) == (0.0, 0.0)
+    assert "token_nll" not in ra.as_dict() and len(ra.token_nll) == ra.tokens_scored
+    with pytest.raises(ValueError):
+        paired_log_ratio(ra, perplexity(a, ids[:40], 32, 1))
 
 
 # ------------------------------------------------------------------ through the CLI

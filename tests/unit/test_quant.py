@@ -106,7 +106,7 @@ def tricky_rows() -> np.ndarray:
 @pytest.mark.parametrize("qtype", GGUF_CAN_QUANTIZE, ids=lambda t: t.name)
 def test_quantize_bytes_equal_gguf(qtype):
     for x in (normal(), tricky_rows()):
-        ours = quant.quantize(x, qtype)
+        ours = quant.quantize(x, qtype, search=False)
         ref = gguf.quants.quantize(x, qtype)
         assert np.array_equal(ours, ref.view(np.uint8).reshape(ours.shape))
 
@@ -204,3 +204,42 @@ def test_unsupported_type_is_named():
             call()
     with pytest.raises(quant.QuantError, match="12345"):
         quant.block_shape(12345)
+
+
+SEARCHED = [T.Q8_0, T.Q6_K, T.Q5_K, T.Q4_K, T.Q4_0]
+
+
+def sq_error(qtype: T, x: np.ndarray, search: bool) -> float:
+    y = quant.dequantize(quant.quantize(x, qtype, search=search), qtype, x.shape)
+    return float(np.sum((y.astype(np.float64) - x) ** 2))
+
+
+@pytest.mark.parametrize("qtype", SEARCHED, ids=lambda t: t.name)
+def test_scale_search_error_not_above_round_to_nearest(qtype):
+    """On normal and heavy-tailed (Student t, 3 dof: outliers as in trained weights) rows the
+    searched scales lose less than the max-based ones; measured 7-17 % less squared error."""
+    rng = np.random.default_rng(5)
+    for x in (normal(64, 1024, seed=6),
+              rng.standard_t(3, (64, 1024)).astype(np.float32) * np.float32(0.02)):
+        assert sq_error(qtype, x, search=True) <= 0.99 * sq_error(qtype, x, search=False)
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+def test_scale_search_beats_gguf_reference_quantizer(qtype):
+    """Fixed seed: our searched bytes, read by gguf's own dequantizer, are closer to the input
+    than the bytes of gguf's reference (round to nearest) quantizer."""
+    x = normal(32, 1024, seed=7)
+    ours = gguf.quants.dequantize(quant.quantize(x, qtype), qtype).reshape(x.shape)
+    ref = gguf.quants.dequantize(gguf.quants.quantize(x, qtype), qtype).reshape(x.shape)
+    assert rel_rmse(ours, x) < 0.99 * rel_rmse(ref, x)
+
+
+def test_scale_search_fixed_seed_figures():
+    """The searched encoders' error on one fixed input, read back by gguf's dequantizer, pinned
+    to the measured values (a change of the search shows here first)."""
+    x = normal(16, 1024, seed=8)
+    measured = {T.Q8_0: 0.00498, T.Q6_K: 0.01729, T.Q5_K: 0.03585, T.Q4_K: 0.07136,
+                T.Q4_0: 0.08087}  # round to nearest: 0.00535 0.01878 0.03815 0.07834 0.08596
+    for qtype, want in measured.items():
+        got = gguf.quants.dequantize(quant.quantize(x, qtype), qtype).reshape(x.shape)
+        assert rel_rmse(got, x) == pytest.approx(want, rel=0.02), qtype.name
