@@ -62,6 +62,10 @@ class OsImage(Strict):
     distro: Literal["debian", "ubuntu"] = "debian"
     suite: Literal["bookworm", "trixie", "jammy", "noble"] = "bookworm"
     kernel_packages: list[str] = Field(min_length=1)
+    kernel_suite: str | None = Field(
+        None, pattern=r"^[a-z]+-backports$",
+        description="install the kernel packages from this suite (e.g. bookworm-backports, "
+                    "whose 6.12 kernel carries device trees the release's 6.1 lacks)")
     firmware_packages: list[str] = Field(default_factory=list)
     bootloader: Bootloader
     dtb: str | None = None

@@ -60,7 +60,10 @@ def base_key(profile: DeviceProfile) -> str:
     The empty slot is where firmware once was: the keys of roots already cached stay valid."""
     inputs = [SUITE, vm.ARCH, MIRROR, vm.PACKAGES, FIRST_BOOT_PACKAGES,
               profile.os.kernel_packages, [], vm.INITRAMFS_MODULES, RECIPE]
-    return f"base-{profile.os.suite}-{vm.ARCH}-{_digest(inputs)[:12]}"
+    if profile.os.kernel_suite:
+        inputs.append(profile.os.kernel_suite)
+    kernel = f"-{profile.os.kernel_suite.rsplit('-', 1)[-1]}" if profile.os.kernel_suite else ""
+    return f"base-{SUITE}{kernel}-{vm.ARCH}-{_digest(inputs)[:12]}"
 
 
 def playbooks_digest() -> str:
@@ -157,7 +160,7 @@ def base_root(profile: DeviceProfile, progress: Progress) -> Path:
         vm._check_build_tools()
         vm.bootstrap_root(root, log, progress, packages=[*vm.PACKAGES, *FIRST_BOOT_PACKAGES],
                           kernel_packages=profile.os.kernel_packages,
-                          saved_log=last_log())
+                          kernel_suite=profile.os.kernel_suite, saved_log=last_log())
     return _cached(base_key(profile), progress, make)
 
 
@@ -180,9 +183,10 @@ def provisioned_root(profile: DeviceProfile, host_vars: dict[str, Any], progress
 
 def board_initramfs(profile: DeviceProfile) -> str | None:
     """initramfs-tools' MODULES for a real board: the base's `list` holds only virtio (QEMU),
-    while a UEFI board's root may sit on NVMe, SATA, USB or SD, all modules in Debian's
-    kernel; `most` carries them all. None: keep the base's."""
-    return "most" if profile.os.bootloader == "uefi" else None
+    while a UEFI or U-Boot board's root may sit on NVMe, SATA, USB, eMMC or SD, all modules in
+    Debian's kernel (RK3588's dw_mmc/sdhci and PCIe too); `most` carries them all. None: keep
+    the base's."""
+    return "most" if profile.os.bootloader in ("uefi", "u-boot") else None
 
 
 def rebuild_initramfs(root: Path, modules: str, log: Path, progress: Progress) -> None:
