@@ -29,7 +29,7 @@ MAX_SIZE = FIRST_PARTITION_MB * disk.MIB - OFFSET
 RKNS = b"RKNS"  # the RK35xx boot-ROM header (rk3568, rk3588)
 FDT_MAGIC = b"\xd0\x0d\xfe\xed"
 CONF = "extlinux/extlinux.conf"
-KERNEL = "Image"  # uncompressed: booti takes it on every U-Boot without kernel_comp_addr_r
+KERNEL = "Image"  # uncompressed: booti takes it on every U-Boot, no kernel_comp_addr_r needed
 HINT = ("pass --u-boot u-boot-rockchip.bin (the board's U-Boot: Radxa's, or mainline built "
         "with Rockchip's rkbin), or --u-boot none when the board boots U-Boot from its SPI "
         "flash")
@@ -106,7 +106,8 @@ def find_dtb(root: Path, kernel: Path, dtb: str) -> Path:
 
 
 def uncompressed_kernel(kernel: Path, work: Path) -> Path:
-    """Debian's arm64 vmlinuz is a gzipped Image; booti wants the Image itself."""
+    """booti wants an uncompressed arm64 Image: Debian's vmlinuz is one (an EFI-stub Image);
+    a gzipped kernel is unpacked first."""
     with open(kernel, "rb") as src:
         gzipped = src.read(2) == b"\x1f\x8b"
     if not gzipped:
