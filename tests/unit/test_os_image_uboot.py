@@ -114,14 +114,16 @@ def test_extlinux_config():
     assert "fdt" not in uboot.extlinux_config(cmdline, None)
 
 
-def test_boot_files_from_a_root(tmp_path):
-    """The Image is the vmlinuz ungzipped; the dtb comes from the kernel's own package."""
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_boot_files_from_a_root(tmp_path, gzipped):
+    """The Image is the vmlinuz (Debian's is already an Image; a gzipped one is unpacked);
+    the dtb comes from the kernel's own package."""
     root, work = tmp_path / "root", tmp_path / "work"
     work.mkdir()
     (root / "boot").mkdir(parents=True)
-    image = b"ARM64 Image" + bytes(range(256)) * 64
+    image = b"MZ" + bytes(0x36) + b"ARM\x64" + bytes(range(256)) * 64  # arm64 Image header
     kernel = root / "boot/vmlinuz-6.12.95+deb12-arm64"
-    kernel.write_bytes(gzip.compress(image))
+    kernel.write_bytes(gzip.compress(image) if gzipped else image)
     initrd = root / "boot/initrd.img-6.12.95+deb12-arm64"
     initrd.write_bytes(b"initrd")
     rk3588 = load_profile("rk3588")
