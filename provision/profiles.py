@@ -69,6 +69,11 @@ class OsImage(Strict):
     firmware_packages: list[str] = Field(default_factory=list)
     bootloader: Bootloader
     dtb: str | None = None
+    initramfs_modules: list[str] | None = Field(
+        None, description="kernel modules the board needs to reach its root, added to the "
+                          "initramfs (MODULES=list, one quick build); unset: every storage "
+                          "driver (MODULES=most, slow under qemu-user) for uefi and u-boot "
+                          "boards, the base's virtio list otherwise")
     console: str = Field(min_length=1)
     boot_partition_mb: int = Field(ge=64, le=4096)
     root_device: str = Field(min_length=1, description="root= on the kernel command line")

@@ -77,8 +77,11 @@ def playbooks_digest() -> str:
 
 def provisioned_key(profile: DeviceProfile, host_vars: dict[str, Any],
                     tags: list[str] | None = None) -> str:
-    inputs = [base_key(profile), profile.model_dump(mode="json"), host_vars, sorted(tags or []),
-              playbooks_digest()]
+    dump = profile.model_dump(mode="json")
+    for later in ("kernel_suite", "initramfs_modules"):  # fields added later: when unset, the
+        if dump["os"].get(later) is None:                 # keys of roots cached before stay
+            dump["os"].pop(later, None)
+    inputs = [base_key(profile), dump, host_vars, sorted(tags or []), playbooks_digest()]
     if board_initramfs(profile):
         inputs.append(board_initramfs(profile))
     return f"provisioned-{profile.name}-{_digest(inputs)[:12]}"
@@ -181,19 +184,30 @@ def provisioned_root(profile: DeviceProfile, host_vars: dict[str, Any], progress
     return _cached(provisioned_key(profile, host_vars, tags), progress, make)
 
 
-def board_initramfs(profile: DeviceProfile) -> str | None:
-    """initramfs-tools' MODULES for a real board: the base's `list` holds only virtio (QEMU),
-    while a UEFI or U-Boot board's root may sit on NVMe, SATA, USB, eMMC or SD, all modules in
-    Debian's kernel (RK3588's dw_mmc/sdhci and PCIe too); `most` carries them all. None: keep
-    the base's."""
+def board_initramfs(profile: DeviceProfile) -> str | list[str] | None:
+    """What a real board's initramfs needs beyond the base's `list` (virtio only, for QEMU):
+    the profile's os.initramfs_modules when it names them (a board whose drivers are known:
+    one quick MODULES=list build); else `most` for UEFI and U-Boot boards, whose root may sit
+    on NVMe, SATA, USB, eMMC or SD (every storage driver: ~1500 modules, 15-30 min under
+    qemu-user). None: keep the base's."""
+    if profile.os.initramfs_modules is not None:
+        return profile.os.initramfs_modules or None
     return "most" if profile.os.bootloader in ("uefi", "u-boot") else None
 
 
-def rebuild_initramfs(root: Path, modules: str, log: Path, progress: Progress) -> None:
-    progress(f"rebuilding the initramfs with MODULES={modules} (storage drivers of real boards)")
-    conf = root / "etc/initramfs-tools/initramfs.conf"
-    lines = [ln for ln in conf.read_text().splitlines() if not ln.startswith("MODULES=")]
-    conf.write_text("\n".join([*lines, f"MODULES={modules}"]) + "\n")
+def rebuild_initramfs(root: Path, modules: str | list[str], log: Path,
+                      progress: Progress) -> None:
+    """MODULES=most, or the named modules added to the base's MODULES=list."""
+    if isinstance(modules, list):
+        progress(f"rebuilding the initramfs with the board's modules: {', '.join(modules)}")
+        with open(root / "etc/initramfs-tools/modules", "a") as listed:
+            listed.write("\n".join(modules) + "\n")
+    else:
+        progress(f"rebuilding the initramfs with MODULES={modules} (storage drivers of real "
+                 "boards)")
+        conf = root / "etc/initramfs-tools/initramfs.conf"
+        lines = [ln for ln in conf.read_text().splitlines() if not ln.startswith("MODULES=")]
+        conf.write_text("\n".join([*lines, f"MODULES={modules}"]) + "\n")
     with chroot_session(root):
         vm._run(["chroot", str(root), "env", "LC_ALL=C.UTF-8", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
                  "update-initramfs", "-u", "-k", "all"], log, "update-initramfs", timeout=1800,
