@@ -136,3 +136,20 @@ def test_boot_files_from_a_root(tmp_path, gzipped):
     assert sorted(files) == ["Image", "dtbs/rockchip/rk3588-rock-5b.dtb",
                              "extlinux/extlinux.conf", "initrd.img"]
     assert files["Image"].read_bytes() == image and files["dtbs/rockchip/rk3588-rock-5b.dtb"] == dtb
+
+
+def test_board_initramfs():
+    """A board that names its modules gets a quick MODULES=list build; other real boards
+    every storage driver; QEMU the base's virtio list."""
+    from provision.osimage.rootfs import board_initramfs
+
+    store = ProfileStore()
+    assert board_initramfs(store.get("rk3588"))[:3] == ["dw_mmc-rockchip", "sdhci-of-dwcmshc",
+                                                        "nvme"]
+    assert board_initramfs(store.get("generic-arm64")) == "most"
+    assert board_initramfs(store.get("qemu-virt")) is None
+    virt = store.get("qemu-virt")
+    os_uboot = virt.os.model_copy(update={"bootloader": "u-boot", "initramfs_modules": []})
+    assert board_initramfs(virt.model_copy(update={"os": os_uboot})) is None
+    os_most = virt.os.model_copy(update={"bootloader": "u-boot"})
+    assert board_initramfs(virt.model_copy(update={"os": os_most})) == "most"
