@@ -169,11 +169,9 @@ def _check_build_tools() -> None:
 def bootstrap_root(root: Path, log: Path, progress: Progress,
                    packages: list[str] = PACKAGES, kernel_packages: list[str] | None = None,
                    initramfs_modules: list[str] = INITRAMFS_MODULES,
-                   saved_log: Path | None = None, kernel_suite: str | None = None) -> None:
+                   saved_log: Path | None = None) -> None:
     """An arm64 Debian root with the kernel installed: debootstrap, then the kernel after a
-    `MODULES=list` initramfs config (one small initramfs, built once). Shared with `claw os`.
-    `kernel_suite` (e.g. bookworm-backports) adds that suite to the root's sources and takes
-    the kernel from it."""
+    `MODULES=list` initramfs config (one small initramfs, built once). Shared with `claw os`."""
     kernel_packages = kernel_packages or [KERNEL_PACKAGE]
     t0 = time.monotonic()
     progress(f"debootstrap {SUITE} {ARCH} with systemd and sshd (about 3 min)")
@@ -190,10 +188,7 @@ def bootstrap_root(root: Path, log: Path, progress: Progress,
     conf.write_text(text)
     with open(root / "etc/initramfs-tools/modules", "a") as modules:
         modules.write("\n".join(initramfs_modules) + "\n")
-    sources = f"deb {MIRROR} {SUITE} main\n"
-    if kernel_suite:
-        sources += f"deb {MIRROR} {kernel_suite} main\n"
-    (root / "etc/apt/sources.list").write_text(sources)
+    (root / "etc/apt/sources.list").write_text(f"deb {MIRROR} {SUITE} main\n")
     (root / "etc/resolv.conf").unlink(missing_ok=True)
     shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")  # the build's DNS
     policy = root / "usr/sbin/policy-rc.d"
@@ -206,16 +201,10 @@ def bootstrap_root(root: Path, log: Path, progress: Progress,
     env = ["env", "DEBIAN_FRONTEND=noninteractive", "LC_ALL=C.UTF-8",
            "PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
     with _chroot_mounts(root):
-        # debootstrap leaves bookworm's package lists in the root: `apt-get update` only for
-        # an added suite.
-        target = []
-        if kernel_suite:
-            _run(["chroot", str(root), *env, "apt-get", "update"], log,
-                 f"apt-get update ({kernel_suite})", timeout=900, saved_log=saved_log)
-            target = ["-t", kernel_suite]
+        # debootstrap leaves bookworm's package lists in the root: no `apt-get update` needed.
         _run(["chroot", str(root), *env, "apt-get", "install", "-y", "--no-install-recommends",
-              *target, *kernel_packages], log, f"installing {', '.join(kernel_packages)}",
-             timeout=1800, saved_log=saved_log)
+              *kernel_packages], log, f"installing {', '.join(kernel_packages)}", timeout=1800,
+             saved_log=saved_log)
         _run(["chroot", str(root), *env, "systemctl", "enable", "systemd-networkd"], log,
              "enabling systemd-networkd", timeout=300, saved_log=saved_log)
         _run(["chroot", str(root), *env, "apt-get", "clean"], log, "apt-get clean", timeout=300,
