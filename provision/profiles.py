@@ -62,9 +62,18 @@ class OsImage(Strict):
     distro: Literal["debian", "ubuntu"] = "debian"
     suite: Literal["bookworm", "trixie", "jammy", "noble"] = "bookworm"
     kernel_packages: list[str] = Field(min_length=1)
+    kernel_suite: str | None = Field(
+        None, pattern=r"^[a-z]+-backports$",
+        description="install the kernel packages from this suite (e.g. bookworm-backports, "
+                    "whose 6.12 kernel carries device trees the release's 6.1 lacks)")
     firmware_packages: list[str] = Field(default_factory=list)
     bootloader: Bootloader
     dtb: str | None = None
+    initramfs_modules: list[str] | None = Field(
+        None, description="kernel modules the board needs to reach its root, added to the "
+                          "initramfs (MODULES=list, one quick build); unset: every storage "
+                          "driver (MODULES=most, slow under qemu-user) for uefi and u-boot "
+                          "boards, the base's virtio list otherwise")
     console: str = Field(min_length=1)
     boot_partition_mb: int = Field(ge=64, le=4096)
     root_device: str = Field(min_length=1, description="root= on the kernel command line")

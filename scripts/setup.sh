@@ -12,6 +12,8 @@ APT_PACKAGES=(
   debootstrap          # offline base images and OS root filesystems
   qemu-system-arm      # qemu-system-aarch64: the arm64 VM of the e2e tier
   qemu-efi-aarch64     # UEFI firmware for booting built OS images
+  u-boot-qemu          # U-Boot for QEMU's virt machine: boot-tests extlinux (U-Boot board) images
+  u-boot-tools         # mkimage/dumpimage: the rk3588 image test packs and reads a Rockchip loader
   qemu-utils           # qemu-img: copy-on-write overlays over cached VM disks
   mtools               # claw os: fills the FAT boot partition of an image without mounting it
   openssh-client       # Ansible's transport to (emulated) devices

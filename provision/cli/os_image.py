@@ -104,13 +104,19 @@ def build_cmd(
                              "to the device's disk on first boot."),
     hostname: str = HOSTNAME, user: str | None = USER, ssh_key: list[Path] = SSH_KEY,
     wifi: str | None = WIFI, preload_image: list[str] = PRELOAD, var: list[str] = VARS,
-    tags: str | None = TAGS, compress: str | None = COMPRESS, as_json: bool = JSON,
+    tags: str | None = TAGS, compress: str | None = COMPRESS,
+    u_boot: str | None = typer.Option(
+        None, "--u-boot", help="U-Boot profiles (rk3588): the board's u-boot-rockchip.bin, "
+        "written at sector 64 (Debian has none for RK3588), or 'none' when U-Boot is in the "
+        "board's SPI flash."),
+    as_json: bool = JSON,
 ) -> None:
     """Build a bootable arm64 disk image for PROFILE: GPT with a FAT boot partition and an ext4
     root made with debootstrap, the profile's kernel, the provisioning roles applied offline
     (persistent part only) and first-boot settings. Writes IMAGE, IMAGE.bmap and IMAGE.sha256
     (and IMAGE.zst/.xz with --compress). Roots are cached by their inputs: the first build
-    takes minutes under qemu-user, later ones much less.
+    takes minutes under qemu-user, later ones much less. U-Boot boards (rk3588) get an
+    extlinux.conf and the board's U-Boot from --u-boot.
 
     Example: [bold]claw os build qemu-virt -o dev.img --user claw --ssh-key id.pub[/bold]
     """
@@ -120,7 +126,7 @@ def build_cmd(
     host_vars = _host_vars(var)
     with StepDisplay(quiet=as_json) as display:
         record = build(profile, output, size=size, settings=settings, host_vars=host_vars,
-                       compress=compress, tags=_tags(tags), progress=display,
+                       compress=compress, tags=_tags(tags), u_boot=u_boot, progress=display,
                        on_event=display.event)
     _report(record, as_json)
 

@@ -12,6 +12,12 @@ Boot for `uefi` profiles (generic-arm64): the same FAT partition is the ESP and 
 EFI/BOOT/BOOTAA64.EFI (the removable-media path every UEFI firmware looks at, so no NVRAM
 entry is needed) made by the root's own grub-mkimage, and EFI/BOOT/grub.cfg, which boots the
 kernel and initrd beside it with the same command line.
+
+Boot for `u-boot` profiles (rk3588): partitions from 16 MiB, the user's U-Boot at sector 64
+(or none: U-Boot in the board's SPI flash), extlinux/extlinux.conf, the uncompressed Image,
+the initrd and the profile's device tree on the FAT partition, root by label (uboot.py).
+
+`rpi-firmware` (rpi5) is refused, saying why: see RPI5_MISSING.
 """
 
 from __future__ import annotations
@@ -27,12 +33,21 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import BadInput, ClawError
-from provision.osimage import disk, firstboot, rootfs
+from provision.osimage import disk, firstboot, rootfs, uboot
 from provision.profiles import DeviceProfile, ProfileStore
 
 GIB = 1 << 30
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]i?B?)?$", re.I)
-SUPPORTED_BOOT = ("direct-kernel", "uefi")
+SUPPORTED_BOOT = ("direct-kernel", "uefi", "u-boot")
+# What Debian's mirror offers a Raspberry Pi 5 (checked 2026-11-26; see profiles/rpi5.yml).
+RPI5_MISSING = (
+    "Debian has no kernel that runs a Raspberry Pi 5 as a fleet device: bookworm's "
+    "linux-image-arm64 (6.1.176-1) has no bcm2712 device tree, and the 6.12 kernels of "
+    "bookworm-backports and trixie carry broadcom/bcm2712-rpi-5-b.dtb with the SD card and "
+    "debug UART only (no PCIe/RP1: no Ethernet, USB or Wi-Fi, so the device could not join "
+    "the fleet); the profile's linux-image-rpi-2712 is Raspberry Pi OS's "
+    "(archive.raspberrypi.com), not Debian's. Build from Raspberry Pi OS instead: "
+    "`claw os customize raspios-arm64.img.xz -o dev.img --profile rpi5`")
 UEFI_FILES = ("EFI/BOOT/BOOTAA64.EFI", "EFI/BOOT/grub.cfg")
 # Enough GRUB for a GPT disk, a FAT ESP and a gzip-compressed Debian kernel; nothing probed.
 GRUB_MODULES = ["part_gpt", "part_msdos", "fat", "ext2", "normal", "configfile", "linux", "gzio",
@@ -93,6 +108,9 @@ def load_profile_any(name: str) -> DeviceProfile:
 
 def load_profile(name: str) -> DeviceProfile:
     profile = load_profile_any(name)
+    if profile.os.bootloader == "rpi-firmware":
+        raise BadInput(f"profile {name}: claw os build cannot make this image yet. "
+                       f"{RPI5_MISSING}")
     if profile.os.bootloader not in SUPPORTED_BOOT:
         raise BadInput(f"profile {name}: bootloader {profile.os.bootloader} is not supported "
                        f"by claw os build yet (supported: {', '.join(SUPPORTED_BOOT)}, e.g. "
@@ -101,8 +119,11 @@ def load_profile(name: str) -> DeviceProfile:
 
 
 def kernel_cmdline(profile: DeviceProfile, root_partuuid: str) -> str:
-    return (f"root=PARTUUID={root_partuuid} rw rootwait console={profile.os.console} "
-            "net.ifnames=0")
+    """root by PARTUUID; by the profile's root_device (LABEL=claw-root) for U-Boot boards,
+    whose extlinux.conf then holds nothing specific to one image."""
+    root = (profile.os.root_device if profile.os.bootloader == "u-boot"
+            else f"PARTUUID={root_partuuid}")
+    return f"root={root} rw rootwait console={profile.os.console} net.ifnames=0"
 
 
 def grub_config(cmdline: str) -> str:
@@ -189,9 +210,10 @@ def finish_image(image: Path, compress: str | None, steps: Steps) -> list[Path]:
 def build(profile_name: str, output: Path, *, size: str = "4G",
           settings: firstboot.Settings | None = None, host_vars: dict[str, Any] | None = None,
           compress: str | None = None, tags: list[str] | None = None,
-          progress: Progress = print,
+          u_boot: str | None = None, progress: Progress = print,
           on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Build the image; returns what was written and how long each step took."""
+    """Build the image; returns what was written and how long each step took. `u_boot`:
+    the board's U-Boot binary, or "none" (u-boot profiles only)."""
     settings = settings or firstboot.Settings()
     host_vars = host_vars or {}
     profile = load_profile(profile_name)
@@ -207,7 +229,13 @@ def build(profile_name: str, output: Path, *, size: str = "4G",
         if settings.preload and "docker_engine" not in tags:
             raise BadInput("--preload-image needs Docker in the image: add docker_engine to "
                            "--tags")
-    layout = disk.plan_gpt(size_bytes, profile.os.boot_partition_mb)
+    loader, first_mb = None, 1
+    if profile.os.bootloader == "u-boot":
+        loader, first_mb = uboot.read_loader(u_boot, profile), uboot.FIRST_PARTITION_MB
+    elif u_boot is not None:
+        raise BadInput(f"--u-boot: profile {profile.name} boots with "
+                       f"{profile.os.bootloader}, not U-Boot")
+    layout = disk.plan_gpt(size_bytes, profile.os.boot_partition_mb, first_mb)
     disk.check_tools()
 
     steps = Steps(progress=progress)
@@ -235,13 +263,22 @@ def build(profile_name: str, output: Path, *, size: str = "4G",
             boot_files |= steps.run("GRUB for UEFI (BOOTAA64.EFI, grub.cfg)",
                                     lambda: uefi_boot_files(root, work, cmdline.read_text()
                                                             .strip()))
+        if profile.os.bootloader == "u-boot":
+            boot_files = steps.run(
+                "extlinux.conf, Image and device tree for U-Boot",
+                lambda: uboot.boot_files(root, work, profile, kernel, initrd,
+                                         cmdline.read_text().strip())) | {"cmdline.txt": cmdline}
 
         def partition() -> None:
             with open(image, "wb") as out:
                 out.truncate(size_bytes)
-            disk.write_partition_table(image, layout)
+            disk.write_partition_table(image, layout, legacy_boot=profile.os.bootloader
+                                       == "u-boot")
             disk.make_fat(image, layout.boot, "CLAW-BOOT", boot_files)
         steps.run(f"GPT and FAT boot partition ({profile.os.boot_partition_mb} MiB)", partition)
+        if loader is not None:
+            steps.run(f"U-Boot at sector 64 ({len(loader.data)} bytes from {loader.source.name})",
+                      lambda: uboot.write_loader(image, loader))
         steps.run(f"ext4 root filesystem ({layout.root.size // disk.MIB} MiB)",
                   lambda: disk.make_ext4(image, layout.root, root))
         removing = rootfs.start_removing(root)
@@ -251,10 +288,16 @@ def build(profile_name: str, output: Path, *, size: str = "4G",
         if removing is not None:
             steps.run("removing the work copy of the root", removing.wait)
         rootfs.remove_tree(work)
+    boot = f"FAT partition 1: {', '.join(boot_files)}"
+    if profile.os.bootloader == "u-boot":
+        boot = (f"U-Boot at sector 64 from {loader.source} (sha256 {loader.sha256[:16]}…); "
+                if loader else "U-Boot not written (--u-boot none: the board's own); ") + boot
     return {"image": str(output), "files": [str(f) for f in files], "profile": profile.name,
             "size": size_bytes, "root_partuuid": layout.root.uuid,
             "boot_partuuid": layout.boot.uuid, "cmdline": kernel_cmdline(profile, layout.root.uuid),
-            "boot": f"FAT partition 1: {', '.join(boot_files)}", "steps": steps.times,
+            "boot": boot, "steps": steps.times,
+            "u_boot": ({"offset": uboot.OFFSET, "size": len(loader.data),
+                        "sha256": loader.sha256} if loader else None),
             "seconds": round(time.monotonic() - started, 1)}
 
 

@@ -64,10 +64,11 @@ def run(argv: list[str], what: str, input: str | None = None, timeout: float = 1
     return done.stdout
 
 
-def plan_gpt(size: int, boot_mb: int) -> Layout:
-    """A 1 MiB-aligned FAT boot/ESP partition, then the root to 1 MiB before the end (the
-    backup GPT lives there)."""
-    boot = Partition(1, MIB, boot_mb * MIB, ESP_TYPE, str(uuid.uuid4()))
+def plan_gpt(size: int, boot_mb: int, first_mb: int = 1) -> Layout:
+    """A 1 MiB-aligned FAT boot/ESP partition at `first_mb` MiB (16 leaves room for a
+    Rockchip U-Boot before it), then the root to 1 MiB before the end (the backup GPT lives
+    there)."""
+    boot = Partition(1, first_mb * MIB, boot_mb * MIB, ESP_TYPE, str(uuid.uuid4()))
     root_start = boot.end
     root = Partition(2, root_start, size - MIB - root_start, ROOT_ARM64_TYPE, str(uuid.uuid4()))
     if root.size < 256 * MIB:
@@ -76,11 +77,14 @@ def plan_gpt(size: int, boot_mb: int) -> Layout:
     return Layout("gpt", size, boot, root)
 
 
-def write_partition_table(image: Path, layout: Layout) -> None:
+def write_partition_table(image: Path, layout: Layout, legacy_boot: bool = False) -> None:
+    """`legacy_boot` marks the boot partition LegacyBIOSBootable: the flag U-Boot's distro
+    boot looks for first when it scans a disk for extlinux.conf."""
     lines = ["label: gpt", "unit: sectors", "first-lba: 2048"]
     for part, name in ((layout.boot, "boot"), (layout.root, "root")):
+        attrs = ', attrs="LegacyBIOSBootable"' if legacy_boot and part is layout.boot else ""
         lines.append(f"start={part.start // SECTOR}, size={part.size // SECTOR}, "
-                     f"type={part.type}, uuid={part.uuid}, name=\"{name}\"")
+                     f"type={part.type}, uuid={part.uuid}, name=\"{name}\"{attrs}")
     run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(image)], "sfdisk",
         input="\n".join(lines) + "\n")
 

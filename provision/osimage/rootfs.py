@@ -58,9 +58,20 @@ def base_key(profile: DeviceProfile) -> str:
     """The base holds the kernel, not the board's firmware/bootloader packages (those go over a
     copy in provisioned_root), so every profile with the same kernel shares one debootstrap.
     The empty slot is where firmware once was: the keys of roots already cached stay valid."""
+    if profile.os.kernel_suite:  # the release's base with the kernel replaced: see base_root
+        inputs = [base_key(release_kernel(profile)), profile.os.kernel_packages,
+                  profile.os.kernel_suite, RECIPE]
+        suite = profile.os.kernel_suite.rsplit("-", 1)[-1]
+        return f"base-{SUITE}-{suite}-{vm.ARCH}-{_digest(inputs)[:12]}"
     inputs = [SUITE, vm.ARCH, MIRROR, vm.PACKAGES, FIRST_BOOT_PACKAGES,
               profile.os.kernel_packages, [], vm.INITRAMFS_MODULES, RECIPE]
-    return f"base-{profile.os.suite}-{vm.ARCH}-{_digest(inputs)[:12]}"
+    return f"base-{SUITE}-{vm.ARCH}-{_digest(inputs)[:12]}"
+
+
+def release_kernel(profile: DeviceProfile) -> DeviceProfile:
+    """The same profile with the release's own kernel (no kernel_suite)."""
+    return profile.model_copy(update={"os": profile.os.model_copy(
+        update={"kernel_suite": None})})
 
 
 def playbooks_digest() -> str:
@@ -74,8 +85,11 @@ def playbooks_digest() -> str:
 
 def provisioned_key(profile: DeviceProfile, host_vars: dict[str, Any],
                     tags: list[str] | None = None) -> str:
-    inputs = [base_key(profile), profile.model_dump(mode="json"), host_vars, sorted(tags or []),
-              playbooks_digest()]
+    dump = profile.model_dump(mode="json")
+    for later in ("kernel_suite", "initramfs_modules"):  # fields added later: when unset, the
+        if dump["os"].get(later) is None:                 # keys of roots cached before stay
+            dump["os"].pop(later, None)
+    inputs = [base_key(profile), dump, host_vars, sorted(tags or []), playbooks_digest()]
     if board_initramfs(profile):
         inputs.append(board_initramfs(profile))
     return f"provisioned-{profile.name}-{_digest(inputs)[:12]}"
@@ -153,12 +167,45 @@ def copy_tree(src: Path, dst: Path) -> None:
 
 
 def base_root(profile: DeviceProfile, progress: Progress) -> Path:
+    """debootstrap + kernel; a profile with os.kernel_suite starts from a copy of the release's
+    base (one debootstrap for every profile, ~13 min under qemu-user) and swaps its kernel."""
+    if profile.os.kernel_suite:
+        release = base_root(release_kernel(profile), progress)  # outside the lock _cached holds
+
+        def swap(root: Path, log: Path) -> None:
+            progress("copying the base root")
+            copy_tree(release, root)
+            replace_kernel(root, profile.os.kernel_packages, profile.os.kernel_suite, log,
+                           progress)
+        return _cached(base_key(profile), progress, swap)
+
     def make(root: Path, log: Path) -> None:
         vm._check_build_tools()
         vm.bootstrap_root(root, log, progress, packages=[*vm.PACKAGES, *FIRST_BOOT_PACKAGES],
-                          kernel_packages=profile.os.kernel_packages,
-                          saved_log=last_log())
+                          kernel_packages=profile.os.kernel_packages, saved_log=last_log())
     return _cached(base_key(profile), progress, make)
+
+
+def replace_kernel(root: Path, packages: list[str], suite: str, log: Path,
+                   progress: Progress) -> None:
+    """The kernel packages from `suite` (added to the root's sources), then the release's
+    kernel purged: the image holds one kernel and one initrd."""
+    progress(f"installing {', '.join(packages)} from {suite}")
+    before = {p.name for p in (root / "boot").glob("vmlinuz-*")}
+    with open(root / "etc/apt/sources.list", "a") as sources:
+        sources.write(f"deb {MIRROR} {suite} main\n")
+    env = ["env", "DEBIAN_FRONTEND=noninteractive", "LC_ALL=C.UTF-8",
+           "PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+    with chroot_session(root):
+        def apt(*args: str) -> None:
+            vm._run(["chroot", str(root), *env, "apt-get", *args], log,
+                    f"apt-get {args[0]} ({suite})", timeout=1800, saved_log=last_log())
+        apt("update")
+        apt("install", "-y", "--no-install-recommends", "-t", suite, *packages)
+        old = [f"linux-image-{name.removeprefix('vmlinuz-')}" for name in before]
+        if {p.name for p in (root / "boot").glob("vmlinuz-*")} - before:
+            apt("purge", "-y", *old)
+        apt("clean")
 
 
 def provisioned_root(profile: DeviceProfile, host_vars: dict[str, Any], progress: Progress,
@@ -178,18 +225,30 @@ def provisioned_root(profile: DeviceProfile, host_vars: dict[str, Any], progress
     return _cached(provisioned_key(profile, host_vars, tags), progress, make)
 
 
-def board_initramfs(profile: DeviceProfile) -> str | None:
-    """initramfs-tools' MODULES for a real board: the base's `list` holds only virtio (QEMU),
-    while a UEFI board's root may sit on NVMe, SATA, USB or SD, all modules in Debian's
-    kernel; `most` carries them all. None: keep the base's."""
-    return "most" if profile.os.bootloader == "uefi" else None
+def board_initramfs(profile: DeviceProfile) -> str | list[str] | None:
+    """What a real board's initramfs needs beyond the base's `list` (virtio only, for QEMU):
+    the profile's os.initramfs_modules when it names them (a board whose drivers are known:
+    one quick MODULES=list build); else `most` for UEFI and U-Boot boards, whose root may sit
+    on NVMe, SATA, USB, eMMC or SD (every storage driver: ~1500 modules, 15-30 min under
+    qemu-user). None: keep the base's."""
+    if profile.os.initramfs_modules is not None:
+        return profile.os.initramfs_modules or None
+    return "most" if profile.os.bootloader in ("uefi", "u-boot") else None
 
 
-def rebuild_initramfs(root: Path, modules: str, log: Path, progress: Progress) -> None:
-    progress(f"rebuilding the initramfs with MODULES={modules} (storage drivers of real boards)")
-    conf = root / "etc/initramfs-tools/initramfs.conf"
-    lines = [ln for ln in conf.read_text().splitlines() if not ln.startswith("MODULES=")]
-    conf.write_text("\n".join([*lines, f"MODULES={modules}"]) + "\n")
+def rebuild_initramfs(root: Path, modules: str | list[str], log: Path,
+                      progress: Progress) -> None:
+    """MODULES=most, or the named modules added to the base's MODULES=list."""
+    if isinstance(modules, list):
+        progress(f"rebuilding the initramfs with the board's modules: {', '.join(modules)}")
+        with open(root / "etc/initramfs-tools/modules", "a") as listed:
+            listed.write("\n".join(modules) + "\n")
+    else:
+        progress(f"rebuilding the initramfs with MODULES={modules} (storage drivers of real "
+                 "boards)")
+        conf = root / "etc/initramfs-tools/initramfs.conf"
+        lines = [ln for ln in conf.read_text().splitlines() if not ln.startswith("MODULES=")]
+        conf.write_text("\n".join([*lines, f"MODULES={modules}"]) + "\n")
     with chroot_session(root):
         vm._run(["chroot", str(root), "env", "LC_ALL=C.UTF-8", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
                  "update-initramfs", "-u", "-k", "all"], log, "update-initramfs", timeout=1800,
