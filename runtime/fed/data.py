@@ -1,4 +1,4 @@
-"""A node's local text as token windows: most for training, the tail of each file held out.
+"""A node's local text as token windows: most for training, every fifth paragraph held out.
 
 Windows start with BOS, as the base model was trained and as the runtime scores perplexity.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-HELD_OUT = 0.1  # the last tenth of each file is the node's evaluation text
+HELD_OUT_EVERY = 5  # every fifth paragraph of the node's text is its evaluation text
 
 
 @dataclass(frozen=True)
@@ -44,15 +44,26 @@ def tokenize(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def split_held_out(text: str) -> tuple[str, str]:
+    """(training text, held-out text): every fifth paragraph is held out, so both follow the
+    same mix of the node's text (a tail split would hold out whatever the file ends with)."""
+    paras = [p for p in text.split("\n\n") if p.strip()]
+    if len(paras) < 2 * HELD_OUT_EVERY:
+        cut = int(len(text) * (1 - 1 / HELD_OUT_EVERY))
+        return text[:cut], text[cut:]
+    held = paras[HELD_OUT_EVERY - 1::HELD_OUT_EVERY]
+    train = [p for i, p in enumerate(paras) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+    return "\n\n".join(train), "\n\n".join(held)
+
+
 def local_data(tokenizer: Any, texts: list[str], seq: int = 64) -> LocalData:
     """Training windows overlap by half (more samples from little text); held-out ones do not."""
     bos = tokenizer.bos_token_id
     train, held = [], []
     for text in texts:
-        ids = tokenize(tokenizer, text)
-        cut = int(len(ids) * (1 - HELD_OUT))
-        train.append(windows(ids[:cut], seq, bos, stride=seq // 2))
-        held.append(windows(ids[cut:], seq, bos))
+        train_text, held_text = split_held_out(text)
+        train.append(windows(tokenize(tokenizer, train_text), seq, bos, stride=seq // 2))
+        held.append(windows(tokenize(tokenizer, held_text), seq, bos))
     return LocalData(np.concatenate(train), np.concatenate(held))
 
 

@@ -253,10 +253,13 @@ def follow(run_dir: str | os.PathLike[str], superlink: Superlink, run_id: int, *
         if time.monotonic() - last_check > 5:
             last_check = time.monotonic()
             status = run_status(superlink, run_id)
-            if status.startswith("finished") and not status.endswith("completed"):
-                raise FederationError(f"run {run_id} {status} (see {superlink.log})")
-            if status == "finished:completed" and record.get("status") != "succeeded":
-                raise FederationError(f"run {run_id} ended without a result in {folder}")
+            if status.startswith("finished"):
+                record = _read_json(folder / "run.json")  # the ServerApp's own account first
+                if record.get("status") == "failed":
+                    raise FederationError(str(record.get("error", "the ServerApp failed")))
+                if record.get("status") != "succeeded":
+                    raise FederationError(f"run {run_id} {status} without a result in {folder}"
+                                          f" (see {superlink.log})")
         if time.monotonic() > deadline:
             stop_run(superlink, run_id)
             raise FederationError(f"run {run_id} did not finish in {timeout:.0f} s")

@@ -192,6 +192,9 @@ class AdapterFedAvg(FedAvg):
             "clients_dropped": self.sampled.get(server_round, len(results)) - len(results),
             "local_loss": float(np.average(losses, weights=weights)) if losses else None,
         }
+        if params is not None and self.settings.capture_dir:
+            np.savez(Path(self.settings.capture_dir) / f"round-{server_round}-aggregate.npz",
+                     *parameters_to_ndarrays(params))
         if params is not None:
             save_adapter(self.run_dir / "adapter", self.names, parameters_to_ndarrays(params),
                          self.settings.lora)
