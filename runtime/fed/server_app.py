@@ -206,8 +206,9 @@ class AdapterFedAvg(FedAvg):
         loss, metrics = super().aggregate_evaluate(server_round, results, failures)
         sent = self.grid.bytes_sent.get(server_round, {})
         record = {"round": server_round,
-                  **self.fit_info.get(server_round, {"clients_joined": 0, "clients_dropped": 0,
-                                                     "local_loss": None}),
+                  **self.fit_info.get(server_round, {  # the fit stage halted: nobody joined
+                      "clients_joined": 0, "clients_dropped": self.sampled.get(server_round, 0),
+                      "local_loss": None}),
                   "eval_loss": None if loss is None else float(loss),
                   "seconds": round(time.monotonic() - self.round_started[server_round], 3),
                   "bytes_per_client": int(np.mean(list(sent.values()))) if sent else 0,
@@ -295,9 +296,16 @@ def main(grid: Grid, context: Context) -> None:
         DefaultWorkflow(fit_workflow=fit)(inspecting, legacy)
         rounds = run_dir / "rounds.jsonl"
         done = len(rounds.read_text().splitlines()) if rounds.is_file() else 0
+        short = [r["round"] for r in map(json.loads, rounds.read_text().splitlines())
+                 if r["clients_joined"] < settings.min_clients] if done else []
         if done < settings.num_rounds:
             raise RuntimeError(f"only {done} of {settings.num_rounds} rounds completed "
-                               "(too few clients answered; see the server log)")
+                               "(see the server log)")
+        if short:
+            raise RuntimeError(f"round(s) {short} of {settings.num_rounds} had fewer "
+                               f"than min-clients={settings.min_clients} updates aggregated "
+                               "(clients dropped before SecAgg+ could rebuild their masks, or "
+                               "too few answered; see the server log)")
     except Exception as e:
         log(WARNING, "federated run failed: %s", e)
         update_run_record(run_dir, status="failed", error=str(e), ended=_now())

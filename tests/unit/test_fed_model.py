@@ -83,3 +83,23 @@ def test_save_adapter_loads_back_with_peft(tiny, lora_model, tmp_path):
     assert len(got) == len(names)
     q_b = next(v for k, v in got.items() if "layers.0.self_attn.q_proj.lora_B" in k)
     assert torch.allclose(q_b, torch.full_like(q_b, 0.01))
+
+
+def test_run_settings_round_trip_through_the_run_config():
+    from runtime.fed.settings import RunSettings
+
+    s = RunSettings(num_rounds=5, lr=0.01, secagg=False, target_modules=("q_proj", "v_proj"),
+                    run_dir="/x/run", model_sha256="ab" * 32)
+    config = s.to_run_config()
+    assert config["num-rounds"] == 5 and config["target-modules"] == "q_proj,v_proj"
+    assert RunSettings.from_run_config(config) == s
+    assert RunSettings.from_run_config({"lora-r": 4}).lora.r == 4
+
+
+def test_held_out_is_every_fifth_paragraph():
+    from runtime.fed.data import split_held_out
+
+    text = "\n\n".join(f"p{i}" for i in range(20))
+    train, held = split_held_out(text)
+    assert held.split("\n\n") == ["p4", "p9", "p14", "p19"]
+    assert len(train.split("\n\n")) == 16 and "p4" not in train.split("\n\n")
