@@ -15,11 +15,23 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from runtime.backends.numpy_backend import apply_rope, rms_norm, silu, softmax
+from runtime.backends.opencl_device import NoDevice, find_device
 from runtime.backends.opencl_kernels import Kernels
 from runtime.quant import dequantize, quantize
 
 MATMUL_TYPES = [T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 RNG = np.random.default_rng(7)
+
+
+
+def cpu_device_or_skip():
+    """PoCL's CPU device (installed with the test extra), or pytest.skip saying why not."""
+    import pytest
+
+    try:
+        return find_device(kind="cpu")
+    except NoDevice as e:
+        pytest.skip(f"no CPU OpenCL device: {e}")
 
 
 def weights(qtype: T, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:

@@ -57,6 +57,15 @@ def available() -> str | None:
     return None
 
 
+def trained_or_skip() -> TrainedModel:
+    """The trained model, or pytest.skip with the reason it can't be made here."""
+    import pytest
+
+    if why := available():
+        pytest.skip(why)
+    return trained_model()
+
+
 def _texts() -> tuple[str, str]:
     train = "\n\n".join((LICENSES / f).read_text(encoding="utf-8") for f in TRAIN_FILES)
     return train, (LICENSES / EVAL_FILE).read_text(encoding="utf-8")

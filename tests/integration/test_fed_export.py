@@ -28,10 +28,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def trained():
-    why = tm.available()
-    if why:
-        pytest.skip(why)
-    return tm.trained_model()
+    return tm.trained_or_skip()
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ from gguf import GGMLQuantizationType as T
 
 from runtime.backends.numpy_backend import NumpyBackend
 from runtime.backends.opencl_backend import OpenCLBackend
-from runtime.backends.opencl_device import NoDevice, find_device
 from runtime.backends.opencl_programs import ProgramCache
 from runtime.backends.opencl_tuning import default_params
 from runtime.convert import convert
 from runtime.model_file import open_model
+from tests import opencl_checks as checks
 from tests.conftest import claw_subprocess
 from tests.tiny_models import tiny_hf_model
 
@@ -42,10 +42,7 @@ LOGIT_TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def device():
-    try:
-        return find_device(kind="cpu")
-    except NoDevice as e:
-        pytest.skip(f"no CPU OpenCL device: {e}")
+    return checks.cpu_device_or_skip()
 
 
 @pytest.fixture(scope="module")

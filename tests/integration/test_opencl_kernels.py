@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as T
 
 pytest.importorskip("pyopencl")
 
-from runtime.backends.opencl_device import NoDevice, find_device
+
 from runtime.backends.opencl_kernels import Kernels
 from runtime.backends.opencl_programs import ProgramCache
 from runtime.backends.opencl_tuning import default_params
@@ -22,10 +22,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def kern():
-    try:
-        dev = find_device(kind="cpu")
-    except NoDevice as e:
-        pytest.skip(f"no CPU OpenCL device: {e}")
+    dev = checks.cpu_device_or_skip()
     return Kernels(dev, default_params(dev), ProgramCache(dev))
 
 

@@ -14,9 +14,9 @@ import pytest
 pytest.importorskip("pyopencl")
 
 from runtime.backends.opencl_backend import OpenCLBackend
-from runtime.backends.opencl_device import NoDevice, find_device
 from runtime.memory_plan import make_plan, slot_bytes
 from runtime.model_file import open_model
+from tests import opencl_checks as checks
 from tests.integration.test_memory_budget import run
 from tests.stream_models import write_stream_model
 
@@ -27,10 +27,7 @@ PROMPT = [1, 17, 40, 99, 5]
 
 @pytest.fixture(scope="module")
 def device():
-    try:
-        return find_device(kind="cpu")
-    except NoDevice as e:
-        pytest.skip(f"no CPU OpenCL device: {e}")
+    return checks.cpu_device_or_skip()
 
 
 @pytest.fixture(scope="module")

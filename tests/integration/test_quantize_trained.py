@@ -23,10 +23,7 @@ CTX = 128  # the trained model's context
 
 @pytest.fixture(scope="module")
 def trained():
-    why = tm.available()
-    if why:
-        pytest.skip(why)
-    return tm.trained_model()
+    return tm.trained_or_skip()
 
 
 @pytest.fixture(scope="module")
