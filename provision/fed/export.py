@@ -12,7 +12,6 @@ at a bits-per-weight target. numpy only: exporting needs no torch.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from provision.errors import BadInput
-from provision.fed.runs import Adapter, Run, find_run, read_adapter, read_run
+from provision.fed.runs import Adapter, Run, file_sha256, find_run, read_adapter, read_run
 from runtime.model_file import ModelSource, gguf_name, open_model
 
 EXPORT_TYPES = (T.F32, T.F16, T.Q8_0, T.Q6_K, T.Q5_K, T.Q4_K, T.Q4_0)
@@ -62,14 +61,6 @@ def export_type(name: str) -> T:
     return by_name[wanted]
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def base_model(run: Run, override: Path | None) -> Path:
     """The base GGUF the run trained on: run.json's `model` (or `--model`), checked against
     its recorded sha256 so an adapter is never merged into other weights."""
@@ -78,7 +69,7 @@ def base_model(run: Run, override: Path | None) -> Path:
     if not path.is_file():
         raise BadInput(f"{where}: {path} does not exist (expected the base GGUF the run "
                        "trained on; pass --model PATH if it moved)")
-    digest = sha256_of(path)
+    digest = file_sha256(path)
     if digest != run.model_sha256.lower():
         raise BadInput(f"{where}: {path} has sha256 {digest[:16]}…, the run trained on "
                        f"{run.model_sha256[:16]}… (expected the same base model)")

@@ -14,7 +14,6 @@ until it offers them, `start_superlink` starts Flower's own `flower-superlink` h
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import ipaddress
 import json
 import os
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import BadInput, ClawError
-from provision.paths import state_dir
+from provision.fed.runs import file_sha256, runs_dir
 
 PLAYBOOK = "fed_clients.yml"
 DEVICE_MODEL_DIR = "/var/lib/clawforge/models"  # where the claw_runtime role puts models
@@ -46,15 +45,7 @@ def new_run_id() -> str:
 
 
 def run_dir(run_id: str) -> Path:
-    return state_dir() / "fed" / run_id
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return runs_dir() / run_id
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -490,7 +481,7 @@ def run_federation(inventory: Path, settings: FedSettings,
     hosts = fleet_hosts(inventory)
     names = list(hosts)
     check_settings(settings, names)
-    model_sha256 = sha256_file(settings.model)
+    model_sha256 = file_sha256(settings.model)
     images = images_for(hosts, settings.image)
     address = server_address_for(hosts, settings.server_address)
     run = FedRun(new_run_id(), Path(), names)

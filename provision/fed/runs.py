@@ -10,6 +10,7 @@ Only the standard library, numpy and safetensors headers: no torch on the contro
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,16 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def runs_dir() -> Path:
     return state_dir() / "fed"
+
+
+def file_sha256(path: Path) -> str:
+    """The model file's identity: what runs record, devices are checked against and an export
+    verifies before merging."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass

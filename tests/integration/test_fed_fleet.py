@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from tests.conftest import claw_subprocess, dexec
+from tests.fed_text import held_out_loss, sensor_shards
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +36,8 @@ IMAGE = f"fedfleet-{os.getpid()}/runtime:fed"
 DATA = "/srv/fed/text"
 MODEL = "/var/lib/clawforge/models/base.gguf"
 CONTAINER = "claw-fed-supernode"
+SHARDS = sensor_shards(3)  # each device's own log (tests/fed_text.py)
+MARGIN = 1.0  # nats/token the federated adapter must gain over the base on held-out text
 
 
 def _federation_available() -> bool:
@@ -88,8 +91,6 @@ def fed_fleet() -> Iterator[FedFleet]:
         assert done.code == 0, done.out[-3000:] + done.err[-2000:]
         tar = state / "fed-image.tar"
         subprocess.run(["docker", "save", "-o", str(tar), IMAGE], check=True, timeout=600)
-        text = (Path("/usr/share/common-licenses") / "GPL-3").read_text()
-        third = len(text) // 3
         for i, name in enumerate(names):
             with tar.open("rb") as f:
                 subprocess.run(["docker", "exec", "-i", name, "docker", "load"], stdin=f,
@@ -97,7 +98,7 @@ def fed_fleet() -> Iterator[FedFleet]:
             dexec(name, f"mkdir -p {DATA} {Path(MODEL).parent}")
             subprocess.run(["docker", "cp", str(model), f"{name}:{MODEL}"], check=True)
             shard = state / f"shard{i}.txt"
-            shard.write_text(text[i * third:(i + 1) * third])
+            shard.write_text(SHARDS[i])
             subprocess.run(["docker", "cp", str(shard), f"{name}:{DATA}/shard.txt"], check=True)
         tar.unlink()
         yield FedFleet(inventory, names, model, state)
@@ -156,7 +157,7 @@ def test_a_device_holding_another_model_is_refused_naming_it(fed_fleet):
 
 
 def test_supernodes_connect_to_the_superlink_and_are_removed_after(fed_fleet, tmp_path):
-    from provision.fed import fleet
+    from provision.fed import fleet, runs
 
     f = fed_fleet
     settings = fleet.FedSettings(model=f.model, data_dir=DATA, rounds=1, device_model=MODEL,
@@ -164,7 +165,7 @@ def test_supernodes_connect_to_the_superlink_and_are_removed_after(fed_fleet, tm
     hosts = fleet.fleet_hosts(f.inventory)
     images = fleet.images_for(hosts, IMAGE)
     checks = fleet.preflight(f.inventory, f.names, settings, images,
-                             fleet.sha256_file(f.model))
+                             runs.file_sha256(f.model))
     assert [(c.host, c.texts, bool(c.image_id)) for c in checks] == [
         (n, 1, True) for n in f.names]
     link = fleet.start_superlink(tmp_path, "127.0.0.1", "127.0.0.1")
@@ -220,7 +221,7 @@ def test_a_run_trains_over_the_fleet(fed_fleet):
     from provision.fleet import history
 
     f = fed_fleet
-    done = fed_run(f, "--json", "--local-steps", "2")
+    done = fed_run(f, "--json", "--local-steps", "5", "--lr", "1e-2")
     assert done.code == 0, done.out[-3000:] + done.err[-3000:]
     result = json.loads(done.out)
     assert result["status"] == "succeeded" and result["rounds_done"] == 2
@@ -228,3 +229,16 @@ def test_a_run_trains_over_the_fleet(fed_fleet):
     assert (Path(result["run_dir"]) / "adapter" / "adapter_model.safetensors").is_file()
     assert all(containers(n) == [] for n in f.names)
     assert history.fed_run(result["id"])["status"] == "succeeded"
+    # Each device learnt from its own log: the held-out loss on the union of the shards falls.
+    base = held_out_loss(f.model, SHARDS)
+    tuned = held_out_loss(f.model, SHARDS, Path(result["run_dir"]) / "adapter")
+    print(f"held-out loss on the union of the shards: base {base:.3f}, federated {tuned:.3f}")
+    assert tuned < base - MARGIN
+    # Learn on the fleet, deploy to the fleet: the run's adapter merged into a quantized GGUF
+    # that the runtime serves (delivery to devices: tests/integration/test_fed_export.py).
+    tuned = f.state / "tuned-q8_0.gguf"
+    done = claw_subprocess("fed", "export", result["id"], "-o", str(tuned), "--quantize", "Q8_0")
+    assert done.code == 0, done.err[-2000:]
+    done = claw_subprocess("runtime", "generate", str(tuned), "--prompt", "The",
+                           "--max-tokens", "8", "--temperature", "0")
+    assert done.code == 0 and done.out.strip(), done.err[-2000:]

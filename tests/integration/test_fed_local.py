@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tests import trained_model as tm
+from tests.fed_text import held_out_loss, held_out_windows, sensor_shards
 
 ROUNDS, STEPS, LR, BATCH = 2, 10, 1e-2, 8
 MARGIN = 1.0  # held-out loss (nats/token) the federated adapter must gain over the base
@@ -37,30 +38,10 @@ def tiny():
     return tm.trained_model()
 
 
-SENSORS = [("temperature", "C", 15, 30), ("humidity", "%", 30, 70), ("voltage", "V", 4, 6)]
-
-
-def _shards(lines: int = 400) -> list[str]:
-    """Each device's own log text: its main sensor 70 % of lines, temperature the rest."""
-    import random
-
-    shards = []
-    for i in range(3):
-        rng, out = random.Random(i), []
-        for k in range(lines):
-            name, unit, lo, hi = SENSORS[i] if rng.random() < 0.7 else SENSORS[0]
-            out.append(f"device {i} sensor {name} reads {rng.uniform(lo, hi):.1f} {unit}, "
-                       "status ok.")
-            if k % 8 == 7:
-                out.append("")  # paragraphs: every fifth one is the node's held-out text
-        shards.append("\n".join(out))
-    return shards
-
-
 @pytest.fixture(scope="module")
 def data_dirs(tmp_path_factory) -> list[Path]:
     dirs = []
-    for i, text in enumerate(_shards()):
+    for i, text in enumerate(sensor_shards()):
         d = tmp_path_factory.mktemp(f"shard{i}")
         (d / "local.txt").write_text(text, encoding="utf-8")
         dirs.append(d)
@@ -117,18 +98,15 @@ def _held_out_losses(tiny, dirs: list[Path], adapter_dir: Path) -> tuple[float, 
     Centralised: the same number of optimizer steps (ROUNDS × STEPS) on the union of the
     shards, each step's batch the three clients' batches pooled (3 × BATCH)."""
     import torch
-    from peft import PeftModel
 
-    from runtime.fed.data import local_data, mean_loss, read_texts, train_steps
+    from runtime.fed.data import mean_loss, read_texts, train_steps
     from runtime.fed.model import LoraSettings, load_base, with_lora
 
+    texts = [text for d in dirs for text in read_texts(d)]
+    base_loss = held_out_loss(tiny.f32, texts)
+    fed_loss = held_out_loss(tiny.f32, texts, adapter_dir)
     base, tok = load_base(tiny.f32)
-    datas = [local_data(tok, read_texts(d)) for d in dirs]
-    held = np.concatenate([d.held_out for d in datas])
-    train = np.concatenate([d.train for d in datas])
-    base_loss = mean_loss(base, held)
-    fed_loss = mean_loss(PeftModel.from_pretrained(base, str(adapter_dir)), held)
-    base, _ = load_base(tiny.f32)
+    train, held = held_out_windows(tok, texts)
     central = with_lora(base, LoraSettings())
     torch.manual_seed(0)
     train_steps(central, train, ROUNDS * STEPS, LR, batch=3 * BATCH)
