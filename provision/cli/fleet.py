@@ -21,7 +21,7 @@ INVENTORY_HELP = "Ansible inventory of the fleet."
 DEVICE_COLUMNS = {"device": "Device", "batch": "Batch", "from_image": "From", "to_image": "To",
                   "phase": "Phase", "outcome": "Outcome", "delivery": "Delivery",
                   "seconds": "Seconds"}
-STATUS_COLUMNS = {"device": "Device", "running": "Running", "health": "Health",
+STATUS_COLUMNS = {"device": "Device", "running": "Running", "model": "Model", "health": "Health",
                   "service": "Service", "pending": "Pending", "previous": "Previous",
                   "mem_available_mb": "Mem avail MB", "mem_total_mb": "Mem total MB",
                   "last_rollout": "Last rollout", "last_outcome": "Outcome"}
@@ -87,6 +87,8 @@ def _show_result(result: Any, json_out: bool) -> None:
 def rollout_cmd(
     inventory: Path = typer.Option(..., "-i", "--inventory", help=INVENTORY_HELP),
     image: str | None = typer.Option(None, "--image", help="The runtime image tag to release."),
+    model: Path | None = typer.Option(None, "--model", help="Or a GGUF model to release, "
+                                      "served by the image each device runs."),
     canary: int = typer.Option(1, "--canary", help="Devices in the first batch (0: none)."),
     batch: str = typer.Option("25%", "--batch", help="Later batches: devices or % of all."),
     max_fail: str = typer.Option("10%", "--max-fail",
@@ -104,8 +106,9 @@ def rollout_cmd(
     extra: list[str] = typer.Option([], "-e", "--extra-vars", help="key=value or @file.yml."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Release a runtime image: a canary, then batches; each device health-checked (/health
-    and one completion) and rolled back on failure; stop past the failure budget.
+    """Release a runtime image (or a model for it): a canary, then batches; each device
+    health-checked (/health and one completion) and rolled back on failure; stop past the
+    failure budget.
 
     Exit 1 unless every device ends on the new version.
 
@@ -117,10 +120,14 @@ def rollout_cmd(
     from provision.fleet.rollout import rollout
     from provision.provisioning import parse_extravars
 
-    if resume and not image:
-        image = history.get(resume)["image"]
-    if not image:
-        raise BadInput("--image TAG is required (or --resume ROLLOUT)")
+    if resume and not image and not model:
+        saved = history.get(resume)
+        if saved["settings"].get("model"):
+            model = Path(saved["settings"]["model"])
+        else:
+            image = saved["image"]
+    if not image and not model:
+        raise BadInput("--image TAG or --model FILE.gguf is required (or --resume ROLLOUT)")
     settings = Settings(canary=canary, batch=parse_batch(batch), max_fail=parse_max_fail(max_fail),
                         strategy=strategy, registry=registry or "",
                         health_timeout=health_timeout)
@@ -132,34 +139,37 @@ def rollout_cmd(
     extravars = parse_extravars(extra)
     if dry_run:
         batches = rollout(inventory, image, settings, limit=limit, extravars=extravars,
-                          dry_run=True, resume=resume)
+                          dry_run=True, resume=resume, model=model)
         plan = [{"batch": i, "devices": b} for i, b in enumerate(batches)]
         if json_out:
-            print_json({"image": image, "settings": settings.__dict__, "batches": plan})
+            print_json({"image": image, "model": str(model or ""), "settings": settings.__dict__,
+                        "batches": plan})
         else:
-            console.print(f"dry run: {image}, {settings.delivery} delivery, "
+            console.print(f"dry run: {image or model}, {settings.delivery} delivery, "
                           f"{settings.strategy}, stop past {settings.max_fail}% failed in a "
                           "batch; nothing is changed", highlight=False)
             emit("Batches", plan, {"batch": "Batch", "devices": "Devices"}, False)
         return
-    display = LiveRollout(f"claw fleet rollout {image}")
+    display = LiveRollout(f"claw fleet rollout {image or model}")
     note = (lambda m: None) if json_out else (lambda m: console.print(f"[dim]{m}[/]"))
     with sigterm_as_interrupt():  # recorded as interrupted, resumable
         if json_out:
             result = rollout(inventory, image, settings, limit=limit, extravars=extravars,
-                             resume=resume)
+                             resume=resume, model=model)
         else:
             with display.live:
                 result = rollout(inventory, image, settings, limit=limit, extravars=extravars,
-                                 resume=resume, progress=note, on_change=display)
+                                 resume=resume, progress=note, on_change=display,
+                                 model=model)
     _show_result(result, json_out)
 
 
 @app.command("rollback")
 def rollback_cmd(
     inventory: Path = typer.Option(..., "-i", "--inventory", help=INVENTORY_HELP),
-    to: str | None = typer.Option(None, "--to", help="Image every device goes to (it must "
-                                  "still be on the devices; default: each one's previous)."),
+    to: str | None = typer.Option(None, "--to", help="Image (or model version, name@sha256 "
+                                  "prefix) every device goes to (it must still be on the "
+                                  "devices; default: each one's previous)."),
     rollout_id: str | None = typer.Option(None, "--rollout", help="Undo this rollout: its "
                                           "devices back to what they ran before it."),
     limit: str | None = typer.Option(None, "--limit", help="Only these hosts/groups."),

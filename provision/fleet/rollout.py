@@ -1,4 +1,5 @@
-"""`claw fleet rollout|rollback`: release a runtime image to a fleet through playbooks/rollout.yml.
+"""`claw fleet rollout|rollback`: release a runtime image, or a model for the image the devices run,
+to a fleet through playbooks/rollout.yml.
 
 The controller checks everything first (the inventory, the image, the batch sizes and failure
 budget), makes the image deliverable (a cached `claw image export` tarball, or a push to the
@@ -12,6 +13,7 @@ history as the runner reports it.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from provision.inventory import Inventory, load_inventory
 from provision.paths import state_dir
 from provision.provisioning import limit_hosts, run_inventory
 
+MODEL_VERSION = re.compile(r".+\.gguf@[0-9a-f]{12}")
 SWITCHED = ("installed", "healthy", "committed")
 KEEP_TARBALLS = 3  # exported releases kept on the controller (a rollback may need the last)
 
@@ -58,6 +61,45 @@ def local_image_id(tag: str) -> str:
     except docker.errors.ImageNotFound:
         raise BadInput(f"--image {tag}: no such image on this machine (expected a tag from "
                        "`claw image build` or `docker images`)") from None
+
+
+@dataclass
+class ModelRelease:
+    """A GGUF file to release: its version (file name@sha256 prefix) is what the history and the
+    devices record, its versioned name what the device keeps it as beside the previous one."""
+
+    path: Path
+    sha256: str
+
+    @property
+    def version(self) -> str:
+        return f"{self.path.name}@{self.sha256[:12]}"
+
+    @property
+    def device_file(self) -> str:
+        return f"{self.path.stem}-{self.sha256[:12]}.gguf"
+
+    def extravars(self) -> dict[str, str]:
+        return {"claw_release_model_src": str(self.path.resolve()),
+                "claw_release_model_file": self.device_file,
+                "claw_release_model_sha256": self.sha256,
+                "claw_release_model_version": self.version}
+
+
+def model_release(path: Path) -> ModelRelease:
+    """The model checked as the runtime opens it (header, metadata, architecture, tensor table)
+    before anything runs, so a file that is not a servable GGUF never reaches a device."""
+    from provision.fed.runs import file_sha256
+    from runtime.errors import ModelError
+    from runtime.model_file import open_model
+
+    if not path.is_file():
+        raise BadInput(f"--model {path}: no such file (expected a GGUF model file)")
+    try:
+        open_model(path)
+    except ModelError as exc:
+        raise BadInput(f"--model {exc}") from None
+    return ModelRelease(path, file_sha256(path))
 
 
 def tarball_for(tag: str, image_id: str, progress: Callable[[str], None]) -> Path:
@@ -109,12 +151,18 @@ def _run(playbook: str, inventory: Inventory, hosts: list[str], extravars: dict[
     return result
 
 
-def rollout(inventory_path: Path, image: str, settings: Settings, *, limit: str | None = None,
-            extravars: dict[str, Any] | None = None, dry_run: bool = False,
-            resume: str | None = None, progress: Callable[[str], None] = lambda _: None,
+def rollout(inventory_path: Path, image: str | None, settings: Settings, *,
+            limit: str | None = None, extravars: dict[str, Any] | None = None,
+            dry_run: bool = False, resume: str | None = None,
+            progress: Callable[[str], None] = lambda _: None,
             on_change: Callable[[dict[str, dict[str, Any]]], None] | None = None,
-            ) -> RolloutResult | list[list[str]]:
-    """Release `image` to the inventory's devices in batches; the plan alone with dry_run."""
+            model: Path | None = None) -> RolloutResult | list[list[str]]:
+    """Release `image`, or `model` for the image each device runs, to the inventory's devices
+    in batches; the plan alone with dry_run."""
+    if (image is None) == (model is None):
+        raise BadInput("--image TAG and --model FILE.gguf are not valid together (expected one: "
+                       "an image release, or a model release for the image the devices run)"
+                       if image else "--image TAG or --model FILE.gguf is required")
     if settings.strategy not in STRATEGIES:
         raise BadInput(f"--strategy {settings.strategy!r} is not valid (expected one of: "
                        f"{', '.join(STRATEGIES)})")
@@ -131,20 +179,28 @@ def rollout(inventory_path: Path, image: str, settings: Settings, *, limit: str 
         hosts = [h for h in hosts if h not in done]
         if any(d["outcome"] == "ok" for d in previous["devices"]):
             settings.canary = 0  # its canary passed already
-    image_id = local_image_id(image)
+    if model is not None and settings.registry:
+        raise BadInput(f"--registry {settings.registry}: a model release is copied to each "
+                       "device (expected no --registry with --model)")
+    release = model_release(model) if model is not None else None
+    image_id = local_image_id(image) if release is None else f"sha256:{release.sha256}"
+    name = image if release is None else release.version
     batches = plan_batches(hosts, settings.serial())
     if dry_run:
         return batches
     if not hosts:
         raise BadInput(f"{inventory_path}: no device left to roll out to")
     extra: dict[str, Any] = {
-        "claw_release_image": image, "claw_release_image_id": image_id,
+        **(release.extravars() if release else {"claw_release_image": image,
+                                                 "claw_release_image_id": image_id}),
         "claw_release_delivery": settings.delivery, "claw_release_strategy": settings.strategy,
         "claw_release_health_timeout": settings.health_timeout,
         "claw_release_guard_s": settings.guard_s,
         "claw_rollout_serial": settings.serial(), "claw_rollout_max_fail": settings.max_fail,
     }
-    if settings.registry:
+    if release is not None:
+        pass  # the playbook copies the file itself
+    elif settings.registry:
         from images.transfer import push_image
 
         progress(f"pushing {image} to {settings.registry}")
@@ -161,9 +217,10 @@ def rollout(inventory_path: Path, image: str, settings: Settings, *, limit: str 
                           if d["outcome"] in ("ok", "current")), default=-1)
     else:
         rollout_id = run_dir[0]
-        history.start(rollout_id, "rollout", inventory_path, image, image_id,
-                      {**settings.__dict__, "delivery": settings.delivery,
-                       "limit": limit or ""}, batches)
+        history.start(rollout_id, "rollout", inventory_path, name, image_id,
+                      {**settings.__dict__, "delivery": "copy" if release else settings.delivery,
+                       "limit": limit or "", "model": str(model.resolve()) if model else ""},
+                      batches)
         offset = 0
     extra["claw_release_rollout"] = rollout_id
     tracker = Tracker(rollout_id, on_change, batch_offset=offset)
@@ -244,7 +301,8 @@ def rollback(inventory_path: Path, *, to: str | None = None, rollout_id: str | N
     source = None
     image_id = ""
     if to:
-        image_id = local_image_id(to)
+        # a model version (name.gguf@sha256 prefix) is looked up among the device's kept models
+        image_id = "" if MODEL_VERSION.fullmatch(to) else local_image_id(to)
         targets = dict.fromkeys(hosts, to)
     elif rollout_id:
         source = history.get(rollout_id)

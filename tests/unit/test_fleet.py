@@ -253,3 +253,41 @@ def test_limit_selects_the_hosts_ansible_selects(limit, tmp_path):
     assert done.returncode == 0, done.stderr
     expected = set(json.loads(done.stdout)["_meta"]["hostvars"])
     assert limit_hosts(load_inventory(inv), limit) == sorted(expected)
+
+
+def runtime_inventory(tmp_path: Path) -> Path:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    inv = tmp_path / "fleet.yml"
+    inv.write_text(yaml.safe_dump({"all": {"hosts": {
+        h: {"claw_profile": "rpi5", "claw_runtime_model": str(model),
+            "claw_runtime_install": "container"} for h in ("a", "b")}}}))
+    return inv
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"name: not a model, a YAML file\n", "not a GGUF file (magic b'name'"),
+    (b"GGUF\x03\x00\x00\x00" + b"\xff" * 16, "more than a 24-byte file can hold"),
+])
+def test_a_model_release_that_is_not_a_servable_gguf_is_refused(content, expected, claw,
+                                                                 tmp_path):
+    bad = tmp_path / "mroll-bad.gguf"
+    bad.write_bytes(content)
+    result = claw("fleet", "rollout", "-i", str(runtime_inventory(tmp_path)), "--model", str(bad))
+    assert result.code == 2, result.out + result.err
+    assert f"--model {bad}: " in result.err and expected in result.err
+    assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err
+    assert not history.db_path().exists()  # nothing recorded, nothing run
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--image", "x:1"], "--image TAG and --model FILE.gguf are not valid together"),
+    (["--registry", "127.0.0.1:5000"], "a model release is copied to each device"),
+])
+def test_a_model_release_with_image_options_is_refused(args, expected, claw, tmp_path):
+    model = tmp_path / "mroll.gguf"
+    model.write_bytes(b"GGUF")
+    result = claw("fleet", "rollout", "-i", str(runtime_inventory(tmp_path)), "--model",
+                  str(model), *args)
+    assert result.code == 2 and expected in result.err, result.err
+    assert not history.db_path().exists()
