@@ -76,4 +76,4 @@ $CLAW fleet history --last 3
 printf '\nDemo done (the model has random weights: its text is noise, its speed and plumbing are real).\n'
 printf 'The demo devices keep running: `.venv/bin/claw devices down --fleet demo` removes them.\n'
 printf 'Also here: claw os build|customize and claw flash (OS images, see README), claw fleet dashboard.\n'
-printf 'Still to land: federated fine-tuning (#12: claw fed).\n'
+printf 'Federated fine-tuning: claw fed run|runs|export, and claw fleet rollout --model (README).\n'
