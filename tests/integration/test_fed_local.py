@@ -30,12 +30,9 @@ CLOSE = 0.5  # and its distance to a centralised fine-tune of the same steps at 
 
 @pytest.fixture(scope="module")
 def tiny():
-    why = tm.available()
-    if why:
-        pytest.skip(why)
     pytest.importorskip("flwr")
     pytest.importorskip("peft")
-    return tm.trained_model()
+    return tm.trained_or_skip()
 
 
 @pytest.fixture(scope="module")

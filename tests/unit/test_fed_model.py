@@ -14,11 +14,8 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(scope="module")
 def tiny():
-    why = tm.available()
-    if why:
-        pytest.skip(why)
     pytest.importorskip("peft")
-    return tm.trained_model()
+    return tm.trained_or_skip()
 
 
 @pytest.fixture(scope="module")
