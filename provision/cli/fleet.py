@@ -26,7 +26,7 @@ STATUS_COLUMNS = {"device": "Device", "running": "Running", "model": "Model", "h
                   "mem_available_mb": "Mem avail MB", "mem_total_mb": "Mem total MB",
                   "last_rollout": "Last rollout", "last_outcome": "Outcome"}
 HISTORY_COLUMNS = {"id": "Rollout", "kind": "Kind", "when": "Started", "user": "By",
-                   "image": "Image", "status": "Status", "devices": "Devices",
+                   "image": "Release", "status": "Status", "devices": "Devices",
                    "seconds": "Seconds", "stopped_at": "Stopped at", "error": "Error"}
 STYLE = {"ok": "green", "current": "green", "rolled_back": "yellow", "failed": "red",
          "unreachable": "red", "skipped": "dim", "pending": ""}
