@@ -455,24 +455,26 @@ class Vm:
                         f"reboot; console log {self.console_log} ends with:\n"
                         f"{self.console_tail()}")
 
-    def stop(self, timeout: float = 60) -> None:
-        """Power off through the guest, kill QEMU if it does not exit; drop the overlay."""
-        if self.running():
+    def stop(self, timeout: float = 0) -> None:
+        """Stop QEMU (SIGTERM, then SIGKILL) and drop the overlay. The disk is a throwaway
+        overlay deleted here, so the guest has nothing worth flushing: a graceful poweroff
+        (`timeout` > 0 waits that long for one) only costs time, ~60 s under TCG."""
+        if self.running() and timeout > 0:
             with contextlib.suppress(ClawError):
                 self.ssh("systemctl poweroff", timeout=15)
             deadline = time.monotonic() + timeout
             while self.running() and time.monotonic() < deadline:
                 time.sleep(0.5)
-            for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-                if not self.running():
-                    break
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, sig)
-                end = time.monotonic() + grace
-                while self.running() and time.monotonic() < end:
-                    time.sleep(0.2)
-            if self.running():
-                raise ClawError(f"{self.name}: QEMU (pid {self.pid}) would not exit")
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+            if not self.running():
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+            end = time.monotonic() + grace
+            while self.running() and time.monotonic() < end:
+                time.sleep(0.2)
+        if self.running():
+            raise ClawError(f"{self.name}: QEMU (pid {self.pid}) would not exit")
         for name in ("overlay.qcow2", "disk.img", "vm.json", "qemu.pid"):
             (self.dir / name).unlink(missing_ok=True)
         self.status = "stopped"
@@ -611,7 +613,7 @@ def start_vm(image: VmImage, port: int | None = None, memory_mb: int = 2048, cpu
         vm.wait_for_ssh(boot_timeout)
     except BaseException:
         with contextlib.suppress(Exception):
-            vm.stop(timeout=0)  # keeps console.log for the post-mortem
+            vm.stop()  # keeps console.log for the post-mortem
         raise
     write_inventory()
     return vm
