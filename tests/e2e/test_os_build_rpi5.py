@@ -163,3 +163,44 @@ def test_rpi5_kernel_updates_reach_the_fat(rpi5_built):
     fstab = root_read(image, layout, "cat /etc/fstab")
     assert f"PARTUUID={record['root_partuuid']}\t/\text4" in fstab
     assert f"PARTUUID={record['boot_partuuid']}\t/boot/firmware\tvfat" in fstab
+
+
+def test_rpi5_kernel_reinstall_refreshes_the_fat(tmp_path):
+    """A kernel (re)installed with apt in a copy of the rpi5 root (under qemu-user): dpkg, on
+    apt's PATH from 50claw-dpkg-path, runs the 7.x kernel's hooks through the run-parts shim
+    (the /usr/share legacy-boot copy, initramfs-tools, zz-claw-boot) and the boot hook puts
+    the kernel, initrd and device tree on a stand-in /boot/firmware. 2-3 min: apt fetches the
+    1.9 kB linux-image package and the initrd is rebuilt under qemu-user."""
+    from provision import vm
+    from provision.osimage import rootfs
+    from provision.profiles import ProfileStore
+
+    profile = ProfileStore().get("rpi5")
+    cached = rootfs.provisioned_root(profile, {}, lambda _: None, tags=["base"])
+    root = tmp_path / "root"
+    try:
+        rootfs.copy_tree(cached, root)
+        boothook.install(root, profile)
+        fat = root / "boot/firmware"
+        fat.mkdir(parents=True, exist_ok=True)
+        (fat / "Image").write_bytes(b"the kernel before")
+        version = re.search(r"^vmlinuz-(7\..*)$", "\n".join(
+            p.name for p in (root / "boot").iterdir()), re.M)[1]
+        log = tmp_path / "apt.log"
+        with rootfs.chroot_session(root):
+            vm._run(["chroot", str(root), "env", "DEBIAN_FRONTEND=noninteractive",
+                     "LC_ALL=C.UTF-8", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "apt-get",
+                     "install", "-y", "--reinstall", f"linux-image-{version}"], log,
+                    "apt-get install --reinstall", timeout=1800)
+        out = log.read_text()
+        assert "run-parts: missing operand" not in out
+        assert re.search(r"^/tmp/tmp\.\w+/zz-claw-boot:$", out, re.M), out[-3000:]  # merged
+        assert f"claw-boot: /boot/firmware boots {version}" in out
+        assert (fat / "Image").read_bytes() == (root / f"boot/vmlinuz-{version}").read_bytes()
+        assert (fat / "initrd.img").read_bytes() == (
+            root / f"boot/initrd.img-{version}").read_bytes()
+        assert (fat / DTB).read_bytes() == (
+            root / f"usr/lib/linux-image-{version}/broadcom/{DTB}").read_bytes()
+        assert (fat / "claw-kernel.txt").read_text().strip() == version
+    finally:
+        rootfs.remove_tree(root)
