@@ -49,6 +49,8 @@ class OpenCLStack(Strict):
     icd: str | None = Field(None, description="file under /etc/OpenCL/vendors/")
     kernel_driver: str | None = Field(None, description="kernel module this stack needs")
     env: dict[str, str] = Field(default_factory=dict, description="environment the ICD needs")
+    backports: bool = Field(False, description="install the packages from the target's "
+                            "<release>-backports (e.g. Mesa 25 on bookworm, for panthor)")
 
 
 class Gpu(Strict):
@@ -65,7 +67,8 @@ class OsImage(Strict):
     kernel_suite: str | None = Field(
         None, pattern=r"^[a-z]+-backports$",
         description="install the kernel packages from this suite (e.g. bookworm-backports, "
-                    "whose 6.12 kernel carries device trees the release's 6.1 lacks)")
+                    "whose 6.12 kernel carries device trees the release's 6.1 lacks; or the "
+                    "next release's backports, e.g. trixie-backports' 7.x for the Pi 5)")
     firmware_packages: list[str] = Field(default_factory=list)
     bootloader: Bootloader
     dtb: str | None = None

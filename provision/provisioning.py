@@ -49,6 +49,7 @@ def role_vars(host: Host) -> dict[str, Any]:
         "opencl_drivers_packages": stack.packages,
         "opencl_drivers_icd": stack.icd or "",
         "opencl_drivers_env": stack.env,
+        "opencl_drivers_backports": stack.backports,
         "tuning_inference_cpus": eff["runtime"]["cpu_affinity"],
         "tuning_cpus": profile.core_ids,
         "claw_runtime_model_src": str(model or ""),

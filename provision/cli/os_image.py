@@ -111,12 +111,14 @@ def build_cmd(
         "board's SPI flash."),
     as_json: bool = JSON,
 ) -> None:
-    """Build a bootable arm64 disk image for PROFILE: GPT with a FAT boot partition and an ext4
-    root made with debootstrap, the profile's kernel, the provisioning roles applied offline
-    (persistent part only) and first-boot settings. Writes IMAGE, IMAGE.bmap and IMAGE.sha256
-    (and IMAGE.zst/.xz with --compress). Roots are cached by their inputs: the first build
-    takes minutes under qemu-user, later ones much less. U-Boot boards (rk3588) get an
-    extlinux.conf and the board's U-Boot from --u-boot.
+    """Build a bootable arm64 disk image for PROFILE: GPT (MBR for the Raspberry Pi 5) with a
+    FAT boot partition and an ext4 root made with debootstrap, the profile's kernel, the
+    provisioning roles applied offline (persistent part only) and first-boot settings. Writes
+    IMAGE, IMAGE.bmap and IMAGE.sha256 (and IMAGE.zst/.xz with --compress). Roots are cached
+    by their inputs: the first build takes minutes under qemu-user, later ones much less.
+    U-Boot boards (rk3588) get an extlinux.conf and the board's U-Boot from --u-boot; the Pi 5
+    (rpi5) config.txt and cmdline.txt for its EEPROM bootloader. A kernel hook keeps the boot
+    partition's copy of the kernel current.
 
     Example: [bold]claw os build qemu-virt -o dev.img --user claw --ssh-key id.pub[/bold]
     """

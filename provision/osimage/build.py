@@ -17,7 +17,12 @@ Boot for `u-boot` profiles (rk3588): partitions from 16 MiB, the user's U-Boot a
 (or none: U-Boot in the board's SPI flash), extlinux/extlinux.conf, the uncompressed Image,
 the initrd and the profile's device tree on the FAT partition, root by label (uboot.py).
 
-`rpi-firmware` (rpi5) is refused, saying why: see RPI5_MISSING.
+Boot for `rpi-firmware` profiles (rpi5): an MBR disk whose FAT partition 1 holds config.txt,
+cmdline.txt (root=PARTUUID=…), the Image, the initrd and the device tree, read by the Pi 5's
+EEPROM bootloader (rpi.py); the kernel is trixie-backports' 7.x (profiles/rpi5.yml).
+
+Every image carries a kernel hook (boothook.py) that copies a newly installed kernel, its initrd
+and device tree to the FAT partition under the same names.
 """
 
 from __future__ import annotations
@@ -33,21 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import BadInput, ClawError
-from provision.osimage import disk, firstboot, rootfs, uboot
+from provision.osimage import boothook, disk, firstboot, rootfs, rpi, uboot
 from provision.profiles import DeviceProfile, ProfileStore
 
 GIB = 1 << 30
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]i?B?)?$", re.I)
-SUPPORTED_BOOT = ("direct-kernel", "uefi", "u-boot")
-# What Debian's mirror offers a Raspberry Pi 5 (checked 2026-11-26; see profiles/rpi5.yml).
-RPI5_MISSING = (
-    "Debian has no kernel that runs a Raspberry Pi 5 as a fleet device: bookworm's "
-    "linux-image-arm64 (6.1.176-1) has no bcm2712 device tree, and the 6.12 kernels of "
-    "bookworm-backports and trixie carry broadcom/bcm2712-rpi-5-b.dtb with the SD card and "
-    "debug UART only (no PCIe/RP1: no Ethernet, USB or Wi-Fi, so the device could not join "
-    "the fleet); the profile's linux-image-rpi-2712 is Raspberry Pi OS's "
-    "(archive.raspberrypi.com), not Debian's. Build from Raspberry Pi OS instead: "
-    "`claw os customize raspios-arm64.img.xz -o dev.img --profile rpi5`")
+SUPPORTED_BOOT = ("direct-kernel", "uefi", "u-boot", "rpi-firmware")
 UEFI_FILES = ("EFI/BOOT/BOOTAA64.EFI", "EFI/BOOT/grub.cfg")
 # Enough GRUB for a GPT disk, a FAT ESP and a gzip-compressed Debian kernel; nothing probed.
 GRUB_MODULES = ["part_gpt", "part_msdos", "fat", "ext2", "normal", "configfile", "linux", "gzio",
@@ -108,9 +104,6 @@ def load_profile_any(name: str) -> DeviceProfile:
 
 def load_profile(name: str) -> DeviceProfile:
     profile = load_profile_any(name)
-    if profile.os.bootloader == "rpi-firmware":
-        raise BadInput(f"profile {name}: claw os build cannot make this image yet. "
-                       f"{RPI5_MISSING}")
     if profile.os.bootloader not in SUPPORTED_BOOT:
         raise BadInput(f"profile {name}: bootloader {profile.os.bootloader} is not supported "
                        f"by claw os build yet (supported: {', '.join(SUPPORTED_BOOT)}, e.g. "
@@ -235,7 +228,9 @@ def build(profile_name: str, output: Path, *, size: str = "4G",
     elif u_boot is not None:
         raise BadInput(f"--u-boot: profile {profile.name} boots with "
                        f"{profile.os.bootloader}, not U-Boot")
-    layout = disk.plan_gpt(size_bytes, profile.os.boot_partition_mb, first_mb)
+    layout = (disk.plan_mbr(size_bytes, profile.os.boot_partition_mb)
+              if profile.os.bootloader == "rpi-firmware"  # the Pi's firmware reads MBR only
+              else disk.plan_gpt(size_bytes, profile.os.boot_partition_mb, first_mb))
     disk.check_tools()
 
     steps = Steps(progress=progress)
@@ -253,6 +248,7 @@ def build(profile_name: str, output: Path, *, size: str = "4G",
         def customise() -> None:
             firstboot.apply(root, settings, progress)
             write_fstab(root, layout)
+            boothook.install(root, profile)
         steps.run("first-boot configuration", customise)
         kernel, initrd = kernel_files(root)
         cmdline = work / "cmdline.txt"
@@ -268,6 +264,11 @@ def build(profile_name: str, output: Path, *, size: str = "4G",
                 "extlinux.conf, Image and device tree for U-Boot",
                 lambda: uboot.boot_files(root, work, profile, kernel, initrd,
                                          cmdline.read_text().strip())) | {"cmdline.txt": cmdline}
+        if profile.os.bootloader == "rpi-firmware":
+            boot_files = steps.run(
+                "config.txt, Image and device tree for the Pi firmware",
+                lambda: rpi.boot_files(root, work, profile, kernel, initrd,
+                                       cmdline.read_text().strip()))
 
         def partition() -> None:
             with open(image, "wb") as out:
@@ -275,7 +276,9 @@ def build(profile_name: str, output: Path, *, size: str = "4G",
             disk.write_partition_table(image, layout, legacy_boot=profile.os.bootloader
                                        == "u-boot")
             disk.make_fat(image, layout.boot, "CLAW-BOOT", boot_files)
-        steps.run(f"GPT and FAT boot partition ({profile.os.boot_partition_mb} MiB)", partition)
+        table = {"gpt": "GPT", "dos": "MBR"}[layout.label]
+        steps.run(f"{table} and FAT boot partition ({profile.os.boot_partition_mb} MiB)",
+                  partition)
         if loader is not None:
             steps.run(f"U-Boot at sector 64 ({len(loader.data)} bytes from {loader.source.name})",
                       lambda: uboot.write_loader(image, loader))

@@ -77,9 +77,31 @@ def plan_gpt(size: int, boot_mb: int, first_mb: int = 1) -> Layout:
     return Layout("gpt", size, boot, root)
 
 
+def plan_mbr(size: int, boot_mb: int) -> Layout:
+    """An MBR disk for firmware that reads only MBR (the Raspberry Pi's): FAT32-LBA (0x0c)
+    partition 1 at 1 MiB, the Linux root after it to the disk's end. PARTUUIDs are the disk
+    identifier and the partition number (e.g. 1a2b3c4d-02), as the kernel names them."""
+    disk_id = f"{uuid.uuid4().int & 0xFFFFFFFF or 1:08x}"
+    boot = Partition(1, MIB, boot_mb * MIB, "c", f"{disk_id}-01")
+    root = Partition(2, boot.end, size - boot.end, "83", f"{disk_id}-02")
+    if root.size < 256 * MIB:
+        raise BadInput(f"--size {size // MIB} MiB leaves {root.size // MIB} MiB for the root "
+                       f"(expected at least 256 MiB after the {boot_mb} MiB boot partition)")
+    return Layout("dos", size, boot, root)
+
+
 def write_partition_table(image: Path, layout: Layout, legacy_boot: bool = False) -> None:
     """`legacy_boot` marks the boot partition LegacyBIOSBootable: the flag U-Boot's distro
-    boot looks for first when it scans a disk for extlinux.conf."""
+    boot looks for first when it scans a disk for extlinux.conf. An MBR layout marks its boot
+    partition active (bootable) and carries the disk identifier of its PARTUUIDs."""
+    if layout.label == "dos":
+        lines = ["label: dos", "unit: sectors", f"label-id: 0x{layout.boot.uuid[:8]}"]
+        lines += [f"start={part.start // SECTOR}, size={part.size // SECTOR}, type={part.type}"
+                  + (", bootable" if part is layout.boot else "")
+                  for part in (layout.boot, layout.root)]
+        run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(image)], "sfdisk",
+            input="\n".join(lines) + "\n")
+        return
     lines = ["label: gpt", "unit: sectors", "first-lba: 2048"]
     for part, name in ((layout.boot, "boot"), (layout.root, "root")):
         attrs = ', attrs="LegacyBIOSBootable"' if legacy_boot and part is layout.boot else ""

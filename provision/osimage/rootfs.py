@@ -31,6 +31,7 @@ from images.base import MIRROR, SUITE
 from provision import vm
 from provision.ansible import playbooks_dir
 from provision.errors import ClawError
+from provision.osimage import boothook
 from provision.paths import state_dir
 from provision.profiles import DeviceProfile
 
@@ -61,7 +62,10 @@ def base_key(profile: DeviceProfile) -> str:
     if profile.os.kernel_suite:  # the release's base with the kernel replaced: see base_root
         inputs = [base_key(release_kernel(profile)), profile.os.kernel_packages,
                   profile.os.kernel_suite, RECIPE]
-        suite = profile.os.kernel_suite.rsplit("-", 1)[-1]
+        if kernel_release(profile.os.kernel_suite):  # the run-parts shim: see replace_kernel
+            inputs += [boothook.RUN_PARTS, boothook.DPKG_PATH]
+        suite = (profile.os.kernel_suite if kernel_release(profile.os.kernel_suite)
+                 else profile.os.kernel_suite.rsplit("-", 1)[-1])  # base-bookworm-backports-…
         return f"base-{SUITE}-{suite}-{vm.ARCH}-{_digest(inputs)[:12]}"
     inputs = [SUITE, vm.ARCH, MIRROR, vm.PACKAGES, FIRST_BOOT_PACKAGES,
               profile.os.kernel_packages, [], vm.INITRAMFS_MODULES, RECIPE]
@@ -186,16 +190,43 @@ def base_root(profile: DeviceProfile, progress: Progress) -> Path:
     return _cached(base_key(profile), progress, make)
 
 
+def kernel_release(suite: str) -> str | None:
+    """trixie for trixie-backports on a bookworm root: the release a newer kernel belongs to;
+    None when the suite is the root's own release's (bookworm-backports)."""
+    release = suite.removesuffix("-backports")
+    return None if release == SUITE else release
+
+
+def release_pin(release: str) -> str:
+    """apt preferences that keep a bookworm root on bookworm with the next release's sources
+    present: that release at 100, like a backports suite (installed packages from it follow
+    its updates; nothing else is taken from it). Its backports suite is NotAutomatic +
+    ButAutomaticUpgrades already: 100 too."""
+    return (f"# Written by ClawForge (claw os build): the kernel comes from {release}-backports\n"
+            f"# (see /etc/apt/sources.list); {SUITE} stays the source of everything else.\n"
+            f"Package: *\nPin: release n={release}\nPin-Priority: 100\n")
+
+
 def replace_kernel(root: Path, packages: list[str], suite: str, log: Path,
                    progress: Progress) -> None:
     """The kernel packages from `suite` (added to the root's sources), then the release's
-    kernel purged: the image holds one kernel and one initrd."""
+    kernel purged: the image holds one kernel and one initrd. A suite of the next release
+    (trixie-backports on bookworm) also adds that release, pinned low (release_pin), and
+    /usr/local/sbin/run-parts, which runs the several hook directories that release's
+    linux-run-hooks passes (boothook.RUN_PARTS): bookworm's run-parts takes one."""
     progress(f"installing {', '.join(packages)} from {suite}")
     before = {p.name for p in (root / "boot").glob("vmlinuz-*")}
+    release = kernel_release(suite)
     with open(root / "etc/apt/sources.list", "a") as sources:
+        if release:
+            sources.write(f"deb {MIRROR} {release} main\n")
         sources.write(f"deb {MIRROR} {suite} main\n")
+    if release:
+        (root / "etc/apt/preferences.d").mkdir(parents=True, exist_ok=True)
+        (root / f"etc/apt/preferences.d/claw-{release}").write_text(release_pin(release))
+        boothook.install_run_parts(root)
     env = ["env", "DEBIAN_FRONTEND=noninteractive", "LC_ALL=C.UTF-8",
-           "PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+           "PATH=/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"]
     with chroot_session(root):
         def apt(*args: str) -> None:
             vm._run(["chroot", str(root), *env, "apt-get", *args], log,

@@ -108,3 +108,25 @@ def test_boots_through_u_boot_and_extlinux(booted, virt_built):
     assert sh(booted, "findmnt -no LABEL /") == "claw-root"
     assert "linux,dummy-virt" in sh(booted, "tr '\\0' ' ' < /proc/device-tree/compatible")
     assert sh(booted, "test -d /sys/firmware/efi && echo uefi || echo no-efi") == "no-efi"
+
+
+def test_initramfs_update_reaches_the_boot_partition(booted):
+    """The boot hook (boothook.py) on a running board: what update-initramfs runs once it has
+    written an initrd (`run-parts --arg=VERSION --arg=INITRD /etc/initramfs/post-update.d`)
+    copies the kernel, the initrd and the version (claw-kernel.txt, which only the hook
+    writes) to the mounted FAT partition extlinux.conf is read from. (`update-initramfs -u`
+    itself passed here too, but takes 81 s under TCG.)"""
+    assert sh(booted, "findmnt -no FSTYPE /boot/firmware") == "vfat"
+    assert sh(booted, "sudo test -e /boot/firmware/claw-kernel.txt || echo absent") == "absent"
+    version = sh(booted, "uname -r")
+    started = time.monotonic()
+    out = sh(booted, f"sudo run-parts --report --arg={version} --arg=/boot/initrd.img-{version} "
+                     "/etc/initramfs/post-update.d 2>&1")
+    print(f"initramfs post-update hooks: {time.monotonic() - started:.0f} s")
+    assert f"claw-boot: /boot/firmware boots {version}" in out, out
+    fat, own = sh(booted, f"sudo sha256sum /boot/firmware/initrd.img /boot/initrd.img-{version}"
+                          " | cut -d' ' -f1").split()
+    assert fat == own
+    assert sh(booted, "sudo cat /boot/firmware/claw-kernel.txt") == version  # the hook's mark
+    assert sh(booted, f"sudo cmp /boot/firmware/Image /boot/vmlinuz-{version} "
+                      "&& echo same") == "same"

@@ -313,3 +313,22 @@ def test_ansible_lint_production_profile():
                           timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "Profile 'production' was required, and it passed" in done.stdout + done.stderr
+
+
+def test_backports_install_and_what_bookworm_backports_lacks(devices):
+    """opencl_drivers_backports on bookworm: bookworm-backports added to apt's sources and
+    mesa-opencl-icd taken from it (Mesa 25 replacing bookworm's 22.3); that build has no
+    rusticl (clover's mesa.icd only), so the role stops saying the rusticl ICD is missing and
+    where the package came from. Runs last: it changes what other tests check here."""
+    run = devices.play(MAIN, "--tags", "opencl_drivers", "-e", json.dumps({
+        "opencl_drivers_stack": "rusticl", "opencl_drivers_icd": "rusticl.icd",
+        "opencl_drivers_backports": True, "opencl_drivers_env": {"RUSTICL_ENABLE": "llvmpipe"}}))
+    print(f"\nmesa-opencl-icd from bookworm-backports: {run.seconds:.1f} s")
+    assert run.rc != 0 and run.stats.get("failed") == 1, run.output[-6000:]
+    assert ("/etc/OpenCL/vendors/rusticl.icd is missing after installing mesa-opencl-icd"
+            in run.output), run.output[-4000:]
+    assert "(mesa-opencl-icd from bookworm-backports, whose build may lack it)" in run.output
+    assert "bookworm-backports main" in sh(MAIN, "cat /etc/apt/sources.list.d/claw-backports.list")
+    version = sh(MAIN, "dpkg-query -W -f '${Version}' mesa-opencl-icd")
+    assert "bpo12" in version and int(version.split(".")[0]) >= 25, version
+    assert "mesa.icd" in sh(MAIN, "ls /etc/OpenCL/vendors")

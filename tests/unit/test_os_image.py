@@ -24,7 +24,7 @@ def key(tmp_path):
 
 @pytest.mark.parametrize("args, expected", [
     (["no-such-board"], "no-such-board"),
-    (["rpi5"], "Debian has no kernel that runs a Raspberry Pi 5"),
+    (["rpi5", "--u-boot", "none"], "boots with rpi-firmware, not U-Boot"),
     (["qemu-virt", "--size", "4Q"], "--size '4Q'"),
     (["qemu-virt", "--size", "100M"], "expected between 1G and 1T"),
     (["qemu-virt", "--ssh-key", "/nonexistent/id.pub", "--user", "a"], "cannot read it"),

@@ -1,6 +1,6 @@
 """U-Boot boards (rk3588) in `claw os build`: the --u-boot binary is checked before any root is
 built, the layout leaves room for it, it lands at sector 64 without touching the GPT, and the
-extlinux.conf names what U-Boot needs. rpi5 is refused saying what Debian lacks."""
+extlinux.conf names what U-Boot needs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from provision.errors import BadInput, ClawError
 from provision.osimage import disk, uboot
-from provision.osimage.build import RPI5_MISSING, kernel_cmdline, load_profile
+from provision.osimage.build import kernel_cmdline, load_profile
 from provision.profiles import ProfileStore
 
 pytestmark = pytest.mark.unit
@@ -56,16 +56,6 @@ def test_bad_u_boot_binaries(claw, tmp_path, data, expected):
 def test_u_boot_refused_for_other_bootloaders(claw, tmp_path):
     result = claw("os", "build", "qemu-virt", "-o", str(tmp_path / "q.img"), "--u-boot", "none")
     assert result.code == 2 and "boots with direct-kernel, not U-Boot" in result.err
-
-
-def test_rpi5_refusal_says_what_debian_lacks(claw, tmp_path):
-    result = claw("os", "build", "rpi5", "-o", str(tmp_path / "pi.img"))
-    assert result.code == 2 and "Traceback" not in result.err
-    text = " ".join(result.err.split())
-    for fact in ("6.1.176-1) has no bcm2712 device tree", "bcm2712-rpi-5-b.dtb",
-                 "no Ethernet, USB or Wi-Fi", "claw os customize"):
-        assert fact in text, text
-    assert "linux-image-rpi-2712" in RPI5_MISSING
 
 
 def test_loader_accepted_and_written_at_sector_64(tmp_path):
