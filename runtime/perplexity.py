@@ -138,4 +138,6 @@ def evaluate(model_path: str, text: str, *, n_ctx: int | None = None,
             if key not in base_cache:
                 base_cache[key] = base.logits(window)
             return base_cache[key]
-    return perplexity(model.logits, ids, ctx, tok.bos_id if add_bos else None, base_logits)
+    same = base_cache is not None and base_path is not None and str(model_path) == str(base_path)
+    return perplexity(base_logits if same else model.logits, ids, ctx,
+                      tok.bos_id if add_bos else None, base_logits)
