@@ -2,7 +2,7 @@
 precision against our uniform types and against llama.cpp's own quantizer at the same sizes.
 
 The model is tests/trained_model.py's tiny Llama (--model small: 2 layers, width 256, 1.4 M
-weights, GPL-2 held out; --model large, bench only: 4 layers, width 512, 12 M weights, GPL-2,
+weights, GPL-2 held out; --model large, bench only: 3 layers, width 512, 7.1 M weights, GPL-2,
 LGPL-2.1 and GFDL-1.2 held out; 512-token BPE, trained on Debian's licence texts; cached).
 Perplexity and KL(F16 || file) are measured by our runtime on the held-out text
 (non-overlapping windows of --ctx tokens, second half scored, as llama-perplexity does), the
@@ -82,7 +82,8 @@ def main() -> None:
                 llama_files.append((ftype.upper(), out))
         ids = mq.calibration_ids(src, model.calibration_text.read_text(), 256, "calibration")
         t = time.perf_counter()
-        importance = mq.importance_matrix(src, weights, ids)
+        importance = mq.importance_matrix(src, weights, mq.calibration_ids(
+            src, model.calibration_text.read_text(), None, "calibration"))
         imatrix_s = time.perf_counter() - t
         extra = mq.imatrix_metadata(model.calibration_text.name, importance)
         measure_s = {}

@@ -198,7 +198,7 @@ class _Runner:
 
         cfg, w = backend.config, backend.w
         x = rms_norm(x, w("output_norm.weight"), cfg.norm_eps)
-        return x @ w("token_embd.weight" if cfg.tied_embeddings else "output.weight").T
+        return w.matmul(x, "token_embd.weight" if cfg.tied_embeddings else "output.weight")
 
     def hidden_states(self) -> list[np.ndarray]:
         """xs[i]: the input of layer i; xs[n_layers]: the input of the head."""
@@ -241,13 +241,19 @@ class _ActivationRecorder:
 def importance_matrix(source: ModelSource, weights: dict[str, np.ndarray],
                       ids: Sequence[int]) -> dict[str, np.ndarray]:
     """Per weight matrix, the mean squared input activation of each column (sum_t x_tj^2 / n)
-    over the full-precision forward pass of `ids`. A matrix that never multiplies (an untied
-    token embedding is looked up, not multiplied) has no entry and is encoded unweighted."""
-    runner = _Runner(with_tensors(source, weights), ids)
-    recorder = _ActivationRecorder(runner.backend.w)
-    runner.backend.w = recorder
-    runner.head(runner.backend, runner.hidden_states()[-1])
-    return {name: total / recorder.rows[name] for name, total in recorder.sums.items()}
+    over full-precision forward passes of `ids`, in windows of the model's context (each from
+    an empty cache). A matrix that never multiplies (an untied token embedding is looked up,
+    not multiplied) has no entry and is encoded unweighted."""
+    full, ctx = with_tensors(source, weights), source.config.context_length
+    sums: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
+    for start in range(0, len(ids), ctx):
+        runner = _Runner(full, ids[start:start + ctx])
+        recorder = _ActivationRecorder(runner.backend.w)
+        recorder.sums, recorder.rows = sums, rows
+        runner.backend.w = recorder
+        runner.head(runner.backend, runner.hidden_states()[-1])
+    return {name: total / rows[name] for name, total in sums.items()}
 
 
 def measure_sensitivity(source: ModelSource, weights: dict[str, np.ndarray],
@@ -465,13 +471,21 @@ def uniform_types(source: ModelSource, qtype: T) -> dict[str, T]:
 
 # ---------------------------------------------------------------------------- the command
 
-def calibration_ids(source: ModelSource, text: str, n_tokens: int, where: str) -> list[int]:
+IMATRIX_TOKENS = 8192  # the most calibration tokens the importance matrix is averaged over
+
+
+def calibration_ids(source: ModelSource, text: str, n_tokens: int | None, where: str
+                    ) -> list[int]:
+    """The first `n_tokens` of the text (at most one context: the sensitivity runs), or with
+    None the first IMATRIX_TOKENS (the importance matrix, over several windows)."""
     if source.load_tokenizer is None:
         raise ModelError(f"{source.path}: no tokenizer in the model (needed for calibration)")
     ids = source.load_tokenizer().encode(text, parse_special=False)
     if len(ids) < 16:
         raise ModelError(f"{where}: only {len(ids)} tokens of calibration text (expected at "
                          "least 16; a few hundred give a steadier plan)")
+    if n_tokens is None:
+        return ids[:IMATRIX_TOKENS]
     return ids[:min(n_tokens, source.config.context_length)]
 
 
@@ -513,13 +527,14 @@ def quantize_model(src: Path, out: Path | None, *, target_bpw: float | None = No
         weights = float_weights(source)
         importance, extra = None, None
         if imatrix and calibration is not None:
-            importance = importance_matrix(source, weights, ids)
+            imatrix_ids = calibration_ids(source, text, None, str(calibration))
+            importance = importance_matrix(source, weights, imatrix_ids)
             extra = imatrix_metadata(Path(calibration).name, importance)
         plan = make_plan(source, target_bpw=target_bpw, max_bytes=max_bytes,
                          header_bytes=header_bytes(source, extra))
         plan.calibration_tokens = len(ids)
         if importance is not None:
-            plan.imatrix = f"{Path(calibration).name}, {len(ids)} tokens"
+            plan.imatrix = f"{Path(calibration).name}, {len(imatrix_ids)} tokens"
         measure_sensitivity(source, weights, plan.tensors, ids, progress, importance)
         choose(plan.tensors, plan.choice_budget)
         assert plan.fits(), "the knapsack left the plan over its budget"

@@ -150,7 +150,10 @@ def test_quantize_meets_the_bpw_target_and_writes_a_gguf_we_load(models, tmp_pat
     assert r.code == 0, r.err
     plan = json.loads(r.out)
     assert plan["bpw"] <= 6 and plan["bpw"] > 5  # spends the budget, does not exceed it
-    assert plan["imatrix"] is True and plan["imatrix_source"] == "calibration.txt, 32 tokens"
+    # the importance matrix averages over all the calibration text, not the 32 tokens of the
+    # sensitivity runs
+    assert plan["imatrix"] is True and plan["imatrix_source"].startswith("calibration.txt, ")
+    assert int(plan["imatrix_source"].split(", ")[1].split()[0]) > 32
     src = open_model(out)
     assert src.metadata["quantize.imatrix.dataset"] == "calibration.txt"
     assert out.stat().st_size == plan["file_bytes"]  # the plan knows the file's size exactly
