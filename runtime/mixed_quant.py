@@ -404,7 +404,7 @@ def _copy_metadata(writer: Any, path: Path, file_type: int,
     skip = {"general.architecture", "general.file_type", "general.quantization_version",
             "general.alignment"}
     for key, fld in reader.fields.items():
-        if key.startswith("GGUF.") or key in skip:
+        if key.startswith("GGUF.") or key in skip or key in (extra or {}):
             continue
         vtype = fld.types[0]
         sub = fld.types[-1] if vtype == GGUFValueType.ARRAY else None
