@@ -15,7 +15,8 @@ each size: a fifth of the F32 file (the issue's goal) and the size of each llama
 llama.cpp, and ours+imatrix against ours unweighted).
 
     .venv/bin/python bench/bench_quant.py [--model small|large] [--ctx 128]
-        [--llama q8_0,q6_k,q5_k_m,q4_k_m,q4_0] [--no-uniform] [--json]
+        [--llama q8_0,q6_k,q5_k_m,q4_k_m,q4_0] [--no-uniform] [--uniform-imx]
+        [--eval-chars N] [--json]
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def main() -> None:
     ap.add_argument("--model", choices=("small", "large"), default="small")
     ap.add_argument("--no-uniform", action="store_true",
                     help="skip our uniform files and the F32 row (time)")
+    ap.add_argument("--uniform-imx", action="store_true",
+                    help="add our uniform types encoded with the importance matrix")
     ap.add_argument("--eval-chars", type=int, default=None,
                     help="score only this many characters of the held-out text (time)")
     ap.add_argument("--json", action="store_true")
@@ -86,6 +89,10 @@ def main() -> None:
             src, model.calibration_text.read_text(), None, "calibration"))
         imatrix_s = time.perf_counter() - t
         extra = mq.imatrix_metadata(model.calibration_text.name, importance)
+        for qtype in UNIFORM if args.uniform_imx else ():  # the encoders' gain alone
+            out = mq.write(src, weights, mq.uniform_types(src, qtype),
+                           cache / f"ours-imx-{qtype.name.lower()}.gguf", importance, extra)
+            files.append((f"{qtype.name}+imx", "ours uniform+imx", out))
         measure_s = {}
         targets = [("0.2×F32", f32_bytes // 5)] + [(f"={name}", out.stat().st_size)
                                                   for name, out in llama_files]
