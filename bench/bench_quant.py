@@ -2,7 +2,7 @@
 precision against our uniform types and against llama.cpp's own quantizer at the same sizes.
 
 The model is tests/trained_model.py's tiny Llama (--model small: 2 layers, width 256, 1.4 M
-weights, GPL-2 held out; --model large, bench only: 3 layers, width 512, 7.1 M weights, GPL-2,
+weights, GPL-2 held out; --model large, bench only: 3 layers, width 512, 7.2 M weights, GPL-2,
 LGPL-2.1 and GFDL-1.2 held out; 512-token BPE, trained on Debian's licence texts; cached).
 Perplexity and KL(F16 || file) are measured by our runtime on the held-out text
 (non-overlapping windows of --ctx tokens, second half scored, as llama-perplexity does), the

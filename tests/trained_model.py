@@ -32,7 +32,7 @@ RECIPE = 2  # bump when training or conversion changes (the cache key: text, SET
 SETTINGS = dict(vocab=512, dim=256, layers=2, heads=4, kv_heads=2, ffn=512, seq=64, batch=16,
                 steps=200, lr=3e-3, seed=0)
 # bench only (bench/bench_quant.py --model large; never `make test`): a 3-layer width-512 Llama
-# (GQA 8/2, FFN 1024, 7.1 M weights, every row a multiple of 256 so K-quants apply; sized to
+# (GQA 8/2, FFN 1024, 7.2 M weights, every row a multiple of 256 so K-quants apply; sized to
 # train in ~10 min on the shared 2 cores), with three licences held out so the evaluation has
 # ~3x the tokens and perplexity a smaller error
 LARGE_SETTINGS = dict(vocab=512, dim=512, layers=3, heads=8, kv_heads=2, ffn=1024, seq=128,
