@@ -423,6 +423,9 @@ def quantize_cmd(
                                             "drawn from the model's vocabulary)."),
     calibration_tokens: int = typer.Option(256, "--calibration-tokens", min=16,
                                            help="Tokens of the calibration text used."),
+    no_imatrix: bool = typer.Option(False, "--no-imatrix", help="Fit block scales unweighted "
+                                    "(default with --calibration: weight each column by its "
+                                    "mean squared activation on that text)."),
     plan_only: bool = typer.Option(False, "--plan-only", help="Print the plan, write nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
@@ -437,7 +440,8 @@ def quantize_cmd(
     log = None if json_out else (lambda line: sys.stderr.write(line + "\n"))
     plan = quantize_model(source, None if plan_only else output, target_bpw=target_bpw,
                           max_bytes=max_bytes, calibration=calibration,
-                          calibration_tokens=calibration_tokens, progress=log)
+                          calibration_tokens=calibration_tokens, imatrix=not no_imatrix,
+                          progress=log)
     report = plan.as_dict()
     if not plan_only:
         report["output"], report["file_bytes"] = str(output), output.stat().st_size
@@ -459,7 +463,8 @@ def quantize_cmd(
     console.print(table)
     console.print(f"tensor data {plan.tensor_bytes:,} bytes = {plan.bpw:.3f} bits/weight, "
                   f"predicted KL {plan.predicted_kl:.2e} nats/token on "
-                  f"{plan.calibration_tokens} calibration tokens"
+                  f"{plan.calibration_tokens} calibration tokens; importance matrix: "
+                  f"{plan.imatrix or 'none (unweighted scales)'}"
                   + (f"; wrote {report['file_bytes']:,} bytes" if not plan_only else ""))
 
 

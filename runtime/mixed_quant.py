@@ -2,6 +2,10 @@
 quantizing *that tensor alone* changes the model's output on calibration text, so the bytes go
 where they buy the most accuracy.
 
+0. Importance (with calibration text, unless turned off): the text is run once at full
+   precision and, for every weight matrix, the mean squared input activation of each column is
+   recorded (the idea of llama.cpp's imatrix); the encoders then fit each block's scale and min
+   by least squares weighted per column with it (runtime/quant.py), here and when writing.
 1. Sensitivity: the calibration text is run once at full precision; then, for each 2-D tensor
    and each candidate type (F16, Q8_0, Q6_K, Q5_K, Q4_K, Q4_0, those whose block divides the
    row), the tensor is quantized and dequantized, the model is rerun from the layer that uses
@@ -68,6 +72,7 @@ class Plan:
     limit: str  # what was asked, e.g. "--target-bpw 4.8"
     choice_budget: int  # bytes the chosen 2-D tensors may take
     calibration_tokens: int = 0
+    imatrix: str | None = None  # where the importance weights came from; None: unweighted
 
     @property
     def tensor_bytes(self) -> int:
@@ -95,6 +100,7 @@ class Plan:
             "limit": self.limit, "tensor_bytes": self.tensor_bytes,
             "file_bytes": self.file_bytes, "bpw": self.bpw,
             "predicted_kl": self.predicted_kl, "calibration_tokens": self.calibration_tokens,
+            "imatrix": self.imatrix is not None, "imatrix_source": self.imatrix,
             "tensors": [{"name": t.name, "shape": list(t.shape), "type": t.choice.name,
                          "bytes": t.options[t.choice], "kl": t.loss.get(t.choice),
                          "kl_by_type": {q.name: v for q, v in t.loss.items()}}
@@ -149,11 +155,12 @@ def with_tensors(source: ModelSource, weights: Mapping[str, np.ndarray]) -> Mode
     return replace(source, tensors=refs)
 
 
-def round_trip(w: np.ndarray, qtype: T) -> np.ndarray:
-    """What the runtime will compute with after `w` is stored as `qtype`."""
+def round_trip(w: np.ndarray, qtype: T, importance: np.ndarray | None = None) -> np.ndarray:
+    """What the runtime will compute with after `w` is stored as `qtype` (encoded with the
+    column importance the file will be written with)."""
     if qtype == T.F16:
         return w.astype(np.float16).astype(np.float32)
-    return dequantize(quantize(w, qtype), qtype, w.shape)
+    return dequantize(quantize(w, qtype, importance=importance), qtype, w.shape)
 
 
 # -------------------------------------------------------------------------- sensitivity
@@ -191,7 +198,7 @@ class _Runner:
 
         cfg, w = backend.config, backend.w
         x = rms_norm(x, w("output_norm.weight"), cfg.norm_eps)
-        return x @ w("token_embd.weight" if cfg.tied_embeddings else "output.weight").T
+        return w.matmul(x, "token_embd.weight" if cfg.tied_embeddings else "output.weight")
 
     def hidden_states(self) -> list[np.ndarray]:
         """xs[i]: the input of layer i; xs[n_layers]: the input of the head."""
@@ -210,10 +217,51 @@ class _Runner:
         return self.head(backend, x)
 
 
+class _ActivationRecorder:
+    """Stands in for a backend's weight store: every `matmul(x, name)` adds x's squared
+    entries per column to the sums of `name`, then multiplies as the store does."""
+
+    def __init__(self, store: Any):
+        self.store, self.sums, self.rows = store, {}, {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        return self.store(name)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.store, attr)
+
+    def matmul(self, x: np.ndarray, name: str) -> np.ndarray:
+        flat = x.reshape(-1, x.shape[-1])
+        self.sums[name] = self.sums.get(name, 0.0) + np.einsum(
+            "ij,ij->j", flat, flat, dtype=np.float64)
+        self.rows[name] = self.rows.get(name, 0) + len(flat)
+        return self.store.matmul(x, name)
+
+
+def importance_matrix(source: ModelSource, weights: dict[str, np.ndarray],
+                      ids: Sequence[int]) -> dict[str, np.ndarray]:
+    """Per weight matrix, the mean squared input activation of each column (sum_t x_tj^2 / n)
+    over full-precision forward passes of `ids`, in windows of the model's context (each from
+    an empty cache). A matrix that never multiplies (an untied token embedding is looked up,
+    not multiplied) has no entry and is encoded unweighted."""
+    full, ctx = with_tensors(source, weights), source.config.context_length
+    sums: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
+    for start in range(0, len(ids), ctx):
+        runner = _Runner(full, ids[start:start + ctx])
+        recorder = _ActivationRecorder(runner.backend.w)
+        recorder.sums, recorder.rows = sums, rows
+        runner.backend.w = recorder
+        runner.head(runner.backend, runner.hidden_states()[-1])
+    return {name: total / rows[name] for name, total in sums.items()}
+
+
 def measure_sensitivity(source: ModelSource, weights: dict[str, np.ndarray],
                         plans: list[TensorPlan], ids: Sequence[int],
-                        progress: Callable[[str], None] | None = None) -> None:
-    """Fill each plan's `loss`: mean KL(full || this tensor alone quantized) over `ids`."""
+                        progress: Callable[[str], None] | None = None,
+                        importance: Mapping[str, np.ndarray] | None = None) -> None:
+    """Fill each plan's `loss`: mean KL(full || this tensor alone quantized) over `ids`, each
+    tensor encoded as it will be written (with its column `importance` when given)."""
     full = with_tensors(source, weights)
     runner = _Runner(full, ids)
     xs = runner.hidden_states()
@@ -223,9 +271,9 @@ def measure_sensitivity(source: ModelSource, weights: dict[str, np.ndarray],
         stage = _layer_of(plan.name, runner.n_layers)
         if tied and plan.name == "token_embd.weight":
             stage = -1  # the embedding is the head too: everything reruns
-        w = weights[plan.name]
+        w, imp = weights[plan.name], (importance or {}).get(plan.name)
         for qtype in plan.options:
-            variant = with_tensors(source, {**weights, plan.name: round_trip(w, qtype)})
+            variant = with_tensors(source, {**weights, plan.name: round_trip(w, qtype, imp)})
             logp = log_softmax(runner.logits_from(variant, xs, stage))
             plan.loss[qtype] = float(kl_divergence(base, logp).mean())
         if progress:
@@ -339,15 +387,24 @@ def make_plan(source: ModelSource, *, target_bpw: float | None = None,
 
 # -------------------------------------------------------------------------------- writing
 
-def _copy_metadata(writer: Any, path: Path, file_type: int) -> None:
-    """Every key of the input GGUF except those the writer or the new file type own."""
+def imatrix_metadata(dataset: str, importance: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The quantize.imatrix.* keys llama.cpp's own quantizer writes when it used an imatrix
+    (the calibration file's name and how many matrices had one); llama.cpp reads past them."""
+    return {"quantize.imatrix.dataset": dataset,
+            "quantize.imatrix.entries_count": len(importance)}
+
+
+def _copy_metadata(writer: Any, path: Path, file_type: int,
+                   extra: Mapping[str, Any] | None = None) -> None:
+    """Every key of the input GGUF except those the writer or the new file type own, then
+    `extra` (str or int values)."""
     from gguf import GGUFReader, GGUFValueType
 
     reader = GGUFReader(path)
     skip = {"general.architecture", "general.file_type", "general.quantization_version",
             "general.alignment"}
     for key, fld in reader.fields.items():
-        if key.startswith("GGUF.") or key in skip:
+        if key.startswith("GGUF.") or key in skip or key in (extra or {}):
             continue
         vtype = fld.types[0]
         sub = fld.types[-1] if vtype == GGUFValueType.ARRAY else None
@@ -355,16 +412,18 @@ def _copy_metadata(writer: Any, path: Path, file_type: int) -> None:
         writer.add_key_value(key, value, vtype, sub_type=sub)
     writer.add_file_type(file_type)
     writer.add_quantization_version(2)  # GGML_QNT_VERSION: the block layouts of today
+    for key, value in (extra or {}).items():
+        (writer.add_string if isinstance(value, str) else writer.add_int32)(key, value)
 
 
-def header_bytes(source: ModelSource) -> int:
+def header_bytes(source: ModelSource, extra: Mapping[str, Any] | None = None) -> int:
     """Bytes of the GGUF header, metadata and tensor table that `write` will produce."""
     import gguf
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "header.gguf"
         writer = gguf.GGUFWriter(path, source.config.arch)
-        _copy_metadata(writer, source.path, 1)
+        _copy_metadata(writer, source.path, 1, extra)
         for name, ref in source.tensors.items():
             writer.add_tensor_info(name, ref.shape, np.dtype(np.float32), 0, raw_dtype=T.F32)
         writer.write_header_to_file()
@@ -375,8 +434,11 @@ def header_bytes(source: ModelSource) -> int:
 
 
 def write(source: ModelSource, weights: Mapping[str, np.ndarray], types: Mapping[str, T],
-          out: Path) -> Path:
-    """A GGUF with each 2-D tensor in `types[name]` (others F32), via a temporary file."""
+          out: Path, importance: Mapping[str, np.ndarray] | None = None,
+          extra: Mapping[str, Any] | None = None) -> Path:
+    """A GGUF with each 2-D tensor in `types[name]` (others F32), via a temporary file; block
+    types are encoded with the tensor's column `importance` when it has one, and `extra`
+    metadata keys are added."""
 
     from runtime.convert import FILE_TYPES, add_typed_tensor, gguf_output
 
@@ -386,9 +448,14 @@ def write(source: ModelSource, weights: Mapping[str, np.ndarray], types: Mapping
         totals[qtype] = totals.get(qtype, 0) + int(np.prod(weights[name].shape))
     main = max(totals, key=lambda q: totals[q]) if totals else T.F32
     with gguf_output(out, source.config.arch) as writer:
-        _copy_metadata(writer, source.path, FILE_TYPES.get(main, 1))
+        _copy_metadata(writer, source.path, FILE_TYPES.get(main, 1), extra)
         for name in source.tensors:
-            add_typed_tensor(writer, name, weights[name], types.get(name, T.F32))
+            qtype, imp = types.get(name, T.F32), (importance or {}).get(name)
+            if imp is not None and qtype not in FLOAT_INPUTS:
+                writer.add_tensor(name, quantize(weights[name], qtype, importance=imp),
+                                  raw_dtype=qtype)
+            else:
+                add_typed_tensor(writer, name, weights[name], qtype)
     return out
 
 
@@ -404,13 +471,21 @@ def uniform_types(source: ModelSource, qtype: T) -> dict[str, T]:
 
 # ---------------------------------------------------------------------------- the command
 
-def calibration_ids(source: ModelSource, text: str, n_tokens: int, where: str) -> list[int]:
+IMATRIX_TOKENS = 8192  # the most calibration tokens the importance matrix is averaged over
+
+
+def calibration_ids(source: ModelSource, text: str, n_tokens: int | None, where: str
+                    ) -> list[int]:
+    """The first `n_tokens` of the text (at most one context: the sensitivity runs), or with
+    None the first IMATRIX_TOKENS (the importance matrix, over several windows)."""
     if source.load_tokenizer is None:
         raise ModelError(f"{source.path}: no tokenizer in the model (needed for calibration)")
     ids = source.load_tokenizer().encode(text, parse_special=False)
     if len(ids) < 16:
         raise ModelError(f"{where}: only {len(ids)} tokens of calibration text (expected at "
                          "least 16; a few hundred give a steadier plan)")
+    if n_tokens is None:
+        return ids[:IMATRIX_TOKENS]
     return ids[:min(n_tokens, source.config.context_length)]
 
 
@@ -427,9 +502,11 @@ def default_calibration(source: ModelSource) -> str:
 
 def quantize_model(src: Path, out: Path | None, *, target_bpw: float | None = None,
                    max_bytes: int | None = None, calibration: Path | None = None,
-                   calibration_tokens: int = 256,
+                   calibration_tokens: int = 256, imatrix: bool = True,
                    progress: Callable[[str], None] | None = None) -> Plan:
-    """Measure, plan and (unless `out` is None) write; returns the plan."""
+    """Measure, plan and (unless `out` is None) write; returns the plan. With `calibration`
+    text and `imatrix`, the encoders weight each column by its importance on that text (the
+    vocabulary-drawn fallback text is no basis for one, so it never gets one)."""
     if out is not None and not Path(out).parent.is_dir():
         raise ModelError(f"{out}: folder {Path(out).parent} does not exist (expected the output "
                          "file's folder to exist)")
@@ -444,16 +521,24 @@ def quantize_model(src: Path, out: Path | None, *, target_bpw: float | None = No
                              f"({type(e).__name__})") from None
     with tempfile.TemporaryDirectory(prefix="claw-quantize-") as tmp:
         source = open_float_source(Path(src), Path(tmp))
-        plan = make_plan(source, target_bpw=target_bpw, max_bytes=max_bytes,
-                         header_bytes=header_bytes(source))
         if calibration is None:
             text = default_calibration(source)
         ids = calibration_ids(source, text, calibration_tokens, str(calibration))
-        plan.calibration_tokens = len(ids)
         weights = float_weights(source)
-        measure_sensitivity(source, weights, plan.tensors, ids, progress)
+        importance, extra = None, None
+        if imatrix and calibration is not None:
+            imatrix_ids = calibration_ids(source, text, None, str(calibration))
+            importance = importance_matrix(source, weights, imatrix_ids)
+            extra = imatrix_metadata(Path(calibration).name, importance)
+        plan = make_plan(source, target_bpw=target_bpw, max_bytes=max_bytes,
+                         header_bytes=header_bytes(source, extra))
+        plan.calibration_tokens = len(ids)
+        if importance is not None:
+            plan.imatrix = f"{Path(calibration).name}, {len(imatrix_ids)} tokens"
+        measure_sensitivity(source, weights, plan.tensors, ids, progress, importance)
         choose(plan.tensors, plan.choice_budget)
         assert plan.fits(), "the knapsack left the plan over its budget"
         if out is not None:
-            write(source, weights, {t.name: t.choice for t in plan.tensors}, out)
+            write(source, weights, {t.name: t.choice for t in plan.tensors}, out, importance,
+                  extra)
     return plan

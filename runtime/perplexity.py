@@ -109,8 +109,11 @@ def perplexity(logits_of: Any, ids: Sequence[int], n_ctx: int, bos: int | None,
 
 
 def evaluate(model_path: str, text: str, *, n_ctx: int | None = None,
-             base_path: str | None = None, backend: str = "numpy") -> Perplexity:
-    """Perplexity of a model file on `text` (KL against `base_path` when given)."""
+             base_path: str | None = None, backend: str = "numpy",
+             base_cache: dict | None = None) -> Perplexity:
+    """Perplexity of a model file on `text` (KL against `base_path` when given). `base_cache`:
+    a dict kept across calls with the same base and text, so the base's logits of each window
+    are computed once for many files (a benchmark's saving; the figures are the same)."""
     from runtime.api import Model
 
     model = Model(model_path, backend=backend)
@@ -128,5 +131,13 @@ def evaluate(model_path: str, text: str, *, n_ctx: int | None = None,
     ids = model.tokenize(text, parse_special=False)
     tok = model.tokenizer
     add_bos = bool(ids) and tok.bos_id is not None and ids[0] == tok.bos_id
-    return perplexity(model.logits, ids, ctx, tok.bos_id if add_bos else None,
-                      base.logits if base is not None else None)
+    base_logits = base.logits if base is not None else None
+    if base is not None and base_cache is not None:
+        def base_logits(window: Sequence[int]) -> np.ndarray:
+            key = (str(base_path), tuple(window))
+            if key not in base_cache:
+                base_cache[key] = base.logits(window)
+            return base_cache[key]
+    same = base_cache is not None and base_path is not None and str(model_path) == str(base_path)
+    return perplexity(base_logits if same else model.logits, ids, ctx,
+                      tok.bos_id if add_bos else None, base_logits)

@@ -22,6 +22,12 @@ the least squared error, the way llama.cpp's K-quant encoders do (a few candidat
 refitted by least squares; see `_symmetric_scale`, `_affine_scale`); the other formats, and
 `quantize(..., search=False)`, round to nearest against the max-based scale, for the legacy
 formats byte for byte ggml's reference quantizers.
+
+`quantize(..., importance=w)` makes the search minimize sum_j w_j (x_j - x'_j)^2 instead, with
+one weight per input column (an importance matrix: the mean squared activation that meets that
+column, see runtime/mixed_quant.py), since a matrix's output error is sum_j dW_j x_j and columns
+fed larger inputs matter more. Rounding against a chosen scale stays to nearest, which is
+optimal for any positive per-weight weight.
 """
 
 from __future__ import annotations
@@ -87,31 +93,36 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", a, b)
 
 
-def _symmetric_scale(x: np.ndarray, nmax: int, steps: int = 9) -> np.ndarray:
-    """Step s per row of x (n, k) for levels -nmax..nmax-1 that minimizes sum (x - s l)^2.
+def _symmetric_scale(x: np.ndarray, nmax: int, steps: int = 9,
+                     w: np.ndarray | None = None) -> np.ndarray:
+    """Step s per row of x (n, k) for levels -nmax..nmax-1 that minimizes sum w (x - s l)^2
+    (w: per-weight importance like x, or None for all ones).
 
     Candidates: the row's signed absmax mapped onto -(nmax + i/10), |i| <= steps (0 is round to
-    nearest); each rounds the row to levels l and refits the step by least squares,
-    s = sum(x l) / sum(l^2), whose error sum(x^2) - sum(x l)^2 / sum(l^2) ranks them. The caller
+    nearest); each rounds the row to levels l and refits the step by weighted least squares,
+    s = sum(w x l) / sum(w l^2), whose error sum(w x^2) - sum(w x l)^2 / sum(w l^2) ranks them. The
+    caller
     quantizes s to its storage format and rounds the weights against the stored step.
     Unweighted on purpose: weighting by x^2 (llama.cpp's Q6_K choice) gave the trained model a
     higher KL to F16 (Q6_K 1.36e-4 against 1.21e-4, Q4_0 2.96e-3 against 2.75e-3).
     """
     inv_max = _inv(_signed_absmax(x))
+    wx = x if w is None else w * x
     best, scale = np.full(len(x), -1.0, np.float32), np.zeros(len(x), np.float32)
     for i in range(-steps, steps + 1):
         lv = np.rint(x * (-(nmax + np.float32(i / 10)) * inv_max)).clip(-nmax, nmax - 1)
-        sxl, sll = _dot(x, lv), _dot(lv, lv)
+        sxl, sll = _dot(wx, lv), _dot(lv if w is None else w * lv, lv)
         fit = sxl * _inv(sll)
         better = sxl * fit > best
         best, scale = np.where(better, sxl * fit, best), np.where(better, fit, scale)
     return scale
 
 
-def _affine_scale(x: np.ndarray, nmax: int, rmin: float, rdelta: float,
-                  nstep: int) -> tuple[np.ndarray, np.ndarray]:
+def _affine_scale(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                  w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Step s >= 0 and offset o >= 0 per row of x (n, k) for x ~ s l - o, l in 0..nmax, that
-    minimize sum (s l - o - x)^2 (Q4_K/Q5_K sub-blocks; the offset may not go below min(x, 0)).
+    minimize sum w (s l - o - x)^2 (Q4_K/Q5_K sub-blocks; the offset may not go below min(x, 0);
+    w per weight like x, or None for all ones; the sums below are then weighted sums).
 
     Start from round to nearest between min(x, 0) and max(x); then try the steps
     (max - min) / (nmax + rmin + rdelta i), i = 0..nstep: each rounds the row and refits s and o
@@ -120,14 +131,17 @@ def _affine_scale(x: np.ndarray, nmax: int, rmin: float, rdelta: float,
     weights rms + |x| of llama.cpp's search gave the trained model a higher KL to F16 (Q4_K
     2.27e-3 against 2.02e-3).
     """
-    n = np.float64(x.shape[1])
+    w = np.ones_like(x) if w is None else w
+    wx = w * x
+    n = w.sum(axis=1, dtype=np.float64)
     lo, hi = np.minimum(x.min(axis=1), 0), x.max(axis=1)
     inv_range = _inv(hi - lo)[:, None]
-    sx, sxx = x.sum(axis=1, dtype=np.float64), _dot(x, x).astype(np.float64)
+    sx, sxx = wx.sum(axis=1, dtype=np.float64), _dot(wx, x).astype(np.float64)
 
     def fit(top: float) -> tuple[np.ndarray, ...]:  # levels at this step -> their sums
         lv = np.rint((x - lo[:, None]) * (np.float32(top) * inv_range)).clip(0, nmax)
-        return tuple(a.astype(np.float64) for a in (lv.sum(axis=1), _dot(lv, lv), _dot(x, lv)))
+        wl = w * lv
+        return tuple(a.astype(np.float64) for a in (wl.sum(axis=1), _dot(wl, lv), _dot(wx, lv)))
 
     def error(s, m, sl, sll, sxl):  # sum (s l + m - x)^2 with m = -o, from the sums
         return sxx - 2 * s * sxl - 2 * m * sx + s * s * sll + 2 * s * m * sl + m * m * n
@@ -196,8 +210,8 @@ def _rtn_q8_0(x: np.ndarray, out: np.ndarray) -> None:
     out["qs"] = _round_away(x * _inv(d))
 
 
-def _q_q8_0(x: np.ndarray, out: np.ndarray) -> None:
-    d = _symmetric_scale(x, 128).astype(np.float16)
+def _q_q8_0(x: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> None:
+    d = _symmetric_scale(x, 128, w=w).astype(np.float16)
     out["d"] = d
     out["qs"] = np.rint(x * _inv(_f32(d))).clip(-128, 127)
 
@@ -220,8 +234,8 @@ def _rtn_q4_0(x: np.ndarray, out: np.ndarray) -> None:
     out["qs"] = _pack_nibbles(q)
 
 
-def _q_q4_0(x: np.ndarray, out: np.ndarray) -> None:
-    d = _symmetric_scale(x, 8).astype(np.float16)
+def _q_q4_0(x: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> None:
+    d = _symmetric_scale(x, 8, w=w).astype(np.float16)
     out["d"] = d
     out["qs"] = _pack_nibbles((np.rint(x * _inv(_f32(d))).clip(-8, 7) + 8).astype(np.uint8))
 
@@ -375,7 +389,8 @@ def _pack_k4_scales(s: np.ndarray, mn: np.ndarray, out: np.ndarray) -> tuple[np.
     return _f32(d), _f32(dmin), sc.astype(np.float32), m.astype(np.float32)
 
 
-def _q_k4(x: np.ndarray, out: np.ndarray, nmax: int, rmin: float, nstep: int) -> np.ndarray:
+def _q_k4(x: np.ndarray, out: np.ndarray, nmax: int, rmin: float, nstep: int,
+          w: np.ndarray | None = None) -> np.ndarray:
     """Searched Q4_K/Q5_K: x (n, 256) -> q (n, 8, 32) in [0, nmax]; fills d/dmin/scales.
 
     Each 32-weight sub-block gets the step and offset of `_affine_scale`; the eight of each are
@@ -383,7 +398,8 @@ def _q_k4(x: np.ndarray, out: np.ndarray, nmax: int, rmin: float, nstep: int) ->
     against the stored step and offset.
     """
     x = x.reshape(-1, 8, 32)
-    s, mn = _affine_scale(x.reshape(-1, 32), nmax, rmin, 0.1, nstep)
+    s, mn = _affine_scale(x.reshape(-1, 32), nmax, rmin, 0.1, nstep,
+                          None if w is None else w.reshape(-1, 32))
     d, dmin, sc, m = _pack_k4_scales(s.reshape(-1, 8), mn.reshape(-1, 8), out)
     step, off = d * sc, dmin * m  # what the dequantizer will use, (n, 8)
     return np.rint((x + off[:, :, None]) * _inv(step)[:, :, None]).clip(0, nmax).astype(np.uint8)
@@ -406,12 +422,12 @@ def _rtn_q5_k(x: np.ndarray, out: np.ndarray) -> None:
     _pack_q5_k(_rtn_k4(x, out, 31), out)
 
 
-def _q_q4_k(x: np.ndarray, out: np.ndarray) -> None:
-    _pack_q4_k(_q_k4(x, out, 15, -1.0, 20), out)
+def _q_q4_k(x: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> None:
+    _pack_q4_k(_q_k4(x, out, 15, -1.0, 20, w), out)
 
 
-def _q_q5_k(x: np.ndarray, out: np.ndarray) -> None:
-    _pack_q5_k(_q_k4(x, out, 31, -0.5, 15), out)
+def _q_q5_k(x: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> None:
+    _pack_q5_k(_q_k4(x, out, 31, -0.5, 15, w), out)
 
 
 Q6_K = np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])
@@ -454,13 +470,13 @@ def _rtn_q6_k(x: np.ndarray, out: np.ndarray) -> None:
     _pack_q6_k(q, sc, d, out)
 
 
-def _q_q6_k(x: np.ndarray, out: np.ndarray) -> None:
+def _q_q6_k(x: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> None:
     """Searched Q6_K: each 16-weight sub-block's step from `_symmetric_scale`; the sixteen steps
     are int8 multiples of the fp16 d that maps the largest onto -128, and the weights are rounded
     against the stored steps."""
     x = x.reshape(-1, 16, 16)
     xs = x.reshape(-1, 16)
-    s = _symmetric_scale(xs, 32).reshape(-1, 16)
+    s = _symmetric_scale(xs, 32, w=None if w is None else w.reshape(-1, 16)).reshape(-1, 16)
     d = (_signed_absmax(s)[:, 0] / np.float32(-128)).astype(np.float16)  # (n,)
     sc = np.rint(s * _inv(_f32(d))).clip(-128, 127).astype(np.int8)
     step = _f32(d) * sc  # (n, 16)
@@ -477,22 +493,23 @@ class _Format:
     qk: int  # weights per block
     dtype: np.dtype  # one block
     dequant: Callable[[np.ndarray, np.ndarray], None]  # blocks (n,) -> float32 out (n, qk)
-    quant: Callable[[np.ndarray, np.ndarray], None]  # float32 (n, qk), blocks (n,) to fill
+    quant: Callable[..., None]  # float32 (n, qk), blocks (n,) to fill[, importance (n, qk)]
     rtn: Callable[[np.ndarray, np.ndarray], None] | None = None  # round to nearest, no search
+    weighted: bool = False  # `quant` takes per-weight importance
 
 
 _FORMATS: dict[T, _Format] = {
     T.F32: _Format(1, np.dtype("<f4"), _dq_f32, _q_f32),
     T.F16: _Format(1, np.dtype("<f2"), _dq_f16, _q_f16),
     T.BF16: _Format(1, np.dtype("<u2"), _dq_bf16, _q_bf16),
-    T.Q8_0: _Format(QK, Q8_0, _dq_q8_0, _q_q8_0, _rtn_q8_0),
-    T.Q4_0: _Format(QK, Q4_0, _dq_q4_0, _q_q4_0, _rtn_q4_0),
+    T.Q8_0: _Format(QK, Q8_0, _dq_q8_0, _q_q8_0, _rtn_q8_0, True),
+    T.Q4_0: _Format(QK, Q4_0, _dq_q4_0, _q_q4_0, _rtn_q4_0, True),
     T.Q4_1: _Format(QK, Q4_1, _dq_q4_1, _q_q4_1),
     T.Q5_0: _Format(QK, Q5_0, _dq_q5_0, _q_q5_0),
     T.Q5_1: _Format(QK, Q5_1, _dq_q5_1, _q_q5_1),
-    T.Q4_K: _Format(QK_K, Q4_K, _dq_q4_k, _q_q4_k, _rtn_q4_k),
-    T.Q5_K: _Format(QK_K, Q5_K, _dq_q5_k, _q_q5_k, _rtn_q5_k),
-    T.Q6_K: _Format(QK_K, Q6_K, _dq_q6_k, _q_q6_k, _rtn_q6_k),
+    T.Q4_K: _Format(QK_K, Q4_K, _dq_q4_k, _q_q4_k, _rtn_q4_k, True),
+    T.Q5_K: _Format(QK_K, Q5_K, _dq_q5_k, _q_q5_k, _rtn_q5_k, True),
+    T.Q6_K: _Format(QK_K, Q6_K, _dq_q6_k, _q_q6_k, _rtn_q6_k, True),
 }
 SUPPORTED: frozenset[T] = frozenset(_FORMATS)
 
@@ -552,12 +569,27 @@ def dequantize(raw: np.ndarray, qtype: T, shape: tuple[int, ...]) -> np.ndarray:
     return out.reshape(shape)
 
 
-def quantize(x: np.ndarray, qtype: T, *, search: bool = True) -> np.ndarray:
+def importance_weights(importance: np.ndarray, n_cols: int) -> np.ndarray:
+    """Per-column importance (n_cols,) -> float32 weights with mean 1 and a floor of 1e-3, so a
+    column no calibration token ever fed still counts a little and no block's weights are all
+    zero (which would leave its scale undetermined)."""
+    imp = np.asarray(importance, dtype=np.float64).reshape(-1)
+    if imp.shape != (n_cols,) or not np.all(np.isfinite(imp)) or (imp < 0).any():
+        raise QuantError(f"importance: expected {n_cols} finite non-negative values, one per "
+                         f"column, got shape {imp.shape}")
+    mean = imp.mean()
+    imp = imp / mean if mean > 0 else np.ones_like(imp)
+    return (imp + 1e-3).astype(np.float32)
+
+
+def quantize(x: np.ndarray, qtype: T, *, search: bool = True,
+             importance: np.ndarray | None = None) -> np.ndarray:
     """float32 (..., n_cols) -> uint8 (..., row_bytes(qtype, n_cols)), in llama.cpp's layout.
 
-    Q8_0, Q4_0 and the K formats search each block's scale (and min) for the least weighted
-    error; `search=False` rounds to nearest against the max-based scale instead (faster; for
-    Q8_0 and Q4_0 byte for byte ggml's reference quantizer).
+    Q8_0, Q4_0 and the K formats search each block's scale (and min) for the least squared
+    error, weighted per column by `importance` (n_cols,) when given; `search=False` rounds to
+    nearest against the max-based scale instead (faster; for Q8_0 and Q4_0 byte for byte ggml's
+    reference quantizer; importance is then ignored, as it is by the other formats).
     """
     qtype, f = _format(qtype)
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -568,7 +600,14 @@ def quantize(x: np.ndarray, qtype: T, *, search: bool = True) -> np.ndarray:
     out = np.zeros(len(xb), f.dtype)
     step = _CHUNK * QK_K // f.qk
     encode = f.quant if search or f.rtn is None else f.rtn
+    wb = None  # the importance of each block's weights: row-major blocks cycle over the columns
+    if importance is not None and search and f.weighted:
+        wb = importance_weights(importance, x.shape[-1]).reshape(-1, f.qk)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         for i in range(0, len(xb), step):
-            encode(xb[i : i + step], out[i : i + step])
+            if wb is None:
+                encode(xb[i : i + step], out[i : i + step])
+            else:
+                n = len(xb[i : i + step])
+                encode(xb[i : i + step], out[i : i + step], wb[np.arange(i, i + n) % len(wb)])
     return out.view(np.uint8).reshape(*x.shape[:-1], nb)

@@ -31,6 +31,13 @@ CACHE = Path(os.environ.get("CLAW_TRAINED_CACHE",
 RECIPE = 2  # bump when training or conversion changes (the cache key: text, SETTINGS, this)
 SETTINGS = dict(vocab=512, dim=256, layers=2, heads=4, kv_heads=2, ffn=512, seq=64, batch=16,
                 steps=200, lr=3e-3, seed=0)
+# bench only (bench/bench_quant.py --model large; never `make test`): a 3-layer width-512 Llama
+# (GQA 8/2, FFN 1024, 7.2 M weights, every row a multiple of 256 so K-quants apply; sized to
+# train in ~10 min on the shared 2 cores), with three licences held out so the evaluation has
+# ~3x the tokens and perplexity a smaller error
+LARGE_SETTINGS = dict(vocab=512, dim=512, layers=3, heads=8, kv_heads=2, ffn=1024, seq=128,
+                      batch=16, steps=200, lr=2e-3, seed=0,
+                      held_out=["GPL-2", "LGPL-2.1", "GFDL-1.2"])
 
 
 @dataclass(frozen=True)
@@ -66,15 +73,18 @@ def trained_or_skip() -> TrainedModel:
     return trained_model()
 
 
-def _texts() -> tuple[str, str]:
-    train = "\n\n".join((LICENSES / f).read_text(encoding="utf-8") for f in TRAIN_FILES)
-    return train, (LICENSES / EVAL_FILE).read_text(encoding="utf-8")
+def _texts(held_out: list[str]) -> tuple[str, str]:
+    read = [f for f in (*TRAIN_FILES, EVAL_FILE) if f not in held_out]
+    train = "\n\n".join((LICENSES / f).read_text(encoding="utf-8") for f in read)
+    return train, "\n\n".join((LICENSES / f).read_text(encoding="utf-8") for f in held_out)
 
 
-def trained_model() -> TrainedModel:
-    """The cached model, trained first when missing (a partial run leaves nothing behind)."""
-    train, held_out = _texts()
-    key = hashlib.sha256(json.dumps({**SETTINGS, "recipe": RECIPE}, sort_keys=True).encode()
+def trained_model(settings: dict | None = None) -> TrainedModel:
+    """The cached model, trained first when missing (a partial run leaves nothing behind).
+    `settings`: SETTINGS (the default, what tests use) or LARGE_SETTINGS (the bench's)."""
+    s = settings or SETTINGS
+    train, held_out = _texts(s.get("held_out", [EVAL_FILE]))
+    key = hashlib.sha256(json.dumps({**s, "recipe": RECIPE}, sort_keys=True).encode()
                          + train.encode()).hexdigest()[:16]
     folder = CACHE / key
     if not (folder / "done.json").is_file():
@@ -83,10 +93,10 @@ def trained_model() -> TrainedModel:
 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        loss = _train(tmp, train)
+        loss = _train(tmp, train, s)
         (tmp / "eval.txt").write_text(held_out, encoding="utf-8")
         (tmp / "calibration.txt").write_text(train[-6000:], encoding="utf-8")
-        (tmp / "done.json").write_text(json.dumps({"final_loss": loss, **SETTINGS}))
+        (tmp / "done.json").write_text(json.dumps({"final_loss": loss, **s}))
         shutil.rmtree(folder, ignore_errors=True)
         tmp.replace(folder)
     done = json.loads((folder / "done.json").read_text())
@@ -94,14 +104,14 @@ def trained_model() -> TrainedModel:
                         folder / "eval.txt", folder / "calibration.txt", done["final_loss"])
 
 
-def _tokenizer(folder: Path, text: str):
+def _tokenizer(folder: Path, text: str, vocab: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=SETTINGS["vocab"], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab, show_progress=False,
                                   special_tokens=["<|bos|>", "<|eos|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(text.split("\n\n"), trainer)
@@ -111,7 +121,7 @@ def _tokenizer(folder: Path, text: str):
     return tok
 
 
-def _train(out: Path, text: str) -> float:
+def _train(out: Path, text: str, s: dict) -> float:
     """Train, save the HF directory and the two GGUF files into `out`; the last loss."""
     import numpy as np
     import torch
@@ -120,10 +130,9 @@ def _train(out: Path, text: str) -> float:
 
     from runtime.convert import convert, tokenizer_metadata
 
-    s = SETTINGS
     hf = out / "hf"
     hf.mkdir()
-    tok = _tokenizer(hf, text)
+    tok = _tokenizer(hf, text, s["vocab"])
     ids = np.array(tok.encode(text).ids, dtype=np.int64)
     bos, eos = tok.token_to_id("<|bos|>"), tok.token_to_id("<|eos|>")
     torch.manual_seed(s["seed"])
@@ -161,9 +170,9 @@ def _train(out: Path, text: str) -> float:
     return float(loss.detach())
 
 
-if __name__ == "__main__":  # make the cache ahead of a test run: python -m tests.trained_model
+if __name__ == "__main__":  # make the cache ahead of a run: python -m tests.trained_model [large]
     import time
 
     t = time.perf_counter()
-    m = trained_model()
+    m = trained_model(LARGE_SETTINGS if sys.argv[1:] == ["large"] else None)
     print(f"{m.hf_dir.parent} loss {m.final_loss:.3f} ({time.perf_counter() - t:.0f} s)")

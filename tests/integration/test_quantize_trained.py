@@ -1,7 +1,8 @@
 """Mixed-precision quantization on a model that has learned something (tests/trained_model.py:
 a tiny Llama trained on licence texts, cached): the plan meets its size target, perplexity on
 held-out text stays within the stated bound of the F16 model, mixed is closer to F16 than
-uniform at the same size, and llama.cpp loads our file and agrees with us on it."""
+uniform at the same size, and llama.cpp loads our file (its block scales fitted with the
+calibration text's importance matrix, the default) and agrees with us on it."""
 
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ def test_trained_model_has_learned(trained, f16_ppl):
 
 def test_fifth_of_f32_within_bound_of_f16(trained, mixed, f16_ppl):
     out, limit, plan = mixed
+    assert plan["imatrix"] is True  # --calibration: the importance-weighted encoders
     assert out.stat().st_size == plan["file_bytes"] <= limit
     assert out.stat().st_size / trained.f32.stat().st_size <= 0.2
     ours = evaluate(str(out), trained.eval_text.read_text(), n_ctx=CTX,
@@ -65,12 +67,22 @@ def test_mixed_beats_uniform_at_the_same_size(trained, tmp_path, qtype):
     """At the bytes of a uniform file, mixed is closer to F16 (KL, the measure llama.cpp
     recommends for quantization); perplexity differences here are below its own error
     (±0.7 on ~28), so it is held to the uniform file's within 0.25 %."""
-    from runtime.mixed_quant import open_float_source, quantize_model, uniform_types, write
+    from runtime.mixed_quant import (
+        imatrix_metadata,
+        open_float_source,
+        quantize_model,
+        uniform_types,
+        write,
+    )
 
     text = trained.eval_text.read_text()
     src = open_float_source(trained.f16, tmp_path)
     weights = {n: r.to_float32() for n, r in src.tensors.items()}
-    uniform = write(src, weights, uniform_types(src, qtype), tmp_path / "uniform.gguf")
+    # the same quantize.imatrix.* keys as the mixed file, so the header is no excuse: at the
+    # Q4_0 size, every tensor at its smallest type is exactly the uniform file's bytes
+    extra = imatrix_metadata(trained.calibration_text.name, dict.fromkeys(range(15)))
+    uniform = write(src, weights, uniform_types(src, qtype), tmp_path / "uniform.gguf",
+                    extra=extra)
     mixed = tmp_path / "mixed.gguf"
     quantize_model(trained.f16, mixed, max_bytes=uniform.stat().st_size,
                    calibration=trained.calibration_text)
@@ -80,6 +92,37 @@ def test_mixed_beats_uniform_at_the_same_size(trained, tmp_path, qtype):
     assert m.kl_mean < u.kl_mean, (m.kl_mean, u.kl_mean)
     assert m.top1_agree >= u.top1_agree
     assert m.ppl <= u.ppl * 1.0025, (m.ppl, u.ppl)
+
+
+def test_importance_weighting_lowers_the_weighted_error_on_trained_weights(trained, tmp_path):
+    """The importance matrix of the calibration text, on every matrix of the trained model that
+    has one, in every searched type its rows allow: the weighted fit's error weighted by that
+    importance (what the matrix's output error is, to first order) is below the unweighted
+    fit's, summed over the matrices of each type."""
+    from runtime import quant
+    from runtime.mixed_quant import (
+        calibration_ids,
+        float_weights,
+        importance_matrix,
+        open_float_source,
+    )
+
+    src = open_float_source(trained.f16, tmp_path)
+    weights = float_weights(src)
+    ids = calibration_ids(src, trained.calibration_text.read_text(), CTX, "calibration")
+    imp = importance_matrix(src, weights, ids)
+    assert len(imp) == 15  # 2 layers x 7 matrices and the output head; the embedding is looked up
+    for qtype in (T.Q8_0, T.Q6_K, T.Q5_K, T.Q4_K, T.Q4_0):
+        err = np.zeros(2)
+        for name, w in imp.items():
+            x = weights[name]
+            if x.shape[1] % quant.block_shape(qtype)[0]:
+                continue
+            for k, importance in enumerate((None, w)):
+                y = quant.dequantize(quant.quantize(x, qtype, importance=importance), qtype,
+                                     x.shape)
+                err[k] += float(np.sum(w * (y.astype(np.float64) - x) ** 2))
+        assert err[1] < 0.97 * err[0], (qtype.name, err)
 
 
 def test_scale_search_loses_less_than_round_to_nearest_on_trained_weights(trained, tmp_path):
@@ -112,7 +155,7 @@ def test_llama_cpp_loads_our_mixed_file_and_agrees(trained, mixed):
         pytest.skip(f"llama-cpp-python is not built in {tm.CACHE.parent / 'llamacpp-venv'} "
                     "(bench/compare_llamacpp.py builds it)")
     out, _, plan = mixed
-    assert len({t["type"] for t in plan["tensors"]}) > 1
+    assert len({t["type"] for t in plan["tensors"]}) > 1 and plan["imatrix"] is True
     ours = Model(out, backend="numpy")
     prompt = trained.eval_text.read_text()[:300]
     ids = ours.tokenize(prompt, parse_special=False)[:64]

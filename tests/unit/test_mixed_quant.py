@@ -150,7 +150,12 @@ def test_quantize_meets_the_bpw_target_and_writes_a_gguf_we_load(models, tmp_pat
     assert r.code == 0, r.err
     plan = json.loads(r.out)
     assert plan["bpw"] <= 6 and plan["bpw"] > 5  # spends the budget, does not exceed it
+    # the importance matrix averages over all the calibration text, not the 32 tokens of the
+    # sensitivity runs
+    assert plan["imatrix"] is True and plan["imatrix_source"].startswith("calibration.txt, ")
+    assert int(plan["imatrix_source"].split(", ")[1].split()[0]) > 32
     src = open_model(out)
+    assert src.metadata["quantize.imatrix.dataset"] == "calibration.txt"
     assert out.stat().st_size == plan["file_bytes"]  # the plan knows the file's size exactly
     tensor_bytes = sum(ref.nbytes for ref in src.tensors.values())
     assert tensor_bytes == plan["tensor_bytes"]
@@ -168,9 +173,10 @@ def test_quantize_meets_the_bpw_target_and_writes_a_gguf_we_load(models, tmp_pat
     # a Hugging Face directory and --max-bytes, plan only: nothing written
     r = claw("runtime", "quantize", str(folder), str(tmp_path / "no.gguf"), "--max-bytes",
              str(out.stat().st_size), "--calibration", str(text), "--calibration-tokens", "32",
-             "--plan-only")
+             "--plan-only", "--no-imatrix")
     assert r.code == 0, r.err
     assert "bits/weight" in r.out and "blk.0.ffn_down.weight" in r.out
+    assert "importance matrix: none" in r.out
     assert not (tmp_path / "no.gguf").exists()
 
     r = claw("runtime", "eval", str(out), "--text", str(text), "--base", str(files[T.F16]),
@@ -178,6 +184,35 @@ def test_quantize_meets_the_bpw_target_and_writes_a_gguf_we_load(models, tmp_pat
     assert r.code == 0, r.err
     ev = json.loads(r.out)
     assert ev["windows"] >= 1 and ev["ppl"] > 1 and 0 <= ev["kl_mean"] < 0.5
+
+
+def test_importance_matrix_is_the_mean_square_of_the_real_activations(models, tmp_path):
+    """The recorded importance of the first attention projections is the mean squared entry of
+    their real input (the normed embeddings, computed here by hand), the three share it, and a
+    column fed 10x larger inputs (its norm weight scaled) gets 100x the importance while the
+    others keep theirs."""
+    from runtime.backends.numpy_backend import rms_norm
+    from runtime.mixed_quant import float_weights, importance_matrix, open_float_source
+
+    _, files, text = models
+    src = open_float_source(files[T.F16], tmp_path)
+    weights = float_weights(src)
+    ids = src.load_tokenizer().encode(text.read_text()[:400], parse_special=False)[:48]
+    imp = importance_matrix(src, weights, ids)
+    assert "token_embd.weight" not in imp or src.config.tied_embeddings  # looked up only
+    assert {"blk.0.attn_q.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight"} <= set(imp)
+    x = np.concatenate([src.tensors["token_embd.weight"].rows(t, t + 1) for t in ids])
+    h = rms_norm(x, weights["blk.0.attn_norm.weight"], src.config.norm_eps).astype(np.float64)
+    np.testing.assert_allclose(imp["blk.0.attn_q.weight"], (h * h).mean(axis=0), rtol=1e-4)
+    assert np.array_equal(imp["blk.0.attn_q.weight"], imp["blk.0.attn_v.weight"])
+    assert imp["blk.0.ffn_down.weight"].shape == (weights["blk.0.ffn_down.weight"].shape[1],)
+
+    louder = dict(weights)
+    louder["blk.0.attn_norm.weight"] = weights["blk.0.attn_norm.weight"].copy()
+    louder["blk.0.attn_norm.weight"][7] *= 10
+    ratio = importance_matrix(src, louder, ids)["blk.0.attn_q.weight"] / imp["blk.0.attn_q.weight"]
+    assert ratio[7] == pytest.approx(100, rel=1e-3)
+    assert np.allclose(np.delete(ratio, 7), 1, rtol=1e-4)
 
 
 def test_bad_quantize_and_eval_input_is_one_line_and_exit_2(models, tmp_path, claw):

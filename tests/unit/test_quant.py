@@ -243,3 +243,35 @@ def test_scale_search_fixed_seed_figures():
     for qtype, want in measured.items():
         got = gguf.quants.dequantize(quant.quantize(x, qtype), qtype).reshape(x.shape)
         assert rel_rmse(got, x) == pytest.approx(want, rel=0.02), qtype.name
+
+
+def weighted_error(qtype: T, x: np.ndarray, w: np.ndarray, importance=None) -> float:
+    y = quant.dequantize(quant.quantize(x, qtype, importance=importance), qtype, x.shape)
+    return float(np.sum(w * (y.astype(np.float64) - x) ** 2))
+
+
+@pytest.mark.parametrize("qtype", SEARCHED, ids=lambda t: t.name)
+def test_importance_weighted_search_lowers_the_weighted_error(qtype):
+    """Columns of very unequal importance (log-normal, as squared activations are): fitting the
+    scales by weighted least squares loses less of the weighted error than the unweighted fit
+    (measured 21-30 % less on this input), and costs little of the plain error."""
+    x = normal(64, 512, seed=9)
+    imp = np.exp(1.5 * np.random.default_rng(10).standard_normal(512))
+    plain, weighted = (weighted_error(qtype, x, imp, i) for i in (None, imp))
+    assert weighted < 0.9 * plain, (weighted, plain)
+    ones = np.ones(512)
+    assert weighted_error(qtype, x, ones, imp) < 1.5 * weighted_error(qtype, x, ones)
+
+
+def test_importance_is_checked_and_ignored_where_no_search_uses_it():
+    x = normal(4, 256, seed=11)
+    for bad in (np.ones(255), -np.ones(256), np.full(256, np.nan)):
+        with pytest.raises(quant.QuantError, match="256 finite non-negative"):
+            quant.quantize(x, T.Q4_K, importance=bad)
+    imp = np.linspace(0, 5, 256)
+    assert np.array_equal(quant.quantize(x, T.Q4_1, importance=imp), quant.quantize(x, T.Q4_1))
+    assert np.array_equal(quant.quantize(x, T.Q4_0, search=False, importance=imp),
+                          quant.quantize(x, T.Q4_0, search=False))
+    # all-zero importance (no calibration token reached the matrix): the unweighted fit
+    assert np.array_equal(quant.quantize(x, T.Q6_K, importance=np.zeros(256)),
+                          quant.quantize(x, T.Q6_K, importance=np.ones(256)))
