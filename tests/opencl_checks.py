@@ -2,8 +2,9 @@
 device: PoCL's CPU device in tests/integration, a GPU in the `gpu` tier.
 
 Tolerances (float32 throughout): matmuls |ours - numpy| ≤ 1e-5 · Σ|w||x| per output (rounding
-order of the dot product only: both read the same quantized weights, and a wrong nibble or scale
-is off by ~1e-1); embedding rows bit-exact; RMSNorm, RoPE, SwiGLU, softmax ≤ 1e-5 relative;
+order of the dot product only: both read the same quantized weights and, for Q4_0/Q8_0 weights,
+round x to the same Q8_0 blocks (weight_stream.weight_input); a wrong nibble or scale is off by
+~1e-1); embedding rows bit-exact; RMSNorm, RoPE, SwiGLU, softmax ≤ 1e-5 relative;
 attention ≤ 1e-5; argmax/top-k exact.
 """
 
@@ -17,6 +18,7 @@ from gguf import GGMLQuantizationType as T
 from runtime.backends.numpy_backend import apply_rope, rms_norm, silu, softmax
 from runtime.backends.opencl_device import NoDevice, find_device
 from runtime.backends.opencl_kernels import Kernels
+from runtime.backends.weight_stream import weight_input
 from runtime.quant import dequantize, quantize
 
 MATMUL_TYPES = [T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
@@ -49,6 +51,7 @@ def check_matmul(kern: Kernels, qtype: T, n_tok: int, rows: int = 37, cols: int 
     y0 = RNG.standard_normal((n_tok, rows)).astype(np.float32)
     y = kern.upload(y0)
     kern.matmul(m, kern.upload(x), y, n_tok, accumulate=True)
+    x = weight_input(x, qtype)  # what numpy multiplies (Q8_0-rounded for Q4_0/Q8_0)
     ours, ref = kern.read(y, (n_tok, rows)), y0 + x @ wd.T
     bound = 1e-5 * (np.abs(x) @ np.abs(wd).T) + 1e-6
     assert (np.abs(ours - ref) <= bound).all(), f"{qtype.name}: {np.abs(ours - ref).max()}"
@@ -155,14 +158,17 @@ def check_fused_decode(kern: Kernels, qtype: T) -> None:
         np.zeros(64, np.float32))
     up = (kern.upload_matrix(r, qtype, (n, cols)) for r, n in ((rq, nq), (rk, nk), (rv, nk)))
     kern.matmul_qkv(*up, kern.upload(x), q, kc, vc, off)
+    x = weight_input(x[None], qtype)[0]
     for buf, w, at in ((q, wq, 0), (kc, wk, off), (vc, wv, off)):
         got = kern.read(buf, (at + len(w),))[at:]
         bound = 1e-5 * (np.abs(w) @ np.abs(x)) + 1e-6
         assert (np.abs(got - w @ x) <= bound).all(), f"{qtype.name} qkv"
     (rg, wg), (ru, wu) = weights(qtype, 70, cols), weights(qtype, 70, cols)
+    xs = RNG.standard_normal(cols).astype(np.float32)
+    x = weight_input(xs[None], qtype)[0]
     gate, scratch = kern.empty(4 * 70), kern.empty(4 * 70)
     kern.matmul_glu(kern.upload_matrix(rg, qtype, (70, cols)),
-                    kern.upload_matrix(ru, qtype, (70, cols)), kern.upload(x), gate, scratch)
+                    kern.upload_matrix(ru, qtype, (70, cols)), kern.upload(xs), gate, scratch)
     g, u = wg @ x, wu @ x  # each product's bound carried through silu (slope < 1.1) times u
     bound = 1e-5 * (1.1 * (np.abs(wg) @ np.abs(x)) * np.abs(u) + (np.abs(wu) @ np.abs(x))
                     * np.abs(silu(g))) + 1e-5
@@ -178,7 +184,8 @@ def check_split_weights(kern: Kernels, qtype: T = T.Q4_0) -> None:
     for n_tok in (1, 3):
         y = kern.empty(4 * n_tok * 50)
         kern.matmul(m, kern.upload(x[:n_tok]), y, n_tok)
-        np.testing.assert_allclose(kern.read(y, (n_tok, 50)), x[:n_tok] @ wd.T, rtol=1e-4,
+        ref = weight_input(x[:n_tok], qtype) @ wd.T
+        np.testing.assert_allclose(kern.read(y, (n_tok, 50)), ref, rtol=1e-4,
                                    atol=1e-4)
 
 

@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as T
 
 from runtime.backends.opencl_device import Device
 from runtime.backends.opencl_programs import ProgramCache
+from runtime.backends.weight_stream import Q8_ACTIVATION_TYPES
 from runtime.quant import row_bytes
 
 FORMATS = {T.F32: "f32", T.F16: "f16", T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4_1",
@@ -66,6 +67,7 @@ class Kernels:
         self._kernels: dict[str, Any] = {}
         self.host_pointer_bytes = 0  # weight bytes wrapped in place, not copied
         self.uploaded_bytes = 0  # bytes copied to the device (weights, tables), never freed
+        self._q8: tuple[int, Any, Any] = (0, None, None)  # (values it holds, XQ, XD) scratch
 
     def k(self, program: Any, name: str) -> Any:
         """A kernel object, made once (pyopencl makes a new one on each attribute access)."""
@@ -124,10 +126,47 @@ class Kernels:
 
     # --- kernels --------------------------------------------------------------------------
 
+    def quantize_q8(self, x: Any, n_cols: int, n_tok: int) -> tuple[Any, Any]:
+        """x (n_tok, n_cols) rounded to Q8_0 blocks in a reused scratch: (int8 values, float32
+        scale per 32), what the q* kernels of Q4_0/Q8_0 weights read (numpy: q8_activations).
+        The in-order queue keeps one matmul's scratch from being overwritten by the next."""
+        n = n_cols * n_tok
+        if n > self._q8[0]:
+            self._q8 = (n, self.empty(n), self.empty(4 * (n // 32)))
+        _, xq, xd = self._q8
+        self.k(self.mm, "quantize_q8")(self.queue, (n_cols // 32, n_tok), None, x, xq, xd,
+                                       np.int32(n_cols))
+        return xq, xd
+
+    def _qmatmul(self, w: DeviceMatrix, x: Any, y: Any, n_tok: int, stride: int, y_off: int,
+                 accumulate: bool) -> None:
+        """matmul() for Q4_0/Q8_0 weights: int8 activations, integer dot products per block
+        (one row per work-item on every device; the LWS > 1 shape has no int8 variant yet)."""
+        p, name = self.params, FORMATS[w.qtype]
+        xq, xd = self.quantize_q8(x, w.n_cols, n_tok)
+        for r0, n, buf in w.parts:
+            rows = math.ceil(n / p.RPW) * p.RPW
+            if n_tok == 1:
+                self.k(self.mm, f"qgemv_{name}")(
+                    self.queue, (rows,), (p.RPW,), buf, xq, xd, y, np.int32(w.n_cols),
+                    np.int32(n), np.int32(w.row_bytes), np.int32(y_off + r0),
+                    np.int32(accumulate))
+            else:
+                tile = 8 if p.TT == 8 else 4  # matmul.cl's TILE_N
+                self.k(self.mm, f"qgemm_{name}")(
+                    self.queue, (rows, math.ceil(n_tok / tile)), (p.RPW, 1), buf, xq, xd, y,
+                    np.int32(w.n_cols), np.int32(n), np.int32(n_tok), np.int32(w.row_bytes),
+                    np.int32(stride), np.int32(y_off + r0), np.int32(accumulate))
+
     def matmul(self, w: DeviceMatrix, x: Any, y: Any, n_tok: int, *, y_stride: int | None = None,
                y_off: int = 0, accumulate: bool = False) -> None:
-        """y[t, :] (+)= W x[t] for t < n_tok; x is (n_tok, n_cols), y rows of y_stride."""
+        """y[t, :] (+)= W x[t] for t < n_tok; x is (n_tok, n_cols), y rows of y_stride.
+        Like llama.cpp, Q4_0/Q8_0 weights multiply x rounded to Q8_0 blocks (_qmatmul)."""
         p = self.params
+        if w.qtype in Q8_ACTIVATION_TYPES:
+            self._qmatmul(w, x, y, n_tok, w.n_rows if y_stride is None else y_stride, y_off,
+                          accumulate)
+            return
         if n_tok == 1 and p.LWS == 1:  # CPU-style: one work-item per row
             kernel = self.k(self.mm, f"gemv_{FORMATS[w.qtype]}")
             for r0, n, buf in w.parts:
@@ -169,6 +208,14 @@ class Kernels:
             self.matmul(wv, x, vc, 1, y_off=kv_off)
             return
         rpw, rows = self.params.RPW, wq.n_rows + 2 * wk.n_rows
+        if wq.qtype in Q8_ACTIVATION_TYPES:
+            xq, xd = self.quantize_q8(x, wq.n_cols, 1)
+            self.k(self.mm, f"qgemv_qkv_{FORMATS[wq.qtype]}")(
+                self.queue, (math.ceil(rows / rpw) * rpw,), (rpw,), wq.parts[0][2],
+                wk.parts[0][2], wv.parts[0][2], xq, xd, q, kc, vc, np.int32(wq.n_cols),
+                np.int32(wq.n_rows), np.int32(wk.n_rows), np.int32(wq.row_bytes),
+                np.int32(kv_off))
+            return
         self.k(self.mm, f"gemv_qkv_{FORMATS[wq.qtype]}")(
             self.queue, (math.ceil(rows / rpw) * rpw,), (rpw,), wq.parts[0][2], wk.parts[0][2],
             wv.parts[0][2], x, q, kc, vc, np.int32(wq.n_cols), np.int32(wq.n_rows),
@@ -183,6 +230,13 @@ class Kernels:
             self.swiglu(gate, up, wg.n_rows)
             return
         rpw = self.params.RPW
+        if wg.qtype in Q8_ACTIVATION_TYPES:
+            xq, xd = self.quantize_q8(x, wg.n_cols, 1)
+            self.k(self.mm, f"qgemv_glu_{FORMATS[wg.qtype]}")(
+                self.queue, (math.ceil(wg.n_rows / rpw) * rpw,), (rpw,), wg.parts[0][2],
+                wu.parts[0][2], xq, xd, gate, np.int32(wg.n_cols), np.int32(wg.n_rows),
+                np.int32(wg.row_bytes))
+            return
         self.k(self.mm, f"gemv_glu_{FORMATS[wg.qtype]}")(
             self.queue, (math.ceil(wg.n_rows / rpw) * rpw,), (rpw,), wg.parts[0][2],
             wu.parts[0][2], x, gate, np.int32(wg.n_cols), np.int32(wg.n_rows),
