@@ -18,8 +18,16 @@ from gguf import GGMLQuantizationType as T
 from runtime.backends.numpy_backend import apply_rope, rms_norm, silu, softmax
 from runtime.backends.opencl_device import NoDevice, find_device
 from runtime.backends.opencl_kernels import Kernels
-from runtime.backends.weight_stream import weight_input
+from runtime.backends.weight_stream import q8_activations, weight_input
 from runtime.quant import dequantize, quantize
+
+# Whole-model logits where Q4_0/Q8_0 products round their inputs to Q8_0 blocks: an input that
+# two correct implementations compute a float rounding apart can land on either side of a
+# rounding midpoint and move by one step (max|x|/127), so their logits differ by up to a few
+# 1e-3 (measured 1.3e-4..2.1e-3 OpenCL vs numpy, 3.9e-3..4.6e-3 numpy vs float transformers on
+# the tiny models), not 1e-5; a wrong nibble or scale moves them by ~1e-1. Greedy tokens still
+# have to be identical.
+INT8_LOGIT_TOL = 1e-2
 
 MATMUL_TYPES = [T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 RNG = np.random.default_rng(7)
@@ -73,6 +81,36 @@ def check_rms_norm(kern: Kernels) -> None:
     kern.rms_norm(kern.upload(x), kern.upload(w), out, 300, 5, 1e-5)
     np.testing.assert_allclose(kern.read(out, x.shape), rms_norm(x, w, 1e-5), rtol=1e-5,
                                atol=1e-6)
+
+
+def q8_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """numpy's Q8_0 rounding of x's rows (weight_stream.q8_activations) as (int8 q, d)."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    d = np.max(np.abs(blocks), axis=-1) / np.float32(127)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    q = np.rint(blocks * inv[..., None]).astype(np.int8).reshape(x.shape)
+    assert np.array_equal(q * np.repeat(d, 32, axis=1), q8_activations(x))
+    return q, d
+
+
+def check_q8_activations(kern: Kernels) -> None:
+    """quantize_q8 and rms_norm_q8 round to exactly numpy's int8 values and scales (an all-zero
+    block, values at the half-way points of the rounding, and a wide spread)."""
+    x = (RNG.standard_normal((3, 256)) * np.logspace(-3, 3, 256)).astype(np.float32)
+    x[1, 32:64] = 0.0
+    x[2, :32] = np.arange(32) - 15.5  # d = 16.5/127: some x/d land near .5
+    xq, xd = kern.quantize_q8(kern.upload(x), 256, 3)
+    q, d = q8_reference(x)
+    assert np.array_equal(kern.read(xq, x.shape, np.int8), q)
+    assert np.array_equal(kern.read(xd, d.shape), d)
+    w = RNG.standard_normal(256).astype(np.float32)
+    out = kern.empty(x.nbytes)
+    xq, xd = kern.rms_norm(kern.upload(x), kern.upload(w), out, 256, 3, 1e-5, q8=True)
+    normed = kern.read(out, x.shape)
+    np.testing.assert_allclose(normed, rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+    q, d = q8_reference(normed)  # exactly what quantize_q8 makes of the normed rows
+    assert np.array_equal(kern.read(xq, x.shape, np.int8), q)
+    assert np.array_equal(kern.read(xd, d.shape), d)
 
 
 def check_rope(kern: Kernels, style: str) -> None:

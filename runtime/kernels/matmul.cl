@@ -420,8 +420,8 @@ FORMAT(q6_k)
 
 // ---- Q4_0 and Q8_0 weights with int8 activations (llama.cpp's vec_dot_q4_0_q8_0 and
 // vec_dot_q8_0_q8_0) ----
-// The activations are rounded once per matmul input to Q8_0 blocks (quantize_q8: int8 values
-// XQ and a float32 scale XD per 32), then each block of a row is an integer dot product of 32
+// The activations are rounded once per matmul input to Q8_0 blocks (ops.cl's quantize_q8 or
+// rms_norm_q8: int8 values XQ and a float32 scale XD per 32), then each block of a row is an integer dot product of 32
 // int8 x int8 products (exact) scaled once by d_w * d_x. numpy's reference does the same
 // rounding (runtime/backends/weight_stream.py, q8_activations) and multiplies in float32, so the
 // two differ by float summation order only.
@@ -429,22 +429,6 @@ FORMAT(q6_k)
 // instructions llama.cpp uses, through clang's target builtins (PoCL's LLVM turns no portable
 // OpenCL C into them: it emits 32-bit multiplies); everywhere else plain char/short arithmetic
 // (OpenCL 1.2, no cl_khr_integer_dot_product needed).
-
-// XQ[t, k] = rint(X[t, k] * (1 / d)) with d = max |X[t, block]| / 127, XD[t, block] = d.
-// Global (n_cols / 32, n_tok).
-kernel void quantize_q8(const global float* X, global char* XQ, global float* XD, int n_cols) {
-    const int c = get_global_id(0), t = get_global_id(1);
-    const global float8* x = (const global float8*)(X + (size_t)t * n_cols) + 4 * c;
-    const float8 x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
-    const float8 m8 = fmax(fmax(fabs(x0), fabs(x1)), fmax(fabs(x2), fabs(x3)));
-    const float4 m4 = fmax(m8.lo, m8.hi);
-    const float2 m2 = fmax(m4.lo, m4.hi);
-    const float d = fmax(m2.x, m2.y) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-    global char8* q = (global char8*)(XQ + (size_t)t * n_cols) + 4 * c;
-    q[0] = convert_char8(rint(x0 * id)); q[1] = convert_char8(rint(x1 * id));
-    q[2] = convert_char8(rint(x2 * id)); q[3] = convert_char8(rint(x3 * id));
-    XD[(size_t)t * (n_cols / 32) + c] = d;
-}
 
 #if defined(__AVX2__) && UNALIGNED
 // A chunk's 32 int8 weights in one 256-bit register.
@@ -454,10 +438,20 @@ typedef char v16qi __attribute__((vector_size(16)));
 typedef char v16qi_u __attribute__((vector_size(16), aligned(1)));
 typedef short v16hi __attribute__((vector_size(32)));
 typedef v32qi wq_t;
+#ifdef __F16C__
+typedef short v8hi __attribute__((vector_size(16)));
+// A block's f16 scale in one vcvtph2ps (f16() above is ~12 scalar instructions and a branch).
+inline float dq_scale(blk_t b) {
+    const v8hi h = {*(const global short*)b, 0, 0, 0, 0, 0, 0, 0};
+    return __builtin_ia32_vcvtph2ps(h)[0];
+}
+#else
+inline float dq_scale(blk_t b) { return f16(b, 0); }
+#endif
 inline float DQI_q8_0(blk_t row, int c, wq_t* w) {
     blk_t b = row + c * 34;
     *w = *(const global v32qi_u*)(b + 2);
-    return f16(b, 0);
+    return dq_scale(b);
 }
 inline float DQI_q4_0(blk_t row, int c, wq_t* w) {
     blk_t b = row + c * 18;
@@ -465,7 +459,7 @@ inline float DQI_q4_0(blk_t row, int c, wq_t* w) {
     const v16qi lo = (q & (char)15) - (char)8, hi = ((q >> 4) & (char)15) - (char)8;
     *w = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
                                  16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
-    return f16(b, 0);
+    return dq_scale(b);
 }
 // llama.cpp's mul_sum_i8_pairs: |w| (unsigned) times x with w's sign (signed) in pmaddubsw (a
 // pair sums to at most 2 * 128 * 127, no saturation: |x| <= 127), pairs of pairs in pmaddwd.
