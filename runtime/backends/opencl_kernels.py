@@ -144,13 +144,18 @@ class Kernels:
 
     def _qmatmul(self, w: DeviceMatrix, x: Any, y: Any, n_tok: int, stride: int, y_off: int,
                  accumulate: bool, q8: Q8 | None) -> None:
-        """matmul() for Q4_0/Q8_0 weights: int8 activations, integer dot products per block
-        (one row per work-item on every device; the LWS > 1 shape has no int8 variant yet)."""
+        """matmul() for Q4_0/Q8_0 weights: int8 activations, integer dot products per block.
+        Decode: LWS work-items a row (GPUs) or one (CPUs); prefill: a token tile per row."""
         p, name = self.params, FORMATS[w.qtype]
         xq, xd = q8 or self.quantize_q8(x, w.n_cols, n_tok)
         for r0, n, buf in w.parts:
             rows = math.ceil(n / p.RPW) * p.RPW
-            if n_tok == 1:
+            if n_tok == 1 and p.LWS > 1:
+                self.k(self.mm, f"qmatmul_{name}_vec")(
+                    self.queue, (rows * p.LWS,), (p.RPW * p.LWS,), buf, xq, xd, y,
+                    np.int32(w.n_cols), np.int32(n), np.int32(1), np.int32(w.row_bytes),
+                    np.int32(stride), np.int32(y_off + r0), np.int32(accumulate))
+            elif n_tok == 1:
                 self.k(self.mm, f"qgemv_{name}")(
                     self.queue, (rows,), (p.RPW,), buf, xq, xd, y, np.int32(w.n_cols),
                     np.int32(n), np.int32(w.row_bytes), np.int32(y_off + r0),

@@ -565,6 +565,30 @@ kernel void qgemm_##T(blk_t W, const global char* XQ, const global float* XD,   
     GEMM_TILE(GEMM_STORE)                                                                      \
 }
 
-#define QFORMAT(T) QGEMV_KERNEL(T) QGEMV_QKV_KERNEL(T) QGEMV_GLU_KERNEL(T) QGEMM_KERNEL(T)
+// Decode on devices tuned to LWS > 1 (GPUs): LWS work-items share a row, as matmul_<T>_vec, so
+// that neighbouring work-items read neighbouring blocks. Global (LWS * rows rounded up to
+// RPW), local (LWS * RPW).
+#define QMATMUL_VEC_KERNEL(T)                                                                  \
+kernel void qmatmul_##T##_vec(blk_t W, const global char* XQ, const global float* XD,         \
+                              global float* Y, int n_cols, int n_rows, int n_tok,              \
+                              int row_bytes, int y_stride, int y_off, int accumulate) {        \
+    const int lane = get_local_id(0) % LWS, lrow = get_local_id(0) / LWS;                     \
+    const int row = get_global_id(0) / LWS, t0 = 0;                                            \
+    float8 acc8 = 0.0f;                                                                        \
+    if (row < n_rows) {                                                                        \
+        blk_t wrow = W + (size_t)row * row_bytes;                                              \
+        for (int c = lane; c < n_cols / 32; c += LWS) {                                        \
+            wq_t w;                                                                            \
+            const float d = DQI_##T(wrow, c, &w) * XD[c];                                      \
+            acc8 += d * idot32(w, XQ + 32 * c);                                                \
+        }                                                                                      \
+    }                                                                                          \
+    float acc[1];                                                                              \
+    acc[0] = hsum8(acc8);                                                                      \
+    REDUCE_AND_STORE(1)                                                                        \
+}
+
+#define QFORMAT(T) QGEMV_KERNEL(T) QGEMV_QKV_KERNEL(T) QGEMV_GLU_KERNEL(T) QGEMM_KERNEL(T) \
+    QMATMUL_VEC_KERNEL(T)
 QFORMAT(q8_0)
 QFORMAT(q4_0)
