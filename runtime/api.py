@@ -122,6 +122,8 @@ class Model:
     def info(self) -> dict[str, Any]:
         cfg, src = self.config, self.source
         tok = self.tokenizer
+        from runtime.backends.weight_stream import Q8_ACTIVATION_TYPES
+
         return {
             "path": str(src.path), "format": src.format, "name": cfg.name, "arch": cfg.arch,
             "parameters": src.n_params(), "layers": cfg.n_layers, "dim": cfg.dim,
@@ -132,6 +134,8 @@ class Model:
                 "scaling": cfg.rope_scaling.kind},
             "tied_embeddings": cfg.tied_embeddings,
             "tensor_bytes": src.bytes_by_type(),
+            # like llama.cpp, products with these weights round their inputs to Q8_0 blocks
+            "q8_activation_types": sorted(t.name for t in Q8_ACTIVATION_TYPES),
             "tokenizer": None if tok is None else {
                 "kind": type(tok).__name__, "vocab_size": tok.vocab_size,
                 "bos_id": tok.bos_id, "eos_id": tok.eos_id},

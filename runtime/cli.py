@@ -62,7 +62,9 @@ def info(
                       else str(value))
     table.add_row("rope", ", ".join(f"{k} {v}" for k, v in data["rope"].items()))
     for qtype, nbytes in sorted(data["tensor_bytes"].items()):
-        table.add_row(f"{qtype} tensors", f"{nbytes / 2**20:,.2f} MiB")
+        table.add_row(f"{qtype} tensors", f"{nbytes / 2**20:,.2f} MiB" + (
+            ", products take Q8_0-rounded activations (as llama.cpp)"
+            if qtype in data["q8_activation_types"] else ""))
     tok = data["tokenizer"]
     table.add_row("tokenizer", "-" if tok is None else
                   f"{tok['kind']}, {tok['vocab_size']} tokens, bos {tok['bos_id']}, "

@@ -28,10 +28,19 @@ from runtime.backends.opencl_device import Device, find_device
 from runtime.backends.opencl_kernels import FORMATS, DeviceMatrix, Kernels, Params
 from runtime.backends.opencl_programs import ProgramCache
 from runtime.backends.opencl_tuning import load_params
+from runtime.backends.weight_stream import Q8_ACTIVATION_TYPES
 from runtime.config import ModelConfig
 from runtime.errors import ModelError
 from runtime.memory_plan import Plan
 from runtime.model_file import ModelSource
+
+
+def int8_input(layer: dict[str, Any], *names: str) -> bool:
+    """Whether one of these products rounds its input to Q8_0 (Q4_0/Q8_0 weights), so that
+    the RMSNorm before them writes the rounded copy too."""
+    return any(isinstance(m := layer.get(n), DeviceMatrix) and m.qtype in Q8_ACTIVATION_TYPES
+               for n in names)
+
 
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -213,14 +222,15 @@ class OpenCLBackend(Backend):
         kv_off = pos0 * KV * D
         for i in range(cfg.n_layers):
             w = self._enter(i)
-            k.rms_norm(self.x, w["attn_norm"], self.xn, C, n, cfg.norm_eps)
+            q8 = k.rms_norm(self.x, w["attn_norm"], self.xn, C, n, cfg.norm_eps,
+                            q8=int8_input(w, "attn_q", "attn_k", "attn_v"))
             if n == 1:
                 k.matmul_qkv(w["attn_q"], w["attn_k"], w["attn_v"], self.xn, self.q, cache.k[i],
-                             cache.v[i], kv_off)
+                             cache.v[i], kv_off, q8=q8)
             else:
-                k.matmul(w["attn_q"], self.xn, self.q, n)
-                k.matmul(w["attn_k"], self.xn, cache.k[i], n, y_off=kv_off)
-                k.matmul(w["attn_v"], self.xn, cache.v[i], n, y_off=kv_off)
+                k.matmul(w["attn_q"], self.xn, self.q, n, q8=q8)
+                k.matmul(w["attn_k"], self.xn, cache.k[i], n, y_off=kv_off, q8=q8)
+                k.matmul(w["attn_v"], self.xn, cache.v[i], n, y_off=kv_off, q8=q8)
             if cfg.qkv_bias:
                 k.add_bias(self.q, 0, w["attn_q.bias"], H * D, n)
                 k.add_bias(cache.k[i], kv_off, w["attn_k.bias"], KV * D, n)
@@ -230,12 +240,13 @@ class OpenCLBackend(Backend):
             k.rope(cache.k[i], kv_off, self.cos, self.sin, pos0, n, KV, D, cfg.rope_dim, neox)
             k.attention(self.q, cache.k[i], cache.v[i], self.att, self.part, n, H, KV, D, pos0)
             k.matmul(w["attn_output"], self.att, self.x, n, accumulate=True)
-            k.rms_norm(self.x, w["ffn_norm"], self.xn, C, n, cfg.norm_eps)
+            q8 = k.rms_norm(self.x, w["ffn_norm"], self.xn, C, n, cfg.norm_eps,
+                            q8=int8_input(w, "ffn_gate", "ffn_up"))
             if n == 1:
-                k.matmul_glu(w["ffn_gate"], w["ffn_up"], self.xn, self.gate, self.up)
+                k.matmul_glu(w["ffn_gate"], w["ffn_up"], self.xn, self.gate, self.up, q8=q8)
             else:
-                k.matmul(w["ffn_gate"], self.xn, self.gate, n)
-                k.matmul(w["ffn_up"], self.xn, self.up, n)
+                k.matmul(w["ffn_gate"], self.xn, self.gate, n, q8=q8)
+                k.matmul(w["ffn_up"], self.xn, self.up, n, q8=q8)
                 k.swiglu(self.gate, self.up, n * cfg.ffn_dim)
             k.matmul(w["ffn_down"], self.gate, self.x, n, accumulate=True)
             if i in self.streamed:
@@ -245,13 +256,15 @@ class OpenCLBackend(Backend):
         if n_out < n:  # only the last row goes through the head
             cl.enqueue_copy(self.dev.queue, self.xn, self.x, byte_count=4 * C,
                             src_offset=4 * (n - 1) * C)
-            k.rms_norm(self.xn, self.output_norm, self.xn, C, 1, cfg.norm_eps)
-        else:
-            k.rms_norm(self.x, self.output_norm, self.xn, C, n, cfg.norm_eps)
         head = self.head
         if head is None:  # streamed
             head = next(iter(self.ring.enter(cfg.n_layers).values()))
-        k.matmul(head, self.xn, self.logits, n_out)
+        wants_q8 = head.qtype in Q8_ACTIVATION_TYPES
+        if n_out < n:
+            q8 = k.rms_norm(self.xn, self.output_norm, self.xn, C, 1, cfg.norm_eps, q8=wants_q8)
+        else:
+            q8 = k.rms_norm(self.x, self.output_norm, self.xn, C, n, cfg.norm_eps, q8=wants_q8)
+        k.matmul(head, self.xn, self.logits, n_out, q8=q8)
         if head is not self.head:
             self.ring.leave(cfg.n_layers)
         return n_out

@@ -19,7 +19,10 @@ from gguf import GGMLQuantizationType as T
 
 from runtime.backends.opencl_device import Device
 from runtime.backends.opencl_programs import ProgramCache
+from runtime.backends.weight_stream import Q8_ACTIVATION_TYPES
 from runtime.quant import row_bytes
+
+Q8 = tuple[Any, Any]  # activations in Q8_0 blocks on the device: (int8 values, float32 scales)
 
 FORMATS = {T.F32: "f32", T.F16: "f16", T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4_1",
            T.Q5_0: "q5_0", T.Q5_1: "q5_1", T.Q4_K: "q4_k", T.Q5_K: "q5_k", T.Q6_K: "q6_k"}
@@ -66,6 +69,7 @@ class Kernels:
         self._kernels: dict[str, Any] = {}
         self.host_pointer_bytes = 0  # weight bytes wrapped in place, not copied
         self.uploaded_bytes = 0  # bytes copied to the device (weights, tables), never freed
+        self._q8: tuple[int, Any, Any] = (0, None, None)  # (values it holds, XQ, XD) scratch
 
     def k(self, program: Any, name: str) -> Any:
         """A kernel object, made once (pyopencl makes a new one on each attribute access)."""
@@ -124,10 +128,55 @@ class Kernels:
 
     # --- kernels --------------------------------------------------------------------------
 
+    def _q8_scratch(self, n: int) -> Q8:
+        if n > self._q8[0]:
+            self._q8 = (n, self.empty(n), self.empty(4 * (n // 32)))
+        return self._q8[1], self._q8[2]
+
+    def quantize_q8(self, x: Any, n_cols: int, n_tok: int) -> Q8:
+        """x (n_tok, n_cols) rounded to Q8_0 blocks in a reused scratch: (int8 values, float32
+        scale per 32), what the q* kernels of Q4_0/Q8_0 weights read (numpy: q8_activations).
+        Valid until the next quantization: the in-order queue runs the launches in turn."""
+        xq, xd = self._q8_scratch(n_cols * n_tok)
+        self.k(self.ops, "quantize_q8")(self.queue, (n_cols // 32, n_tok), None, x, xq, xd,
+                                        np.int32(n_cols))
+        return xq, xd
+
+    def _qmatmul(self, w: DeviceMatrix, x: Any, y: Any, n_tok: int, stride: int, y_off: int,
+                 accumulate: bool, q8: Q8 | None) -> None:
+        """matmul() for Q4_0/Q8_0 weights: int8 activations, integer dot products per block.
+        Decode: LWS work-items a row (GPUs) or one (CPUs); prefill: a token tile per row."""
+        p, name = self.params, FORMATS[w.qtype]
+        xq, xd = q8 or self.quantize_q8(x, w.n_cols, n_tok)
+        for r0, n, buf in w.parts:
+            rows = math.ceil(n / p.RPW) * p.RPW
+            if n_tok == 1 and p.LWS > 1:
+                self.k(self.mm, f"qmatmul_{name}_vec")(
+                    self.queue, (rows * p.LWS,), (p.RPW * p.LWS,), buf, xq, xd, y,
+                    np.int32(w.n_cols), np.int32(n), np.int32(1), np.int32(w.row_bytes),
+                    np.int32(stride), np.int32(y_off + r0), np.int32(accumulate))
+            elif n_tok == 1:
+                self.k(self.mm, f"qgemv_{name}")(
+                    self.queue, (rows,), (p.RPW,), buf, xq, xd, y, np.int32(w.n_cols),
+                    np.int32(n), np.int32(w.row_bytes), np.int32(y_off + r0),
+                    np.int32(accumulate))
+            else:
+                tile = 8 if p.TT == 8 else 4  # matmul.cl's TILE_N
+                self.k(self.mm, f"qgemm_{name}")(
+                    self.queue, (rows, math.ceil(n_tok / tile)), (p.RPW, 1), buf, xq, xd, y,
+                    np.int32(w.n_cols), np.int32(n), np.int32(n_tok), np.int32(w.row_bytes),
+                    np.int32(stride), np.int32(y_off + r0), np.int32(accumulate))
+
     def matmul(self, w: DeviceMatrix, x: Any, y: Any, n_tok: int, *, y_stride: int | None = None,
-               y_off: int = 0, accumulate: bool = False) -> None:
-        """y[t, :] (+)= W x[t] for t < n_tok; x is (n_tok, n_cols), y rows of y_stride."""
+               y_off: int = 0, accumulate: bool = False, q8: Q8 | None = None) -> None:
+        """y[t, :] (+)= W x[t] for t < n_tok; x is (n_tok, n_cols), y rows of y_stride.
+        Like llama.cpp, Q4_0/Q8_0 weights multiply x rounded to Q8_0 blocks (_qmatmul): `q8`,
+        when given, is x already rounded (rms_norm's or quantize_q8's), else this rounds it."""
         p = self.params
+        if w.qtype in Q8_ACTIVATION_TYPES:
+            self._qmatmul(w, x, y, n_tok, w.n_rows if y_stride is None else y_stride, y_off,
+                          accumulate, q8)
+            return
         if n_tok == 1 and p.LWS == 1:  # CPU-style: one work-item per row
             kernel = self.k(self.mm, f"gemv_{FORMATS[w.qtype]}")
             for r0, n, buf in w.parts:
@@ -160,29 +209,47 @@ class Kernels:
             len(w.parts) == 1 and w.qtype == w0.qtype and w.n_cols == w0.n_cols for w in ws)
 
     def matmul_qkv(self, wq: DeviceMatrix, wk: DeviceMatrix, wv: DeviceMatrix, x: Any, q: Any,
-                   kc: Any, vc: Any, kv_off: int) -> None:
+                   kc: Any, vc: Any, kv_off: int, q8: Q8 | None = None) -> None:
         """One token's Q, K and V projections: q = Wq x, and K, V into the caches at kv_off
         (floats); one launch where the three matrices allow it (see _fusable), else three."""
         if wk.n_rows != wv.n_rows or not self._fusable(wq, wk, wv):
-            self.matmul(wq, x, q, 1)
-            self.matmul(wk, x, kc, 1, y_off=kv_off)
-            self.matmul(wv, x, vc, 1, y_off=kv_off)
+            q8 = q8 or self.q8_for(x, wq.n_cols, 1, wq, wk, wv)
+            self.matmul(wq, x, q, 1, q8=q8)
+            self.matmul(wk, x, kc, 1, y_off=kv_off, q8=q8)
+            self.matmul(wv, x, vc, 1, y_off=kv_off, q8=q8)
             return
         rpw, rows = self.params.RPW, wq.n_rows + 2 * wk.n_rows
+        if wq.qtype in Q8_ACTIVATION_TYPES:
+            xq, xd = q8 or self.quantize_q8(x, wq.n_cols, 1)
+            self.k(self.mm, f"qgemv_qkv_{FORMATS[wq.qtype]}")(
+                self.queue, (math.ceil(rows / rpw) * rpw,), (rpw,), wq.parts[0][2],
+                wk.parts[0][2], wv.parts[0][2], xq, xd, q, kc, vc, np.int32(wq.n_cols),
+                np.int32(wq.n_rows), np.int32(wk.n_rows), np.int32(wq.row_bytes),
+                np.int32(kv_off))
+            return
         self.k(self.mm, f"gemv_qkv_{FORMATS[wq.qtype]}")(
             self.queue, (math.ceil(rows / rpw) * rpw,), (rpw,), wq.parts[0][2], wk.parts[0][2],
             wv.parts[0][2], x, q, kc, vc, np.int32(wq.n_cols), np.int32(wq.n_rows),
             np.int32(wk.n_rows), np.int32(wq.row_bytes), np.int32(kv_off))
 
-    def matmul_glu(self, wg: DeviceMatrix, wu: DeviceMatrix, x: Any, gate: Any, up: Any) -> None:
+    def matmul_glu(self, wg: DeviceMatrix, wu: DeviceMatrix, x: Any, gate: Any, up: Any,
+                   q8: Q8 | None = None) -> None:
         """One token's SwiGLU: gate = silu(Wg x) * (Wu x), in one launch where the matrices
         allow it, else the two products and swiglu (`up` is then the scratch)."""
         if wg.n_rows != wu.n_rows or not self._fusable(wg, wu):
-            self.matmul(wg, x, gate, 1)
-            self.matmul(wu, x, up, 1)
+            q8 = q8 or self.q8_for(x, wg.n_cols, 1, wg, wu)
+            self.matmul(wg, x, gate, 1, q8=q8)
+            self.matmul(wu, x, up, 1, q8=q8)
             self.swiglu(gate, up, wg.n_rows)
             return
         rpw = self.params.RPW
+        if wg.qtype in Q8_ACTIVATION_TYPES:
+            xq, xd = q8 or self.quantize_q8(x, wg.n_cols, 1)
+            self.k(self.mm, f"qgemv_glu_{FORMATS[wg.qtype]}")(
+                self.queue, (math.ceil(wg.n_rows / rpw) * rpw,), (rpw,), wg.parts[0][2],
+                wu.parts[0][2], xq, xd, gate, np.int32(wg.n_cols), np.int32(wg.n_rows),
+                np.int32(wg.row_bytes))
+            return
         self.k(self.mm, f"gemv_glu_{FORMATS[wg.qtype]}")(
             self.queue, (math.ceil(wg.n_rows / rpw) * rpw,), (rpw,), wg.parts[0][2],
             wu.parts[0][2], x, gate, np.int32(wg.n_cols), np.int32(wg.n_rows),
@@ -196,10 +263,25 @@ class Kernels:
         kernel(self.queue, (w.n_cols // 32, n_tok), None, w.parts[0][2], tokens, out,
                np.int32(w.n_cols), np.int32(w.row_bytes))
 
-    def rms_norm(self, x: Any, w: Any, out: Any, n: int, n_rows: int, eps: float) -> None:
+    def q8_for(self, x: Any, n_cols: int, n_tok: int, *ws: DeviceMatrix) -> Q8 | None:
+        """x rounded to Q8_0 once for several products that read it, if one of them wants it."""
+        if any(w.qtype in Q8_ACTIVATION_TYPES for w in ws):
+            return self.quantize_q8(x, n_cols, n_tok)
+        return None
+
+    def rms_norm(self, x: Any, w: Any, out: Any, n: int, n_rows: int, eps: float, *,
+                 q8: bool = False) -> Q8 | None:
+        """out = RMSNorm(x) · w per row; with q8 also out rounded to Q8_0 blocks in the same
+        launch, returned as quantize_q8 returns it (for the Q4_0/Q8_0 products that read out)."""
         wg = self.params.WG
+        if q8 and n % 32 == 0:
+            xq, xd = self._q8_scratch(n * n_rows)
+            self.k(self.ops, "rms_norm_q8")(self.queue, (wg, n_rows), (wg, 1), x, w, out, xq,
+                                            xd, np.int32(n), np.float32(eps))
+            return xq, xd
         self.k(self.ops, "rms_norm")(self.queue, (wg, n_rows), (wg, 1), x, w, out,
                                      np.int32(n), np.float32(eps))
+        return None
 
     def rope(self, x: Any, off: int, cos: Any, sin: Any, pos0: int, n_tok: int, n_heads: int,
              head_dim: int, rope_dim: int, neox: bool) -> None:

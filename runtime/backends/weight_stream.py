@@ -8,6 +8,12 @@ process's mapping and POSIX_FADV_DONTNEED from the page cache (which a cgroup ch
 The read-ahead is explicit `preadv` into one reused 1 MiB buffer (the GIL is released while the
 kernel reads), after an madvise(WILLNEED) hint, so that the compute thread then takes only minor
 faults on pages already in the page cache.
+
+Every weight product goes through `WeightStore.matmul`, which is where one numeric property of
+the runtime lives: like llama.cpp, products with Q4_0 and Q8_0 weights quantize the activations
+to Q8_0 blocks first (`q8_activations`), whatever tier the weight is in (a float32 copy, tiles,
+streamed), so that the OpenCL backend's integer dot products (runtime/kernels/matmul.cl) compute
+the same numbers as this reference and every budget gives the same tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 
 from runtime.memory_plan import TILE_BYTES, Plan
 from runtime.model_file import ModelSource, TensorRef
@@ -61,6 +68,27 @@ def release_pages(ref: TensorRef) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+# Weight types whose products take Q8_0-quantized activations (llama.cpp's vec_dot_q4_0_q8_0 and
+# vec_dot_q8_0_q8_0): the integer dot products that make them fast need int8 on both sides.
+Q8_ACTIVATION_TYPES = frozenset({T.Q4_0, T.Q8_0})
+
+
+def q8_activations(x: np.ndarray) -> np.ndarray:
+    """x (..., n) rounded to Q8_0 blocks along the last axis and back to float32: per 32 values
+    d = max|x| / 127, q = rint(x * (1 / d)) (round half to even), value q * d. Every step is one
+    IEEE float32 operation, as in matmul.cl's quantize_q8, so both give the same q and d; d is
+    kept in float32 (llama.cpp stores it as f16)."""
+    blocks = x.astype(np.float32, copy=False).reshape(*x.shape[:-1], -1, 32)
+    d = np.max(np.abs(blocks), axis=-1, keepdims=True) / np.float32(127)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    return (np.rint(blocks * inv) * d).reshape(x.shape)
+
+
+def weight_input(x: np.ndarray, qtype: T) -> np.ndarray:
+    """What a product with a `qtype` weight multiplies: x itself, or its Q8_0 rounding."""
+    return q8_activations(x) if qtype in Q8_ACTIVATION_TYPES else x
 
 
 def quantized_matmul(x: np.ndarray, ref: TensorRef) -> np.ndarray:
@@ -106,7 +134,9 @@ class WeightStore:
 
     def matmul(self, x: np.ndarray, name: str) -> np.ndarray:
         """x @ W.T for x (T, cols): from float32 when resident, else row tile by row tile, each
-        dequantized into at most TILE_BYTES of scratch."""
+        dequantized into at most TILE_BYTES of scratch. Q4_0/Q8_0 weights multiply x rounded
+        to Q8_0 blocks (see the module docstring), decided by the tensor's GGUF type."""
+        x = weight_input(x, self.source.tensors[name].qtype)
         if self.tier.get(name, "f32") == "f32":
             return x @ self(name).T
         return quantized_matmul(x, self.source.tensors[name])

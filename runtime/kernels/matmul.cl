@@ -36,9 +36,15 @@ typedef const global uchar* blk_t;
 // which LLVM may turn into an aligned load that faults on a 34- or 18-byte block.
 typedef uchar8 __attribute__((aligned(1))) uchar8_u;
 typedef char8 __attribute__((aligned(1))) char8_u;
+typedef uchar16 __attribute__((aligned(1))) uchar16_u;
+typedef char16 __attribute__((aligned(1))) char16_u;
 #define LOAD_U8(i, p) (((const global uchar8_u*)(p))[i])
 #define LOAD_I8(i, p) (((const global char8_u*)(p))[i])
+#define LOAD_U16(i, p) (((const global uchar16_u*)(p))[i])
+#define LOAD_I16(i, p) (((const global char16_u*)(p))[i])
 #else
+#define LOAD_U16(i, p) vload16(i, (const global uchar*)(p))
+#define LOAD_I16(i, p) vload16(i, (const global char*)(p))
 #define LOAD_U8(i, p) vload8(i, (const global uchar*)(p))
 #define LOAD_I8(i, p) vload8(i, (const global char*)(p))
 #endif
@@ -348,9 +354,11 @@ kernel void gemv_glu_##T(blk_t Wg, blk_t Wu, const global float* X, global float
         *y = hsum8(a##t) + (accumulate ? *y : 0.0f);                                           \
     }
 #if TT == 8
+#define TILE_N 8
 #define GEMM_TILE(F) F(0) F(1) F(2) F(3) F(4) F(5) F(6) F(7)
 #define GEMM_ZERO float8 a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, a4 = 0.0f, a5 = 0.0f, a6 = 0.0f, a7 = 0.0f
 #else
+#define TILE_N 4
 #define GEMM_TILE(F) F(0) F(1) F(2) F(3)
 #define GEMM_ZERO float8 a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f
 #endif
@@ -408,3 +416,179 @@ FORMAT(q5_1)
 FORMAT(q4_k)
 FORMAT(q5_k)
 FORMAT(q6_k)
+
+
+// ---- Q4_0 and Q8_0 weights with int8 activations (llama.cpp's vec_dot_q4_0_q8_0 and
+// vec_dot_q8_0_q8_0) ----
+// The activations are rounded once per matmul input to Q8_0 blocks (ops.cl's quantize_q8 or
+// rms_norm_q8: int8 values XQ and a float32 scale XD per 32), then each block of a row is an integer dot product of 32
+// int8 x int8 products (exact) scaled once by d_w * d_x. numpy's reference does the same
+// rounding (runtime/backends/weight_stream.py, q8_activations) and multiplies in float32, so the
+// two differ by float summation order only.
+// Two ways to the same integers: on x86 CPUs (PoCL, where clang defines __AVX2__) the AVX2
+// instructions llama.cpp uses, through clang's target builtins (PoCL's LLVM turns no portable
+// OpenCL C into them: it emits 32-bit multiplies); everywhere else plain char/short arithmetic
+// (OpenCL 1.2, no cl_khr_integer_dot_product needed).
+
+#if defined(__AVX2__) && UNALIGNED
+// A chunk's 32 int8 weights in one 256-bit register.
+typedef char v32qi __attribute__((vector_size(32)));
+typedef char v32qi_u __attribute__((vector_size(32), aligned(1)));
+typedef char v16qi __attribute__((vector_size(16)));
+typedef char v16qi_u __attribute__((vector_size(16), aligned(1)));
+typedef short v16hi __attribute__((vector_size(32)));
+typedef v32qi wq_t;
+#ifdef __F16C__
+typedef short v8hi __attribute__((vector_size(16)));
+// A block's f16 scale in one vcvtph2ps (f16() above is ~12 scalar instructions and a branch).
+inline float dq_scale(blk_t b) {
+    const v8hi h = {*(const global short*)b, 0, 0, 0, 0, 0, 0, 0};
+    return __builtin_ia32_vcvtph2ps(h)[0];
+}
+#else
+inline float dq_scale(blk_t b) { return f16(b, 0); }
+#endif
+inline float DQI_q8_0(blk_t row, int c, wq_t* w) {
+    blk_t b = row + c * 34;
+    *w = *(const global v32qi_u*)(b + 2);
+    return dq_scale(b);
+}
+inline float DQI_q4_0(blk_t row, int c, wq_t* w) {
+    blk_t b = row + c * 18;
+    const v16qi_u q = *(const global v16qi_u*)(b + 2);
+    const v16qi lo = (q & (char)15) - (char)8, hi = ((q >> 4) & (char)15) - (char)8;
+    *w = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+    return dq_scale(b);
+}
+// llama.cpp's mul_sum_i8_pairs: |w| (unsigned) times x with w's sign (signed) in pmaddubsw (a
+// pair sums to at most 2 * 128 * 127, no saturation: |x| <= 127), pairs of pairs in pmaddwd.
+inline float8 idot32(wq_t w, const global char* x) {
+    const v32qi xv = *(const global v32qi*)x;
+    const v16hi p = __builtin_ia32_pmaddubsw256(__builtin_ia32_psignb256(w, w),
+                                                __builtin_ia32_psignb256(xv, w));
+    const v16hi one = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    return convert_float8(as_int8(__builtin_ia32_pmaddwd256(p, one)));
+}
+#else
+typedef struct { short16 lo, hi; } wq_t;  // weights 0-15 and 16-31 of a chunk
+inline float DQI_q8_0(blk_t row, int c, wq_t* w) {
+    blk_t b = row + c * 34;
+    w->lo = convert_short16(LOAD_I16(0, b + 2)); w->hi = convert_short16(LOAD_I16(1, b + 2));
+    return f16(b, 0);
+}
+inline float DQI_q4_0(blk_t row, int c, wq_t* w) {
+    blk_t b = row + c * 18;
+    const uchar16 q = LOAD_U16(0, b + 2);
+    w->lo = convert_short16(q & (uchar)15) - (short)8;
+    w->hi = convert_short16(q >> (uchar)4) - (short)8;
+    return f16(b, 0);
+}
+inline int8 madd16(short16 a, short16 b) {
+    return convert_int8(a.even) * convert_int8(b.even) + convert_int8(a.odd) * convert_int8(b.odd);
+}
+inline float8 idot32(wq_t w, const global char* x) {
+    const global char16* xv = (const global char16*)x;
+    return convert_float8(madd16(w.lo, convert_short16(xv[0])) + madd16(w.hi, convert_short16(xv[1])));
+}
+#endif
+
+// The dot product of one row of W (its GGUF blocks) with one quantized activation row.
+#define QDOT(T, out, wrow, XQ, XD, n_cols)                                                     \
+    float out;                                                                                 \
+    {                                                                                          \
+        float8 acc_ = 0.0f;                                                                    \
+        for (int c = 0; c < (n_cols) / 32; c++) {                                              \
+            wq_t w_;                                                                           \
+            const float d = DQI_##T(wrow, c, &w_) * (XD)[c];                                   \
+            acc_ += d * idot32(w_, (XQ) + 32 * c);                                             \
+        }                                                                                      \
+        out = hsum8(acc_);                                                                     \
+    }
+
+// Decode: y[row] (+)= W[row] . x, one row per work-item. Global (rows rounded up to RPW).
+#define QGEMV_KERNEL(T)                                                                        \
+kernel void qgemv_##T(blk_t W, const global char* XQ, const global float* XD,                 \
+                      global float* Y, int n_cols, int n_rows, int row_bytes, int y_off,       \
+                      int accumulate) {                                                        \
+    const int row = get_global_id(0);                                                          \
+    if (row >= n_rows) return;                                                                 \
+    QDOT(T, dot, W + (size_t)row * row_bytes, XQ, XD, n_cols)                                  \
+    global float* y = Y + y_off + row;                                                         \
+    *y = dot + (accumulate ? *y : 0.0f);                                                       \
+}
+// Decode's fused Q/K/V and gate/up/SwiGLU launches, as gemv_qkv_<T> and gemv_glu_<T> above.
+#define QGEMV_QKV_KERNEL(T)                                                                    \
+kernel void qgemv_qkv_##T(blk_t Wq, blk_t Wk, blk_t Wv, const global char* XQ,                \
+                          const global float* XD, global float* q, global float* kc,           \
+                          global float* vc, int n_cols, int nq, int nk, int row_bytes,         \
+                          int kv_off) {                                                        \
+    int row = get_global_id(0);                                                                \
+    if (row >= nq + 2 * nk) return;                                                            \
+    blk_t w = row < nq ? Wq : row < nq + nk ? Wk : Wv;                                         \
+    global float* y = row < nq ? q : (row < nq + nk ? kc : vc) + kv_off;                       \
+    row = row < nq ? row : row < nq + nk ? row - nq : row - nq - nk;                            \
+    QDOT(T, dot, w + (size_t)row * row_bytes, XQ, XD, n_cols)                                  \
+    y[row] = dot;                                                                              \
+}
+#define QGEMV_GLU_KERNEL(T)                                                                    \
+kernel void qgemv_glu_##T(blk_t Wg, blk_t Wu, const global char* XQ, const global float* XD, \
+                          global float* out, int n_cols, int n_rows, int row_bytes) {          \
+    const int row = get_global_id(0);                                                          \
+    if (row >= n_rows) return;                                                                 \
+    QDOT(T, g, Wg + (size_t)row * row_bytes, XQ, XD, n_cols)                                   \
+    QDOT(T, u, Wu + (size_t)row * row_bytes, XQ, XD, n_cols)                                   \
+    out[row] = g / (1.0f + exp(-g)) * u;                                                       \
+}
+
+// Prefill: a tile of TILE_N tokens (8 when TT is 8, else 4) per work-item, one row each; a
+// chunk's weights are widened to int16 once and used TILE_N times. Global (rows rounded up to RPW, ceil(n_tok / TILE_N)).
+#define QGEMM_X(t)                                                                             \
+    const int r##t = t0 + t < n_tok ? t0 + t : n_tok - 1;                                      \
+    const global char* x##t = XQ + (size_t)r##t * n_cols;                                      \
+    const global float* d##t = XD + (size_t)r##t * (n_cols / 32);
+#define QGEMM_ACC(t) a##t += (dw * d##t[c]) * idot32(w, x##t + 32 * c);
+#define QGEMM_KERNEL(T)                                                                        \
+kernel void qgemm_##T(blk_t W, const global char* XQ, const global float* XD,                 \
+                      global float* Y, int n_cols, int n_rows, int n_tok, int row_bytes,       \
+                      int y_stride, int y_off, int accumulate) {                               \
+    const int row = get_global_id(0), t0 = get_global_id(1) * TILE_N;                          \
+    if (row >= n_rows) return;                                                                 \
+    blk_t wrow = W + (size_t)row * row_bytes;                                                  \
+    GEMM_TILE(QGEMM_X)                                                                         \
+    GEMM_ZERO;                                                                                 \
+    for (int c = 0; c < n_cols / 32; c++) {                                                    \
+        wq_t w;                                                                                \
+        const float dw = DQI_##T(wrow, c, &w);                                                 \
+        GEMM_TILE(QGEMM_ACC)                                                                   \
+    }                                                                                          \
+    GEMM_TILE(GEMM_STORE)                                                                      \
+}
+
+// Decode on devices tuned to LWS > 1 (GPUs): LWS work-items share a row, as matmul_<T>_vec, so
+// that neighbouring work-items read neighbouring blocks. Global (LWS * rows rounded up to
+// RPW), local (LWS * RPW).
+#define QMATMUL_VEC_KERNEL(T)                                                                  \
+kernel void qmatmul_##T##_vec(blk_t W, const global char* XQ, const global float* XD,         \
+                              global float* Y, int n_cols, int n_rows, int n_tok,              \
+                              int row_bytes, int y_stride, int y_off, int accumulate) {        \
+    const int lane = get_local_id(0) % LWS, lrow = get_local_id(0) / LWS;                     \
+    const int row = get_global_id(0) / LWS, t0 = 0;                                            \
+    float8 acc8 = 0.0f;                                                                        \
+    if (row < n_rows) {                                                                        \
+        blk_t wrow = W + (size_t)row * row_bytes;                                              \
+        for (int c = lane; c < n_cols / 32; c += LWS) {                                        \
+            wq_t w;                                                                            \
+            const float d = DQI_##T(wrow, c, &w) * XD[c];                                      \
+            acc8 += d * idot32(w, XQ + 32 * c);                                                \
+        }                                                                                      \
+    }                                                                                          \
+    float acc[1];                                                                              \
+    acc[0] = hsum8(acc8);                                                                      \
+    REDUCE_AND_STORE(1)                                                                        \
+}
+
+#define QFORMAT(T) QGEMV_KERNEL(T) QGEMV_QKV_KERNEL(T) QGEMV_GLU_KERNEL(T) QGEMM_KERNEL(T) \
+    QMATMUL_VEC_KERNEL(T)
+QFORMAT(q8_0)
+QFORMAT(q4_0)

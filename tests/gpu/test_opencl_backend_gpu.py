@@ -20,8 +20,10 @@ from runtime.backends.opencl_device import NoDevice, copy_bandwidth, find_device
 from runtime.backends.opencl_kernels import Kernels  # noqa: E402
 from runtime.backends.opencl_programs import ProgramCache  # noqa: E402
 from runtime.backends.opencl_tuning import load_params  # noqa: E402
+from runtime.backends.weight_stream import Q8_ACTIVATION_TYPES  # noqa: E402
 from runtime.quant import quantize  # noqa: E402
 from tests import opencl_checks as checks  # noqa: E402
+from tests.agreement import assert_same_choices  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +93,12 @@ def test_whole_model_logits_and_greedy_tokens_agree_with_numpy(kern, qtype, tmp_
     got = np.concatenate([ours.forward(ids[:60], cache, all_logits=True),
                           ours.forward(ids[60:], cache, all_logits=True)])
     want = ref.forward(ids, ref.new_cache(100), all_logits=True)
-    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
-    assert (got.argmax(axis=1) == want.argmax(axis=1)).mean() >= 0.99
+    if qtype in Q8_ACTIVATION_TYPES:  # int8 activations: a rounding step may flip (see checks)
+        assert np.abs(got - want).max() <= checks.int8_logit_bound(want)
+        assert_same_choices(got, want)
+    else:
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+        assert (got.argmax(axis=1) == want.argmax(axis=1)).mean() >= 0.99
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)

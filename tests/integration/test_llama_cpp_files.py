@@ -84,4 +84,7 @@ def test_files_from_llama_cpp_converter(model_dir, outtype, tmp_path):
     else:
         reference = transformers.LlamaForCausalLM(model.config).eval()
         load_reference_weights(reference, out)
-    assert np.abs(ours.logits(ids) - hf_logits(reference, ids)).max() <= 1e-4
+    # Q8_0 products round activations to Q8_0 blocks (as llama.cpp does; transformers
+    # multiplies float32): measured 4.7e-3 here, against ~1e-1 for a misread block.
+    tol = 1e-2 if outtype == "q8_0" else 1e-4
+    assert np.abs(ours.logits(ids) - hf_logits(reference, ids)).max() <= tol

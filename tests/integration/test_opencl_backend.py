@@ -21,6 +21,7 @@ from runtime.backends.opencl_tuning import default_params
 from runtime.convert import convert
 from runtime.model_file import open_model
 from tests import opencl_checks as checks
+from tests.agreement import assert_same_choices, assert_same_greedy
 from tests.conftest import claw_subprocess
 from tests.tiny_models import tiny_hf_model
 
@@ -36,8 +37,10 @@ FILES = {
                         "token_embd.weight": T.Q8_0}),
 }
 # Logit tolerance (max |ours - numpy|, logits of magnitude ~0.5): the same weights are read by
-# both, so only float32 summation order differs.
+# both, so only float32 summation order differs; files with Q4_0/Q8_0 products also round their
+# inputs to Q8_0, where that order can flip a rounding step (opencl_checks.INT8_LOGIT_TOL).
 LOGIT_TOL = 1e-5
+INT8_FILES = {"q8_0", "q4_0"}  # (q4_k_m's Q8_0 tied head flips no step on this prompt)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +82,13 @@ def test_whole_model_logits_and_greedy_tokens_match_numpy(models, device, arch, 
     got = np.concatenate([ours.forward(ids[:100], cache, all_logits=True),
                           ours.forward(ids[100:], cache, all_logits=True)])
     want = ref.forward(ids, ref.new_cache(len(ids)), all_logits=True)
-    assert np.abs(got - want).max() <= LOGIT_TOL
-    assert greedy(ours, ids[:40], 16) == greedy(ref, ids[:40], 16)
+    int8 = name in INT8_FILES
+    assert np.abs(got - want).max() <= (checks.int8_logit_bound(want) if int8 else LOGIT_TOL)
+    if not int8:
+        assert greedy(ours, ids[:40], 16) == greedy(ref, ids[:40], 16)
+    else:  # identical but for a tie at rounding distance (tests/agreement.py)
+        assert_same_choices(got, want)
+        assert assert_same_greedy(ours, ref, ids[:40], 16, chunk=20) >= 8
 
 
 def test_a_device_with_a_small_largest_buffer_splits_the_weights(models, device, monkeypatch):
@@ -181,7 +189,8 @@ def test_a_model_written_without_torch_runs_and_agrees(device, tmp_path):
     ours, ref = OpenCLBackend(source, device=device), NumpyBackend(source)
     got = ours.forward([5, 6, 7], ours.new_cache(4), all_logits=True)
     want = ref.forward([5, 6, 7], ref.new_cache(4), all_logits=True)
-    assert np.abs(got - want).max() <= LOGIT_TOL
+    assert np.abs(got - want).max() <= checks.int8_logit_bound(want)  # Q4_0: int8 activations
+    assert np.abs(got[0] - want[0]).max() <= LOGIT_TOL  # the first token's path flips no step
     tps, gbs = decode_speed(ours, 4)
     assert tps > 0 and gbs > 0
 

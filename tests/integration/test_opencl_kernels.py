@@ -37,6 +37,10 @@ def test_embedding_rows_are_bit_exact(kern, qtype):
     checks.check_get_rows(kern, qtype)
 
 
+def test_int8_activations_round_exactly_as_numpy(kern):
+    checks.check_q8_activations(kern)
+
+
 def test_rms_norm_swiglu_bias(kern):
     checks.check_rms_norm(kern)
     checks.check_swiglu_and_bias(kern)
@@ -73,12 +77,13 @@ def test_fused_decode_launches_agree_with_numpy(kern, qtype):
     checks.check_fused_decode(kern, qtype)
 
 
-@pytest.mark.parametrize("shape", [{"TT": 4}, {"LWS": 4, "RPW": 4, "TT": 2}],
-                         ids=["gemm-tile-4", "matmul-lws-4"])
+@pytest.mark.parametrize("shape", [{"TT": 4}, {"LWS": 4, "RPW": 4, "TT": 2}, {"UNALIGNED": 0}],
+                         ids=["gemm-tile-4", "matmul-lws-4", "portable"])
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_every_tunable_matmul_shape_agrees_with_numpy(kern, shape, qtype):
     """`claw runtime tune` may pick a 4-token gemm tile, or the work-group matmul kernels (LWS > 1,
-    the GPU shape): each must agree as the default shape does."""
+    the GPU shape): each must agree as the default shape does. UNALIGNED 0 compiles what a GPU
+    runs: vload8 and, for Q4_0/Q8_0, the plain char/short dot products instead of AVX2's."""
     params = dataclasses.replace(kern.params, **shape)
     other = Kernels(kern.dev, params, ProgramCache(kern.dev))
     checks.check_matmul(other, qtype, 1)

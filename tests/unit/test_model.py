@@ -18,8 +18,10 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from runtime.backends.numpy_backend import NumpyBackend  # noqa: E402
+from runtime.backends.weight_stream import Q8_ACTIVATION_TYPES  # noqa: E402
 from runtime.convert import convert  # noqa: E402
 from runtime.model_file import gguf_name, open_model  # noqa: E402
+from tests.agreement import assert_same_choices  # noqa: E402
 from tests.tiny_models import tiny_hf_model  # noqa: E402
 
 pytestmark = pytest.mark.unit
@@ -112,7 +114,10 @@ def test_quantized_gguf_matches_transformers_on_the_same_weights(hf_models, name
     reference = build_hf(*CONFIGS[name])
     load_reference_weights(reference, gguf_path)
     ids = prompt()
-    assert np.abs(our_logits(gguf_path, ids) - hf_logits(reference, ids)).max() <= 1e-4
+    # Q4_0/Q8_0 products round activations to Q8_0 blocks (as llama.cpp does; transformers
+    # multiplies float32): measured 3.9e-3..4.6e-3 here, against ~1e-1 for a wrong nibble/scale.
+    tol = 1e-2 if qtype in Q8_ACTIVATION_TYPES else 1e-4
+    assert np.abs(our_logits(gguf_path, ids) - hf_logits(reference, ids)).max() <= tol
 
 
 def greedy(backend: NumpyBackend, ids: list[int], n: int, chunk: int) -> list[int]:
@@ -152,7 +157,11 @@ def test_chunked_prefill_and_weight_budget_change_nothing(hf_models, tmp_path):
     backend = NumpyBackend(source, plan=plan)
     cache = backend.new_cache(len(ids))
     parts = [backend.forward(ids[i:i + 9], cache, all_logits=True) for i in range(0, 40, 9)]
-    assert np.abs(np.concatenate(parts) - whole).max() <= 1e-5
+    # Q8_0 products round their inputs: chunking's float-order changes can flip one rounding
+    # step (see tests/opencl_checks.INT8_LOGIT_TOL); tokens differ only at such near-ties.
+    got = np.concatenate(parts)
+    assert np.abs(got - whole).max() <= 1e-2
+    assert assert_same_choices(got, whole) <= 2
     assert backend.w.loads == 0  # no weight matrix was dequantized whole
     layer_bytes = sum(u.quantized_bytes for u in plan.units)
     assert backend.w.reads >= 4 * layer_bytes  # read ahead from disk on every chunk

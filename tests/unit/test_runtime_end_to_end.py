@@ -60,10 +60,11 @@ def test_convert_and_info_through_the_cli(hf_dir, tmp_path, claw):
     data = json.loads(info.out)
     assert data["arch"] == "llama" and data["format"] == "gguf"
     assert set(data["tensor_bytes"]) == {"Q8_0", "F32"}
+    assert data["q8_activation_types"] == ["Q4_0", "Q8_0"]  # the numerics the file runs with
     assert data["tokenizer"]["vocab_size"] == tok.get_vocab_size(with_added_tokens=True)
     assert data["tokenizer"]["bos_id"] == tok.token_to_id("<|begin_of_text|>")
     table = claw("runtime", "info", str(out))
-    assert "Q8_0 tensors" in table.out
+    assert "Q8_0 tensors" in table.out and "activations" in table.out
 
 
 def test_gguf_tokenizer_equals_the_tokenizers_library(hf_dir, gguf_files):
