@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from provision import vm as vms
 from provision.osimage.build import extract_boot_files
+from tests.e2e.os_images import booted as booted_vm
+from tests.e2e.os_images import claw_os, login_key, sh
 
 pytestmark = [
     pytest.mark.e2e,
@@ -30,7 +29,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which(vms.QEMU) is None,
                        reason=f"{vms.QEMU} is not installed (apt-get install qemu-system-arm)"),
 ]
-CLAW = Path(sys.executable).parent / "claw"
 TAG = "claw-s5os-preload:tiny"
 HOSTNAME, USER = "claw-e2e-os", "clawops"
 IMAGE_SIZE, DISK_SIZE = 3 << 30, 5 << 30
@@ -58,20 +56,12 @@ def preload_tag(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, preload_tag):
     out = tmp_path_factory.mktemp("os")
-    key = out / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    key = login_key(out)
     image = out / "qemu-virt.img"
-    started = time.monotonic()
-    done = subprocess.run(
-        [str(CLAW), "os", "build", "qemu-virt", "-o", str(image), "--size", "3G",
-         "--hostname", HOSTNAME, "--user", USER, "--ssh-key", f"{key}.pub",
-         "--wifi", "claw-lab:correct horse battery", "--preload-image", preload_tag,
-         "-e", "claw_hugepages_mb=64", "--json"],
-        capture_output=True, text=True, timeout=3600, env={**os.environ, "COLUMNS": "200"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads(done.stdout)
-    record["wall_s"] = round(time.monotonic() - started, 1)
-    print(f"claw os build: {record['wall_s']} s, steps {record['steps']}")
+    record = claw_os("build", "qemu-virt", "-o", str(image), "--size", "3G", "--hostname",
+                     HOSTNAME, "--user", USER, "--ssh-key", f"{key}.pub", "--wifi",
+                     "claw-lab:correct horse battery", "--preload-image", preload_tag,
+                     "-e", "claw_hugepages_mb=64")
     return image, key, record
 
 
@@ -80,17 +70,9 @@ def booted(built, tmp_path_factory):
     image, key, _ = built
     boot = extract_boot_files(image, tmp_path_factory.mktemp("boot"))
     cmdline = boot["cmdline.txt"].read_text().strip()
-    machine = vms.start_vm(vms.VmImage(boot["vmlinuz"], boot["initrd.img"], image),
-                           name="claw-os-e2e", cmdline=cmdline, user=USER, key=key,
-                           disk_size=DISK_SIZE, progress=lambda _: None)
-    try:
-        yield machine
-    finally:
-        machine.stop()
-
-
-def sh(machine: vms.Vm, command: str) -> str:
-    return machine.ssh(command, check=True).stdout.strip()
+    with booted_vm(vms.VmImage(boot["vmlinuz"], boot["initrd.img"], image), "claw-os-e2e",
+                   cmdline=cmdline, user=USER, key=key, disk_size=DISK_SIZE) as vm:
+        yield vm
 
 
 def test_outputs_are_sparse_mapped_and_hashed(built):

@@ -12,7 +12,6 @@ swapped in (142 s cold here, load ~15 on 2 cores; no second debootstrap), its pr
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import shutil
@@ -22,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from provision.osimage import disk, uboot
-from tests.e2e.test_os_build_uboot import U_BOOT_QEMU, claw_build
+from tests.e2e.os_images import BASE_ROLE_ONLY, claw_os, debugfs, fat_read, unpacked
+from tests.e2e.test_os_build_uboot import U_BOOT_QEMU
 
 pytestmark = [
     pytest.mark.e2e,
@@ -59,20 +59,9 @@ def rk3588_built(tmp_path_factory):
     out = tmp_path_factory.mktemp("rk3588")
     loader = stand_in_loader(out)
     image = out / "rk3588.img"
-    record = claw_build("rk3588", "-o", str(image), "--size", "3G", "--hostname", "rock5b",
-                        "--u-boot", str(loader))
+    record = claw_os("build", "rk3588", "-o", str(image), "--size", "3G", "--hostname",
+                     "rock5b", "--u-boot", str(loader), *BASE_ROLE_ONLY)
     return image, loader, record
-
-
-def fat_read(image: Path, layout: disk.Layout, name: str) -> bytes:
-    return subprocess.run(["mtype", "-i", f"{image}@@{layout.boot.start}", f"::/{name}"],
-                          capture_output=True, check=True).stdout
-
-
-def root_read(image: Path, layout: disk.Layout, path: str) -> bytes:
-    done = subprocess.run(["debugfs", "-R", f"cat {path}", disk.at(image, layout.root)],
-                          capture_output=True, check=True)
-    return done.stdout
 
 
 def test_rk3588_loader_at_sector_64(rk3588_built):
@@ -121,14 +110,14 @@ def test_rk3588_extlinux_names_what_is_there(rk3588_built):
     dtb = fat_read(image, layout, entries["fdt"])
     assert dtb[:4] == uboot.FDT_MAGIC and b"radxa,rock-5b" in dtb and b"rockchip,rk3588" in dtb
 
-    boot = root_read(image, layout, "/boot").decode(errors="replace")
+    boot = debugfs(image, layout, "ls /boot").decode(errors="replace")
     version = re.search(r"vmlinuz-(6\.12[^\s\x00/]*-arm64)", boot)
     assert version, "no 6.12 kernel (bookworm-backports) in the root's /boot"
-    own = root_read(image, layout, f"/usr/lib/linux-image-{version[1]}/rockchip/"
-                                   "rk3588-rock-5b.dtb")
+    own = debugfs(image, layout, f"cat /usr/lib/linux-image-{version[1]}/rockchip/"
+                                 "rk3588-rock-5b.dtb")
     assert dtb == own  # the device tree is the installed kernel's own
 
     initrd = fat_read(image, layout, entries["initrd"])
-    cpio = gzip.decompress(initrd) if initrd[:2] == b"\x1f\x8b" else initrd
+    cpio = unpacked(initrd)
     for module in (b"dw_mmc-rockchip.ko", b"sdhci-of-dwcmshc.ko", b"nvme.ko"):
         assert module in cpio, f"{module!r} missing from the initramfs (os.initramfs_modules)"

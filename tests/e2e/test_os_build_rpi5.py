@@ -12,7 +12,6 @@ swapped in (no second debootstrap); see bench/RESULTS.md (os build) for the figu
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from provision.osimage import boothook, disk
-from tests.e2e.test_os_build_uboot import claw_build
+from tests.e2e.os_images import BASE_ROLE_ONLY, claw_os, debugfs, fat_read, unpacked
 
 pytestmark = [
     pytest.mark.e2e,
@@ -37,27 +36,13 @@ DTB = "bcm2712-rpi-5-b.dtb"
 def rpi5_built(tmp_path_factory):
     out = tmp_path_factory.mktemp("rpi5")
     image = out / "rpi5.img"
-    record = claw_build("rpi5", "-o", str(image), "--size", "3G", "--hostname", "pi5")
+    record = claw_os("build", "rpi5", "-o", str(image), "--size", "3G", "--hostname", "pi5",
+                     *BASE_ROLE_ONLY)
     return image, record
 
 
-def fat_read(image: Path, layout: disk.Layout, name: str) -> bytes:
-    return subprocess.run(["mtype", "-i", f"{image}@@{layout.boot.start}", f"::/{name}"],
-                          capture_output=True, check=True).stdout
-
-
 def root_read(image: Path, layout: disk.Layout, command: str) -> str:
-    return subprocess.run(["debugfs", "-R", command, disk.at(image, layout.root)],
-                          capture_output=True, check=True).stdout.decode(errors="replace")
-
-
-def unpacked(initrd: bytes) -> bytes:
-    if initrd[:2] == b"\x1f\x8b":
-        return gzip.decompress(initrd)
-    if initrd[:4] == b"\x28\xb5\x2f\xfd":
-        return subprocess.run(["zstd", "-dc"], input=initrd, capture_output=True,
-                              check=True).stdout
-    return initrd
+    return debugfs(image, layout, command).decode(errors="replace")
 
 
 def test_rpi5_mbr_the_firmware_reads(rpi5_built):

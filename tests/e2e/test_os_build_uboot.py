@@ -13,17 +13,15 @@ role) took 89 s cold here (load ~15 on 2 cores). Cached: the build ~10 s, U-Boot
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from provision import vm as vms
+from tests.e2e.os_images import BASE_ROLE_ONLY, claw_os, login_key, sh, user_profiles
+from tests.e2e.os_images import booted as booted_vm
 
 U_BOOT_QEMU = Path("/usr/lib/u-boot/qemu_arm64/u-boot.bin")
 pytestmark = [
@@ -34,7 +32,6 @@ pytestmark = [
     pytest.mark.skipif(not U_BOOT_QEMU.exists(),
                        reason=f"{U_BOOT_QEMU} is missing (apt-get install u-boot-qemu)"),
 ]
-CLAW = Path(sys.executable).parent / "claw"
 HOSTNAME, USER = "claw-e2e-uboot", "clawops"
 PROFILE = """\
 # QEMU's virt machine booted as a U-Boot board is: extlinux.conf on the FAT partition, root by
@@ -50,52 +47,24 @@ os:
 """
 
 
-def claw_build(*args: str, env: dict[str, str] | None = None) -> dict:
-    started = time.monotonic()
-    done = subprocess.run([str(CLAW), "os", "build", *args, "--json",
-                           # the bootloader is what this checks: the roles' effects are
-                           # test_os_build's (all of them cost minutes more of a cold root)
-                           "--tags", "base"],
-                          capture_output=True, text=True, timeout=3600,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})})
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads(done.stdout)
-    print(f"claw os build {args[0]}: {time.monotonic() - started:.0f} s, "
-          f"steps {record['steps']}")
-    return record
-
-
 @pytest.fixture(scope="module")
 def virt_built(tmp_path_factory):
     out = tmp_path_factory.mktemp("uboot")
-    profiles = out / "config" / "clawforge" / "profiles"
-    profiles.mkdir(parents=True)
-    (profiles / "qemu-virt-uboot.yml").write_text(PROFILE)
-    key = out / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    env = user_profiles(out, {"qemu-virt-uboot": PROFILE})
+    key = login_key(out)
     image = out / "virt-uboot.img"
-    record = claw_build("qemu-virt-uboot", "-o", str(image), "--size", "3G", "--hostname",
-                        HOSTNAME, "--user", USER, "--ssh-key", f"{key}.pub", "--u-boot", "none",
-                        env={"XDG_CONFIG_HOME": str(out / "config")})
+    record = claw_os("build", "qemu-virt-uboot", "-o", str(image), "--size", "3G", "--hostname",
+                     HOSTNAME, "--user", USER, "--ssh-key", f"{key}.pub", "--u-boot", "none",
+                     *BASE_ROLE_ONLY, env=env)
     return image, key, record
 
 
 @pytest.fixture(scope="module")
 def booted(virt_built):
     image, key, _ = virt_built
-    started = time.monotonic()
-    machine = vms.start_vm(vms.VmImage(U_BOOT_QEMU, U_BOOT_QEMU, image), name="claw-os-uboot-e2e",
-                           user=USER, key=key, disk_size=4 << 30, firmware=U_BOOT_QEMU,
-                           boot_timeout=600, progress=lambda _: None)
-    print(f"U-Boot boot to SSH: {time.monotonic() - started:.0f} s")
-    try:
-        yield machine
-    finally:
-        machine.stop()
-
-
-def sh(machine: vms.Vm, command: str) -> str:
-    return machine.ssh(command, check=True).stdout.strip()
+    with booted_vm(vms.VmImage(U_BOOT_QEMU, U_BOOT_QEMU, image), "claw-os-uboot-e2e", user=USER,
+                   key=key, disk_size=4 << 30, firmware=U_BOOT_QEMU, boot_timeout=600) as vm:
+        yield vm
 
 
 def test_boots_through_u_boot_and_extlinux(booted, virt_built):

@@ -12,17 +12,16 @@ is ~15 s and the UEFI boot to SSH ~1 min under TCG.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from provision import vm as vms
+from tests.e2e.os_images import BASE_ROLE_ONLY, claw_os, login_key, sh, user_profiles
+from tests.e2e.os_images import booted as booted_vm
 
 FIRMWARE = Path("/usr/share/qemu-efi-aarch64/QEMU_EFI.fd")
 pytestmark = [
@@ -33,7 +32,6 @@ pytestmark = [
     pytest.mark.skipif(not FIRMWARE.exists(),
                        reason=f"{FIRMWARE} is missing (apt-get install qemu-efi-aarch64)"),
 ]
-CLAW = Path(sys.executable).parent / "claw"
 HOSTNAME, USER = "claw-e2e-uefi", "clawops"
 IMAGE_SIZE, DISK_SIZE = 3 << 30, 4 << 30
 PROFILE = """\
@@ -49,44 +47,21 @@ os:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("uefi")
-    profiles = out / "config" / "clawforge" / "profiles"
-    profiles.mkdir(parents=True)
-    (profiles / "qemu-uefi.yml").write_text(PROFILE)
-    key = out / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    image = out / "generic-arm64.img"
-    started = time.monotonic()
-    done = subprocess.run(
-        [str(CLAW), "os", "build", "qemu-uefi", "-o", str(image), "--size", "3G",
-         "--hostname", HOSTNAME, "--user", USER, "--ssh-key", f"{key}.pub", "--json",
-         # the bootloader is what this checks: the roles' effects are test_os_build's
-         # (all of them cost ~5 min more of a cold root under qemu-user)
-         "--tags", "base"],
-        capture_output=True, text=True, timeout=3600,
-        env={**os.environ, "COLUMNS": "200", "XDG_CONFIG_HOME": str(out / "config")})
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads(done.stdout)
-    print(f"claw os build qemu-uefi: {time.monotonic() - started:.0f} s, "
-          f"steps {record['steps']}")
+    env = user_profiles(out, {"qemu-uefi": PROFILE})
+    key = login_key(out)
+    image = out / "qemu-uefi.img"
+    record = claw_os("build", "qemu-uefi", "-o", str(image), "--size", "3G", "--hostname",
+                     HOSTNAME, "--user", USER, "--ssh-key", f"{key}.pub", *BASE_ROLE_ONLY,
+                     env=env)
     return image, key, record
 
 
 @pytest.fixture(scope="module")
 def booted(built):
     image, key, _ = built
-    started = time.monotonic()
-    machine = vms.start_vm(vms.VmImage(FIRMWARE, FIRMWARE, image), name="claw-os-uefi-e2e",
-                           user=USER, key=key, disk_size=DISK_SIZE, firmware=FIRMWARE,
-                           boot_timeout=600, progress=lambda _: None)
-    print(f"UEFI boot to SSH: {time.monotonic() - started:.0f} s")
-    try:
-        yield machine
-    finally:
-        machine.stop()
-
-
-def sh(machine: vms.Vm, command: str) -> str:
-    return machine.ssh(command, check=True).stdout.strip()
+    with booted_vm(vms.VmImage(FIRMWARE, FIRMWARE, image), "claw-os-uefi-e2e", user=USER,
+                   key=key, disk_size=DISK_SIZE, firmware=FIRMWARE, boot_timeout=600) as vm:
+        yield vm
 
 
 def test_esp_holds_grub_for_the_removable_path(built):

@@ -10,10 +10,8 @@ has no cache, its input is the vendor's root), plus the VM image build when it i
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import pytest
 
 from provision import vm as vms
 from provision.osimage import disk
+from tests.e2e.os_images import booted, claw_os, login_key, sh
 
 pytestmark = [
     pytest.mark.e2e,
@@ -28,7 +27,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which(vms.QEMU) is None,
                        reason=f"{vms.QEMU} is not installed (apt-get install qemu-system-arm)"),
 ]
-CLAW = Path(sys.executable).parent / "claw"
 LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 TAGS = "base,zram,hugepages,cpu_governor,tuning"  # no Docker/OpenCL: keeps apt short
 
@@ -57,17 +55,11 @@ def customised(tmp_path_factory):
     out = tmp_path_factory.mktemp("custom")
     base = out / "vendor.img"
     root_uuid = vendor_image(base, vm_image)
-    key = out / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    key = login_key(out)
     image = out / "custom.img"
-    done = subprocess.run(
-        [str(CLAW), "os", "customize", str(base), "-o", str(image), "--profile", "qemu-virt",
-         "--tags", TAGS, "--hostname", "claw-custom", "--user", "ops", "--ssh-key",
-         f"{key}.pub", "-e", "claw_hugepages_mb=64", "--compress", "zst", "--json"],
-        capture_output=True, text=True, timeout=3600, env={**os.environ, "COLUMNS": "200"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads(done.stdout)
-    print(f"claw os customize: {record['seconds']} s, steps {record['steps']}")
+    record = claw_os("customize", str(base), "-o", str(image), "--profile", "qemu-virt",
+                     "--tags", TAGS, "--hostname", "claw-custom", "--user", "ops", "--ssh-key",
+                     f"{key}.pub", "-e", "claw_hugepages_mb=64", "--compress", "zst")
     return image, key, root_uuid, vm_image, record
 
 
@@ -85,19 +77,13 @@ def test_customize_keeps_the_layout_and_writes_map_and_zst(customised):
 def test_customised_image_boots_provisioned(customised):
     image, key, root_uuid, vm_image, _ = customised
     cmdline = f"root=PARTUUID={root_uuid} rw console=ttyAMA0 net.ifnames=0"
-    machine = vms.start_vm(vms.VmImage(vm_image.kernel, vm_image.initrd, image),
-                           name="claw-os-e2e-custom", cmdline=cmdline, user="ops", key=key,
-                           disk_size=image.stat().st_size + (1 << 30), progress=lambda _: None)
-    try:
-        def sh(command: str) -> str:
-            return machine.ssh(command, check=True).stdout.strip()
-
-        assert sh("hostname") == "claw-custom"
-        assert sh("sudo -n id -u") == "0"
-        assert "/dev/zram0" in sh("cat /proc/swaps")
-        assert sh("cat /proc/sys/vm/nr_hugepages") == "32"
-        assert sh("systemctl is-enabled claw-cpu-governor.service") == "enabled"
-        assert sh("systemctl is-active claw-grow-root.service") == "active"
-        assert int(sh("findmnt -bno SIZE /")) > image.stat().st_size - (64 << 20)
-    finally:
-        machine.stop()
+    with booted(vms.VmImage(vm_image.kernel, vm_image.initrd, image), "claw-os-e2e-custom",
+                cmdline=cmdline, user="ops", key=key,
+                disk_size=image.stat().st_size + (1 << 30)) as machine:
+        assert sh(machine, "hostname") == "claw-custom"
+        assert sh(machine, "sudo -n id -u") == "0"
+        assert "/dev/zram0" in sh(machine, "cat /proc/swaps")
+        assert sh(machine, "cat /proc/sys/vm/nr_hugepages") == "32"
+        assert sh(machine, "systemctl is-enabled claw-cpu-governor.service") == "enabled"
+        assert sh(machine, "systemctl is-active claw-grow-root.service") == "active"
+        assert int(sh(machine, "findmnt -bno SIZE /")) > image.stat().st_size - (64 << 20)

@@ -321,7 +321,8 @@ def test_critical_work_pauses_background_work_and_both_finish_whole(model):
     params = SamplingParams.greedy(max_tokens=300)
     gen = model.generate(ids, params)
     alone = "".join(gen)
-    assert gen.result.completion_tokens == 300  # long enough to be caught running
+    # long enough to be caught running (it may end at the model's EOS before max_tokens)
+    assert gen.result.completion_tokens >= 200
 
     async def run():
         loop = asyncio.get_running_loop()
