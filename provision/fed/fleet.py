@@ -420,17 +420,12 @@ def follow_rounds(path: Path, finished: Callable[[], bool], poll_s: float = 0.5
 
 
 def federation() -> Any:
-    """fed-learn's runtime.fed.federation: submits the Flower apps and follows the run."""
+    """runtime.fed.federation: submits the Flower apps and follows the run (the fed extra)."""
     try:
         from runtime.fed import federation as fed
     except ImportError as exc:
-        fed, why = None, str(exc)
-    else:
-        why = "it has no submit/follow"
-    if fed is None or not all(hasattr(fed, f) for f in ("submit", "follow")):
-        raise ClawError("not yet: the Flower apps (runtime.fed.federation with server_app and "
-                        f"client_app) are not in this build ({why}); the SuperLink and the "
-                        "clients were started and are being stopped")
+        raise ClawError(f"claw fed run needs the fed extra ({exc}); expected it installed: "
+                        "pip install 'clawforge[fed]'") from None
     return fed
 
 

@@ -12,7 +12,6 @@ and the SuperLink whatever its end, and is recorded in the history store.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -38,16 +37,6 @@ MODEL = "/var/lib/clawforge/models/base.gguf"
 CONTAINER = "claw-fed-supernode"
 SHARDS = sensor_shards(3)  # each device's own log (tests/fed_text.py)
 MARGIN = 1.0  # nats/token the federated adapter must gain over the base on held-out text
-
-
-def _federation_available() -> bool:
-    try:
-        return importlib.util.find_spec("runtime.fed.federation") is not None
-    except ModuleNotFoundError:
-        return False
-
-
-FEDERATION = _federation_available()
 
 
 @dataclass
@@ -195,28 +184,6 @@ def test_supernodes_connect_to_the_superlink_and_are_removed_after(fed_fleet, tm
     fleet.stop_clients(f.inventory)  # twice is harmless (the clean-up after any failure)
 
 
-@pytest.mark.skipif(FEDERATION, reason="runtime.fed.federation is here: the run trains "
-                    "(test_a_run_trains_over_the_fleet)")
-def test_without_the_flower_apps_a_run_stops_its_clients_and_is_recorded_failed(fed_fleet):
-    from provision.fleet import history
-
-    f = fed_fleet
-    done = fed_run(f, "--no-secagg", "--json")
-    assert done.code == 1, done.out[-2000:] + done.err[-2000:]
-    assert "not yet: the Flower apps" in done.err and "Traceback" not in done.err
-    assert all(containers(n) == [] for n in f.names)
-    run = history.fed_runs(1)[0]
-    assert run["status"] == "failed" and "not yet" in run["error"]
-    folder = Path(run["run_dir"])
-    assert json.loads((folder / "run.json").read_text())["status"] == "failed"
-    for name in f.names:  # each client came up (its log is kept), then went
-        assert "SuperNode ID" in (folder / f"supernode-{name}.log").read_text()
-    assert not subprocess.run(["pgrep", "-f", f"flower-superlink.*{folder.name}"],
-                              capture_output=True).stdout
-
-
-@pytest.mark.skipif(not FEDERATION, reason="not yet: runtime.fed.federation (the Flower "
-                    "apps) is not in this build")
 def test_a_run_trains_over_the_fleet(fed_fleet):
     from provision.fleet import history
 
