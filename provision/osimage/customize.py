@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import BadInput, ClawError
-from provision.osimage import disk, ext4copy, firstboot, rootfs
+from provision.osimage import build, disk, ext4copy, firstboot, rootfs
 from provision.osimage.build import Steps, check_output, finish_image, publish, root_usage
 
 EM_AARCH64 = 183
@@ -58,6 +58,16 @@ def fs_field(image: Path, part: disk.Partition, name: str) -> str:
     return done.stdout.strip()
 
 
+def grow_file(image: Path, new_size: int, size_arg: str) -> None:
+    """The unpacked image made `new_size` long (sparse): room the root partition grows into."""
+    current = image.stat().st_size
+    if new_size < current:
+        raise BadInput(f"--size {size_arg}: smaller than the base image's "
+                       f"{current / 2**30:.2f} GiB (expected at least {-(-current // 2**20)}M)")
+    with open(image, "r+b") as out:
+        out.truncate(new_size)
+
+
 def check_arch(root: Path, base: Path) -> None:
     shell = root / "bin/sh"
     target = Path(os.readlink(shell)) if shell.is_symlink() else Path("sh")
@@ -76,7 +86,8 @@ def check_arch(root: Path, base: Path) -> None:
 def customize(base: Path, output: Path, *, profile_name: str = "generic-arm64",
               settings: firstboot.Settings | None = None,
               host_vars: dict[str, Any] | None = None, tags: list[str] | None = None,
-              compress: str | None = None, progress: Progress = print,
+              compress: str | None = None, size: str | None = None,
+              progress: Progress = print,
               on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     from provision.flash import compression_of
     from provision.osimage.build import load_profile_any
@@ -90,6 +101,7 @@ def customize(base: Path, output: Path, *, profile_name: str = "generic-arm64",
     if base.resolve() == output.resolve():
         raise BadInput(f"-o {output}: is the base image (write the result elsewhere)")
     firstboot.check_settings(settings)
+    new_size = build.parse_size(size) if size else None
     disk.check_tools()
     extra = ["fdisk", *(["wpasupplicant"] if settings.wifi else [])]
     host_vars = {**(host_vars or {})}
@@ -101,6 +113,8 @@ def customize(base: Path, output: Path, *, profile_name: str = "generic-arm64",
     try:
         image, root = work / output.name, work / "root"
         steps.run(f"reading {base.name}", lambda: unpack(base, image))
+        if new_size is not None:
+            grow_file(image, new_size, size or "")
         layout = disk.read_layout(image)
         label, fs_uuid = fs_field(image, layout.root, "LABEL"), fs_field(image, layout.root,
                                                                          "UUID")
@@ -112,10 +126,14 @@ def customize(base: Path, output: Path, *, profile_name: str = "generic-arm64",
                                              on_event, tags=tags))
         steps.run("first-boot configuration", lambda: firstboot.apply(root, settings, progress))
         need = root_usage(root) * 1.15 + 64 * disk.MIB
+        if need > layout.root.size or new_size is not None:
+            layout = steps.run("growing the root partition to the disk's end",
+                               lambda: disk.grow_root(image, layout))
         if need > layout.root.size:
             raise ClawError(f"the customised root needs {need / 2**30:.2f} GiB, more than its "
-                            f"partition's {layout.root.size / 2**30:.2f} GiB (fewer roles with "
-                            "--tags, or a base image with a bigger root partition)")
+                            f"partition's {layout.root.size / 2**30:.2f} GiB (a bigger --size, "
+                            "fewer roles with --tags, or a base image with a bigger root "
+                            "partition)")
         steps.run("writing the root filesystem back",
                   lambda: disk.make_ext4(image, layout.root, root, label=label or "rootfs",
                                          fs_uuid=fs_uuid or None))

@@ -4,6 +4,7 @@ mtools, mkfs.ext4 -d, debugfs, blkid) on small files: no loop device, no mount. 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -12,6 +13,7 @@ import subprocess
 
 import pytest
 
+from provision.errors import ClawError
 from provision.osimage import disk
 from provision.osimage.ext4copy import copy_out
 
@@ -36,9 +38,9 @@ def tiny_root(path, shell="/bin/dash"):
     return path
 
 
-def make_image(tmp_path, root, size=1 << 30, with_ext4=True):
+def make_image(tmp_path, root, size=1 << 30, with_ext4=True, table="gpt"):
     image = tmp_path / "disk.img"
-    layout = disk.plan_gpt(size, 64)
+    layout = disk.plan_gpt(size, 64) if table == "gpt" else disk.plan_mbr(size, 64)
     with open(image, "wb") as out:
         out.truncate(size)
     disk.write_partition_table(image, layout)
@@ -150,6 +152,51 @@ def test_root_written_back_keeps_what_rdump_drops(tmp_path):
                           capture_output=True).returncode == 0
 
 
+@pytest.mark.parametrize("table", ["gpt", "dos"])
+def test_root_partition_grows_to_the_disk_end(tmp_path, table):
+    """The file made longer, the root (last) partition grown into the new room by sfdisk: the
+    boot partition, the root's start, type and PARTUUID and the disk id kept, the table valid
+    (GPT's backup header moved to the new end), and a filesystem written at the new size."""
+    root = tiny_root(tmp_path / "root")
+    image, _ = make_image(tmp_path, root, table=table)
+    before = disk.read_layout(image)
+    disk_id = json.loads(subprocess.run(["sfdisk", "--json", str(image)], capture_output=True,
+                                        text=True).stdout)["partitiontable"]["id"]
+    with open(image, "r+b") as out:
+        out.truncate(2 << 30)
+    after = disk.grow_root(image, before)
+    assert after.boot == before.boot
+    assert (after.root.start, after.root.type, after.root.uuid) == (
+        before.root.start, before.root.type, before.root.uuid)
+    assert after.root.end == (2 << 30) - (disk.MIB if table == "gpt" else 0)
+    table_now = json.loads(subprocess.run(["sfdisk", "--json", str(image)], capture_output=True,
+                                          text=True).stdout)["partitiontable"]
+    assert table_now["id"] == disk_id
+    verify = subprocess.run(["sfdisk", "--verify", str(image)], capture_output=True, text=True)
+    assert verify.returncode == 0 and "No errors detected" in verify.stdout, verify
+    disk.make_ext4(image, after.root, root)
+    assert subprocess.run(["e2fsck", "-fn", disk.at(image, after.root)],
+                          capture_output=True).returncode == 0
+    assert disk.grow_root(image, after) == after  # nothing more to grow into
+
+
+def test_root_partition_before_another_cannot_grow(tmp_path):
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as out:
+        out.truncate(1 << 30)
+    table = (f"label: gpt\nstart=2048, size=131072, type={disk.ESP_TYPE}\n"
+             "start=133120, size=1048576, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n"
+             "start=1181696, size=131072, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n")
+    disk.run(["sfdisk", "-q", str(image)], "sfdisk", input=table)
+    before = disk.Layout("gpt", 1 << 30, disk.Partition(1, disk.MIB, 64 * disk.MIB, "", ""),
+                         disk.Partition(2, 133120 * 512, 512 * disk.MIB, "", ""))
+    with pytest.raises(ClawError, match="partition 3 lies after the root partition"):
+        disk.grow_root(image, before)
+    after = json.loads(subprocess.run(["sfdisk", "--json", str(image)], capture_output=True,
+                                      text=True).stdout)["partitiontable"]["partitions"]
+    assert after[1]["size"] == 1048576  # the table untouched
+
+
 def test_customize_refuses_what_it_cannot_understand(claw, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -172,3 +219,10 @@ def test_customize_refuses_what_it_cannot_understand(claw, tmp_path):
     x86.mkdir()
     image, _ = make_image(x86, tiny_root(x86 / "root"))
     refused(image, "the root is not arm64")
+
+    big = tmp_path / "big.img"
+    with open(big, "wb") as f:
+        f.truncate((1 << 30) + disk.MIB)
+    result = claw("os", "customize", str(big), "-o", str(out / "dev.img"), "--size", "1G")
+    assert result.code == 2 and "--size 1G: smaller than the base image" in result.err, result
+    assert list(out.iterdir()) == []
