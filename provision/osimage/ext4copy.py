@@ -109,7 +109,7 @@ def xattrs(source: str, inodes: list[int], scratch: Path) -> dict[int, dict[str,
     replies = batch(source, [f"ea_list <{ino}>" for ino in inodes], "debugfs ea_list")
     wanted = [(ino, match[1]) for ino in inodes for line in replies.get(f"ea_list <{ino}>", [])
               if (match := XATTR_NAME.match(line)) and match[1] not in SKIPPED_XATTRS]
-    batch(source, [f"ea_get -f {scratch}/{k} <{ino}> {name}"
+    batch(source, [f'ea_get -f "{scratch}/{k}" <{ino}> {name}'
                    for k, (ino, name) in enumerate(wanted)], "debugfs ea_get")
     found: dict[int, dict[str, bytes]] = defaultdict(dict)
     for k, (ino, name) in enumerate(wanted):
@@ -125,7 +125,7 @@ def copy_out(image: Path, part: disk.Partition, root: Path) -> Fidelity:
     links, device nodes, FIFOs, sockets and extended attributes."""
     source = disk.at(image, part)
     root.mkdir()
-    disk.run(["debugfs", "-R", f"rdump / {root}", source], "debugfs rdump")
+    disk.run(["debugfs", "-R", f'rdump / "{root}"', source], "debugfs rdump")  # spaces
     started = time.monotonic()
     entries = listing(source)
     done = Fidelity(files=len(entries))
@@ -152,7 +152,7 @@ def copy_out(image: Path, part: disk.Partition, root: Path) -> Fidelity:
         if stat.S_IMODE(os.lstat(path).st_mode) != stat.S_IMODE(entry.mode):
             os.chmod(path, stat.S_IMODE(entry.mode))
             done.modes += 1
-    with tempfile.TemporaryDirectory(prefix="xattrs-", dir=root.parent) as scratch:
+    with tempfile.TemporaryDirectory(prefix="claw-xattrs-") as scratch:
         found = xattrs(source, list(first), Path(scratch))
     for ino, attributes in found.items():
         for name, value in attributes.items():

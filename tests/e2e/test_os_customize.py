@@ -3,16 +3,18 @@
 as a vendor's image would come, with what a vendor root has and debugfs rdump alone loses (a
 file capability, a hard-linked pair, a device node, a FIFO) written into it by debugfs. The
 customised image is then booted and checked: hostname, sudo user with the key, the roles'
-settings live, the root grown to the disk, the capability honoured for the user, the links and
+settings live, the root partition grown to --size by customize (and the filesystem to the VM's
+bigger disk on first boot), the capability honoured for the user, the links and
 special files there.
 
-Run time: ~8-12 min on 2 shared cores (apt and the roles under qemu-user dominate; customize
+Run time: ~3-12 min on 2 shared cores (apt and the roles under qemu-user dominate; customize
 has no cache, its input is the vendor's root), plus the VM image build when it is not cached.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import uuid
@@ -22,7 +24,7 @@ import pytest
 
 from provision import vm as vms
 from provision.osimage import disk
-from tests.e2e.os_images import booted, claw_os, login_key, sh
+from tests.e2e.os_images import booted, claw_os, debugfs, login_key, sh
 
 pytestmark = [
     pytest.mark.e2e,
@@ -34,6 +36,7 @@ LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 TAGS = "base,zram,hugepages,cpu_governor,tuning"  # no Docker/OpenCL: keeps apt short
 CAP_NET_RAW = bytes.fromhex("0100000200200000" + "00" * 12)  # setcap cap_net_raw+ep
 PROBE = "/var/lib/claw-probe"
+GROWN_MB = 512  # --size: the image this much bigger than the vendor's, the root grown into it
 
 
 def add_probes(path: Path, root: disk.Partition) -> None:
@@ -92,7 +95,8 @@ def customised(tmp_path_factory):
     image = out / "custom.img"
     record = claw_os("customize", str(base), "-o", str(image), "--profile", "qemu-virt",
                      "--tags", TAGS, "--hostname", "claw-custom", "--user", "ops", "--ssh-key",
-                     f"{key}.pub", "-e", "claw_hugepages_mb=64", "--compress", "zst")
+                     f"{key}.pub", "-e", "claw_hugepages_mb=64", "--compress", "zst",
+                     "--size", f"{base.stat().st_size // disk.MIB + GROWN_MB}M")
     return image, key, root_uuid, vm_image, record
 
 
@@ -102,6 +106,11 @@ def test_customize_keeps_the_layout_and_writes_map_and_zst(customised):
     assert record["root_label"] == "claw-root"  # the VM root's own label, kept
     layout = disk.read_layout(image)
     assert layout.root.uuid.lower() == root_uuid.lower()
+    assert record["size"] == image.stat().st_size == layout.size
+    assert layout.root.end == layout.size - disk.MIB  # grown to the end, GPT's backup after it
+    stats = debugfs(image, layout, "stats").decode()
+    blocks = int(re.search(r"^Block count:\s+(\d+)", stats, re.M)[1])
+    assert blocks * int(re.search(r"^Block size:\s+(\d+)", stats, re.M)[1]) == layout.root.size
     assert image.with_name(image.name + ".zst").is_file()
     assert json.loads(image.with_name(image.name + ".bmap").read_text())["image_size"] == \
         image.stat().st_size

@@ -101,7 +101,7 @@ def vendor_root(path):
 
 def test_root_copied_out_keeps_what_rdump_drops(tmp_path):
     image, layout = make_image(tmp_path, vendor_root(tmp_path / "root"))
-    out = tmp_path / "out"
+    out = tmp_path / "vendor root"  # a space: debugfs' command parser needs it quoted
     copied = copy_out(image, layout.root, out)
     st = os.lstat(out / "usr/bin/claw-suid")
     assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o4755, 1000, 1000)
