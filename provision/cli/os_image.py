@@ -141,7 +141,12 @@ def customize_cmd(
                                 "size their settings from."),
     hostname: str = HOSTNAME, user: str | None = USER, ssh_key: list[Path] = SSH_KEY,
     wifi: str | None = WIFI, preload_image: list[str] = PRELOAD, var: list[str] = VARS,
-    tags: str | None = TAGS, compress: str | None = COMPRESS, as_json: bool = JSON,
+    tags: str | None = TAGS, compress: str | None = COMPRESS,
+    size: str | None = typer.Option(None, "--size", help="Make the image this big (e.g. 8G; "
+                                    "at least the base's size) and grow the root partition, the "
+                                    "last one, to its end. Without it the root grows only into "
+                                    "free space after it, and only when the result needs it."),
+    as_json: bool = JSON,
 ) -> None:
     """Apply the provisioning roles (offline) and the first-boot settings to an image made
     elsewhere (Raspberry Pi OS, Armbian, …): a GPT or MBR disk with a FAT boot partition and an
@@ -157,5 +162,5 @@ def customize_cmd(
     with StepDisplay(quiet=as_json) as display:
         record = customize(base, output, profile_name=profile, settings=settings,
                            host_vars=host_vars, tags=_tags(tags), compress=compress,
-                           progress=display, on_event=display.event)
+                           size=size, progress=display, on_event=display.event)
     _report(record, as_json)

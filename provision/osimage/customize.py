@@ -3,17 +3,18 @@ elsewhere (a vendor's Raspberry Pi OS or Armbian image, or any GPT/MBR arm64 ima
 boot partition and an ext4 root).
 
 The image is read, never mounted: sfdisk --json and blkid find the partitions, debugfs copies
-the root filesystem out (`rdump`, then the modes rdump drops, setuid bits included, put back
-from debugfs' own listing), the roles run on that tree through the chroot connection, and
-mkfs.ext4 -d writes it back in the same place with the same label and UUID, so the vendor's
-boot configuration (root=PARTUUID/UUID/LABEL) still finds it. The boot partition is kept as
-it is. Not kept: extended attributes (file capabilities) and device nodes of the old root.
+the root filesystem out (ext4copy: `rdump`, then what rdump drops put back from debugfs' own
+listing: setuid bits, hard links, device nodes, FIFOs, sockets, extended attributes such as
+file capabilities and ACLs), the roles run on that tree through the chroot connection, and
+mkfs.ext4 -d writes it back (xattrs, hard links and special files included) in the same place
+with the same label and UUID, so the vendor's boot configuration (root=PARTUUID/UUID/LABEL)
+still finds it. The boot partition is kept as it is.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import stat
 import subprocess
 import tempfile
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import BadInput, ClawError
-from provision.osimage import disk, firstboot, rootfs
+from provision.osimage import build, disk, ext4copy, firstboot, rootfs
 from provision.osimage.build import Steps, check_output, finish_image, publish, root_usage
 
 EM_AARCH64 = 183
@@ -57,30 +58,14 @@ def fs_field(image: Path, part: disk.Partition, name: str) -> str:
     return done.stdout.strip()
 
 
-def dump_root(image: Path, part: disk.Partition, root: Path) -> None:
-    """The ext4 tree into `root` with owners and full modes."""
-    root.mkdir()
-    disk.run(["debugfs", "-R", f"rdump / {root}", disk.at(image, part)], "debugfs rdump")
-    dirs = [Path(d) for d, _, _ in os.walk(root)]
-    script = "".join(f'ls -p "/{d.relative_to(root)}"\n'.replace('"/."', '"/"') for d in dirs)
-    with tempfile.NamedTemporaryFile("w", suffix=".debugfs") as cmds:
-        cmds.write(script)
-        cmds.flush()
-        listing = disk.run(["debugfs", "-f", cmds.name, disk.at(image, part)], "debugfs ls")
-    current = root
-    for line in listing.splitlines():
-        if line.startswith("debugfs: ls -p "):
-            current = root / line.removeprefix("debugfs: ls -p ").strip('"').lstrip("/")
-            continue
-        fields = line.split("/")
-        if len(fields) < 7 or fields[5] in (".", ".."):
-            continue
-        mode = int(fields[2], 8)
-        path = current / fields[5]
-        if stat.S_ISLNK(mode) or not os.path.lexists(path):
-            continue
-        if stat.S_IMODE(os.lstat(path).st_mode) != stat.S_IMODE(mode):
-            os.chmod(path, stat.S_IMODE(mode))
+def grow_file(image: Path, new_size: int, size_arg: str) -> None:
+    """The unpacked image made `new_size` long (sparse): room the root partition grows into."""
+    current = image.stat().st_size
+    if new_size < current:
+        raise BadInput(f"--size {size_arg}: smaller than the base image's "
+                       f"{current / 2**30:.2f} GiB (expected at least {-(-current // 2**20)}M)")
+    with open(image, "r+b") as out:
+        out.truncate(new_size)
 
 
 def check_arch(root: Path, base: Path) -> None:
@@ -101,7 +86,8 @@ def check_arch(root: Path, base: Path) -> None:
 def customize(base: Path, output: Path, *, profile_name: str = "generic-arm64",
               settings: firstboot.Settings | None = None,
               host_vars: dict[str, Any] | None = None, tags: list[str] | None = None,
-              compress: str | None = None, progress: Progress = print,
+              compress: str | None = None, size: str | None = None,
+              progress: Progress = print,
               on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     from provision.flash import compression_of
     from provision.osimage.build import load_profile_any
@@ -115,6 +101,7 @@ def customize(base: Path, output: Path, *, profile_name: str = "generic-arm64",
     if base.resolve() == output.resolve():
         raise BadInput(f"-o {output}: is the base image (write the result elsewhere)")
     firstboot.check_settings(settings)
+    new_size = build.parse_size(size) if size else None
     disk.check_tools()
     extra = ["fdisk", *(["wpasupplicant"] if settings.wifi else [])]
     host_vars = {**(host_vars or {})}
@@ -126,21 +113,27 @@ def customize(base: Path, output: Path, *, profile_name: str = "generic-arm64",
     try:
         image, root = work / output.name, work / "root"
         steps.run(f"reading {base.name}", lambda: unpack(base, image))
+        if new_size is not None:
+            grow_file(image, new_size, size or "")
         layout = disk.read_layout(image)
         label, fs_uuid = fs_field(image, layout.root, "LABEL"), fs_field(image, layout.root,
                                                                          "UUID")
-        steps.run(f"copying out the root filesystem (partition {layout.root.number})",
-                  lambda: dump_root(image, layout.root, root))
+        copied = steps.run(f"copying out the root filesystem (partition {layout.root.number})",
+                           lambda: ext4copy.copy_out(image, layout.root, root))
         check_arch(root, base)
         steps.run("applying the provisioning roles offline (chroot connection)",
                   lambda: rootfs.apply_roles(root, profile.name, host_vars, work / "build.log",
                                              on_event, tags=tags))
         steps.run("first-boot configuration", lambda: firstboot.apply(root, settings, progress))
         need = root_usage(root) * 1.15 + 64 * disk.MIB
+        if need > layout.root.size or new_size is not None:
+            layout = steps.run("growing the root partition to the disk's end",
+                               lambda: disk.grow_root(image, layout))
         if need > layout.root.size:
             raise ClawError(f"the customised root needs {need / 2**30:.2f} GiB, more than its "
-                            f"partition's {layout.root.size / 2**30:.2f} GiB (fewer roles with "
-                            "--tags, or a base image with a bigger root partition)")
+                            f"partition's {layout.root.size / 2**30:.2f} GiB (a bigger --size, "
+                            "fewer roles with --tags, or a base image with a bigger root "
+                            "partition)")
         steps.run("writing the root filesystem back",
                   lambda: disk.make_ext4(image, layout.root, root, label=label or "rootfs",
                                          fs_uuid=fs_uuid or None))
@@ -151,5 +144,6 @@ def customize(base: Path, output: Path, *, profile_name: str = "generic-arm64",
     return {"image": str(output), "files": [str(f) for f in files], "base": str(base),
             "profile": profile.name, "size": layout.size, "table": layout.label,
             "boot_partition": layout.boot.number, "root_partition": layout.root.number,
-            "root_label": label, "root_uuid": fs_uuid, "steps": steps.times,
+            "root_label": label, "root_uuid": fs_uuid,
+            "root_copy": dataclasses.asdict(copied), "steps": steps.times,
             "seconds": round(time.monotonic() - started, 1)}

@@ -180,3 +180,37 @@ def fs_type(image: Path, part: Partition) -> str:
     done = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", "-O", str(part.start),
                            "-S", str(part.size), str(image)], capture_output=True, text=True)
     return done.stdout.strip()
+
+
+def grow_root(image: Path, layout: Layout) -> Layout:
+    """The root partition extended to the disk's end (1 MiB-aligned, GPT's backup table kept
+    room for), when it is the last partition. The table is rewritten from sfdisk's own dump,
+    so the disk identifier, partition UUIDs, names, types and flags stay; GPT's backup header
+    moves to the (grown) file's end. The filesystem is not touched: mkfs.ext4 -d follows."""
+    size = image.stat().st_size
+    end = max(layout.root.end, (size - (MIB if layout.label == "gpt" else 0)) // MIB * MIB)
+    if end == layout.root.end:
+        return layout
+    dump = run(["sfdisk", "--dump", str(image)], "sfdisk --dump")
+    lines, parts = [], 0
+    for line in dump.splitlines():
+        if line.startswith("last-lba:"):
+            continue  # the old disk's end: sfdisk puts the new one
+        fields = dict(f.strip().split("=", 1) for f in line.split(":", 1)[-1].split(",")
+                      if "=" in f) if " : start=" in line else {}
+        if fields:
+            parts += 1
+            start = int(fields["start"]) * SECTOR
+            if start > layout.root.start:
+                raise ClawError(f"{image}: partition {parts} lies after the root partition; "
+                                "the root cannot grow")
+            if start == layout.root.start:
+                line = line.replace(f"size={fields['size']}",
+                                    f"size={(end - layout.root.start) // SECTOR}", 1)
+        lines.append(line)
+    run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(image)], "sfdisk (grow root)",
+        input="\n".join(lines) + "\n")
+    grown = read_layout(image)
+    if grown.root.start != layout.root.start or grown.root.end != end:
+        raise ClawError(f"{image}: sfdisk did not grow the root partition as asked")
+    return grown
