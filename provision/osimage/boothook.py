@@ -138,26 +138,25 @@ def config(profile: DeviceProfile, boot_dir: str = BOOT_DIR, prefix: str = "") -
             f"/{SCRIPT_PATH}\n" + "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items()))
 
 
+def _write(root: Path, path: str, text: str, executable: bool = False) -> None:
+    """A file of the root tree, its folders made as needed."""
+    target = root / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    if executable:
+        target.chmod(0o755)
+
+
 def install_run_parts(root: Path) -> None:
     """The run-parts shim, and apt's PATH for dpkg with /usr/local/sbin in it."""
-    path = root / RUN_PARTS_PATH
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(RUN_PARTS)
-    path.chmod(0o755)
-    conf = root / DPKG_PATH_CONF
-    conf.parent.mkdir(parents=True, exist_ok=True)
-    conf.write_text(DPKG_PATH)
+    _write(root, RUN_PARTS_PATH, RUN_PARTS, executable=True)
+    _write(root, DPKG_PATH_CONF, DPKG_PATH)
 
 
 def install(root: Path, profile: DeviceProfile) -> None:
     """The script, its configuration and the three hook links into a root tree."""
-    script = root / SCRIPT_PATH
-    script.parent.mkdir(parents=True, exist_ok=True)
-    script.write_text(SCRIPT)
-    script.chmod(0o755)
-    conf = root / CONF_PATH
-    conf.parent.mkdir(parents=True, exist_ok=True)
-    conf.write_text(config(profile))
+    _write(root, SCRIPT_PATH, SCRIPT, executable=True)
+    _write(root, CONF_PATH, config(profile))
     for folder in HOOK_DIRS:
         link = root / folder / NAME
         link.parent.mkdir(parents=True, exist_ok=True)
