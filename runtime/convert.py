@@ -223,14 +223,16 @@ def _add_kv(w: gguf.GGUFWriter, key: str, value: Any) -> None:
         raise ModelError(f"metadata {key}: cannot write a {type(value).__name__}")
 
 
-def add_typed_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray, qtype: T) -> None:
-    """Adds `data` to a GGUF being written, stored as `qtype` (F32, F16 or a block type)."""
+def add_typed_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray, qtype: T,
+                     importance: np.ndarray | None = None) -> None:
+    """Adds `data` to a GGUF being written, stored as `qtype` (F32, F16 or a block type; a
+    searched block type weights its columns by `importance`, see quant.quantize)."""
     if qtype == T.F32:
         writer.add_tensor(name, data.astype(np.float32))
     elif qtype == T.F16:
         writer.add_tensor(name, data.astype(np.float16))
     else:
-        writer.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
+        writer.add_tensor(name, quantize(data, qtype, importance=importance), raw_dtype=qtype)
 
 
 @contextmanager

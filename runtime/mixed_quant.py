@@ -450,12 +450,8 @@ def write(source: ModelSource, weights: Mapping[str, np.ndarray], types: Mapping
     with gguf_output(out, source.config.arch) as writer:
         _copy_metadata(writer, source.path, FILE_TYPES.get(main, 1), extra)
         for name in source.tensors:
-            qtype, imp = types.get(name, T.F32), (importance or {}).get(name)
-            if imp is not None and qtype not in FLOAT_INPUTS:
-                writer.add_tensor(name, quantize(weights[name], qtype, importance=imp),
-                                  raw_dtype=qtype)
-            else:
-                add_typed_tensor(writer, name, weights[name], qtype)
+            add_typed_tensor(writer, name, weights[name], types.get(name, T.F32),
+                             (importance or {}).get(name))
     return out
 
 
