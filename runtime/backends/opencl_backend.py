@@ -27,6 +27,7 @@ from runtime.backends import Backend, KVCache
 from runtime.backends.opencl_device import Device, find_device
 from runtime.backends.opencl_kernels import FORMATS, DeviceMatrix, Kernels, Params
 from runtime.backends.opencl_programs import ProgramCache
+from runtime.backends.opencl_replay import PerStep, Recording, position
 from runtime.backends.opencl_tuning import load_params
 from runtime.backends.weight_stream import Q8_ACTIVATION_TYPES
 from runtime.config import ModelConfig
@@ -58,6 +59,7 @@ class DeviceKVCache(KVCache):
         self.k = [kern.empty(per_layer) for _ in range(cfg.n_layers)]
         self.v = [kern.empty(per_layer) for _ in range(cfg.n_layers)]
         self.nbytes = 2 * cfg.n_layers * per_layer
+        self.recorded: tuple[tuple, Recording] | None = None  # (its key, the decode step)
 
 
 class OpenCLBackend(Backend):
@@ -108,6 +110,8 @@ class OpenCLBackend(Backend):
         self.inv_freq = rope_inv_freq(cfg, factors.to_float32() if factors is not None else None)
         self.rope_positions = 0
         self.scratch_tokens = 0
+        self.scratch_generation = 0  # bumped when buffers a recorded step reads are replaced
+        self.replay = True  # decode steps replay a recording (opencl_replay); False: launch each
         self.part, self.part_bytes = None, 0
         self.caches: weakref.WeakSet[DeviceKVCache] = weakref.WeakSet()  # live, for memory_in_use
         self.dev.queue.finish()
@@ -172,6 +176,7 @@ class OpenCLBackend(Backend):
         self.cos = self.kern.upload(np.cos(angles).astype(np.float32))
         self.sin = self.kern.upload(np.sin(angles).astype(np.float32))
         self.rope_positions = n_ctx
+        self.scratch_generation += 1
 
     def _scratch(self, n_tok: int, n_keys: int) -> None:
         """Activation buffers for n_tok tokens (grown, never shrunk) and attention partials."""
@@ -185,12 +190,14 @@ class OpenCLBackend(Backend):
             self.token_buf = k.empty(4 * n_tok)
             self.next_id = k.empty(4)
             self.scratch_tokens = n_tok
+            self.scratch_generation += 1
         # split (decode) attention's partial results; prefill attention needs none
         splits = k.attention_splits(n_keys) if n_tok == 1 else 0
         need = 4 * cfg.n_heads * splits * (cfg.head_dim + 2)
         if need > self.part_bytes:
             self.part = k.empty(need)
             self.part_bytes = need
+            self.scratch_generation += 1
 
     # --- the forward pass -----------------------------------------------------------------
 
@@ -205,20 +212,45 @@ class OpenCLBackend(Backend):
         self.check_room(tokens, cache)
         if not isinstance(cache, DeviceKVCache):
             raise ModelError("the OpenCL backend needs a cache from its own new_cache()")
-        cfg, k = self.config, self.kern
         n, pos0 = len(tokens), cache.length
-        C, H, KV, D = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self._rope_tables(cache.n_ctx)
         self._scratch(n, pos0 + n)
-        cl = self.dev.cl
+        cl, queue = self.dev.cl, self.dev.queue
         if self.embd is not None and len(self.embd.parts) == 1:
-            cl.enqueue_copy(self.dev.queue, self.token_buf, np.asarray(tokens, np.int32))
-            k.get_rows(self.embd, self.token_buf, self.x, n)
+            cl.enqueue_copy(queue, self.token_buf, np.asarray(tokens, np.int32))
+            if n == 1 and self.replay and not self.streamed:
+                self._recorded_step(cache, pos0).replay(pos0)
+                cache.length += 1
+                return 1
+            self.kern.get_rows(self.embd, self.token_buf, self.x, n)
         else:  # split past the largest buffer, or not on the device: rows dequantized here
             table = self.source.tensors["token_embd.weight"]
             read = self.ring.rows if self.ring else lambda ref, a, b: ref.rows(a, b)
             rows = np.concatenate([read(table, t, t + 1) for t in tokens])
-            cl.enqueue_copy(self.dev.queue, self.x, rows)
+            cl.enqueue_copy(queue, self.x, rows)
+        n_out = self._layers_and_head(n, pos0, cache, all_logits)
+        cache.length += n
+        return n_out
+
+    def _recorded_step(self, cache: DeviceKVCache, pos0: int) -> Recording:
+        """This cache's decode step as a recording (made now if the last one no longer fits:
+        another split count for attention, or scratch buffers replaced since)."""
+        key = (self.kern.attention_splits(pos0 + 1), self.scratch_generation,
+               self.kern.scratch_generation)
+        if cache.recorded is None or cache.recorded[0] != key:
+            def step() -> None:
+                self.kern.get_rows(self.embd, self.token_buf, self.x, 1)
+                self._layers_and_head(1, position(pos0), cache, False)
+
+            cache.recorded = (key, self.kern.record(step))
+        return cache.recorded[1]
+
+    def _layers_and_head(self, n: int, pos0: int | PerStep, cache: DeviceKVCache,
+                         all_logits: bool) -> int:
+        """The launches from the embedded tokens in self.x to the logits; returns logit rows.
+        `pos0` is a PerStep while a decode step is being recorded."""
+        cfg, k, queue = self.config, self.kern, self.dev.queue
+        C, H, KV, D = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         kv_off = pos0 * KV * D
         for i in range(cfg.n_layers):
             w = self._enter(i)
@@ -251,11 +283,10 @@ class OpenCLBackend(Backend):
             k.matmul(w["ffn_down"], self.gate, self.x, n, accumulate=True)
             if i in self.streamed:
                 self.ring.leave(i)
-        cache.length += n
         n_out = n if all_logits else 1
         if n_out < n:  # only the last row goes through the head
-            cl.enqueue_copy(self.dev.queue, self.xn, self.x, byte_count=4 * C,
-                            src_offset=4 * (n - 1) * C)
+            self.dev.cl.enqueue_copy(queue, self.xn, self.x, byte_count=4 * C,
+                                     src_offset=4 * (n - 1) * C)
         head = self.head
         if head is None:  # streamed
             head = next(iter(self.ring.enter(cfg.n_layers).values()))

@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as T
 
 from runtime.backends.opencl_device import Device
 from runtime.backends.opencl_programs import ProgramCache
+from runtime.backends.opencl_replay import PerStep, Recording, i32, now
 from runtime.backends.weight_stream import Q8_ACTIVATION_TYPES
 from runtime.quant import row_bytes
 
@@ -70,12 +71,31 @@ class Kernels:
         self.host_pointer_bytes = 0  # weight bytes wrapped in place, not copied
         self.uploaded_bytes = 0  # bytes copied to the device (weights, tables), never freed
         self._q8: tuple[int, Any, Any] = (0, None, None)  # (values it holds, XQ, XD) scratch
+        self.scratch_generation = 0  # bumped when the scratch is replaced: recordings go stale
+        self.recording: Recording | None = None  # set: launches are captured, not enqueued
 
     def k(self, program: Any, name: str) -> Any:
         """A kernel object, made once (pyopencl makes a new one on each attribute access)."""
         if name not in self._kernels:
             self._kernels[name] = self.cl.Kernel(program, name)
         return self._kernels[name]
+
+    def launch(self, program: Any, name: str, gsize: tuple, lsize: tuple | None,
+               *args: Any) -> None:
+        """Enqueue one kernel, or capture it while a decode step is being recorded."""
+        if self.recording is None:
+            self.k(program, name)(self.queue, gsize, lsize, *args)
+        else:  # its own kernel object: a recorded launch keeps its arguments set
+            self.recording.add(self.cl.Kernel(program, name), gsize, lsize, args)
+
+    def record(self, steps: Any) -> Recording:
+        """The launches `steps()` makes, captured (nothing runs) for Recording.replay."""
+        self.recording = Recording(self.cl, self.queue)
+        try:
+            steps()
+            return self.recording
+        finally:
+            self.recording = None
 
     # --- memory ---------------------------------------------------------------------------
 
@@ -131,6 +151,7 @@ class Kernels:
     def _q8_scratch(self, n: int) -> Q8:
         if n > self._q8[0]:
             self._q8 = (n, self.empty(n), self.empty(4 * (n // 32)))
+            self.scratch_generation += 1
         return self._q8[1], self._q8[2]
 
     def quantize_q8(self, x: Any, n_cols: int, n_tok: int) -> Q8:
@@ -138,69 +159,59 @@ class Kernels:
         scale per 32), what the q* kernels of Q4_0/Q8_0 weights read (numpy: q8_activations).
         Valid until the next quantization: the in-order queue runs the launches in turn."""
         xq, xd = self._q8_scratch(n_cols * n_tok)
-        self.k(self.ops, "quantize_q8")(self.queue, (n_cols // 32, n_tok), None, x, xq, xd,
-                                        np.int32(n_cols))
+        self.launch(self.ops, "quantize_q8", (n_cols // 32, n_tok), None, x, xq, xd,
+                    np.int32(n_cols))
         return xq, xd
 
-    def _qmatmul(self, w: DeviceMatrix, x: Any, y: Any, n_tok: int, stride: int, y_off: int,
-                 accumulate: bool, q8: Q8 | None) -> None:
+    def _qmatmul(self, w: DeviceMatrix, x: Any, y: Any, n_tok: int, stride: int,
+                 y_off: int | PerStep, accumulate: bool, q8: Q8 | None) -> None:
         """matmul() for Q4_0/Q8_0 weights: int8 activations, integer dot products per block.
         Decode: LWS work-items a row (GPUs) or one (CPUs); prefill: a token tile per row."""
         p, name = self.params, FORMATS[w.qtype]
         xq, xd = q8 or self.quantize_q8(x, w.n_cols, n_tok)
+        cols, acc = np.int32(w.n_cols), np.int32(accumulate)
         for r0, n, buf in w.parts:
-            rows = math.ceil(n / p.RPW) * p.RPW
+            rows, off = math.ceil(n / p.RPW) * p.RPW, i32(y_off + r0)
             if n_tok == 1 and p.LWS > 1:
-                self.k(self.mm, f"qmatmul_{name}_vec")(
-                    self.queue, (rows * p.LWS,), (p.RPW * p.LWS,), buf, xq, xd, y,
-                    np.int32(w.n_cols), np.int32(n), np.int32(1), np.int32(w.row_bytes),
-                    np.int32(stride), np.int32(y_off + r0), np.int32(accumulate))
+                self.launch(self.mm, f"qmatmul_{name}_vec", (rows * p.LWS,), (p.RPW * p.LWS,),
+                            buf, xq, xd, y, cols, np.int32(n), np.int32(1),
+                            np.int32(w.row_bytes), np.int32(stride), off, acc)
             elif n_tok == 1:
-                self.k(self.mm, f"qgemv_{name}")(
-                    self.queue, (rows,), (p.RPW,), buf, xq, xd, y, np.int32(w.n_cols),
-                    np.int32(n), np.int32(w.row_bytes), np.int32(y_off + r0),
-                    np.int32(accumulate))
+                self.launch(self.mm, f"qgemv_{name}", (rows,), (p.RPW,), buf, xq, xd, y, cols,
+                            np.int32(n), np.int32(w.row_bytes), off, acc)
             else:
                 tile = 8 if p.TT == 8 else 4  # matmul.cl's TILE_N
-                self.k(self.mm, f"qgemm_{name}")(
-                    self.queue, (rows, math.ceil(n_tok / tile)), (p.RPW, 1), buf, xq, xd, y,
-                    np.int32(w.n_cols), np.int32(n), np.int32(n_tok), np.int32(w.row_bytes),
-                    np.int32(stride), np.int32(y_off + r0), np.int32(accumulate))
+                self.launch(self.mm, f"qgemm_{name}", (rows, math.ceil(n_tok / tile)),
+                            (p.RPW, 1), buf, xq, xd, y, cols, np.int32(n), np.int32(n_tok),
+                            np.int32(w.row_bytes), np.int32(stride), off, acc)
 
     def matmul(self, w: DeviceMatrix, x: Any, y: Any, n_tok: int, *, y_stride: int | None = None,
-               y_off: int = 0, accumulate: bool = False, q8: Q8 | None = None) -> None:
+               y_off: int | PerStep = 0, accumulate: bool = False,
+               q8: Q8 | None = None) -> None:
         """y[t, :] (+)= W x[t] for t < n_tok; x is (n_tok, n_cols), y rows of y_stride.
         Like llama.cpp, Q4_0/Q8_0 weights multiply x rounded to Q8_0 blocks (_qmatmul): `q8`,
         when given, is x already rounded (rms_norm's or quantize_q8's), else this rounds it."""
         p = self.params
-        if w.qtype in Q8_ACTIVATION_TYPES:
-            self._qmatmul(w, x, y, n_tok, w.n_rows if y_stride is None else y_stride, y_off,
-                          accumulate, q8)
-            return
-        if n_tok == 1 and p.LWS == 1:  # CPU-style: one work-item per row
-            kernel = self.k(self.mm, f"gemv_{FORMATS[w.qtype]}")
-            for r0, n, buf in w.parts:
-                kernel(self.queue, (math.ceil(n / p.RPW) * p.RPW,), (p.RPW,), buf, x, y,
-                       np.int32(w.n_cols), np.int32(n), np.int32(w.row_bytes),
-                       np.int32(y_off + r0), np.int32(accumulate))
-            return
         stride = w.n_rows if y_stride is None else y_stride
-        if p.LWS == 1 and p.TT in (4, 8):  # CPU-style prefill: a token tile per work-item
-            kernel = self.k(self.mm, f"gemm_{FORMATS[w.qtype]}")
-            for r0, n, buf in w.parts:
-                kernel(self.queue, (math.ceil(n / p.RPW) * p.RPW, math.ceil(n_tok / p.TT)),
-                       (p.RPW, 1), buf, x, y, np.int32(w.n_cols), np.int32(n),
-                       np.int32(n_tok), np.int32(w.row_bytes), np.int32(stride),
-                       np.int32(y_off + r0), np.int32(accumulate))
+        if w.qtype in Q8_ACTIVATION_TYPES:
+            self._qmatmul(w, x, y, n_tok, stride, y_off, accumulate, q8)
             return
-        nt = 1 if n_tok == 1 else p.TT
-        kernel = self.k(self.mm, f"matmul_{FORMATS[w.qtype]}_{'vec' if nt == 1 else 'mat'}")
+        fmt, cols, acc = FORMATS[w.qtype], np.int32(w.n_cols), np.int32(accumulate)
         for r0, n, buf in w.parts:
-            groups = math.ceil(n / p.RPW)
-            kernel(self.queue, (groups * p.RPW * p.LWS, math.ceil(n_tok / nt)),
-                   (p.RPW * p.LWS, 1), buf, x, y, np.int32(w.n_cols), np.int32(n),
-                   np.int32(n_tok), np.int32(w.row_bytes), np.int32(stride),
-                   np.int32(y_off + r0), np.int32(accumulate))
+            rows, off = math.ceil(n / p.RPW) * p.RPW, i32(y_off + r0)
+            if n_tok == 1 and p.LWS == 1:  # CPU-style: one work-item per row
+                self.launch(self.mm, f"gemv_{fmt}", (rows,), (p.RPW,), buf, x, y, cols,
+                            np.int32(n), np.int32(w.row_bytes), off, acc)
+            elif p.LWS == 1 and p.TT in (4, 8):  # CPU-style prefill: a token tile a work-item
+                self.launch(self.mm, f"gemm_{fmt}", (rows, math.ceil(n_tok / p.TT)), (p.RPW, 1),
+                            buf, x, y, cols, np.int32(n), np.int32(n_tok),
+                            np.int32(w.row_bytes), np.int32(stride), off, acc)
+            else:
+                nt = 1 if n_tok == 1 else p.TT
+                self.launch(self.mm, f"matmul_{fmt}_{'vec' if nt == 1 else 'mat'}",
+                            (rows * p.LWS, math.ceil(n_tok / nt)), (p.RPW * p.LWS, 1), buf, x, y,
+                            cols, np.int32(n), np.int32(n_tok), np.int32(w.row_bytes),
+                            np.int32(stride), off, acc)
 
     def _fusable(self, *ws: DeviceMatrix) -> bool:
         """Decode's fused kernels need the CPU shape (LWS 1), one type and width, one buffer."""
@@ -209,7 +220,7 @@ class Kernels:
             len(w.parts) == 1 and w.qtype == w0.qtype and w.n_cols == w0.n_cols for w in ws)
 
     def matmul_qkv(self, wq: DeviceMatrix, wk: DeviceMatrix, wv: DeviceMatrix, x: Any, q: Any,
-                   kc: Any, vc: Any, kv_off: int, q8: Q8 | None = None) -> None:
+                   kc: Any, vc: Any, kv_off: int | PerStep, q8: Q8 | None = None) -> None:
         """One token's Q, K and V projections: q = Wq x, and K, V into the caches at kv_off
         (floats); one launch where the three matrices allow it (see _fusable), else three."""
         if wk.n_rows != wv.n_rows or not self._fusable(wq, wk, wv):
@@ -219,18 +230,16 @@ class Kernels:
             self.matmul(wv, x, vc, 1, y_off=kv_off, q8=q8)
             return
         rpw, rows = self.params.RPW, wq.n_rows + 2 * wk.n_rows
+        weights = (wq.parts[0][2], wk.parts[0][2], wv.parts[0][2])
+        shape = (np.int32(wq.n_cols), np.int32(wq.n_rows), np.int32(wk.n_rows),
+                 np.int32(wq.row_bytes), i32(kv_off))
+        gsize, fmt = (math.ceil(rows / rpw) * rpw,), FORMATS[wq.qtype]
         if wq.qtype in Q8_ACTIVATION_TYPES:
             xq, xd = q8 or self.quantize_q8(x, wq.n_cols, 1)
-            self.k(self.mm, f"qgemv_qkv_{FORMATS[wq.qtype]}")(
-                self.queue, (math.ceil(rows / rpw) * rpw,), (rpw,), wq.parts[0][2],
-                wk.parts[0][2], wv.parts[0][2], xq, xd, q, kc, vc, np.int32(wq.n_cols),
-                np.int32(wq.n_rows), np.int32(wk.n_rows), np.int32(wq.row_bytes),
-                np.int32(kv_off))
-            return
-        self.k(self.mm, f"gemv_qkv_{FORMATS[wq.qtype]}")(
-            self.queue, (math.ceil(rows / rpw) * rpw,), (rpw,), wq.parts[0][2], wk.parts[0][2],
-            wv.parts[0][2], x, q, kc, vc, np.int32(wq.n_cols), np.int32(wq.n_rows),
-            np.int32(wk.n_rows), np.int32(wq.row_bytes), np.int32(kv_off))
+            self.launch(self.mm, f"qgemv_qkv_{fmt}", gsize, (rpw,), *weights, xq, xd, q, kc, vc,
+                        *shape)
+        else:
+            self.launch(self.mm, f"gemv_qkv_{fmt}", gsize, (rpw,), *weights, x, q, kc, vc, *shape)
 
     def matmul_glu(self, wg: DeviceMatrix, wu: DeviceMatrix, x: Any, gate: Any, up: Any,
                    q8: Q8 | None = None) -> None:
@@ -243,25 +252,22 @@ class Kernels:
             self.swiglu(gate, up, wg.n_rows)
             return
         rpw = self.params.RPW
+        gsize, fmt = (math.ceil(wg.n_rows / rpw) * rpw,), FORMATS[wg.qtype]
+        shape = (np.int32(wg.n_cols), np.int32(wg.n_rows), np.int32(wg.row_bytes))
         if wg.qtype in Q8_ACTIVATION_TYPES:
             xq, xd = q8 or self.quantize_q8(x, wg.n_cols, 1)
-            self.k(self.mm, f"qgemv_glu_{FORMATS[wg.qtype]}")(
-                self.queue, (math.ceil(wg.n_rows / rpw) * rpw,), (rpw,), wg.parts[0][2],
-                wu.parts[0][2], xq, xd, gate, np.int32(wg.n_cols), np.int32(wg.n_rows),
-                np.int32(wg.row_bytes))
-            return
-        self.k(self.mm, f"gemv_glu_{FORMATS[wg.qtype]}")(
-            self.queue, (math.ceil(wg.n_rows / rpw) * rpw,), (rpw,), wg.parts[0][2],
-            wu.parts[0][2], x, gate, np.int32(wg.n_cols), np.int32(wg.n_rows),
-            np.int32(wg.row_bytes))
+            self.launch(self.mm, f"qgemv_glu_{fmt}", gsize, (rpw,), wg.parts[0][2],
+                        wu.parts[0][2], xq, xd, gate, *shape)
+        else:
+            self.launch(self.mm, f"gemv_glu_{fmt}", gsize, (rpw,), wg.parts[0][2],
+                        wu.parts[0][2], x, gate, *shape)
 
     def get_rows(self, w: DeviceMatrix, tokens: Any, out: Any, n_tok: int) -> None:
         """out[t] = float32 row tokens[t] of w (embedding lookup); tokens int32 on the device."""
-        kernel = self.k(self.mm, f"get_rows_{FORMATS[w.qtype]}")
         if len(w.parts) != 1:  # a split table: look up on the host rows per part (rare)
             raise ValueError("embedding lookup needs the table in one buffer")
-        kernel(self.queue, (w.n_cols // 32, n_tok), None, w.parts[0][2], tokens, out,
-               np.int32(w.n_cols), np.int32(w.row_bytes))
+        self.launch(self.mm, f"get_rows_{FORMATS[w.qtype]}", (w.n_cols // 32, n_tok), None,
+                    w.parts[0][2], tokens, out, np.int32(w.n_cols), np.int32(w.row_bytes))
 
     def q8_for(self, x: Any, n_cols: int, n_tok: int, *ws: DeviceMatrix) -> Q8 | None:
         """x rounded to Q8_0 once for several products that read it, if one of them wants it."""
@@ -276,63 +282,61 @@ class Kernels:
         wg = self.params.WG
         if q8 and n % 32 == 0:
             xq, xd = self._q8_scratch(n * n_rows)
-            self.k(self.ops, "rms_norm_q8")(self.queue, (wg, n_rows), (wg, 1), x, w, out, xq,
-                                            xd, np.int32(n), np.float32(eps))
+            self.launch(self.ops, "rms_norm_q8", (wg, n_rows), (wg, 1), x, w, out, xq, xd,
+                        np.int32(n), np.float32(eps))
             return xq, xd
-        self.k(self.ops, "rms_norm")(self.queue, (wg, n_rows), (wg, 1), x, w, out,
-                                     np.int32(n), np.float32(eps))
+        self.launch(self.ops, "rms_norm", (wg, n_rows), (wg, 1), x, w, out, np.int32(n),
+                    np.float32(eps))
         return None
 
-    def rope(self, x: Any, off: int, cos: Any, sin: Any, pos0: int, n_tok: int, n_heads: int,
-             head_dim: int, rope_dim: int, neox: bool) -> None:
-        self.k(self.ops, "rope")(self.queue, (rope_dim // 2, n_heads, n_tok), None, x,
-                                 np.int32(off), cos, sin, np.int32(pos0), np.int32(head_dim),
-                                 np.int32(rope_dim), np.int32(neox))
+    def rope(self, x: Any, off: int | PerStep, cos: Any, sin: Any, pos0: int | PerStep,
+             n_tok: int, n_heads: int, head_dim: int, rope_dim: int, neox: bool) -> None:
+        self.launch(self.ops, "rope", (rope_dim // 2, n_heads, n_tok), None, x, i32(off), cos,
+                    sin, i32(pos0), np.int32(head_dim), np.int32(rope_dim), np.int32(neox))
 
-    def add_bias(self, x: Any, off: int, bias: Any, n: int, n_tok: int) -> None:
-        self.k(self.ops, "add_bias")(self.queue, (n, n_tok), None, x, np.int32(off), bias,
-                                     np.int32(n))
+    def add_bias(self, x: Any, off: int | PerStep, bias: Any, n: int, n_tok: int) -> None:
+        self.launch(self.ops, "add_bias", (n, n_tok), None, x, i32(off), bias, np.int32(n))
 
     def swiglu(self, gate: Any, up: Any, n: int) -> None:
-        self.k(self.ops, "swiglu")(self.queue, (n,), None, gate, up)
+        self.launch(self.ops, "swiglu", (n,), None, gate, up)
 
     def attention_splits(self, n_keys: int) -> int:
         return math.ceil(n_keys / self.params.SPLIT)
 
     def attention(self, q: Any, kc: Any, vc: Any, out: Any, part: Any, n_tok: int, n_heads: int,
-                  n_kv: int, head_dim: int, pos0: int, *, split: bool | None = None) -> None:
+                  n_kv: int, head_dim: int, pos0: int | PerStep, *,
+                  split: bool | None = None) -> None:
         """out (n_tok, n_heads * head_dim) = causal softmax(q k^T / sqrt(d)) v over the cache
         positions < pos0 + t + 1. Decode (or split=True) spreads the keys over work-groups
         (`part` holds n_tok * n_heads * splits * (head_dim + 2) floats); prefill stages keys
         in local memory for a tile of queries."""
         scale = np.float32(1.0 / math.sqrt(head_dim))
+        heads = (np.int32(n_heads), np.int32(n_kv), np.int32(head_dim))
         if not (n_tok == 1 if split is None else split):
             wg = self.params.WG
-            self.k(self.ops, "attn_prefill")(
-                self.queue, (wg * math.ceil(n_tok / wg), n_heads), (wg, 1), q, kc, vc, out,
-                np.int32(n_tok), np.int32(n_heads), np.int32(n_kv), np.int32(head_dim),
-                np.int32(pos0), scale)
+            self.launch(self.ops, "attn_prefill", (wg * math.ceil(n_tok / wg), n_heads), (wg, 1),
+                        q, kc, vc, out, np.int32(n_tok), *heads, i32(pos0), scale)
             return
-        wg, n_split = self.params.WG, self.attention_splits(pos0 + n_tok)
+        # a recorded step keeps this split count: Recording users re-record when it changes
+        wg, n_split = self.params.WG, self.attention_splits(now(pos0) + n_tok)
         n_q = n_tok * n_heads
-        self.k(self.ops, "attn_partial")(
-            self.queue, (wg * n_q, n_split), (wg, 1), q, kc, vc, part, np.int32(n_heads),
-            np.int32(n_kv), np.int32(head_dim), np.int32(pos0), scale)
-        self.k(self.ops, "attn_combine")(self.queue, (head_dim, n_q), None, part, out,
-                                         np.int32(head_dim), np.int32(n_split))
+        self.launch(self.ops, "attn_partial", (wg * n_q, n_split), (wg, 1), q, kc, vc, part,
+                    *heads, i32(pos0), scale)
+        self.launch(self.ops, "attn_combine", (head_dim, n_q), None, part, out,
+                    np.int32(head_dim), np.int32(n_split))
 
     def softmax(self, x: Any, n: int, n_rows: int) -> None:
         wg = self.params.WG
-        self.k(self.ops, "softmax_rows")(self.queue, (wg, n_rows), (wg, 1), x, np.int32(n))
+        self.launch(self.ops, "softmax_rows", (wg, n_rows), (wg, 1), x, np.int32(n))
 
     def argmax(self, x: Any, out: Any, n: int, n_rows: int) -> None:
         wg = self.params.WG
-        self.k(self.ops, "argmax_rows")(self.queue, (wg, n_rows), (wg, 1), x, out, np.int32(n))
+        self.launch(self.ops, "argmax_rows", (wg, n_rows), (wg, 1), x, out, np.int32(n))
 
     def top_k(self, x: Any, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k largest of x[:n] (k ≤ 64), largest first: (values, indices) on the host."""
         if not 1 <= k <= min(64, n):
             raise ValueError(f"top-k needs 1 ≤ k ≤ {min(64, n)}, got {k}")
         vals, ids = self.empty(4 * k), self.empty(4 * k)
-        self.k(self.ops, "topk")(self.queue, (16,), (16,), x, np.int32(n), np.int32(k), vals, ids)
+        self.launch(self.ops, "topk", (16,), (16,), x, np.int32(n), np.int32(k), vals, ids)
         return self.read(vals, (k,)), self.read(ids, (k,), np.int32)
