@@ -193,29 +193,35 @@ def check_sampling(kern: Kernels) -> None:
 
 def check_fused_decode(kern: Kernels, qtype: T) -> None:
     """Decode's fused launches: Q/K/V into q and the caches at an offset, gate/up/SwiGLU;
-    the matmul tolerance applies to every product, SwiGLU's to what it makes of them."""
-    cols, nq, nk, off = 256, 40, 8, 3 * 8
-    (rq, wq), (rk, wk), (rv, wv) = (weights(qtype, r, cols) for r in (nq, nk, nk))
-    x = RNG.standard_normal(cols).astype(np.float32)
-    q, kc, vc = kern.empty(4 * nq), kern.upload(np.zeros(64, np.float32)), kern.upload(
-        np.zeros(64, np.float32))
-    up = (kern.upload_matrix(r, qtype, (n, cols)) for r, n in ((rq, nq), (rk, nk), (rv, nk)))
-    kern.matmul_qkv(*up, kern.upload(x), q, kc, vc, off)
-    x = weight_input(x[None], qtype)[0]
-    for buf, w, at in ((q, wq, 0), (kc, wk, off), (vc, wv, off)):
-        got = kern.read(buf, (at + len(w),))[at:]
-        bound = 1e-5 * (np.abs(w) @ np.abs(x)) + 1e-6
-        assert (np.abs(got - w @ x) <= bound).all(), f"{qtype.name} qkv"
-    (rg, wg), (ru, wu) = weights(qtype, 70, cols), weights(qtype, 70, cols)
-    xs = RNG.standard_normal(cols).astype(np.float32)
-    x = weight_input(xs[None], qtype)[0]
-    gate, scratch = kern.empty(4 * 70), kern.empty(4 * 70)
-    kern.matmul_glu(kern.upload_matrix(rg, qtype, (70, cols)),
-                    kern.upload_matrix(ru, qtype, (70, cols)), kern.upload(xs), gate, scratch)
-    g, u = wg @ x, wu @ x  # each product's bound carried through silu (slope < 1.1) times u
-    bound = 1e-5 * (1.1 * (np.abs(wg) @ np.abs(x)) * np.abs(u) + (np.abs(wu) @ np.abs(x))
-                    * np.abs(silu(g))) + 1e-5
-    assert (np.abs(kern.read(gate, (70,)) - silu(g) * u) <= bound).all(), f"{qtype.name} glu"
+    the matmul tolerance applies to every product, SwiGLU's to what it makes of them. Odd row
+    counts too: the int8 kernels take rows in pairs (odd Q/K/V counts launch unfused)."""
+    cols = 256
+    for nq, nk in ((40, 8), (41, 9)):
+        off = 3 * nk
+        (rq, wq), (rk, wk), (rv, wv) = (weights(qtype, r, cols) for r in (nq, nk, nk))
+        x = RNG.standard_normal(cols).astype(np.float32)
+        q, kc, vc = kern.empty(4 * nq), kern.upload(np.zeros(64, np.float32)), kern.upload(
+            np.zeros(64, np.float32))
+        up = (kern.upload_matrix(r, qtype, (n, cols)) for r, n in ((rq, nq), (rk, nk), (rv, nk)))
+        kern.matmul_qkv(*up, kern.upload(x), q, kc, vc, off)
+        x = weight_input(x[None], qtype)[0]
+        for buf, w, at in ((q, wq, 0), (kc, wk, off), (vc, wv, off)):
+            got = kern.read(buf, (at + len(w),))[at:]
+            bound = 1e-5 * (np.abs(w) @ np.abs(x)) + 1e-6
+            assert (np.abs(got - w @ x) <= bound).all(), f"{qtype.name} qkv {nq}/{nk}"
+    for rows in (70, 71):
+        (rg, wg), (ru, wu) = weights(qtype, rows, cols), weights(qtype, rows, cols)
+        xs = RNG.standard_normal(cols).astype(np.float32)
+        x = weight_input(xs[None], qtype)[0]
+        gate, scratch = kern.empty(4 * rows), kern.empty(4 * rows)
+        kern.matmul_glu(kern.upload_matrix(rg, qtype, (rows, cols)),
+                        kern.upload_matrix(ru, qtype, (rows, cols)), kern.upload(xs), gate,
+                        scratch)
+        g, u = wg @ x, wu @ x  # each product's bound carried through silu (slope < 1.1) times u
+        bound = 1e-5 * (1.1 * (np.abs(wg) @ np.abs(x)) * np.abs(u) + (np.abs(wu) @ np.abs(x))
+                        * np.abs(silu(g))) + 1e-5
+        got = kern.read(gate, (rows,))
+        assert (np.abs(got - silu(g) * u) <= bound).all(), f"{qtype.name} glu {rows}"
 
 
 def check_split_weights(kern: Kernels, qtype: T = T.Q4_0) -> None:

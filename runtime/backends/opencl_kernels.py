@@ -62,6 +62,11 @@ class DeviceMatrix:
         return self.n_rows * self.row_bytes
 
 
+def pairs(rows: int, rpw: int) -> int:
+    """The global size of decode's int8 kernels: a work-item for two rows, RPW a group."""
+    return math.ceil(math.ceil(rows / 2) / rpw) * rpw
+
+
 class Kernels:
     def __init__(self, dev: Device, params: Params, programs: ProgramCache):
         self.dev, self.params, self.cl, self.queue = dev, params, dev.cl, dev.queue
@@ -176,9 +181,9 @@ class Kernels:
                 self.launch(self.mm, f"qmatmul_{name}_vec", (rows * p.LWS,), (p.RPW * p.LWS,),
                             buf, xq, xd, y, cols, np.int32(n), np.int32(1),
                             np.int32(w.row_bytes), np.int32(stride), off, acc)
-            elif n_tok == 1:
-                self.launch(self.mm, f"qgemv_{name}", (rows,), (p.RPW,), buf, xq, xd, y, cols,
-                            np.int32(n), np.int32(w.row_bytes), off, acc)
+            elif n_tok == 1:  # two rows a work-item
+                self.launch(self.mm, f"qgemv_{name}", (pairs(n, p.RPW),), (p.RPW,), buf, xq, xd,
+                            y, cols, np.int32(n), np.int32(w.row_bytes), off, acc)
             else:
                 tile = 8 if p.TT == 8 else 4  # matmul.cl's TILE_N
                 self.launch(self.mm, f"qgemm_{name}", (rows, math.ceil(n_tok / tile)),
@@ -223,7 +228,8 @@ class Kernels:
                    kc: Any, vc: Any, kv_off: int | PerStep, q8: Q8 | None = None) -> None:
         """One token's Q, K and V projections: q = Wq x, and K, V into the caches at kv_off
         (floats); one launch where the three matrices allow it (see _fusable), else three."""
-        if wk.n_rows != wv.n_rows or not self._fusable(wq, wk, wv):
+        odd = wq.qtype in Q8_ACTIVATION_TYPES and (wq.n_rows % 2 or wk.n_rows % 2)
+        if wk.n_rows != wv.n_rows or odd or not self._fusable(wq, wk, wv):
             q8 = q8 or self.q8_for(x, wq.n_cols, 1, wq, wk, wv)
             self.matmul(wq, x, q, 1, q8=q8)
             self.matmul(wk, x, kc, 1, y_off=kv_off, q8=q8)
@@ -236,8 +242,8 @@ class Kernels:
         gsize, fmt = (math.ceil(rows / rpw) * rpw,), FORMATS[wq.qtype]
         if wq.qtype in Q8_ACTIVATION_TYPES:
             xq, xd = q8 or self.quantize_q8(x, wq.n_cols, 1)
-            self.launch(self.mm, f"qgemv_qkv_{fmt}", gsize, (rpw,), *weights, xq, xd, q, kc, vc,
-                        *shape)
+            self.launch(self.mm, f"qgemv_qkv_{fmt}", (pairs(rows, rpw),), (rpw,), *weights, xq,
+                        xd, q, kc, vc, *shape)
         else:
             self.launch(self.mm, f"gemv_qkv_{fmt}", gsize, (rpw,), *weights, x, q, kc, vc, *shape)
 
@@ -256,8 +262,8 @@ class Kernels:
         shape = (np.int32(wg.n_cols), np.int32(wg.n_rows), np.int32(wg.row_bytes))
         if wg.qtype in Q8_ACTIVATION_TYPES:
             xq, xd = q8 or self.quantize_q8(x, wg.n_cols, 1)
-            self.launch(self.mm, f"qgemv_glu_{fmt}", gsize, (rpw,), wg.parts[0][2],
-                        wu.parts[0][2], xq, xd, gate, *shape)
+            self.launch(self.mm, f"qgemv_glu_{fmt}", (pairs(wg.n_rows, rpw),), (rpw,),
+                        wg.parts[0][2], wu.parts[0][2], xq, xd, gate, *shape)
         else:
             self.launch(self.mm, f"gemv_glu_{fmt}", gsize, (rpw,), wg.parts[0][2],
                         wu.parts[0][2], x, gate, *shape)

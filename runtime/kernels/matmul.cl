@@ -470,6 +470,26 @@ inline float8 idot32(wq_t w, const global char* x) {
     const v16hi one = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
     return convert_float8(as_int8(__builtin_ia32_pmaddwd256(p, one)));
 }
+typedef int v8si __attribute__((vector_size(32)));
+// Decode's Q4_0 block: the nibbles enter pmaddubsw as they are (unsigned 0-15) and the -8
+// offset comes off in 16 bits as pmaddubsw(8, x): the same integers as idot32 of (q - 8) in
+// 7 instructions instead of 11 (no sign tricks; the two nibble halves in one shift).
+inline float qblock_q4_0(blk_t row, int c, const global char* x, float8* p) {
+    blk_t b = row + c * 18;
+    const v16qi_u q = *(const global v16qi_u*)(b + 2);
+    const v32qi both = __builtin_shufflevector(q, q, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                               13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                               12, 13, 14, 15);
+    const v8si nibble = {0, 0, 0, 0, 4, 4, 4, 4};  // low nibbles to 0-15, high to 16-31
+    const v32qi w = (v32qi)__builtin_ia32_psrlv8si((v8si)both, nibble) & (char)15;
+    const v32qi xv = *(const global v32qi*)x;
+    const v16hi s = __builtin_ia32_pmaddubsw256(w, xv) -
+                    __builtin_ia32_pmaddubsw256(xv - xv + (char)8, xv);
+    const v16hi one = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    *p = convert_float8(as_int8(__builtin_ia32_pmaddwd256(s, one)));
+    return dq_scale(b);
+}
+#define HAS_QBLOCK_q4_0
 #else
 typedef struct { short16 lo, hi; } wq_t;  // weights 0-15 and 16-31 of a chunk
 inline float DQI_q8_0(blk_t row, int c, wq_t* w) {
@@ -493,52 +513,86 @@ inline float8 idot32(wq_t w, const global char* x) {
 }
 #endif
 
-// The dot product of one row of W (its GGUF blocks) with one quantized activation row.
-#define QDOT(T, out, wrow, XQ, XD, n_cols)                                                     \
-    float out;                                                                                 \
+// One block's integer products (*p, 8 partial sums) and its weight scale, for decode.
+inline float qblock_q8_0(blk_t row, int c, const global char* x, float8* p) {
+    wq_t w;
+    const float d = DQI_q8_0(row, c, &w);
+    *p = idot32(w, x);
+    return d;
+}
+#ifndef HAS_QBLOCK_q4_0
+inline float qblock_q4_0(blk_t row, int c, const global char* x, float8* p) {
+    wq_t w;
+    const float d = DQI_q4_0(row, c, &w);
+    *p = idot32(w, x);
+    return d;
+}
+#endif
+
+// The dot products of two rows of W (their GGUF blocks) with one quantized activation row:
+// decode reads each activation block once for both (and, for Q4_0, pmaddubsw(8, x) is the
+// same for both rows: the compiler computes it once).
+#define QDOT2(T, out0, out1, wrow0, wrow1, XQ, XD, n_cols)                                     \
+    float out0, out1;                                                                          \
     {                                                                                          \
-        float8 acc_ = 0.0f;                                                                    \
+        float8 acc0_ = 0.0f, acc1_ = 0.0f;                                                     \
         for (int c = 0; c < (n_cols) / 32; c++) {                                              \
-            wq_t w_;                                                                           \
-            const float d = DQI_##T(wrow, c, &w_) * (XD)[c];                                   \
-            acc_ += d * idot32(w_, (XQ) + 32 * c);                                             \
+            float8 p0_, p1_;                                                                   \
+            const global char* x_ = (XQ) + 32 * c;                                             \
+            const float dx_ = (XD)[c];                                                         \
+            const float d0_ = qblock_##T(wrow0, c, x_, &p0_) * dx_;                            \
+            const float d1_ = qblock_##T(wrow1, c, x_, &p1_) * dx_;                            \
+            acc0_ += d0_ * p0_;                                                                \
+            acc1_ += d1_ * p1_;                                                                \
         }                                                                                      \
-        out = hsum8(acc_);                                                                     \
+        out0 = hsum8(acc0_);                                                                   \
+        out1 = hsum8(acc1_);                                                                   \
     }
 
-// Decode: y[row] (+)= W[row] . x, one row per work-item. Global (rows rounded up to RPW).
+// Decode: y[row], y[row + 1] (+)= W[row...] . x, two rows per work-item (an odd last row is
+// computed twice and stored once). Global (ceil(rows / 2) rounded up to RPW).
 #define QGEMV_KERNEL(T)                                                                        \
 kernel void qgemv_##T(blk_t W, const global char* XQ, const global float* XD,                 \
                       global float* Y, int n_cols, int n_rows, int row_bytes, int y_off,       \
                       int accumulate) {                                                        \
-    const int row = get_global_id(0);                                                          \
+    const int row = 2 * get_global_id(0);                                                      \
     if (row >= n_rows) return;                                                                 \
-    QDOT(T, dot, W + (size_t)row * row_bytes, XQ, XD, n_cols)                                  \
+    const int row1 = row + 1 < n_rows ? row + 1 : row;                                         \
+    QDOT2(T, d0, d1, W + (size_t)row * row_bytes, W + (size_t)row1 * row_bytes, XQ, XD,       \
+          n_cols)                                                                              \
     global float* y = Y + y_off + row;                                                         \
-    *y = dot + (accumulate ? *y : 0.0f);                                                       \
+    y[0] = d0 + (accumulate ? y[0] : 0.0f);                                                    \
+    if (row1 != row) y[1] = d1 + (accumulate ? y[1] : 0.0f);                                   \
 }
-// Decode's fused Q/K/V and gate/up/SwiGLU launches, as gemv_qkv_<T> and gemv_glu_<T> above.
+// Decode's fused Q/K/V and gate/up/SwiGLU launches, as gemv_qkv_<T> and gemv_glu_<T> above,
+// two rows per work-item (Q/K/V: nq and nk even, so that a pair stays in one matrix).
 #define QGEMV_QKV_KERNEL(T)                                                                    \
 kernel void qgemv_qkv_##T(blk_t Wq, blk_t Wk, blk_t Wv, const global char* XQ,                \
                           const global float* XD, global float* q, global float* kc,           \
                           global float* vc, int n_cols, int nq, int nk, int row_bytes,         \
                           int kv_off) {                                                        \
-    int row = get_global_id(0);                                                                \
+    int row = 2 * get_global_id(0);                                                            \
     if (row >= nq + 2 * nk) return;                                                            \
     blk_t w = row < nq ? Wq : row < nq + nk ? Wk : Wv;                                         \
     global float* y = row < nq ? q : (row < nq + nk ? kc : vc) + kv_off;                       \
     row = row < nq ? row : row < nq + nk ? row - nq : row - nq - nk;                            \
-    QDOT(T, dot, w + (size_t)row * row_bytes, XQ, XD, n_cols)                                  \
-    y[row] = dot;                                                                              \
+    QDOT2(T, d0, d1, w + (size_t)row * row_bytes, w + (size_t)(row + 1) * row_bytes, XQ, XD,  \
+          n_cols)                                                                              \
+    y[row] = d0;                                                                               \
+    y[row + 1] = d1;                                                                           \
 }
 #define QGEMV_GLU_KERNEL(T)                                                                    \
 kernel void qgemv_glu_##T(blk_t Wg, blk_t Wu, const global char* XQ, const global float* XD, \
                           global float* out, int n_cols, int n_rows, int row_bytes) {          \
-    const int row = get_global_id(0);                                                          \
+    const int row = 2 * get_global_id(0);                                                      \
     if (row >= n_rows) return;                                                                 \
-    QDOT(T, g, Wg + (size_t)row * row_bytes, XQ, XD, n_cols)                                   \
-    QDOT(T, u, Wu + (size_t)row * row_bytes, XQ, XD, n_cols)                                   \
-    out[row] = g / (1.0f + exp(-g)) * u;                                                       \
+    const int row1 = row + 1 < n_rows ? row + 1 : row;                                         \
+    QDOT2(T, g0, g1, Wg + (size_t)row * row_bytes, Wg + (size_t)row1 * row_bytes, XQ, XD,     \
+          n_cols)                                                                              \
+    QDOT2(T, u0, u1, Wu + (size_t)row * row_bytes, Wu + (size_t)row1 * row_bytes, XQ, XD,     \
+          n_cols)                                                                              \
+    out[row] = g0 / (1.0f + exp(-g0)) * u0;                                                    \
+    if (row1 != row) out[row1] = g1 / (1.0f + exp(-g1)) * u1;                                  \
 }
 
 // Prefill: a tile of TILE_N tokens (8 when TT is 8, else 4) per work-item, one row each; a
