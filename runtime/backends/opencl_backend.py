@@ -5,7 +5,10 @@ activations, the KV cache and the logits stay on the device between kernels, and
 writes the token ids and reads the logits (or, for greedy decoding, one token id). The K and V
 projections write straight into the cache and the output projections add into the residual
 stream, so a layer is 13-15 kernel launches and no copies; a decode step fuses Q/K/V into one
-launch and gate/up/SwiGLU into another on CPU-shaped devices (9 launches a layer).
+launch and gate/up/SwiGLU into another on CPU-shaped devices (9 launches a layer). Decode
+steps are recorded once per cache (and attention split count) and replayed (opencl_replay):
+the same launches without pyopencl's per-call argument handling, which on a 2-core CPU device
+cost more host time than the kernels.
 
 Under a memory plan that streams (`--memory-budget`, planned with `backend="opencl"`), the
 resident units are uploaded as above and the streamed ones go through a ring of device buffers
