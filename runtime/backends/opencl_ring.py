@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from runtime.backends.opencl_kernels import FORMATS, DeviceMatrix, Kernels
-from runtime.backends.weight_stream import file_span
+from runtime.backends.weight_stream import OpenFiles, file_span
 from runtime.errors import ModelError
 from runtime.memory_plan import RING_SLOTS, SLOT_ALIGN, STAGING_BYTES, Plan
 from runtime.model_file import ModelSource, TensorRef
@@ -72,9 +71,8 @@ class DeviceRing:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="claw-ring")
         self.reads = 0  # bytes read from the file and uploaded so far
         self.uploads = 0  # units uploaded so far
-        self._fds: dict[str, int] = {}
+        self.files = OpenFiles()
         self._dropped: list[tuple[str, int, int]] = []  # file ranges the last upload read
-        self._lock = threading.Lock()
         self._clock = 0
 
     @property
@@ -207,19 +205,11 @@ class DeviceRing:
         """The upload's descriptor: the kernel reads ahead while a slot is copied (1.8x faster
         than reading only what is asked, here; pages read ahead past a DONTNEED go with the next
         unit's). `small` reads (a norm, an embedding row) get one that reads only what is asked."""
-        key = f"{'small:' if small else ''}{path}"
-        with self._lock:
-            if key not in self._fds:
-                self._fds[key] = fd = os.open(path, os.O_RDONLY)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM if small
-                                 else os.POSIX_FADV_SEQUENTIAL)
-            return self._fds[key]
+        return self.files.get(path, os.POSIX_FADV_RANDOM if small else os.POSIX_FADV_SEQUENTIAL)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self.files.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # at interpreter exit there is nothing to close

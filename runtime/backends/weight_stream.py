@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import mmap
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -101,6 +102,30 @@ def quantized_matmul(x: np.ndarray, ref: TensorRef) -> np.ndarray:
     return out
 
 
+class OpenFiles:
+    """Read-only descriptors of the model's files, opened once and shared by the threads that
+    stream them, each with the read-ahead advice its reads want; closed together."""
+
+    def __init__(self) -> None:
+        self._fds: dict[tuple[str, int | None], int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str, advice: int | None = None) -> int:
+        with self._lock:
+            if (path, advice) not in self._fds:
+                fd = os.open(path, os.O_RDONLY)
+                if advice is not None:
+                    os.posix_fadvise(fd, 0, 0, advice)
+                self._fds[path, advice] = fd
+            return self._fds[path, advice]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
 class WeightStore:
     """Weights by name for the numpy backend, placed as `plan` says (no plan: all float32)."""
 
@@ -114,7 +139,7 @@ class WeightStore:
         self.loads = 0  # weight matrices dequantized to float32 (whole) so far
         self.reads = 0  # bytes read ahead from disk so far
         self.released = 0  # bytes of streamed units given back so far
-        self._fds: dict[str, int] = {}
+        self.files = OpenFiles()
         self._pending: dict[int, Future[None]] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="claw-prefetch") \
             if self.streamed else None
@@ -160,9 +185,7 @@ class WeightStore:
             self._release([self.source.tensors[t] for t in self.units[unit]])
 
     def _fd(self, path: str) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
+        return self.files.get(path)
 
     def _read_ahead(self, unit: int) -> None:
         buf = bytearray(1 << 20)
@@ -194,9 +217,7 @@ class WeightStore:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self.files.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # at interpreter exit there is nothing to release
