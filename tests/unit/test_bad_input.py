@@ -67,71 +67,225 @@ def check_inventory(claw, path: Path) -> Result:
     return claw("inventory", "check", str(path))
 
 
-# --- inventories: files that cannot be read or parsed ------------------------------------------
-
-
-def test_yaml_bad_indentation(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
+# Each case: (the inventory, the line of the error, its field, what the message says).
+INVENTORIES = {
+    "yaml_bad_indentation": ("""\
         all:
           hosts:
             h1:
               claw_profile: rk3588
              ansible_port: 22
-    """)
-    assert_bad(check_inventory(claw, path), path, 5, "malformed YAML",
-               "expected <block end>, but found '<block mapping start>'")
-
-
-def test_yaml_unclosed_bracket(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
+    """, 5, "malformed YAML",
+        "expected <block end>, but found '<block mapping start>'"),
+    "yaml_unclosed_bracket": ("""\
         all:
           hosts:
             h1: {claw_profile: rk3588, claw_ram_gb: [4, 8}
-    """)
-    assert_bad(check_inventory(claw, path), path, 3, "malformed YAML",
-               "expected ',' or ']', but got '}'")
-
-
-def test_yaml_unclosed_bracket_at_end_of_file(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
+    """, 3, "malformed YAML",
+        "expected ',' or ']', but got '}'"),
+    "yaml_unclosed_bracket_at_end_of_file": ("""\
         all: [1
-    """)
-    assert_bad(check_inventory(claw, path), path, 2, "malformed YAML",
-               "expected ',' or ']', but got '<stream end>'")
-
-
-def test_duplicate_key(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
+    """, 2, "malformed YAML",
+        "expected ',' or ']', but got '<stream end>'"),
+    "duplicate_key": ("""\
         all:
           hosts:
             h1:
               claw_profile: rk3588
               claw_profile: rpi5
-    """)
-    assert_bad(check_inventory(claw, path), path, 5, "all.hosts.h1.claw_profile",
-               "duplicate key (first at line 4)")
-
-
-def test_duplicate_host(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
+    """, 5, "all.hosts.h1.claw_profile",
+        "duplicate key (first at line 4)"),
+    "duplicate_host": ("""\
         all:
           hosts:
             h1: {claw_profile: rpi5}
             h1: {claw_profile: rk3588}
-    """)
-    assert_bad(check_inventory(claw, path), path, 4, "all.hosts.h1",
-               "duplicate key (first at line 3)")
-
-
-def test_yaml_merge_key_is_refused(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
+    """, 4, "all.hosts.h1",
+        "duplicate key (first at line 3)"),
+    "yaml_merge_key_is_refused": ("""\
         all:
           hosts:
             h1:
               <<: {claw_profile: rpi5}
-    """)
-    assert_bad(check_inventory(claw, path), path, 4, None,
-               "YAML merge keys (<<) are not supported here (expected plain keys)")
+    """, 4, None,
+        "YAML merge keys (<<) are not supported here (expected plain keys)"),
+    "top_level_list": ("""\
+        - all
+        - hosts
+    """, 1, "inventory",
+        "top level is a list (expected a mapping of group names, e.g. `all:`)"),
+    "two_yaml_documents": ("""\
+        all:
+          hosts:
+            h1:
+              claw_profile: rpi5
+        ---
+        all: {}
+    """, 5, "malformed YAML",
+        "expected a single document"),
+    "unknown_group_key": ("""\
+        all:
+          host:
+            h1:
+              claw_profile: rk3588
+    """, 2, "all.host",
+        "unknown field (expected hosts, children or vars)"),
+    "hosts_as_list": ("""\
+        all:
+          hosts:
+            - h1
+            - h2
+    """, 2, "all.hosts",
+        "is a list (expected a mapping of host names)"),
+    "children_as_list": ("""\
+        all:
+          vars:
+            claw_profile: rpi5
+          hosts:
+            h1:
+          children:
+            - pis
+    """, 6, "all.children",
+        "is a list (expected a mapping of group names)"),
+    "host_vars_as_string": ("""\
+        all:
+          hosts:
+            h1: rk3588
+    """, 3, "host 'h1'",
+        "is a str (expected a mapping of variables or nothing)"),
+    "invalid_variable_name": ("""\
+        all:
+          hosts:
+            h1:
+              claw_profile: rpi5
+              2cores: true
+    """, 5, "host h1: '2cores'",
+        "invalid variable name (expected letters, digits and underscores)"),
+    "no_hosts": ("""\
+        all:
+          vars:
+            claw_profile: rpi5
+    """, 1, "inventory",
+        "no hosts (expected at least one host under `hosts:`)"),
+    "invalid_group_name": ("""\
+        all:
+          children:
+            rk-boards:
+              hosts:
+                h1:
+                  claw_profile: rk3588
+    """, 3, "group 'rk-boards'",
+        "invalid group name (expected letters, digits and underscores, "
+        "not starting with a digit)"),
+    "profile_name_not_matching_pattern": ("""\
+        all:
+          hosts:
+            h1:
+              claw_profile: Rpi5
+    """, 4, "h1: claw_profile",
+        "'Rpi5' is not valid (expected text matching ^[a-z0-9][a-z0-9-]*$)"),
+    "unknown_claw_variable_did_you_mean": ("""\
+        all:
+          hosts:
+            h1:
+              claw_profile: rk3588
+              claw_ram_gbb: 16
+    """, 5, "h1: claw_ram_gbb",
+        "unknown ClawForge variable (did you mean claw_ram_gb?)"),
+    "port_not_a_number": ("""\
+        all:
+          hosts:
+            h1:
+              claw_profile: rk3588
+              ansible_port: abc
+    """, 5, "h1: ansible_port",
+        "'abc' is not valid (expected a valid integer)"),
+    "port_out_of_range": ("""\
+        all:
+          hosts:
+            h1:
+              claw_profile: rk3588
+              ansible_port: 70000
+    """, 5, "h1: ansible_port",
+        "70000 is not valid (expected less than or equal to 65535)"),
+    "connection_not_allowed": ("""\
+        all:
+          hosts:
+            h1:
+              claw_profile: rpi5
+              ansible_connection: telnet
+    """, 5, "h1: ansible_connection",
+        "'telnet' is not valid (expected 'ssh', 'local'"),
+    "threads_as_boolean": ("""\
+        all:
+          hosts:
+            h1:
+              claw_profile: rpi5
+              claw_runtime_threads: true
+    """, 5, "h1: claw_runtime_threads",
+        "True"),
+    "ram_not_a_profile_option": ("""\
+        all:
+          hosts:
+            h1:
+              claw_profile: rk3588
+              claw_ram_gb: 12
+    """, 5, "h1: claw_ram_gb",
+        "12 GB is not a rk3588 option (expected one of [4, 8, 16, 32])"),
+    "opencl_stack_unsupported": ("""\
+        all:
+          hosts:
+            h1:
+              claw_profile: rpi5
+              claw_opencl_stack: rusticl
+    """, 5, "h1: claw_opencl_stack",
+        "'rusticl' is not supported on rpi5 (expected one of: pocl)"),
+    "threads_above_core_count": ("""\
+        all:
+          hosts:
+            h1:
+              claw_profile: rpi5
+              claw_runtime_threads: 8
+    """, 5, "h1: claw_runtime_threads",
+        "8 exceeds rpi5's 4 cores (expected ≤ 4)"),
+    "affinity_core_not_on_profile": ("""\
+        all:
+          hosts:
+            h1:
+              claw_profile: rpi5
+              claw_runtime_cpu_affinity: [0, 1, 7]
+    """, 5, "h1: claw_runtime_cpu_affinity",
+        "cores [7] are not on rpi5 (expected a non-empty subset of [0, 1, 2, 3])"),
+    "hugepages_above_cap": ("""\
+        all:
+          hosts:
+            h1:
+              claw_profile: rpi5
+              claw_ram_gb: 8
+              claw_hugepages_mb: 100000
+    """, 6, "h1: claw_hugepages_mb",
+        "100000 MB is more than rpi5 allows (expected ≤ 4096 MB, 50% of 8192 MB RAM)"),
+    "profile_from_group_var_of_wrong_type": ("""\
+        all:
+          children:
+            boards:
+              vars:
+                claw_profile: [rk3588]
+              hosts:
+                h1:
+    """, 5, "h1: claw_profile",
+        "a list is not valid (expected a valid string)"),
+}
+
+
+@pytest.mark.parametrize("case", INVENTORIES)
+def test_bad_inventory_names_file_line_and_field(tmp_path, claw, case):
+    text, line, field, message = INVENTORIES[case]
+    path = write(tmp_path, "inv.yml", text)
+    assert_bad(check_inventory(claw, path), path, line, field, message)
+
+
+# --- inventories: files that cannot be read or parsed ------------------------------------------
 
 
 def test_empty_file(tmp_path, claw):
@@ -139,15 +293,6 @@ def test_empty_file(tmp_path, claw):
     path.write_text("")
     assert_bad(check_inventory(claw, path), path, 1, "inventory",
                "empty file (expected a mapping such as `all: {hosts: …}`)")
-
-
-def test_top_level_list(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        - all
-        - hosts
-    """)
-    assert_bad(check_inventory(claw, path), path, 1, "inventory",
-               "top level is a list (expected a mapping of group names, e.g. `all:`)")
 
 
 def test_ini_inventory(tmp_path, claw):
@@ -206,102 +351,7 @@ def test_unreadable_file(tmp_path, claw):
     assert message == f"{path}: cannot read inventory: permission denied"
 
 
-def test_two_yaml_documents(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          hosts:
-            h1:
-              claw_profile: rpi5
-        ---
-        all: {}
-    """)
-    assert_bad(check_inventory(claw, path), path, 5, "malformed YAML",
-               "expected a single document")
-
-
 # --- inventories: structure ------------------------------------------------------------------
-
-
-def test_unknown_group_key(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          host:
-            h1:
-              claw_profile: rk3588
-    """)
-    assert_bad(check_inventory(claw, path), path, 2, "all.host",
-               "unknown field (expected hosts, children or vars)")
-
-
-def test_hosts_as_list(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          hosts:
-            - h1
-            - h2
-    """)
-    assert_bad(check_inventory(claw, path), path, 2, "all.hosts",
-               "is a list (expected a mapping of host names)")
-
-
-def test_children_as_list(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          vars:
-            claw_profile: rpi5
-          hosts:
-            h1:
-          children:
-            - pis
-    """)
-    assert_bad(check_inventory(claw, path), path, 6, "all.children",
-               "is a list (expected a mapping of group names)")
-
-
-def test_host_vars_as_string(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          hosts:
-            h1: rk3588
-    """)
-    assert_bad(check_inventory(claw, path), path, 3, "host 'h1'",
-               "is a str (expected a mapping of variables or nothing)")
-
-
-def test_invalid_variable_name(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          hosts:
-            h1:
-              claw_profile: rpi5
-              2cores: true
-    """)
-    assert_bad(check_inventory(claw, path), path, 5, "host h1: '2cores'",
-               "invalid variable name (expected letters, digits and underscores)")
-
-
-def test_no_hosts(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          vars:
-            claw_profile: rpi5
-    """)
-    assert_bad(check_inventory(claw, path), path, 1, "inventory",
-               "no hosts (expected at least one host under `hosts:`)")
-
-
-def test_invalid_group_name(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          children:
-            rk-boards:
-              hosts:
-                h1:
-                  claw_profile: rk3588
-    """)
-    assert_bad(check_inventory(claw, path), path, 3, "group 'rk-boards'",
-               "invalid group name (expected letters, digits and underscores, "
-               "not starting with a digit)")
 
 
 BAD_RANGE = """\
@@ -355,151 +405,6 @@ def test_unknown_profile_did_you_mean(tmp_path, claw):
                "unknown profile 'rk3599' (expected one of: ", "did you mean 'rk3588'?)")
 
 
-def test_profile_name_not_matching_pattern(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          hosts:
-            h1:
-              claw_profile: Rpi5
-    """)
-    assert_bad(check_inventory(claw, path), path, 4, "h1: claw_profile",
-               "'Rpi5' is not valid (expected text matching ^[a-z0-9][a-z0-9-]*$)")
-
-
-def test_unknown_claw_variable_did_you_mean(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          hosts:
-            h1:
-              claw_profile: rk3588
-              claw_ram_gbb: 16
-    """)
-    assert_bad(check_inventory(claw, path), path, 5, "h1: claw_ram_gbb",
-               "unknown ClawForge variable (did you mean claw_ram_gb?)")
-
-
-def test_port_not_a_number(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          hosts:
-            h1:
-              claw_profile: rk3588
-              ansible_port: abc
-    """)
-    assert_bad(check_inventory(claw, path), path, 5, "h1: ansible_port",
-               "'abc' is not valid (expected a valid integer)")
-
-
-def test_port_out_of_range(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          hosts:
-            h1:
-              claw_profile: rk3588
-              ansible_port: 70000
-    """)
-    assert_bad(check_inventory(claw, path), path, 5, "h1: ansible_port",
-               "70000 is not valid (expected less than or equal to 65535)")
-
-
-def test_connection_not_allowed(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          hosts:
-            h1:
-              claw_profile: rpi5
-              ansible_connection: telnet
-    """)
-    assert_bad(check_inventory(claw, path), path, 5, "h1: ansible_connection",
-               "'telnet' is not valid (expected 'ssh', 'local'")
-
-
-def test_threads_as_boolean(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          hosts:
-            h1:
-              claw_profile: rpi5
-              claw_runtime_threads: true
-    """)
-    assert_bad(check_inventory(claw, path), path, 5, "h1: claw_runtime_threads", "True")
-
-
-def test_ram_not_a_profile_option(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          hosts:
-            h1:
-              claw_profile: rk3588
-              claw_ram_gb: 12
-    """)
-    assert_bad(check_inventory(claw, path), path, 5, "h1: claw_ram_gb",
-               "12 GB is not a rk3588 option (expected one of [4, 8, 16, 32])")
-
-
-def test_opencl_stack_unsupported(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          hosts:
-            h1:
-              claw_profile: rpi5
-              claw_opencl_stack: rusticl
-    """)
-    assert_bad(check_inventory(claw, path), path, 5, "h1: claw_opencl_stack",
-               "'rusticl' is not supported on rpi5 (expected one of: pocl)")
-
-
-def test_threads_above_core_count(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          hosts:
-            h1:
-              claw_profile: rpi5
-              claw_runtime_threads: 8
-    """)
-    assert_bad(check_inventory(claw, path), path, 5, "h1: claw_runtime_threads",
-               "8 exceeds rpi5's 4 cores (expected ≤ 4)")
-
-
-def test_affinity_core_not_on_profile(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          hosts:
-            h1:
-              claw_profile: rpi5
-              claw_runtime_cpu_affinity: [0, 1, 7]
-    """)
-    assert_bad(check_inventory(claw, path), path, 5, "h1: claw_runtime_cpu_affinity",
-               "cores [7] are not on rpi5 (expected a non-empty subset of [0, 1, 2, 3])")
-
-
-def test_hugepages_above_cap(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          hosts:
-            h1:
-              claw_profile: rpi5
-              claw_ram_gb: 8
-              claw_hugepages_mb: 100000
-    """)
-    assert_bad(check_inventory(claw, path), path, 6, "h1: claw_hugepages_mb",
-               "100000 MB is more than rpi5 allows (expected ≤ 4096 MB, 50% of 8192 MB RAM)")
-
-
-def test_profile_from_group_var_of_wrong_type(tmp_path, claw):
-    path = write(tmp_path, "inv.yml", """\
-        all:
-          children:
-            boards:
-              vars:
-                claw_profile: [rk3588]
-              hosts:
-                h1:
-    """)
-    assert_bad(check_inventory(claw, path), path, 5, "h1: claw_profile",
-               "a list is not valid (expected a valid string)")
-
-
 def test_bad_value_in_group_vars_file(tmp_path, claw):
     path = write(tmp_path, "inv.yml", """\
         all:
@@ -537,20 +442,17 @@ def test_group_vars_file_not_a_mapping(tmp_path, claw):
 
 # --- device profiles ----------------------------------------------------------------------
 
-
-def test_profile_unknown_field(tmp_path, claw):
-    path = profile(tmp_path, "board", """\
+# Each case: (the profile `board`, the command that reads it, the line of the error, its
+# field, what the message says).
+PROFILES = {
+    "unknown_field": ("""\
         name: board
         extends: generic-arm64
         description: A board
         colour: red
-    """)
-    assert_bad(claw("profiles", "check"), path, 4, "colour",
-               "unknown field (expected one of the schema's fields)")
-
-
-def test_profile_unknown_nested_field(tmp_path, claw):
-    path = profile(tmp_path, "board", """\
+    """, ("profiles", "check"), 4, "colour",
+        "unknown field (expected one of the schema's fields)"),
+    "unknown_nested_field": ("""\
         name: board
         extends: generic-arm64
         gpu:
@@ -558,22 +460,105 @@ def test_profile_unknown_nested_field(tmp_path, claw):
             - name: pocl
               icd: pocl.icd
               colour: red
-    """)
-    assert_bad(claw("profiles", "show", "board"), path, 7, "gpu.opencl[0].colour",
-               "unknown field (expected one of the schema's fields")
-
-
-def test_profile_missing_nested_field(tmp_path, claw):
-    path = profile(tmp_path, "board", """\
+    """, ("profiles", "show", "board"), 7, "gpu.opencl[0].colour",
+        "unknown field (expected one of the schema's fields"),
+    "missing_nested_field": ("""\
         name: board
         extends: generic-arm64
         cpu:
           - name: cpu
             core: Cortex-A53
             cores: [0, 1, 2, 3]
-    """)
-    assert_bad(claw("profiles", "show", "board"), path, 4, "cpu[0].max_mhz",
-               "missing (expected a value)")
+    """, ("profiles", "show", "board"), 4, "cpu[0].max_mhz",
+        "missing (expected a value)"),
+    "wrong_type": ("""\
+        name: board
+        extends: generic-arm64
+        cpu:
+          - name: cpu
+            core: Cortex-A53
+            cores: [0, 1, 2, 3]
+            max_mhz: fast
+    """, ("profiles", "show", "board"), 7, "cpu[0].max_mhz",
+        "'fast' is not valid (expected a valid integer)"),
+    "literal_not_allowed": ("""\
+        name: board
+        extends: generic-arm64
+        governor: turbo
+    """, ("profiles", "check"), 3, "governor",
+        "'turbo' is not valid (expected 'performance', 'schedutil'"),
+    "value_out_of_range": ("""\
+        name: board
+        extends: generic-arm64
+        os:
+          boot_partition_mb: 32
+    """, ("profiles", "check"), 4, "os.boot_partition_mb",
+        "32 is not valid (expected greater than or equal to 64)"),
+    "affinity_outside_clusters": ("""\
+        name: board
+        extends: generic-arm64
+        runtime:
+          cpu_affinity: [0, 1, 9]
+    """, ("profiles", "check"), 4, "runtime.cpu_affinity",
+        "cores [9] are not in any cpu cluster (expected a subset of [0, 1, 2, 3])"),
+    "threads_above_cores": ("""\
+        name: board
+        extends: generic-arm64
+        runtime:
+          threads: 6
+    """, ("profiles", "show", "board"), 4, "runtime.threads",
+        "6 exceeds the 4 cores (expected ≤ 4)"),
+    "core_in_two_clusters": ("""\
+        name: board
+        extends: generic-arm64
+        cpu:
+          - {name: little, core: Cortex-A55, cores: [0, 1, 2, 3], max_mhz: 1800}
+          - {name: big, core: Cortex-A76, cores: [3, 4], max_mhz: 2400}
+    """, ("profiles", "check"), 3, "cpu",
+        "cores [3] appear in two clusters (expected each core id in exactly one "
+        "cluster)"),
+    "ram_not_ascending": ("""\
+        name: board
+        extends: generic-arm64
+        ram_gb: [8, 4, 16]
+    """, ("profiles", "check"), 3, "ram_gb",
+        "[8, 4, 16] is not valid (expected sizes in ascending order without "
+        "repeats)"),
+    "name_differs_from_file_name": ("""\
+        name: bord
+        extends: generic-arm64
+    """, ("profiles", "check"), 1, "name",
+        "'bord' differs from the file name (expected 'board')"),
+    "without_name": ("""\
+        extends: generic-arm64
+        description: no name here
+    """, ("profiles", "check"), 1, "name",
+        "missing or not a string (expected the profile's name)"),
+    "top_level_list": ("""\
+        - name: board
+    """, ("profiles", "check"), 1, "profile",
+        "expected a mapping of profile fields"),
+    "duplicate_key": ("""\
+        name: board
+        extends: generic-arm64
+        zram: {fraction_of_ram: 0.5, algorithm: zstd}
+        zram: {fraction_of_ram: 0.25}
+    """, ("profiles", "check"), 4, "zram",
+        "duplicate key (first at line 3)"),
+    "malformed_yaml": ("""\
+        name: board
+        extends: generic-arm64
+          description: indented too far
+    """, ("profiles", "check"), 3, "malformed YAML",
+        "mapping values are not allowed here"),
+}
+
+
+@pytest.mark.parametrize("case", PROFILES)
+def test_bad_profile_names_file_line_and_field(tmp_path, claw, case):
+    text, command, line, field, message = PROFILES[case]
+    path = profile(tmp_path, "board", text)
+    assert_bad(claw(*command), path, line, field, message)
 
 
 def test_profile_missing_top_level_fields(tmp_path, claw):
@@ -586,113 +571,6 @@ def test_profile_missing_top_level_fields(tmp_path, claw):
     assert f"{path}:1: soc: missing (expected a value)" in lines
     assert f"{path}:1: runtime: missing (expected a value)" in lines
     assert all(line.startswith(f"{path}:1: ") for line in lines)
-
-
-def test_profile_wrong_type(tmp_path, claw):
-    path = profile(tmp_path, "board", """\
-        name: board
-        extends: generic-arm64
-        cpu:
-          - name: cpu
-            core: Cortex-A53
-            cores: [0, 1, 2, 3]
-            max_mhz: fast
-    """)
-    assert_bad(claw("profiles", "show", "board"), path, 7, "cpu[0].max_mhz",
-               "'fast' is not valid (expected a valid integer)")
-
-
-def test_profile_literal_not_allowed(tmp_path, claw):
-    path = profile(tmp_path, "board", """\
-        name: board
-        extends: generic-arm64
-        governor: turbo
-    """)
-    assert_bad(claw("profiles", "check"), path, 3, "governor",
-               "'turbo' is not valid (expected 'performance', 'schedutil'")
-
-
-def test_profile_value_out_of_range(tmp_path, claw):
-    path = profile(tmp_path, "board", """\
-        name: board
-        extends: generic-arm64
-        os:
-          boot_partition_mb: 32
-    """)
-    assert_bad(claw("profiles", "check"), path, 4, "os.boot_partition_mb",
-               "32 is not valid (expected greater than or equal to 64)")
-
-
-def test_profile_affinity_outside_clusters(tmp_path, claw):
-    path = profile(tmp_path, "board", """\
-        name: board
-        extends: generic-arm64
-        runtime:
-          cpu_affinity: [0, 1, 9]
-    """)
-    assert_bad(claw("profiles", "check"), path, 4, "runtime.cpu_affinity",
-               "cores [9] are not in any cpu cluster (expected a subset of [0, 1, 2, 3])")
-
-
-def test_profile_threads_above_cores(tmp_path, claw):
-    path = profile(tmp_path, "board", """\
-        name: board
-        extends: generic-arm64
-        runtime:
-          threads: 6
-    """)
-    assert_bad(claw("profiles", "show", "board"), path, 4, "runtime.threads",
-               "6 exceeds the 4 cores (expected ≤ 4)")
-
-
-def test_profile_core_in_two_clusters(tmp_path, claw):
-    path = profile(tmp_path, "board", """\
-        name: board
-        extends: generic-arm64
-        cpu:
-          - {name: little, core: Cortex-A55, cores: [0, 1, 2, 3], max_mhz: 1800}
-          - {name: big, core: Cortex-A76, cores: [3, 4], max_mhz: 2400}
-    """)
-    assert_bad(claw("profiles", "check"), path, 3, "cpu",
-               "cores [3] appear in two clusters (expected each core id in exactly one "
-               "cluster)")
-
-
-def test_profile_ram_not_ascending(tmp_path, claw):
-    path = profile(tmp_path, "board", """\
-        name: board
-        extends: generic-arm64
-        ram_gb: [8, 4, 16]
-    """)
-    assert_bad(claw("profiles", "check"), path, 3, "ram_gb",
-               "[8, 4, 16] is not valid (expected sizes in ascending order without "
-               "repeats)")
-
-
-def test_profile_name_differs_from_file_name(tmp_path, claw):
-    path = profile(tmp_path, "board", """\
-        name: bord
-        extends: generic-arm64
-    """)
-    assert_bad(claw("profiles", "check"), path, 1, "name",
-               "'bord' differs from the file name (expected 'board')")
-
-
-def test_profile_without_name(tmp_path, claw):
-    path = profile(tmp_path, "board", """\
-        extends: generic-arm64
-        description: no name here
-    """)
-    assert_bad(claw("profiles", "check"), path, 1, "name",
-               "missing or not a string (expected the profile's name)")
-
-
-def test_profile_top_level_list(tmp_path, claw):
-    path = profile(tmp_path, "board", """\
-        - name: board
-    """)
-    assert_bad(claw("profiles", "check"), path, 1, "profile",
-               "expected a mapping of profile fields")
 
 
 def test_profile_extends_unknown(tmp_path, claw):
@@ -729,26 +607,6 @@ def test_profile_extends_cycle_check_reports_both(tmp_path, claw):
         f"{a}:2: extends: cycle b -> a -> b",
         f"{b}:2: extends: cycle a -> b -> a",
     ])
-
-
-def test_profile_duplicate_key(tmp_path, claw):
-    path = profile(tmp_path, "board", """\
-        name: board
-        extends: generic-arm64
-        zram: {fraction_of_ram: 0.5, algorithm: zstd}
-        zram: {fraction_of_ram: 0.25}
-    """)
-    assert_bad(claw("profiles", "check"), path, 4, "zram", "duplicate key (first at line 3)")
-
-
-def test_profile_malformed_yaml(tmp_path, claw):
-    path = profile(tmp_path, "board", """\
-        name: board
-        extends: generic-arm64
-          description: indented too far
-    """)
-    assert_bad(claw("profiles", "check"), path, 3, "malformed YAML",
-               "mapping values are not allowed here")
 
 
 # --- the installed `claw`, in its own process ----------------------------------------------
