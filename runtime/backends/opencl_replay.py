@@ -77,9 +77,13 @@ class Recording:
         self.launches.append((kernel, gsize, lsize, per_step))
         self.keep.append(args)
 
-    def replay(self, pos: int) -> None:
+    def replay(self, pos: int, events: list | None = None) -> None:
+        """Enqueue the launches for position `pos`; `events` collects (kernel name, event)
+        for a profiler (bench/profile_opencl.py)."""
         enqueue, queue = self.cl.enqueue_nd_range_kernel, self.queue
         for kernel, gsize, lsize, per_step in self.launches:
             for i, arg in per_step:
                 kernel.set_arg(i, arg.at(pos))
-            enqueue(queue, kernel, gsize, lsize)
+            event = enqueue(queue, kernel, gsize, lsize)
+            if events is not None:
+                events.append((kernel.function_name, event))
