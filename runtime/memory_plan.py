@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ import numpy as np
 
 from runtime.errors import ModelError
 from runtime.model_file import ModelSource
+from runtime.sizes import parse_size
 
 TIERS = ("f32", "quantized", "stream")
 TILE_BYTES = 1 << 20  # float32 bytes of one dequantized row tile in a quantized matmul
@@ -56,18 +56,16 @@ RING_SLOTS = 2  # OpenCL: device buffers for streamed units (one computing, one 
 STAGING_BYTES = 1 << 20  # OpenCL: the host buffer streamed blocks pass through to the device
 SLOT_ALIGN = 512  # OpenCL: bytes a tensor in a ring slot may be padded by (sub-buffer origin)
 ATTENTION_SCRATCH = 16 << 20  # attention scores of one query block stay under this
-_SCALE = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def parse_budget(text: str | int | None, what: str = "--memory-budget") -> int | None:
-    """'512M', '2G', '1.5GiB', '300000' → bytes (binary units, as `free -h`); None stays None."""
+    """'512M', '2G', '1.5GiB', '300000' → bytes (runtime.sizes); None stays None."""
     if text is None or isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", text.lower())
-    if not m or (m.group(3) and not m.group(2) and m.group(3) != "b"):
+    value = parse_size(text)
+    if value is None:
         raise ModelError(f"{what} {text!r} is not a size (expected bytes or a number with K, M, "
                          "G or T, e.g. 512M or 2G)")
-    value = int(float(m.group(1)) * _SCALE[m.group(2)])
     if value <= 0:
         raise ModelError(f"{what} {text!r} must be positive (expected e.g. 512M or 2G)")
     return value

@@ -28,7 +28,6 @@ and device tree to the FAT partition under the same names.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import tempfile
 import time
@@ -40,9 +39,9 @@ from typing import Any
 from provision.errors import BadInput, ClawError
 from provision.osimage import boothook, disk, firstboot, rootfs, rpi, uboot
 from provision.profiles import DeviceProfile, ProfileStore
+from runtime import sizes
 
 GIB = 1 << 30
-SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]i?B?)?$", re.I)
 SUPPORTED_BOOT = ("direct-kernel", "uefi", "u-boot", "rpi-firmware")
 UEFI_FILES = ("EFI/BOOT/BOOTAA64.EFI", "EFI/BOOT/grub.cfg")
 # Enough GRUB for a GPT disk, a FAT ESP and a gzip-compressed Debian kernel; nothing probed.
@@ -70,13 +69,11 @@ class Steps:
 
 
 def parse_size(value: str) -> int:
-    """4G, 4GiB, 3500M, 4294967296 → bytes, rounded down to whole MiB."""
-    match = SIZE.match(value.strip())
-    if not match:
+    """4G, 4GiB, 3500M, 4294967296 → bytes (runtime.sizes), rounded down to whole MiB."""
+    size = sizes.parse_size(value)
+    if size is None:
         raise BadInput(f"--size {value!r}: expected a size such as 4G, 3500M or 8GiB")
-    unit = (match[2] or "").upper()[:1]
-    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
-    size = int(float(match[1]) * scale) // disk.MIB * disk.MIB
+    size = size // disk.MIB * disk.MIB
     if not GIB <= size <= 1 << 40:
         raise BadInput(f"--size {value!r}: expected between 1G and 1T")
     return size
