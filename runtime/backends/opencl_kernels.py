@@ -11,6 +11,7 @@ the buffers wrap the memory-mapped file instead of copying it.
 from __future__ import annotations
 
 import math
+import platform
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,10 +62,26 @@ class DeviceMatrix:
         return self.n_rows * self.row_bytes
 
 
+def host_has_vnni(dev: Device) -> bool:
+    """Whether the device is this host's x86 CPU with AVX-512 VNNI (PoCL's CPU device runs
+    here): matmul.cl's VNNI prefill kernels are then built (-DVNNI=1, part of the program
+    cache's key, so a binary built here is never loaded on a CPU without the instructions)."""
+    if not dev.is_cpu or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx512f", "avx512vl", "avx512bw", "avx512_vnni", "f16c"} <= set(flags)
+
+
 class Kernels:
     def __init__(self, dev: Device, params: Params, programs: ProgramCache):
         self.dev, self.params, self.cl, self.queue = dev, params, dev.cl, dev.queue
-        self.mm = programs.get("matmul", params.matmul_defines())
+        self.vnni = bool(params.UNALIGNED) and host_has_vnni(dev)
+        self.mm = programs.get("matmul", {**params.matmul_defines(), "VNNI": int(self.vnni)})
         self.ops = programs.get("ops", params.ops_defines())
         self._kernels: dict[str, Any] = {}
         self.host_pointer_bytes = 0  # weight bytes wrapped in place, not copied
@@ -159,6 +176,12 @@ class Kernels:
                 self.k(self.mm, f"qgemv_{name}")(
                     self.queue, (rows,), (p.RPW,), buf, xq, xd, y, np.int32(w.n_cols),
                     np.int32(n), np.int32(w.row_bytes), np.int32(y_off + r0),
+                    np.int32(accumulate))
+            elif self.vnni:  # 8 rows x 8 tokens a work-item (matmul.cl's qgemm8)
+                self.k(self.mm, f"qgemm8_{name}")(
+                    self.queue, (math.ceil(n / 32) * 4, math.ceil(n_tok / 8)), (4, 1), buf, xq,
+                    xd, y, np.int32(w.n_cols), np.int32(n), np.int32(n_tok),
+                    np.int32(w.row_bytes), np.int32(stride), np.int32(y_off + r0),
                     np.int32(accumulate))
             else:
                 tile = 8 if p.TT == 8 else 4  # matmul.cl's TILE_N
