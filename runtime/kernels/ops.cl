@@ -231,10 +231,19 @@ kernel void attn_prefill(const global float* q, const global float* kc, const gl
             float4 acc = 0.0f;
             for (int d = 0; d < d4; d++) acc += qv[d] * kt[j * d4 + d];
             const float s = (acc.x + acc.y) + (acc.z + acc.w);
-            const float m_new = fmax(m, s), corr = exp(m - m_new), e = exp(s - m_new);
-            l = l * corr + e;
-            for (int d = 0; d < d4; d++) o[d] = o[d] * corr + e * vt[j * d4 + d];
-            m = m_new;
+            // Rescale only when the running max grows (a few times a row): exp(0) is 1
+            // exactly, so the other keys skip one of the two out-of-line exp calls.
+            float e = 1.0f;
+            if (s > m) {
+                const float corr = exp(m - s);
+                l *= corr;
+                for (int d = 0; d < d4; d++) o[d] *= corr;
+                m = s;
+            } else {
+                e = exp(s - m);
+            }
+            l += e;
+            for (int d = 0; d < d4; d++) o[d] += e * vt[j * d4 + d];
         }
         barrier(CLK_LOCAL_MEM_FENCE);
     }
