@@ -63,10 +63,12 @@ class DeviceMatrix:
 
 
 def host_has_vnni(dev: Device) -> bool:
-    """Whether the device is this host's x86 CPU with AVX-512 VNNI (PoCL's CPU device runs
-    here): matmul.cl's VNNI prefill kernels are then built (-DVNNI=1, part of the program
-    cache's key, so a binary built here is never loaded on a CPU without the instructions)."""
-    if not dev.is_cpu or platform.machine() not in ("x86_64", "AMD64"):
+    """Whether the device is PoCL's CPU device on an x86 host with AVX-512 VNNI: matmul.cl's
+    VNNI prefill kernels are then built (-DVNNI=1, part of the program cache's key, so a binary
+    built here is never loaded on a CPU without the instructions). PoCL only: the kernels use
+    clang's target attribute and x86 builtins, which its clang compiles for the host CPU."""
+    if (not dev.is_cpu or "Portable Computing Language" not in dev.platform
+            or platform.machine() not in ("x86_64", "AMD64")):
         return False
     try:
         with open("/proc/cpuinfo") as f:
