@@ -702,7 +702,7 @@ VNNI_FN static void qtile_##T(blk_t W, const global char* XQ, const global float
         const v8si nks = neg_ksums(x, c, K);                                                   \
         _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {                                   \
             const global int* xi = (const global int*)(x[t] + 32 * c);                         \
-            v8si s = SPLAT8(nks[t]);                                                           \
+            v8si s = __builtin_ia32_permvarsi256(nks, SPLAT8(t));                              \
             _Pragma("unroll") for (int k = 0; k < 8; k++)                                      \
                 s = __builtin_ia32_vpdpbusd256(s, wt[k], SPLAT8(xi[k]));                       \
             acc[t] += (dw * SPLATF(d[t][c])) * __builtin_convertvector(s, v8sf);               \
