@@ -224,13 +224,14 @@ def check_fused_decode(kern: Kernels, qtype: T) -> None:
         assert (np.abs(got - silu(g) * u) <= bound).all(), f"{qtype.name} glu {rows}"
 
 
-def check_split_weights(kern: Kernels, qtype: T = T.Q4_0) -> None:
+def check_split_weights(kern: Kernels, qtype: T = T.Q4_0, n_toks: tuple[int, ...] = (1, 3)
+                        ) -> None:
     """A weight bigger than the device's largest buffer is split by rows and still agrees."""
     raw, wd = weights(qtype, 50, 256)
     m = kern.upload_matrix(raw, qtype, (50, 256))
     assert len(m.parts) > 1, "expected CLAW_OPENCL_MAX_ALLOC to force a split"
-    x = RNG.standard_normal((3, 256)).astype(np.float32)
-    for n_tok in (1, 3):
+    x = RNG.standard_normal((max(n_toks), 256)).astype(np.float32)
+    for n_tok in n_toks:
         y = kern.empty(4 * n_tok * 50)
         kern.matmul(m, kern.upload(x[:n_tok]), y, n_tok)
         ref = weight_input(x[:n_tok], qtype) @ wd.T

@@ -11,6 +11,7 @@ the buffers wrap the memory-mapped file instead of copying it.
 from __future__ import annotations
 
 import math
+import platform
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,10 +68,28 @@ def pairs(rows: int, rpw: int) -> int:
     return math.ceil(math.ceil(rows / 2) / rpw) * rpw
 
 
+def host_has_vnni(dev: Device) -> bool:
+    """Whether the device is PoCL's CPU device on an x86 host with AVX-512 VNNI: matmul.cl's
+    VNNI prefill kernels are then built (-DVNNI=1, part of the program cache's key, so a binary
+    built here is never loaded on a CPU without the instructions). PoCL only: the kernels use
+    clang's target attribute and x86 builtins, which its clang compiles for the host CPU."""
+    if (not dev.is_cpu or "Portable Computing Language" not in dev.platform
+            or platform.machine() not in ("x86_64", "AMD64")):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx512f", "avx512vl", "avx512bw", "avx512_vnni", "f16c"} <= set(flags)
+
+
 class Kernels:
     def __init__(self, dev: Device, params: Params, programs: ProgramCache):
         self.dev, self.params, self.cl, self.queue = dev, params, dev.cl, dev.queue
-        self.mm = programs.get("matmul", params.matmul_defines())
+        self.vnni = bool(params.UNALIGNED) and host_has_vnni(dev)
+        self.mm = programs.get("matmul", {**params.matmul_defines(), "VNNI": int(self.vnni)})
         self.ops = programs.get("ops", params.ops_defines())
         self._kernels: dict[str, Any] = {}
         self.host_pointer_bytes = 0  # weight bytes wrapped in place, not copied
@@ -184,6 +203,11 @@ class Kernels:
             elif n_tok == 1:  # two rows a work-item
                 self.launch(self.mm, f"qgemv_{name}", (pairs(n, p.RPW),), (p.RPW,), buf, xq, xd,
                             y, cols, np.int32(n), np.int32(w.row_bytes), off, acc)
+            elif self.vnni:  # 8 rows x 8 tokens a work-item (matmul.cl's qgemm8)
+                tiles = (math.ceil(n / 32) * 4, math.ceil(n_tok / 8))
+                self.launch(self.mm, f"qgemm8_{name}", tiles, (4, 1), buf, xq, xd, y, cols,
+                            np.int32(n), np.int32(n_tok), np.int32(w.row_bytes),
+                            np.int32(stride), off, acc)
             else:
                 tile = 8 if p.TT == 8 else 4  # matmul.cl's TILE_N
                 self.launch(self.mm, f"qgemm_{name}", (rows, math.ceil(n_tok / tile)),

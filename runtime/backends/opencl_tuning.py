@@ -91,25 +91,28 @@ def candidates(dev: Device) -> list[Params]:
 def tune(dev: Device, programs: ProgramCache, *, rows: int = 2048, cols: int = 2048,
          prompt: int = 64, repeats: int = 3, log: Callable[[str], None] = print) -> Params:
     """Time decode and prefill matmuls (Q4_0, a rows x cols matrix) for each candidate, then
-    token tiles and attention split sizes, and store the fastest set for this device."""
+    token tiles (on Q4_K: Q4_0/Q8_0 prefill on AVX-512 VNNI hosts runs matmul.cl's qgemm8,
+    whose 8 x 8 tile is fixed, so TT would be timed on noise there) and attention split sizes,
+    and store the fastest set for this device."""
     rng = np.random.default_rng(0)
-    raw = quantize(rng.standard_normal((rows, cols)).astype(np.float32), T.Q4_0)
+    w32 = rng.standard_normal((rows, cols)).astype(np.float32)
+    raws = {q: quantize(w32, q) for q in (T.Q4_0, T.Q4_K)}
     x = rng.standard_normal((prompt, cols)).astype(np.float32)
     timings: dict[str, float] = {}
 
-    def score(p: Params) -> float:
+    def score(p: Params, qtype: T = T.Q4_0) -> float:
         kern = Kernels(dev, p, programs)
-        w = kern.upload_matrix(raw, T.Q4_0, (rows, cols))
+        w = kern.upload_matrix(raws[qtype], qtype, (rows, cols))
         xb, yb = kern.upload(x), kern.empty(prompt * rows * 4)
         vec = _best_time(lambda: kern.matmul(w, xb, yb, 1), dev, repeats)
         mat = _best_time(lambda: kern.matmul(w, xb, yb, prompt), dev, repeats)
-        key = " ".join(f"{k}={v}" for k, v in asdict(p).items())
+        key = " ".join([f"{k}={v}" for k, v in asdict(p).items()] + [qtype.name])
         timings[key] = vec * 1e3
         log(f"  {key}: decode {vec * 1e3:.3f} ms, prefill {mat * 1e3:.2f} ms")
         return vec + mat / prompt  # a decode step weighs as much as a prompt token
 
     best = min(candidates(dev), key=score)
     tiles = [Params(**{**asdict(best), "TT": tt}) for tt in (2, 4, 8)]
-    best = min(tiles, key=score)
+    best = min(tiles, key=lambda p: score(p, T.Q4_K))
     save_params(dev, best, timings)
     return best

@@ -646,3 +646,135 @@ kernel void qmatmul_##T##_vec(blk_t W, const global char* XQ, const global float
     QMATMUL_VEC_KERNEL(T)
 QFORMAT(q8_0)
 QFORMAT(q4_0)
+
+// ---- Prefill with AVX-512 VNNI (x86 CPUs that have it; the build defines VNNI 1 only there,
+// see opencl_kernels.host_has_vnni) ----
+// A work-item computes 8 rows x QT_TOK tokens with the rows in the 8 lanes of a register, as
+// llama.cpp's repacked Q4_0 GEMM does, but without repacking the file: each block of the 8
+// rows is transposed in registers once (lane j, register k = bytes 4k..4k+3 of row j) and then
+// used for every token of the tile. One `vpdpbusd` (4 u8 x s8 products summed into each int32
+// lane) per 4 bytes of x, broadcast from memory, gives a block's 8 row dot products after 8
+// instructions (Q8_0) with no horizontal sums; one convert and one FMA scale them. vpdpbusd
+// wants its register operand unsigned, so the weights go in offset: Q4_0 as its raw nibbles
+// (q + 8), Q8_0 as q + 128 (an xor of the sign bit), and the accumulator starts at -K * sum(x)
+// of the token's block (K = 8 or 128): the same integers as the signed product, exactly.
+// Scale and sum order per (row, token) is numpy's blocks in turn, as qgemm's.
+#if defined(__AVX2__) && UNALIGNED && defined(VNNI) && VNNI
+#define QT_TOK 8
+typedef int v8si __attribute__((vector_size(32)));
+typedef int v8si_u __attribute__((vector_size(32), aligned(1)));
+typedef int v4si __attribute__((vector_size(16)));
+typedef int v4si_u __attribute__((vector_size(16), aligned(1)));
+typedef float v8sf __attribute__((vector_size(32)));
+typedef short v8hi_t __attribute__((vector_size(16)));
+#define VNNI_FN __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni,f16c")))
+#define SPLAT8(v) ((v8si){v, v, v, v, v, v, v, v})
+#define SPLATF(v) ((v8sf){v, v, v, v, v, v, v, v})
+
+// 8 rows' scales of block c (f16 at the start of each block) as float lanes.
+VNNI_FN static v8sf row_scales(const blk_t* w, int c, int bs) {
+#define H(j) *(const global short*)(w[j] + c * bs)
+    const v8hi_t h = {H(0), H(1), H(2), H(3), H(4), H(5), H(6), H(7)};
+#undef H
+    return __builtin_ia32_vcvtph2ps256(h);
+}
+
+// -K * the sums of the 8 tokens' 32 int8 values of a block, token t in lane t (one vpdpbusd
+// per token for 4-byte partial sums, then a transposing reduction: 9 shuffles/adds for all 8).
+VNNI_FN static v8si neg_ksums(const global char* const* x, int c, int k) {
+    v8si s[8];
+    _Pragma("unroll") for (int t = 0; t < 8; t++)
+        s[t] = __builtin_ia32_vpdpbusd256(SPLAT8(0), SPLAT8(k * 0x01010101),
+                                          *(const global v8si*)(x[t] + 32 * c));
+    const v8si h01 = __builtin_ia32_phaddd256(s[0], s[1]), h23 = __builtin_ia32_phaddd256(s[2], s[3]);
+    const v8si h45 = __builtin_ia32_phaddd256(s[4], s[5]), h67 = __builtin_ia32_phaddd256(s[6], s[7]);
+    const v8si g0 = __builtin_ia32_phaddd256(h01, h23), g1 = __builtin_ia32_phaddd256(h45, h67);
+    return -(__builtin_shufflevector(g0, g1, 0, 1, 2, 3, 8, 9, 10, 11) +
+             __builtin_shufflevector(g0, g1, 4, 5, 6, 7, 12, 13, 14, 15));
+}
+
+// The 8 x 8 dword transpose of a Q8_0 block of 8 rows: wt[k] lane j = dword k of row j.
+VNNI_FN static void blocks_q8_0(const blk_t* w, int c, v8si* wt) {
+    v8si r[8], t[8], u[8];
+    _Pragma("unroll") for (int j = 0; j < 8; j++) r[j] = *(const global v8si_u*)(w[j] + c * 34 + 2);
+    _Pragma("unroll") for (int j = 0; j < 8; j += 2) {
+        t[j] = __builtin_shufflevector(r[j], r[j + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[j + 1] = __builtin_shufflevector(r[j], r[j + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    _Pragma("unroll") for (int j = 0; j < 8; j += 4) {
+        u[j] = __builtin_shufflevector(t[j], t[j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[j + 1] = __builtin_shufflevector(t[j], t[j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        u[j + 2] = __builtin_shufflevector(t[j + 1], t[j + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[j + 3] = __builtin_shufflevector(t[j + 1], t[j + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    const v8si sign = SPLAT8((int)0x80808080);
+    _Pragma("unroll") for (int k = 0; k < 4; k++) {
+        wt[k] = __builtin_shufflevector(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11) ^ sign;
+        wt[k + 4] = __builtin_shufflevector(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15) ^ sign;
+    }
+}
+
+// A Q4_0 block of 8 rows: wt[k] lane j = nibbles of weights 4k..4k+3 of row j (k < 4, low
+// nibbles) and 4k-16.. (k >= 4, high nibbles), matching x's dword k.
+VNNI_FN static void blocks_q4_0(const blk_t* w, int c, v8si* wt) {
+    v4si r[8];
+    v8si p[4], t[4];
+    _Pragma("unroll") for (int j = 0; j < 8; j++) r[j] = *(const global v4si_u*)(w[j] + c * 18 + 2);
+    _Pragma("unroll") for (int j = 0; j < 4; j++) p[j] = __builtin_shufflevector(r[j], r[j + 4], 0, 1, 2, 3, 4, 5, 6, 7);
+    _Pragma("unroll") for (int j = 0; j < 4; j += 2) {
+        t[j] = __builtin_shufflevector(p[j], p[j + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[j + 1] = __builtin_shufflevector(p[j], p[j + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    const v8si u[4] = {__builtin_shufflevector(t[0], t[2], 0, 1, 8, 9, 4, 5, 12, 13),
+                       __builtin_shufflevector(t[0], t[2], 2, 3, 10, 11, 6, 7, 14, 15),
+                       __builtin_shufflevector(t[1], t[3], 0, 1, 8, 9, 4, 5, 12, 13),
+                       __builtin_shufflevector(t[1], t[3], 2, 3, 10, 11, 6, 7, 14, 15)};
+    const v8si lo = SPLAT8(0x0f0f0f0f);
+    _Pragma("unroll") for (int k = 0; k < 4; k++) { wt[k] = u[k] & lo; wt[k + 4] = (u[k] >> 4) & lo; }
+}
+
+#define QGEMM8_TILE(T, BS, K)                                                                  \
+VNNI_FN static void qtile_##T(blk_t W, const global char* XQ, const global float* XD,         \
+                              global float* Y, int n_cols, int n_rows, int n_tok,              \
+                              int row_bytes, int y_stride, int y_off, int accumulate,          \
+                              int row0, int t0) {                                              \
+    const int nb = n_cols / 32;                                                                \
+    blk_t w[8]; /* rows past the last read the last row again; their lanes are not stored */  \
+    const global char* x[QT_TOK];                                                              \
+    const global float* d[QT_TOK];                                                             \
+    v8sf acc[QT_TOK];                                                                          \
+    _Pragma("unroll") for (int j = 0; j < 8; j++)                                              \
+        w[j] = W + (size_t)min(row0 + j, n_rows - 1) * row_bytes;                              \
+    _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {                                       \
+        const int r = min(t0 + t, n_tok - 1);                                                  \
+        x[t] = XQ + (size_t)r * n_cols; d[t] = XD + (size_t)r * nb; acc[t] = SPLATF(0.0f);     \
+    }                                                                                          \
+    for (int c = 0; c < nb; c++) {                                                             \
+        v8si wt[8];                                                                            \
+        blocks_##T(w, c, wt);                                                                  \
+        const v8sf dw = row_scales(w, c, BS);                                                  \
+        const v8si nks = neg_ksums(x, c, K);                                                   \
+        _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {                                   \
+            const global int* xi = (const global int*)(x[t] + 32 * c);                         \
+            v8si s = __builtin_ia32_permvarsi256(nks, SPLAT8(t));                              \
+            _Pragma("unroll") for (int k = 0; k < 8; k++)                                      \
+                s = __builtin_ia32_vpdpbusd256(s, wt[k], SPLAT8(xi[k]));                       \
+            acc[t] += (dw * SPLATF(d[t][c])) * __builtin_convertvector(s, v8sf);               \
+        }                                                                                      \
+    }                                                                                          \
+    for (int t = 0; t < QT_TOK && t0 + t < n_tok; t++)                                         \
+        for (int j = 0; j < 8 && row0 + j < n_rows; j++) {                                     \
+            global float* y = Y + y_off + (size_t)(t0 + t) * y_stride + row0 + j;              \
+            *y = acc[t][j] + (accumulate ? *y : 0.0f);                                         \
+        }                                                                                      \
+}                                                                                              \
+kernel void qgemm8_##T(blk_t W, const global char* XQ, const global float* XD,                \
+                       global float* Y, int n_cols, int n_rows, int n_tok, int row_bytes,      \
+                       int y_stride, int y_off, int accumulate) {                              \
+    if (get_global_id(0) * 8 >= n_rows) return;                                                \
+    qtile_##T(W, XQ, XD, Y, n_cols, n_rows, n_tok, row_bytes, y_stride, y_off, accumulate,    \
+              get_global_id(0) * 8, get_global_id(1) * QT_TOK);                                \
+}
+QGEMM8_TILE(q8_0, 34, 128)
+QGEMM8_TILE(q4_0, 18, 8)
+#endif

@@ -227,14 +227,30 @@ kernel void attn_prefill(const global float* q, const global float* kc, const gl
         }
         barrier(CLK_LOCAL_MEM_FENCE);
         const int seen = limit - p0 < n ? limit - p0 : n;
-        for (int j = 0; j < seen; j++) {
-            float4 acc = 0.0f;
-            for (int d = 0; d < d4; d++) acc += qv[d] * kt[j * d4 + d];
-            const float s = (acc.x + acc.y) + (acc.z + acc.w);
-            const float m_new = fmax(m, s), corr = exp(m - m_new), e = exp(s - m_new);
-            l = l * corr + e;
-            for (int d = 0; d < d4; d++) o[d] = o[d] * corr + e * vt[j * d4 + d];
-            m = m_new;
+        // Eight keys a step: one vector exp (PoCL's exp is an out-of-line call), the running
+        // sums rescaled only when the max grows (a few times a row). Keys past `seen` score
+        // -inf (weight 0); a step's first key is always seen, so m is finite after it.
+        for (int j = 0; j < seen; j += 8) {
+            float8 sc;
+            for (int i = 0; i < 8; i++) {
+                float4 acc = 0.0f;
+                const int jj = j + i < seen ? j + i : j;
+                for (int d = 0; d < d4; d++) acc += qv[d] * kt[jj * d4 + d];
+                sc[i] = j + i < seen ? (acc.x + acc.y) + (acc.z + acc.w) : -INFINITY;
+            }
+            const float4 mh = fmax(sc.lo, sc.hi);
+            const float m4 = fmax(fmax(mh.x, mh.y), fmax(mh.z, mh.w));
+            if (m4 > m) {
+                const float corr = exp(m - m4);
+                l *= corr;
+                for (int d = 0; d < d4; d++) o[d] *= corr;
+                m = m4;
+            }
+            const float8 e = exp(sc - m);
+            const float4 eh = e.lo + e.hi;
+            l += (eh.x + eh.y) + (eh.z + eh.w);
+            for (int i = 0; i < 8 && j + i < seen; i++)
+                for (int d = 0; d < d4; d++) o[d] += e[i] * vt[(j + i) * d4 + d];
         }
         barrier(CLK_LOCAL_MEM_FENCE);
     }

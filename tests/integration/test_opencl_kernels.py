@@ -4,6 +4,7 @@ warm run compiles nothing; the first run on a machine compiles both programs (~3
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -70,6 +71,27 @@ def test_argmax_top_k_softmax(kern):
 def test_weights_larger_than_the_device_allows_are_split(kern, monkeypatch):
     monkeypatch.setenv("CLAW_OPENCL_MAX_ALLOC", str(20 * 144))  # 20 rows of 256 Q4_0 weights
     checks.check_split_weights(kern)
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+def test_prefill_tiles_agree_with_numpy_on_odd_shapes(kern, qtype):
+    """Prefill's Q4_0/Q8_0 kernels tile 8 rows x 8 tokens (qgemm8, on hosts with AVX-512 VNNI)
+    or one row x 8 tokens (qgemm): rows below, off and on the row tile, token counts off and on
+    the token tile, through both kernels where the host has both."""
+    for vnni in sorted({False, kern.vnni}):
+        k = copy.copy(kern)  # the same programs, the other prefill kernel
+        k.vnni = vnni
+        for rows, n_tok in [(5, 3), (37, 7), (64, 8), (13, 17), (8, 40), (100, 2)]:
+            checks.check_matmul(k, qtype, n_tok, rows=rows)
+        if vnni:
+            assert f"qgemm8_{qtype.name.lower()}" in k._kernels, "the VNNI kernel did not run"
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+def test_split_weights_prefill_tiles(kern, monkeypatch, qtype):
+    """Parts of 10 (Q8_0) or 20 (Q4_0) rows: each part's last row tile is partial."""
+    monkeypatch.setenv("CLAW_OPENCL_MAX_ALLOC", str(20 * 144))
+    checks.check_split_weights(kern, qtype, (1, 3, 11))
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_K, T.F16], ids=lambda t: t.name)
