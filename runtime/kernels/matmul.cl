@@ -661,7 +661,6 @@ QFORMAT(q4_0)
 // Scale and sum order per (row, token) is numpy's blocks in turn, as qgemm's.
 #if defined(__AVX2__) && UNALIGNED && defined(VNNI) && VNNI
 #define QT_TOK 8
-typedef int v8si __attribute__((vector_size(32)));
 typedef int v8si_u __attribute__((vector_size(32), aligned(1)));
 typedef int v4si __attribute__((vector_size(16)));
 typedef int v4si_u __attribute__((vector_size(16), aligned(1)));
