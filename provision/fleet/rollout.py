@@ -32,6 +32,7 @@ from provision.provisioning import limit_hosts, run_inventory
 MODEL_VERSION = re.compile(r".+\.gguf@[0-9a-f]{12}")
 SWITCHED = ("installed", "healthy", "committed")
 KEEP_TARBALLS = 3  # exported releases kept on the controller (a rollback may need the last)
+IN_USE_S = 3600  # ... and any used this recently: another rollout may be delivering it still
 
 
 def check_runtime_hosts(inventory: Inventory, hosts: list[str]) -> None:
@@ -121,6 +122,8 @@ def tarball_for(tag: str, image_id: str, progress: Callable[[str], None]) -> Pat
     path.touch()  # newest use first: the cache keeps the last few releases, not all of them
     full = [p for p in folder.glob("*.tar.zst") if not p.name.endswith(LAYERLESS)]
     for old in sorted(full, key=lambda p: p.stat().st_mtime)[:-KEEP_TARBALLS]:
+        if time.time() - old.stat().st_mtime < IN_USE_S:  # concurrent rollouts of 4 releases
+            continue  # pruned a tarball under another one's batches ("Could not find")
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)
         layerless_for(old).unlink(missing_ok=True)

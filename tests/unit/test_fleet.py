@@ -227,15 +227,34 @@ def test_the_tarball_cache_keeps_the_newest_releases_only(tmp_path, monkeypatch)
     def image_id(i: int) -> str:
         return f"sha256:{i}" + "ab" * 32
 
+    hours_ago = time.time() - 2 * 3600
     for i in range(5):
         ro.tarball_for(f"img:{i}", image_id(i), lambda _: None)
-        time.sleep(0.01)
+        for path in folder.glob(f"{image_id(i)[7:23]}*.tar.zst"):  # used long ago, in order
+            os.utime(path, (hours_ago + i, hours_ago + i))
     ro.tarball_for("img:2", image_id(2), lambda _: None)  # used again: kept, not redone
     kept = sorted(p.name[:16] for p in folder.glob("*.tar.zst") if "layerless" not in p.name)
     assert kept == sorted(image_id(i)[7:23] for i in (2, 3, 4))
     assert sorted(p.name[:16] for p in folder.glob("*.layerless.tar.zst")) == kept
     assert len(list(folder.glob("*.sha256"))) == 3
     assert exported == [f"img:{i}" for i in range(5)]
+
+
+def test_the_tarball_cache_keeps_what_another_rollout_may_be_delivering(monkeypatch):
+    """Two rollouts at once (two CI jobs, two operators) export releases into one cache: the
+    newest three alone would drop a tarball the other is still copying to its next batch."""
+    from provision.fleet import rollout as ro
+
+    folder = history.db_path().parent / "images"
+
+    def fake_export(tag: str, path: Path) -> None:
+        path.write_bytes(b"tar")
+
+    monkeypatch.setattr("images.transfer.export_image", fake_export)
+    monkeypatch.setattr("images.transfer.layerless_copy", lambda t, p: p.write_bytes(b"c"))
+    for i in range(5):
+        ro.tarball_for(f"img:{i}", f"sha256:{i}" + "cd" * 32, lambda _: None)
+    assert len([p for p in folder.glob("*.tar.zst") if "layerless" not in p.name]) == 5
 
 
 @pytest.mark.parametrize("limit", ["site", "all:!rack1", "site:&rack2", "d*:!d2", "rack1,d4"])
