@@ -102,6 +102,52 @@ def export_image(tag: str, output: Path, progress: Progress = lambda n: None) ->
             "image_bytes": raw_bytes, "file_bytes": output.stat().st_size}
 
 
+SMALL_MEMBER = 1 << 20  # what a layerless copy keeps in memory: manifests, configs, tags
+
+
+def layerless_copy(tarball: Path, output: Path) -> Path:
+    """`tarball` (a `docker save` zstd tarball) without the layers its manifest lists: manifest,
+    config and tags, a few KB. `docker load` opens a layer's file only for a layer its engine
+    lacks, so it takes this copy where every layer is there already (a release that changed
+    only a label, on a device that runs the one before) and fails, loading nothing, where one
+    is missing. Written atomically."""
+    import io
+    import json
+    import tarfile
+
+    import zstandard
+
+    kept: list[tuple[tarfile.TarInfo, bytes | None]] = []
+    left_out: set[str] = set()
+    with open(tarball, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as stream, \
+            tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:  # one pass: the manifest comes last, after the layers it lists
+            if member.isfile() and member.size > SMALL_MEMBER:
+                left_out.add(member.name)
+                continue
+            data = tar.extractfile(member).read() if member.isfile() else None  # type: ignore[union-attr]
+            kept.append((member, data))
+    manifest = next((json.loads(data) for m, data in kept if m.name == "manifest.json"), None)
+    if manifest is None:
+        raise ClawError(f"{tarball}: no manifest.json (expected a `docker save` tarball)")
+    layers = {path for entry in manifest for path in entry["Layers"]}
+    if left_out - layers:  # only layers are left out, or the copy could not stand in for it
+        raise ClawError(f"{tarball}: {sorted(left_out - layers)[0]} is large and not a layer")
+    part = output.with_name(f".{output.name}.{os.getpid()}.part")
+    try:
+        with open(part, "wb") as raw, \
+                zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False) as zst, \
+                tarfile.open(fileobj=zst, mode="w|") as out:
+            for member, data in kept:
+                if member.name not in layers:
+                    out.addfile(member, io.BytesIO(data) if data is not None else None)
+        os.replace(part, output)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return output
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

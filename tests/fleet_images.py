@@ -103,6 +103,9 @@ def release_fleet(n: int, fleet: str, prefix: str, work: Path, model: Path,
     finally:
         devices.devices_down(fleet=fleet)
         client = docker_client()
-        for tag in [*tags.values(), base]:
+        # with the names `--registry` pushes gave them (REGISTRY/PREFIX/runtime:VERSION)
+        pushed = [t for image in client.images.list() for t in image.tags
+                  if t.split("/", 1)[-1] in tags.values()]
+        for tag in [*tags.values(), *pushed, base]:
             with contextlib.suppress(Exception):  # best effort: this fleet's images only
                 client.images.remove(tag, force=True)

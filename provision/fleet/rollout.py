@@ -32,6 +32,7 @@ from provision.provisioning import limit_hosts, run_inventory
 MODEL_VERSION = re.compile(r".+\.gguf@[0-9a-f]{12}")
 SWITCHED = ("installed", "healthy", "committed")
 KEEP_TARBALLS = 3  # exported releases kept on the controller (a rollback may need the last)
+IN_USE_S = 3600  # ... and any used this recently: another rollout may be delivering it still
 
 
 def check_runtime_hosts(inventory: Inventory, hosts: list[str]) -> None:
@@ -102,9 +103,13 @@ def model_release(path: Path) -> ModelRelease:
     return ModelRelease(path, file_sha256(path))
 
 
+LAYERLESS = ".layerless.tar.zst"
+
+
 def tarball_for(tag: str, image_id: str, progress: Callable[[str], None]) -> Path:
-    """The image as a zstd tarball, exported once per image id and kept in the state dir."""
-    from images.transfer import export_image
+    """The image as a zstd tarball, exported once per image id and kept in the state dir, with
+    its layerless copy beside it (`layerless_for`)."""
+    from images.transfer import export_image, layerless_copy
 
     folder = state_dir() / "images"
     folder.mkdir(parents=True, exist_ok=True)
@@ -112,11 +117,23 @@ def tarball_for(tag: str, image_id: str, progress: Callable[[str], None]) -> Pat
     if not path.is_file():
         progress(f"exporting {tag} to {path}")
         export_image(tag, path)
+    if not layerless_for(path).is_file():
+        layerless_copy(path, layerless_for(path))
     path.touch()  # newest use first: the cache keeps the last few releases, not all of them
-    for old in sorted(folder.glob("*.tar.zst"), key=lambda p: p.stat().st_mtime)[:-KEEP_TARBALLS]:
+    full = [p for p in folder.glob("*.tar.zst") if not p.name.endswith(LAYERLESS)]
+    for old in sorted(full, key=lambda p: p.stat().st_mtime)[:-KEEP_TARBALLS]:
+        if time.time() - old.stat().st_mtime < IN_USE_S:  # concurrent rollouts of 4 releases
+            continue  # pruned a tarball under another one's batches ("Could not find")
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+        layerless_for(old).unlink(missing_ok=True)
     return path
+
+
+def layerless_for(tarball: Path) -> Path:
+    """The tarball's manifest and config alone: what a device that has the image's layers
+    already (the same base as the release it runs) needs, a few KB instead of ~100 MB."""
+    return tarball.with_name(tarball.name.removesuffix(".tar.zst") + LAYERLESS)
 
 
 @dataclass
@@ -207,7 +224,9 @@ def rollout(inventory_path: Path, image: str | None, settings: Settings, *,
         push_image(image, settings.registry)
         extra["claw_release_registry"] = settings.registry
     else:
-        extra["claw_release_tarball"] = str(tarball_for(image, image_id, progress))
+        tarball = tarball_for(image, image_id, progress)
+        extra["claw_release_tarball"] = str(tarball)
+        extra["claw_release_tarball_layerless"] = str(layerless_for(tarball))
     run_dir = new_run_dir("rollout")
     if previous is not None:
         rollout_id = previous["id"]

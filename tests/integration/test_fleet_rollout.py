@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -73,7 +74,9 @@ def assert_fleet(setup, expected: dict[str, str]) -> dict[str, dict]:
         assert row["running"] == expected[name], (name, row)
         assert row["committed"] == expected[name] and not row["pending"], (name, row)
         assert row["mem_total_mb"] > 0
-        complete(setup["ports"][name])
+    with ThreadPoolExecutor(len(rows)) as pool:  # each device answers on its own
+        answers = list(pool.map(complete, [setup["ports"][name] for name in rows]))
+    assert all(isinstance(text, str) for text in answers)
     return rows
 
 

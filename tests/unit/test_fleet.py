@@ -217,18 +217,44 @@ def test_the_tarball_cache_keeps_the_newest_releases_only(tmp_path, monkeypatch)
         path.with_name(path.name + ".sha256").write_text("x  y\n")
         exported.append(tag)
 
+    def fake_layerless(tarball: Path, path: Path) -> Path:
+        path.write_bytes(b"config")
+        return path
+
     monkeypatch.setattr("images.transfer.export_image", fake_export)
+    monkeypatch.setattr("images.transfer.layerless_copy", fake_layerless)
+
     def image_id(i: int) -> str:
         return f"sha256:{i}" + "ab" * 32
 
+    hours_ago = time.time() - 2 * 3600
     for i in range(5):
         ro.tarball_for(f"img:{i}", image_id(i), lambda _: None)
-        time.sleep(0.01)
+        for path in folder.glob(f"{image_id(i)[7:23]}*.tar.zst"):  # used long ago, in order
+            os.utime(path, (hours_ago + i, hours_ago + i))
     ro.tarball_for("img:2", image_id(2), lambda _: None)  # used again: kept, not redone
-    kept = sorted(p.name[:16] for p in folder.glob("*.tar.zst"))
+    kept = sorted(p.name[:16] for p in folder.glob("*.tar.zst") if "layerless" not in p.name)
     assert kept == sorted(image_id(i)[7:23] for i in (2, 3, 4))
+    assert sorted(p.name[:16] for p in folder.glob("*.layerless.tar.zst")) == kept
     assert len(list(folder.glob("*.sha256"))) == 3
     assert exported == [f"img:{i}" for i in range(5)]
+
+
+def test_the_tarball_cache_keeps_what_another_rollout_may_be_delivering(monkeypatch):
+    """Two rollouts at once (two CI jobs, two operators) export releases into one cache: the
+    newest three alone would drop a tarball the other is still copying to its next batch."""
+    from provision.fleet import rollout as ro
+
+    folder = history.db_path().parent / "images"
+
+    def fake_export(tag: str, path: Path) -> None:
+        path.write_bytes(b"tar")
+
+    monkeypatch.setattr("images.transfer.export_image", fake_export)
+    monkeypatch.setattr("images.transfer.layerless_copy", lambda t, p: p.write_bytes(b"c"))
+    for i in range(5):
+        ro.tarball_for(f"img:{i}", f"sha256:{i}" + "cd" * 32, lambda _: None)
+    assert len([p for p in folder.glob("*.tar.zst") if "layerless" not in p.name]) == 5
 
 
 @pytest.mark.parametrize("limit", ["site", "all:!rack1", "site:&rack2", "d*:!d2", "rack1,d4"])
@@ -291,3 +317,60 @@ def test_a_model_release_with_image_options_is_refused(args, expected, claw, tmp
                   str(model), *args)
     assert result.code == 2 and expected in result.err, result.err
     assert not history.db_path().exists()
+
+
+def _docker_save_tarball(path: Path, members: dict[str, bytes]) -> None:
+    """A zstd tarball laid out as `docker save` writes it (layers first, manifest last)."""
+    import io
+    import tarfile
+
+    import zstandard
+
+    with open(path, "wb") as raw, zstandard.ZstdCompressor().stream_writer(raw) as zst, \
+            tarfile.open(fileobj=zst, mode="w|") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _members(path: Path) -> dict[str, bytes]:
+    import tarfile
+
+    import zstandard
+
+    with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as stream, \
+            tarfile.open(fileobj=stream, mode="r|") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
+
+
+def test_a_layerless_copy_keeps_all_but_the_layers_the_manifest_lists(tmp_path):
+    """What a device with every layer loads instead of the whole release: the manifest, the
+    config and the tags, byte for byte; the large layer stays out and so does the small one
+    (a layer of a few bytes is still a layer: sent, it would be loaded for nothing)."""
+    from images.transfer import layerless_copy
+
+    big = os.urandom(3 << 20)
+    manifest = json.dumps([{"Config": "cfg.json", "RepoTags": ["r:v2"],
+                            "Layers": ["a/layer.tar", "b/layer.tar"]}]).encode()
+    members = {"a/layer.tar": big, "a/json": b"{}", "b/layer.tar": b"tiny", "b/json": b"{}",
+               "cfg.json": b'{"config": {}}', "manifest.json": manifest, "repositories": b"{}"}
+    full = tmp_path / "r.tar.zst"
+    _docker_save_tarball(full, members)
+    out = layerless_copy(full, tmp_path / "r.layerless.tar.zst")
+    assert _members(out) == {k: v for k, v in members.items() if not k.endswith("layer.tar")}
+    assert out.stat().st_size < 2000 and not list(tmp_path.glob(".*.part"))
+
+
+def test_a_layerless_copy_refuses_a_large_file_that_is_not_a_layer(tmp_path):
+    """Leaving out anything else would make a copy that cannot stand in for the image."""
+    from images.transfer import layerless_copy
+    from provision.errors import ClawError
+
+    manifest = json.dumps([{"Config": "cfg.json", "Layers": []}]).encode()
+    full = tmp_path / "r.tar.zst"
+    _docker_save_tarball(full, {"big.bin": os.urandom(2 << 20), "cfg.json": b"{}",
+                                "manifest.json": manifest})
+    with pytest.raises(ClawError, match=r"big\.bin is large and not a layer"):
+        layerless_copy(full, tmp_path / "out.tar.zst")
+    assert not (tmp_path / "out.tar.zst").exists()
