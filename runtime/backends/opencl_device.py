@@ -9,7 +9,6 @@ on a device without it; `find_device` turns "no ICD / no platform / no device" i
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,22 +121,35 @@ def gpu_devices() -> list[str]:
         return []
 
 
+def profiling_queue(dev: Device) -> Any:
+    """A second queue on the device whose events carry device timestamps: benchmarks time
+    kernels by them, not by the host clock, which adds launch and wake-up latency (tens of
+    microseconds on a discrete GPU, as long as a whole small GEMV)."""
+    return dev.cl.CommandQueue(dev.context, properties=dev.cl.command_queue_properties
+                               .PROFILING_ENABLE)
+
+
+def event_seconds(event: Any) -> float:
+    event.wait()
+    return (event.profile.end - event.profile.start) * 1e-9
+
+
 def copy_bandwidth(dev: Device, program: Any, nbytes: int = 64 << 20, repeats: int = 5) -> float:
     """The device's own memory bandwidth in bytes/s (read + write), from the best of `repeats`
-    runs of a float4 copy kernel: the ceiling that decode's weight streaming is measured
-    against."""
+    runs of a float4 copy kernel timed on the device: the ceiling that decode's weight
+    streaming is measured against. Buffers larger than the device's cache, so that the copy
+    reaches memory."""
     cl = dev.cl
-    nbytes = min(nbytes, dev.max_alloc // 2) // 16 * 16
+    cache = int(getattr(dev.device, "global_mem_cache_size", 0) or 0)
+    nbytes = min(max(nbytes, 4 * cache), dev.max_alloc // 2) // 16 * 16
+    queue = profiling_queue(dev)
     src = cl.Buffer(dev.context, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR,
                     hostbuf=np.ones(nbytes // 4, np.float32))
     dst = cl.Buffer(dev.context, cl.mem_flags.WRITE_ONLY, nbytes)
     kernel = program.copy_probe
-    kernel(dev.queue, (nbytes // 16,), None, src, dst).wait()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        kernel(dev.queue, (nbytes // 16,), None, src, dst).wait()
-        best = min(best, time.perf_counter() - start)
+    kernel(queue, (nbytes // 16,), None, src, dst).wait()  # warm-up
+    best = min(event_seconds(kernel(queue, (nbytes // 16,), None, src, dst))
+               for _ in range(repeats))
     src.release()
     dst.release()
     return 2 * nbytes / best

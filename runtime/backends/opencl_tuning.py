@@ -15,22 +15,23 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from runtime.backends.opencl_device import Device
+from runtime.backends.opencl_device import Device, event_seconds, profiling_queue
 from runtime.backends.opencl_kernels import Kernels, Params
 from runtime.backends.opencl_programs import ProgramCache, cache_dir, kernel_source
+from runtime.backends.weight_stream import Q8_ACTIVATION_TYPES
 from runtime.quant import quantize
 
 
 def default_params(dev: Device) -> Params:
     if dev.is_cpu:
         return Params(LWS=1, RPW=16, TT=8, WG=16, SPLIT=128, UNALIGNED=1)
-    return Params(LWS=32, RPW=4, TT=4, WG=64, SPLIT=256)
+    return Params(LWS=32, RPW=4, TT=4, WG=64, SPLIT=256, DP4A=1)
 
 
 def _path(dev: Device) -> Path:
@@ -73,6 +74,31 @@ def _best_time(run: Callable[[], None], dev: Device, repeats: int) -> float:
         dev.queue.finish()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def gemv_bandwidth(dev: Device, params: Params, programs: ProgramCache, raw: np.ndarray,
+                   qtype: T, shape: tuple[int, int], repeats: int = 20) -> tuple[float, float]:
+    """(bytes/s, seconds) of the best of `repeats` decode matmuls (one token) of the weight
+    `raw`, timed by the device's own event clock. The weight is uploaded in enough copies to
+    overflow the device's cache four times (256 MiB at least) and the launches take them in
+    turn, so that each one reads memory, not a cache that still holds the last (an H100's
+    50 MB L2 holds a whole 4096 x 14336 Q4_0 matrix). Q4_0/Q8_0's activation rounding is done
+    once, outside the timing: what is measured is the product's weight stream."""
+    kern = Kernels(replace(dev, queue=profiling_queue(dev)), params, programs)
+    cache = int(getattr(dev.device, "global_mem_cache_size", 0) or 0)  # an H200 says 4 MiB
+    copies = max(1, min(8, -(-max(4 * cache, 256 << 20) // raw.nbytes)))  # for its 60 MB L2
+    mats = [kern.upload_matrix(raw, qtype, shape) for _ in range(copies)]
+    if len(mats[0].parts) != 1:
+        raise ValueError(f"a {raw.nbytes}-byte matrix is split on this device: time a smaller one")
+    x, y = kern.upload(np.ones(shape[1], np.float32)), kern.empty(4 * shape[0])
+    q8 = kern.quantize_q8(x, shape[1], 1) if qtype in Q8_ACTIVATION_TYPES else None
+    best = float("inf")
+    for i in range(repeats + copies):  # the first pass over the copies warms up
+        kern.matmul(mats[i % copies], x, y, 1, q8=q8)
+        if i >= copies:
+            best = min(best, event_seconds(kern.last_event))
+    kern.queue.finish()
+    return raw.nbytes / best, best
 
 
 def candidates(dev: Device) -> list[Params]:

@@ -26,6 +26,9 @@
 #ifndef UNALIGNED
 #define UNALIGNED 0
 #endif
+#ifndef DP4A
+#define DP4A 0
+#endif
 
 typedef const global uchar* blk_t;
 
@@ -53,11 +56,12 @@ typedef char16 __attribute__((aligned(1))) char16_u;
 // accumulators around it once per block (it cost the Q8_0 GEMV ~30 %). Exact for every value:
 // a subnormal half becomes a float subnormal that the 2^112 multiply scales exactly.
 // Written out per width (no GNU statement expressions: not every driver's compiler has them).
-inline float f16(blk_t p, int i) {
-    const uint h = ((const global ushort*)p)[i], m = (h & 0x7fffu) << 13;
+inline float f16_bits(uint h) {
+    const uint m = (h & 0x7fffu) << 13;
     const float f = (h & 0x7c00u) == 0x7c00u ? as_float(m | 0x7f800000u) : as_float(m) * 0x1p112f;
     return as_float(as_uint(f) | (h & 0x8000u) << 16);
 }
+inline float f16(blk_t p, int i) { return f16_bits(((const global ushort*)p)[i]); }
 inline float8 f16x8(const global half* p, int i) {
     const uint8 h = convert_uint8(((const global ushort8*)p)[i]), m = (h & 0x7fffu) << 13;
     const float8 f = (h & 0x7c00u) == 0x7c00u ? as_float8(m | 0x7f800000u)
@@ -619,33 +623,139 @@ kernel void qgemm_##T(blk_t W, const global char* XQ, const global float* XD,   
     GEMM_TILE(GEMM_STORE)                                                                      \
 }
 
-// Decode on devices tuned to LWS > 1 (GPUs): LWS work-items share a row, as matmul_<T>_vec, so
-// that neighbouring work-items read neighbouring blocks. Global (LWS * rows rounded up to
-// RPW), local (LWS * RPW).
-#define QMATMUL_VEC_KERNEL(T)                                                                  \
+// Decode on devices tuned to LWS > 1 (GPUs): LWS work-items share a row and each takes half a
+// block (16 weights) at a time, so that a group of work-items reads one contiguous run of the
+// row. The weights come in 16-bit loads (a block is 2-byte aligned: 34 and 18 bytes), the
+// activations in one 128-bit (Q8_0) or two 64-bit (Q4_0) loads, and four bytes are multiplied
+// at a time by dot4 (one dp4a instruction where the driver has it, see below).
+// Global (LWS * rows rounded up to RPW), local (LWS * RPW).
+// dot4(a, b, acc): acc + the dot product of the four signed bytes of a and of b.
+#if defined(cl_khr_integer_dot_product) && defined(__opencl_c_integer_dot_product_input_4x8bit_packed)
+inline int dot4(uint a, uint b, int acc) { return dot_acc_sat_4x8packed_ss_int(a, b, acc); }
+#elif DP4A && defined(cl_nv_pragma_unroll)  /* NVIDIA's compiler: inline PTX, sm_61 and later */
+inline int dot4(uint a, uint b, int acc) {
+    int r;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(acc));
+    return r;
+}
+#else
+inline int dot4(uint a, uint b, int acc) {
+    const int4 x = convert_int4(as_char4(a)), y = convert_int4(as_char4(b));
+    return acc + x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
+}
+#endif
+// Four weight bytes from two 16-bit loads.
+inline uint u32_at(const global ushort* p, int i) { return (uint)p[2 * i] | (uint)p[2 * i + 1] << 16; }
+// Half h of a block: Q8_0's int8 weights 16h..16h+15 times x's same 16.
+inline int half_q8_0(blk_t b, int h, const global char* x) {
+    const global ushort* q = (const global ushort*)(b + 2 + 16 * h);
+    const uint4 xv = *(const global uint4*)(x + 16 * h);
+    return dot4(u32_at(q, 3), xv.w, dot4(u32_at(q, 2), xv.z,
+                dot4(u32_at(q, 1), xv.y, dot4(u32_at(q, 0), xv.x, 0))));
+}
+// Half h of a Q4_0 block: bytes 8h..8h+7 of qs hold weights 8h..8h+7 (low nibbles) and
+// 16+8h..16+8h+7 (high). A nibble n becomes the signed byte n - 8 as (n + 120) ^ 128, four at
+// a time (no carries between bytes).
+inline uint q4_bytes(uint n) { return (n + 0x78787878u) ^ 0x80808080u; }
+inline int half_q4_0(blk_t b, int h, const global char* x) {
+    const global ushort* q = (const global ushort*)(b + 2 + 8 * h);
+    const uint2 xl = *(const global uint2*)(x + 8 * h), xh = *(const global uint2*)(x + 16 + 8 * h);
+    const uint q0 = u32_at(q, 0), q1 = u32_at(q, 1);
+    int s = dot4(q4_bytes(q0 & 0x0f0f0f0fu), xl.x, 0);
+    s = dot4(q4_bytes(q1 & 0x0f0f0f0fu), xl.y, s);
+    s = dot4(q4_bytes(q0 >> 4 & 0x0f0f0f0fu), xh.x, s);
+    return dot4(q4_bytes(q1 >> 4 & 0x0f0f0f0fu), xh.y, s);
+}
+#define QMATMUL_VEC_KERNEL(T, BS)                                                              \
 kernel void qmatmul_##T##_vec(blk_t W, const global char* XQ, const global float* XD,         \
                               global float* Y, int n_cols, int n_rows, int n_tok,              \
                               int row_bytes, int y_stride, int y_off, int accumulate) {        \
     const int lane = get_local_id(0) % LWS, lrow = get_local_id(0) / LWS;                     \
     const int row = get_global_id(0) / LWS, t0 = 0;                                            \
-    float8 acc8 = 0.0f;                                                                        \
+    float a = 0.0f;                                                                            \
     if (row < n_rows) {                                                                        \
         blk_t wrow = W + (size_t)row * row_bytes;                                              \
-        for (int c = lane; c < n_cols / 32; c += LWS) {                                        \
-            wq_t w;                                                                            \
-            const float d = DQI_##T(wrow, c, &w) * XD[c];                                      \
-            acc8 += d * idot32(w, XQ + 32 * c);                                                \
+        for (int i = lane; i < n_cols / 16; i += LWS) {                                        \
+            const int c = i >> 1;                                                              \
+            blk_t b = wrow + c * BS;                                                           \
+            a += (float)half_##T(b, i & 1, XQ + 32 * c) * (f16(b, 0) * XD[c]);                 \
         }                                                                                      \
     }                                                                                          \
     float acc[1];                                                                              \
-    acc[0] = hsum8(acc8);                                                                      \
+    acc[0] = a;                                                                                \
     REDUCE_AND_STORE(1)                                                                        \
 }
 
-#define QFORMAT(T) QGEMV_KERNEL(T) QGEMV_QKV_KERNEL(T) QGEMV_GLU_KERNEL(T) QGEMM_KERNEL(T) \
-    QMATMUL_VEC_KERNEL(T)
-QFORMAT(q8_0)
-QFORMAT(q4_0)
+// The same product with the row staged in local memory first: a work-group copies the next
+// LWS blocks of each of its RPW rows with 32-bit loads in which neighbouring work-items read
+// neighbouring words (every byte a warp fetches is used: loads at the blocks' own 2-byte
+// alignment made each 128-byte line be fetched several times, and decode reached 43-59 % of
+// an H200's copy bandwidth), then each work-item takes one whole block out of local memory.
+// Rows of an even number of blocks only (their bytes split into whole words); others take
+// qmatmul_<T>_vec. Same arguments and work layout as qmatmul_<T>_vec.
+// lword: the 4 bytes at a 2-aligned byte offset of local memory.
+inline uint lword(const local uint* s, int byte) {
+    const int w = byte >> 2;
+    return (uint)(upsample(s[w + 1], s[w]) >> ((byte & 2) * 8));
+}
+inline int lblock_q8_0(const local uint* s, int off, const global char* x) {
+    const uint4 x0 = *(const global uint4*)x, x1 = *(const global uint4*)(x + 16);
+    int d = dot4(lword(s, off + 2), x0.x, 0);
+    d = dot4(lword(s, off + 6), x0.y, d);
+    d = dot4(lword(s, off + 10), x0.z, d);
+    d = dot4(lword(s, off + 14), x0.w, d);
+    d = dot4(lword(s, off + 18), x1.x, d);
+    d = dot4(lword(s, off + 22), x1.y, d);
+    d = dot4(lword(s, off + 26), x1.z, d);
+    return dot4(lword(s, off + 30), x1.w, d);
+}
+inline int lblock_q4_0(const local uint* s, int off, const global char* x) {
+    const uint4 xl = *(const global uint4*)x, xh = *(const global uint4*)(x + 16);
+    const uint q0 = lword(s, off + 2), q1 = lword(s, off + 6);
+    const uint q2 = lword(s, off + 10), q3 = lword(s, off + 14);
+    int d = dot4(q4_bytes(q0 & 0x0f0f0f0fu), xl.x, 0);
+    d = dot4(q4_bytes(q1 & 0x0f0f0f0fu), xl.y, d);
+    d = dot4(q4_bytes(q2 & 0x0f0f0f0fu), xl.z, d);
+    d = dot4(q4_bytes(q3 & 0x0f0f0f0fu), xl.w, d);
+    d = dot4(q4_bytes(q0 >> 4 & 0x0f0f0f0fu), xh.x, d);
+    d = dot4(q4_bytes(q1 >> 4 & 0x0f0f0f0fu), xh.y, d);
+    d = dot4(q4_bytes(q2 >> 4 & 0x0f0f0f0fu), xh.z, d);
+    return dot4(q4_bytes(q3 >> 4 & 0x0f0f0f0fu), xh.w, d);
+}
+#define QMATVEC_STAGED_KERNEL(T, BS)                                                           \
+kernel void qmatvec_##T(blk_t W, const global char* XQ, const global float* XD,               \
+                        global float* Y, int n_cols, int n_rows, int n_tok, int row_bytes,     \
+                        int y_stride, int y_off, int accumulate) {                             \
+    local uint stage[RPW * (LWS * BS / 4 + 1)];  /* a row's blocks, and a word to read past */ \
+    const int lid = get_local_id(0), lane = lid % LWS, lrow = lid / LWS;                      \
+    const int row0 = get_group_id(0) * RPW, row = row0 + lrow, t0 = 0;                        \
+    const int nb = n_cols / 32, stride = LWS * BS / 4 + 1;                                     \
+    const local uint* mine = stage + lrow * stride;                                            \
+    float a = 0.0f;                                                                            \
+    for (int c0 = 0; c0 < nb; c0 += LWS) {                                                     \
+        const int n = min(LWS, nb - c0), words = n * BS / 4;                                   \
+        for (int r = 0; r < RPW && row0 + r < n_rows; r++) {                                   \
+            const global uint* src = (const global uint*)(W + (size_t)(row0 + r) * row_bytes   \
+                                                          + (size_t)c0 * BS);                  \
+            for (int w = lid; w < words; w += LWS * RPW) stage[r * stride + w] = src[w];       \
+        }                                                                                      \
+        barrier(CLK_LOCAL_MEM_FENCE);                                                          \
+        if (row < n_rows && lane < n) {                                                        \
+            const int c = c0 + lane;                                                           \
+            const float d = f16_bits(((const local ushort*)mine)[lane * BS / 2]);             \
+            a += (float)lblock_##T(mine, lane * BS, XQ + 32 * c) * (d * XD[c]);               \
+        }                                                                                      \
+        barrier(CLK_LOCAL_MEM_FENCE);                                                          \
+    }                                                                                          \
+    float acc[1];                                                                              \
+    acc[0] = a;                                                                                \
+    REDUCE_AND_STORE(1)                                                                        \
+}
+
+#define QFORMAT(T, BS) QGEMV_KERNEL(T) QGEMV_QKV_KERNEL(T) QGEMV_GLU_KERNEL(T) QGEMM_KERNEL(T) \
+    QMATMUL_VEC_KERNEL(T, BS) QMATVEC_STAGED_KERNEL(T, BS)
+QFORMAT(q8_0, 34)
+QFORMAT(q4_0, 18)
 
 // ---- Prefill with AVX-512 VNNI (x86 CPUs that have it; the build defines VNNI 1 only there,
 // see opencl_kernels.host_has_vnni) ----
