@@ -27,22 +27,22 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import print_report  # noqa: E402
 
-SHOWN = ("LWS", "RPW", "DP4A", "STAGE")  # the knobs a decode matmul's speed depends on
+SHOWN = ("LWS", "RPW", "DP4A", "UNROLL")  # the knobs a decode matmul's speed depends on
 
 
 def shapes(dev: Any, base: Any, sweep: bool, int8: bool) -> list[Any]:
-    """The default (or tuned) parameters, and with --sweep the tune grid (x dp4a off/on for
-    the formats with int8 activations on a GPU)."""
+    """The default (or tuned) parameters, and with --sweep the tune grid (on a GPU: whole warps,
+    and for the formats with int8 activations x unroll 1/2/4, and dp4a toggled)."""
     from runtime.backends.opencl_tuning import candidates
 
     if not sweep:
         return [base]
-    grid = [replace(p, DP4A=base.DP4A) for p in candidates(dev)]
-    if not dev.is_cpu:  # a whole warp (or more) per work-group only
-        grid = [p for p in grid if p.LWS * p.RPW >= 32]
-    if int8:  # staged in local memory or not; and dp4a off, on the default shape
-        grid = [replace(p, STAGE=s) for p in grid for s in (1, 0)]
-        grid += [replace(base, DP4A=1 - base.DP4A, STAGE=s) for s in (1, 0)]
+    grid = [replace(p, DP4A=base.DP4A, UNROLL=base.UNROLL) for p in candidates(dev)]
+    if not dev.is_cpu:  # a whole warp (or more) per work-group, at most 256 work-items
+        grid = [p for p in grid if p.LWS >= 16 and p.RPW <= 4]
+        if int8:
+            grid = [replace(p, UNROLL=u) for p in grid for u in (1, 2, 4)]
+            grid.append(replace(base, DP4A=1 - base.DP4A))
     return [base] + [p for p in grid if p != base]
 
 

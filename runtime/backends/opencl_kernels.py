@@ -41,11 +41,11 @@ class Params:
     SPLIT: int = 128  # KV positions per attention work-group
     UNALIGNED: int = 0  # 1: the device loads vectors at any address (CPUs), not tuned
     DP4A: int = 0  # 1: NVIDIA's compiler takes inline PTX's dp4a (GPU decode of Q4_0/Q8_0)
-    STAGE: int = 1  # LWS > 1: Q4_0/Q8_0 decode stages rows in local memory (host-side choice)
+    UNROLL: int = 1  # LWS > 1: iterations of Q4_0/Q8_0 decode's loop issued together
 
     def matmul_defines(self) -> dict[str, int]:
         return {"LWS": self.LWS, "RPW": self.RPW, "TT": self.TT, "UNALIGNED": self.UNALIGNED,
-                "DP4A": self.DP4A}
+                "DP4A": self.DP4A, "UNROLL": self.UNROLL}
 
     def ops_defines(self) -> dict[str, int]:
         return {"WG": self.WG, "SPLIT": self.SPLIT}
@@ -200,10 +200,8 @@ class Kernels:
         cols, acc = np.int32(w.n_cols), np.int32(accumulate)
         for r0, n, buf in w.parts:
             rows, off = math.ceil(n / p.RPW) * p.RPW, i32(y_off + r0)
-            if n_tok == 1 and p.LWS > 1:  # staged in local memory where rows are whole words
-                staged = p.STAGE and w.n_cols % 64 == 0
-                kernel = f"qmatvec_{name}" if staged else f"qmatmul_{name}_vec"
-                self.launch(self.mm, kernel, (rows * p.LWS,), (p.RPW * p.LWS,),
+            if n_tok == 1 and p.LWS > 1:
+                self.launch(self.mm, f"qmatmul_{name}_vec", (rows * p.LWS,), (p.RPW * p.LWS,),
                             buf, xq, xd, y, cols, np.int32(n), np.int32(1),
                             np.int32(w.row_bytes), np.int32(stride), off, acc)
             elif n_tok == 1:  # two rows a work-item

@@ -29,6 +29,13 @@
 #ifndef DP4A
 #define DP4A 0
 #endif
+#ifndef UNROLL
+#define UNROLL 1
+#endif
+// A pragma whose argument is a macro (UNROLL): `#pragma unroll N` asks the compiler (NVIDIA's
+// cl_nv_pragma_unroll, clang's) to issue N iterations' loads before their first use.
+#define PRAGMA_(x) _Pragma(#x)
+#define PRAGMA(x) PRAGMA_(x)
 
 typedef const global uchar* blk_t;
 
@@ -627,7 +634,11 @@ kernel void qgemm_##T(blk_t W, const global char* XQ, const global float* XD,   
 // block (16 weights) at a time, so that a group of work-items reads one contiguous run of the
 // row. The weights come in 16-bit loads (a block is 2-byte aligned: 34 and 18 bytes), the
 // activations in one 128-bit (Q8_0) or two 64-bit (Q4_0) loads, and four bytes are multiplied
-// at a time by dot4 (one dp4a instruction where the driver has it, see below).
+// at a time by dot4 (one dp4a instruction where the driver has it, see below). UNROLL
+// iterations are issued together, so that more loads are in flight.
+// (Measured on an H200, bench/RESULTS.md: 57-60 % of its copy bandwidth for Q8_0 at LWS 32-64.
+// Staging each row segment in local memory with coalesced 32-bit loads first was slower,
+// 14-48 %: the barriers between stages left too few loads in flight.)
 // Global (LWS * rows rounded up to RPW), local (LWS * RPW).
 // dot4(a, b, acc): acc + the dot product of the four signed bytes of a and of b.
 #if defined(cl_khr_integer_dot_product) && defined(__opencl_c_integer_dot_product_input_4x8bit_packed)
@@ -675,6 +686,7 @@ kernel void qmatmul_##T##_vec(blk_t W, const global char* XQ, const global float
     float a = 0.0f;                                                                            \
     if (row < n_rows) {                                                                        \
         blk_t wrow = W + (size_t)row * row_bytes;                                              \
+        PRAGMA(unroll UNROLL)                                                                  \
         for (int i = lane; i < n_cols / 16; i += LWS) {                                        \
             const int c = i >> 1;                                                              \
             blk_t b = wrow + c * BS;                                                           \
@@ -686,74 +698,8 @@ kernel void qmatmul_##T##_vec(blk_t W, const global char* XQ, const global float
     REDUCE_AND_STORE(1)                                                                        \
 }
 
-// The same product with the row staged in local memory first: a work-group copies the next
-// LWS blocks of each of its RPW rows with 32-bit loads in which neighbouring work-items read
-// neighbouring words (every byte a warp fetches is used: loads at the blocks' own 2-byte
-// alignment made each 128-byte line be fetched several times, and decode reached 43-59 % of
-// an H200's copy bandwidth), then each work-item takes one whole block out of local memory.
-// Rows of an even number of blocks only (their bytes split into whole words); others take
-// qmatmul_<T>_vec. Same arguments and work layout as qmatmul_<T>_vec.
-// lword: the 4 bytes at a 2-aligned byte offset of local memory.
-inline uint lword(const local uint* s, int byte) {
-    const int w = byte >> 2;
-    return (uint)(upsample(s[w + 1], s[w]) >> ((byte & 2) * 8));
-}
-inline int lblock_q8_0(const local uint* s, int off, const global char* x) {
-    const uint4 x0 = *(const global uint4*)x, x1 = *(const global uint4*)(x + 16);
-    int d = dot4(lword(s, off + 2), x0.x, 0);
-    d = dot4(lword(s, off + 6), x0.y, d);
-    d = dot4(lword(s, off + 10), x0.z, d);
-    d = dot4(lword(s, off + 14), x0.w, d);
-    d = dot4(lword(s, off + 18), x1.x, d);
-    d = dot4(lword(s, off + 22), x1.y, d);
-    d = dot4(lword(s, off + 26), x1.z, d);
-    return dot4(lword(s, off + 30), x1.w, d);
-}
-inline int lblock_q4_0(const local uint* s, int off, const global char* x) {
-    const uint4 xl = *(const global uint4*)x, xh = *(const global uint4*)(x + 16);
-    const uint q0 = lword(s, off + 2), q1 = lword(s, off + 6);
-    const uint q2 = lword(s, off + 10), q3 = lword(s, off + 14);
-    int d = dot4(q4_bytes(q0 & 0x0f0f0f0fu), xl.x, 0);
-    d = dot4(q4_bytes(q1 & 0x0f0f0f0fu), xl.y, d);
-    d = dot4(q4_bytes(q2 & 0x0f0f0f0fu), xl.z, d);
-    d = dot4(q4_bytes(q3 & 0x0f0f0f0fu), xl.w, d);
-    d = dot4(q4_bytes(q0 >> 4 & 0x0f0f0f0fu), xh.x, d);
-    d = dot4(q4_bytes(q1 >> 4 & 0x0f0f0f0fu), xh.y, d);
-    d = dot4(q4_bytes(q2 >> 4 & 0x0f0f0f0fu), xh.z, d);
-    return dot4(q4_bytes(q3 >> 4 & 0x0f0f0f0fu), xh.w, d);
-}
-#define QMATVEC_STAGED_KERNEL(T, BS)                                                           \
-kernel void qmatvec_##T(blk_t W, const global char* XQ, const global float* XD,               \
-                        global float* Y, int n_cols, int n_rows, int n_tok, int row_bytes,     \
-                        int y_stride, int y_off, int accumulate) {                             \
-    local uint stage[RPW * (LWS * BS / 4 + 1)];  /* a row's blocks, and a word to read past */ \
-    const int lid = get_local_id(0), lane = lid % LWS, lrow = lid / LWS;                      \
-    const int row0 = get_group_id(0) * RPW, row = row0 + lrow, t0 = 0;                        \
-    const int nb = n_cols / 32, stride = LWS * BS / 4 + 1;                                     \
-    const local uint* mine = stage + lrow * stride;                                            \
-    float a = 0.0f;                                                                            \
-    for (int c0 = 0; c0 < nb; c0 += LWS) {                                                     \
-        const int n = min(LWS, nb - c0), words = n * BS / 4;                                   \
-        for (int r = 0; r < RPW && row0 + r < n_rows; r++) {                                   \
-            const global uint* src = (const global uint*)(W + (size_t)(row0 + r) * row_bytes   \
-                                                          + (size_t)c0 * BS);                  \
-            for (int w = lid; w < words; w += LWS * RPW) stage[r * stride + w] = src[w];       \
-        }                                                                                      \
-        barrier(CLK_LOCAL_MEM_FENCE);                                                          \
-        if (row < n_rows && lane < n) {                                                        \
-            const int c = c0 + lane;                                                           \
-            const float d = f16_bits(((const local ushort*)mine)[lane * BS / 2]);             \
-            a += (float)lblock_##T(mine, lane * BS, XQ + 32 * c) * (d * XD[c]);               \
-        }                                                                                      \
-        barrier(CLK_LOCAL_MEM_FENCE);                                                          \
-    }                                                                                          \
-    float acc[1];                                                                              \
-    acc[0] = a;                                                                                \
-    REDUCE_AND_STORE(1)                                                                        \
-}
-
 #define QFORMAT(T, BS) QGEMV_KERNEL(T) QGEMV_QKV_KERNEL(T) QGEMV_GLU_KERNEL(T) QGEMM_KERNEL(T) \
-    QMATMUL_VEC_KERNEL(T, BS) QMATVEC_STAGED_KERNEL(T, BS)
+    QMATMUL_VEC_KERNEL(T, BS)
 QFORMAT(q8_0, 34)
 QFORMAT(q4_0, 18)
 
