@@ -27,21 +27,20 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import print_report  # noqa: E402
 
-SHOWN = ("LWS", "RPW", "DP4A", "UNROLL")  # the knobs a decode matmul's speed depends on
+SHOWN = ("LWS", "RPW", "DP4A")  # the knobs a decode matmul's speed depends on
 
 
 def shapes(dev: Any, base: Any, sweep: bool, int8: bool) -> list[Any]:
-    """The default (or tuned) parameters, and with --sweep the tune grid (on a GPU: whole warps,
-    and for the formats with int8 activations x unroll 1/2/4, and dp4a toggled)."""
+    """The default (or tuned) parameters, and with --sweep the tune grid (on a GPU: whole warps;
+    for the formats with int8 activations, the default shape with dp4a toggled too)."""
     from runtime.backends.opencl_tuning import candidates
 
     if not sweep:
         return [base]
-    grid = [replace(p, DP4A=base.DP4A, UNROLL=base.UNROLL) for p in candidates(dev)]
+    grid = [replace(p, DP4A=base.DP4A) for p in candidates(dev)]
     if not dev.is_cpu:  # a whole warp (or more) per work-group, at most 256 work-items
         grid = [p for p in grid if p.LWS >= 16 and p.RPW <= 4]
         if int8:
-            grid = [replace(p, UNROLL=u) for p in grid for u in (1, 2, 4)]
             grid.append(replace(base, DP4A=1 - base.DP4A))
     return [base] + [p for p in grid if p != base]
 

@@ -41,11 +41,10 @@ class Params:
     SPLIT: int = 128  # KV positions per attention work-group
     UNALIGNED: int = 0  # 1: the device loads vectors at any address (CPUs), not tuned
     DP4A: int = 0  # 1: NVIDIA's compiler takes inline PTX's dp4a (GPU decode of Q4_0/Q8_0)
-    UNROLL: int = 1  # LWS > 1: iterations of Q4_0/Q8_0 decode's loop issued together
 
     def matmul_defines(self) -> dict[str, int]:
         return {"LWS": self.LWS, "RPW": self.RPW, "TT": self.TT, "UNALIGNED": self.UNALIGNED,
-                "DP4A": self.DP4A, "UNROLL": self.UNROLL}
+                "DP4A": self.DP4A}
 
     def ops_defines(self) -> dict[str, int]:
         return {"WG": self.WG, "SPLIT": self.SPLIT}

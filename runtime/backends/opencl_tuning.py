@@ -31,7 +31,7 @@ from runtime.quant import quantize
 def default_params(dev: Device) -> Params:
     if dev.is_cpu:
         return Params(LWS=1, RPW=16, TT=8, WG=16, SPLIT=128, UNALIGNED=1)
-    return Params(LWS=32, RPW=4, TT=4, WG=64, SPLIT=256, DP4A=1, UNROLL=4)
+    return Params(LWS=32, RPW=4, TT=4, WG=64, SPLIT=256, DP4A=1)
 
 
 def _path(dev: Device) -> Path:

@@ -29,13 +29,6 @@
 #ifndef DP4A
 #define DP4A 0
 #endif
-#ifndef UNROLL
-#define UNROLL 1
-#endif
-// A pragma whose argument is a macro (UNROLL): `#pragma unroll N` asks the compiler (NVIDIA's
-// cl_nv_pragma_unroll, clang's) to issue N iterations' loads before their first use.
-#define PRAGMA_(x) _Pragma(#x)
-#define PRAGMA(x) PRAGMA_(x)
 
 typedef const global uchar* blk_t;
 
@@ -634,11 +627,11 @@ kernel void qgemm_##T(blk_t W, const global char* XQ, const global float* XD,   
 // block (16 weights) at a time, so that a group of work-items reads one contiguous run of the
 // row. The weights come in 16-bit loads (a block is 2-byte aligned: 34 and 18 bytes), the
 // activations in one 128-bit (Q8_0) or two 64-bit (Q4_0) loads, and four bytes are multiplied
-// at a time by dot4 (one dp4a instruction where the driver has it, see below). UNROLL
-// iterations are issued together, so that more loads are in flight.
-// (Measured on an H200, bench/RESULTS.md: 57-60 % of its copy bandwidth for Q8_0 at LWS 32-64.
-// Staging each row segment in local memory with coalesced 32-bit loads first was slower,
-// 14-48 %: the barriers between stages left too few loads in flight.)
+// at a time by dot4 (one dp4a instruction where the driver has it, see below).
+// (Measured on an H200, bench/RESULTS.md: 57-61 % of its copy bandwidth for Q8_0 at LWS 32-64,
+// 43 % for Q4_0. Slower, and dropped: staging each row segment in local memory with coalesced
+// 32-bit loads first, 14-48 %, the barriers between stages left too few loads in flight; and
+// `#pragma unroll 2/4` on this loop, no change.)
 // Global (LWS * rows rounded up to RPW), local (LWS * RPW).
 // dot4(a, b, acc): acc + the dot product of the four signed bytes of a and of b.
 #if defined(cl_khr_integer_dot_product) && defined(__opencl_c_integer_dot_product_input_4x8bit_packed)
@@ -686,7 +679,6 @@ kernel void qmatmul_##T##_vec(blk_t W, const global char* XQ, const global float
     float a = 0.0f;                                                                            \
     if (row < n_rows) {                                                                        \
         blk_t wrow = W + (size_t)row * row_bytes;                                              \
-        PRAGMA(unroll UNROLL)                                                                  \
         for (int i = lane; i < n_cols / 16; i += LWS) {                                        \
             const int c = i >> 1;                                                              \
             blk_t b = wrow + c * BS;                                                           \

@@ -100,16 +100,15 @@ def test_fused_decode_launches_agree_with_numpy(kern, qtype):
 
 
 @pytest.mark.parametrize("shape", [{"TT": 4}, {"LWS": 4, "RPW": 4, "TT": 2}, {"UNALIGNED": 0},
-                                   {"LWS": 32, "RPW": 4, "TT": 4, "UNALIGNED": 0, "DP4A": 1,
-                                    "UNROLL": 4}],
+                                   {"LWS": 32, "RPW": 4, "TT": 4, "UNALIGNED": 0, "DP4A": 1}],
                          ids=["gemm-tile-4", "matmul-lws-4", "portable", "gpu-default"])
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_every_tunable_matmul_shape_agrees_with_numpy(kern, shape, qtype):
     """`claw runtime tune` may pick a 4-token gemm tile, or the work-group matmul kernels (LWS > 1,
     the GPU shape): each must agree as the default shape does. UNALIGNED 0 compiles what a GPU
     runs: vload8 and, for Q4_0/Q8_0, the plain char/short dot products instead of AVX2's.
-    Q4_0/Q8_0 rows of 50 blocks (on the GPU shape: a loop of 100 halves over 32 work-items,
-    unrolled 4 times) and of 15 as well."""
+    Q4_0/Q8_0 rows of 50 and 15 blocks too (on the GPU shape: halves of blocks that do not
+    fill the last round of the 32 work-items of a row)."""
     params = dataclasses.replace(kern.params, **shape)
     other = Kernels(kern.dev, params, ProgramCache(kern.dev))
     checks.check_matmul(other, qtype, 1)
