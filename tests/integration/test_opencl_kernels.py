@@ -17,6 +17,7 @@ from runtime.backends.opencl_kernels import Kernels
 from runtime.backends.opencl_programs import ProgramCache
 from runtime.backends.opencl_tuning import default_params
 from tests import opencl_checks as checks
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -116,3 +117,28 @@ def test_every_tunable_matmul_shape_agrees_with_numpy(kern, shape, qtype):
     if qtype in (T.Q8_0, T.Q4_0):
         checks.check_matmul(other, qtype, 1, cols=1600)
         checks.check_matmul(other, qtype, 1, cols=480)
+
+
+def test_gemv_bandwidth_is_timed_on_the_device_clock(kern):
+    """What bench/bench_gemv.py and the gpu tier report: weight bytes over the best launch's
+    device time (event timestamps), and the copy probe's read + write bytes over its own."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from runtime.backends.opencl_device import copy_bandwidth
+    from runtime.backends.opencl_tuning import gemv_bandwidth
+    from runtime.quant import quantize
+
+    raw = quantize(np.random.default_rng(0).standard_normal((256, 512)).astype(np.float32),
+                   T.Q4_0)
+    gbs, seconds = gemv_bandwidth(kern.dev, kern.params, ProgramCache(kern.dev), raw, T.Q4_0,
+                                  (256, 512), repeats=3)
+    assert 0 < seconds < 0.5 and gbs == pytest.approx(raw.nbytes / seconds)
+    assert 1e8 < copy_bandwidth(kern.dev, kern.ops, 4 << 20, repeats=2) < 1e13
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_gemv.py"),
+                           "--types", "q4_0,q9_9"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == ("bench_gemv: --types: unknown type Q9_9 "
+                                   "(expected e.g. q8_0,q4_0)")
