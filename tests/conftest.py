@@ -51,6 +51,18 @@ def claw_subprocess(*args: str, env: dict[str, str] | None = None,
 
 
 TIERS = {"unit", "integration", "e2e", "gpu"}
+SLOW_PHASE_S = 60.0
+
+
+def pytest_runtest_logreport(report):
+    """Name every test phase that took a minute or more, with the wall clock, as it ends.
+
+    `--durations` prints only when the session finishes; a CI run killed at its time limit
+    would otherwise leave no trace of where its time went."""
+    if report.duration >= SLOW_PHASE_S:
+        import time
+        sys.stderr.write(f"\n[slow {report.duration:6.0f} s, {time.strftime('%H:%M:%S')}] "
+                         f"{report.nodeid} ({report.when})\n")
 
 
 def pytest_collection_modifyitems(config, items):
