@@ -209,7 +209,7 @@ def check_fused_decode(kern: Kernels, qtype: T) -> None:
             got = kern.read(buf, (at + len(w),))[at:]
             bound = 1e-5 * (np.abs(w) @ np.abs(x)) + 1e-6
             assert (np.abs(got - w @ x) <= bound).all(), f"{qtype.name} qkv {nq}/{nk}"
-    for rows in (70, 71):
+    for rows in (70, 71, 72):  # 72: interleaved Q4_0 where the device repacks it
         (rg, wg), (ru, wu) = weights(qtype, rows, cols), weights(qtype, rows, cols)
         xs = RNG.standard_normal(cols).astype(np.float32)
         x = weight_input(xs[None], qtype)[0]

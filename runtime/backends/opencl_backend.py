@@ -99,10 +99,13 @@ class OpenCLBackend(Backend):
                        for i in range(cfg.n_layers)]
         self.output_norm = self._vector("output_norm.weight")
         head_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
-        self.head = None if cfg.n_layers in self.streamed else self._matrix(head_name)
+        # a tied head is also the embedding table, whose rows get_rows reads as in the file
+        self.head = None if cfg.n_layers in self.streamed else \
+            self._matrix(head_name, repack=not cfg.tied_embeddings)
         # the embedding table on the device, unless the plan streams: then rows come from the
         # host (the table is then not a resident unit, or it is the streamed head)
-        self.embd = (self.head if cfg.tied_embeddings else self._matrix("token_embd.weight")) \
+        self.embd = (self.head if cfg.tied_embeddings else
+                     self._matrix("token_embd.weight", repack=False)) \
             if not self.streamed else self.head if cfg.tied_embeddings else None
         resident = [m for layer in self.layers for m in layer.values()
                     if isinstance(m, DeviceMatrix)] + [self.embd, self.head]
@@ -122,7 +125,7 @@ class OpenCLBackend(Backend):
 
     # --- weights --------------------------------------------------------------------------
 
-    def _matrix(self, name: str) -> DeviceMatrix:
+    def _matrix(self, name: str, repack: bool = True) -> DeviceMatrix:
         ref = self.source.tensors[name]
         if ref.qtype not in FORMATS:
             raise ModelError(f"{name} is {ref.qtype.name}, which the OpenCL backend cannot read "
@@ -130,7 +133,7 @@ class OpenCLBackend(Backend):
                              "use --backend numpy")
         wrapped = self.kern.host_pointer_bytes
         try:
-            matrix = self.kern.upload_matrix(ref.raw, ref.qtype, ref.shape)
+            matrix = self.kern.upload_matrix(ref.raw, ref.qtype, ref.shape, repack)
         except ValueError as e:
             raise ModelError(f"{name}: {e} (the OpenCL kernels read 32-weight chunks); use "
                              "--backend numpy") from None

@@ -59,15 +59,30 @@ class DeviceMatrix:
     n_cols: int
     row_bytes: int
     parts: list[tuple[int, int, Any]] = field(default_factory=list)
+    interleaved: bool = False  # Q4_0 repacked in groups of 8 rows (interleave_q4_0)
 
     @property
     def nbytes(self) -> int:
         return self.n_rows * self.row_bytes
 
 
+X8_GROUP = 4  # work-items (of 8 interleaved Q4_0 rows each) in a work-group
+
+
 def pairs(rows: int, rpw: int) -> int:
     """The global size of decode's int8 kernels: a work-item for two rows, RPW a group."""
     return math.ceil(math.ceil(rows / 2) / rpw) * rpw
+
+
+def interleave_q4_0(raw: np.ndarray, n_rows: int, n_cols: int) -> np.ndarray:
+    """Q4_0 rows (n_rows a multiple of 8) repacked for matmul.cl's *_q4_0x8 kernels: per group
+    of 8 rows and block, the 8 f16 scales, then 4 chunks of 32 bytes whose dword j is 4 bytes
+    of row j's quants. The same bytes, moved: 144 per block of 8 rows, as before."""
+    nb = n_cols // 32
+    blocks = raw.reshape(-1).view(np.uint8).reshape(n_rows // 8, 8, nb, 18)
+    scales = blocks[..., :2].transpose(0, 2, 1, 3).reshape(n_rows // 8, nb, 16)
+    quants = blocks[..., 2:].reshape(n_rows // 8, 8, nb, 4, 4).transpose(0, 2, 3, 1, 4)
+    return np.concatenate([scales, quants.reshape(n_rows // 8, nb, 128)], axis=2).reshape(-1)
 
 
 def host_has_vnni(dev: Device) -> bool:
@@ -94,6 +109,9 @@ class Kernels:
         self.mm = programs.get("matmul", {**params.matmul_defines(), "VNNI": int(self.vnni)})
         self.ops = programs.get("ops", params.ops_defines())
         self._kernels: dict[str, Any] = {}
+        # Q4_0 weights are repacked at upload where the device has the interleaved kernels
+        # (AVX2 CPUs: matmul.cl's *_q4_0x8) and runs the CPU shape (LWS 1)
+        self.interleave = params.LWS == 1 and self._has_kernel(self.mm, "qgemv_q4_0x8")
         self.host_pointer_bytes = 0  # weight bytes wrapped in place, not copied
         self.uploaded_bytes = 0  # bytes copied to the device (weights, tables), never freed
         self._q8: tuple[int, Any, Any] = (0, None, None)  # (values it holds, XQ, XD) scratch
@@ -106,6 +124,13 @@ class Kernels:
         if name not in self._kernels:
             self._kernels[name] = self.cl.Kernel(program, name)
         return self._kernels[name]
+
+    def _has_kernel(self, program: Any, name: str) -> bool:
+        try:
+            self.k(program, name)
+            return True
+        except self.cl.Error:
+            return False
 
     def launch(self, program: Any, name: str, gsize: tuple, lsize: tuple | None,
                *args: Any) -> None:
@@ -141,12 +166,13 @@ class Kernels:
         self.cl.enqueue_copy(self.queue, out, buf, src_offset=offset)
         return out
 
-    def weight_buffer(self, raw: np.ndarray) -> Any:
+    def weight_buffer(self, raw: np.ndarray, wrap: bool = True) -> Any:
         """Read-only buffer of raw bytes: wraps host memory on unified-memory devices (no copy,
-        the pages stay the file's), copies elsewhere or when the driver refuses the pointer."""
+        the pages stay the file's), copies elsewhere, when the driver refuses the pointer, or
+        when `wrap` is False (the bytes are a temporary: the buffer does not keep them alive)."""
         mf = self.cl.mem_flags
         raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
-        if self.dev.unified_memory and raw.ctypes.data % 64 == 0:
+        if wrap and self.dev.unified_memory and raw.ctypes.data % 64 == 0:
             try:
                 buf = self.cl.Buffer(self.dev.context, mf.READ_ONLY | mf.USE_HOST_PTR, hostbuf=raw)
                 self.host_pointer_bytes += raw.nbytes
@@ -156,8 +182,11 @@ class Kernels:
         self.uploaded_bytes += raw.nbytes
         return self.cl.Buffer(self.dev.context, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=raw)
 
-    def upload_matrix(self, raw: np.ndarray, qtype: T, shape: tuple[int, ...]) -> DeviceMatrix:
-        """A GGUF weight as it lies in the file, in parts no larger than the device allows."""
+    def upload_matrix(self, raw: np.ndarray, qtype: T, shape: tuple[int, ...],
+                      repack: bool = True) -> DeviceMatrix:
+        """A GGUF weight as it lies in the file, in parts no larger than the device allows.
+        Q4_0 is repacked in groups of 8 rows where the device has the kernels for it, unless
+        `repack` is False (a table whose rows are looked up: get_rows reads the file's rows)."""
         if qtype not in FORMATS:
             raise ValueError(f"{qtype.name} weights have no OpenCL kernel "
                              f"(expected one of {', '.join(t.name for t in FORMATS)})")
@@ -168,9 +197,13 @@ class Kernels:
         flat = raw.reshape(-1).view(np.uint8)
         m = DeviceMatrix(qtype, n_rows, n_cols, per_row)
         rows_per_part = max(1, self.dev.max_alloc // per_row)
+        if repack and qtype == T.Q4_0 and self.interleave and n_rows % 8 == 0:
+            m.interleaved, rows_per_part = True, max(8, rows_per_part // 8 * 8)
+            flat = interleave_q4_0(flat, n_rows, n_cols)
         for r0 in range(0, n_rows, rows_per_part):
             n = min(rows_per_part, n_rows - r0)
-            m.parts.append((r0, n, self.weight_buffer(flat[r0 * per_row:(r0 + n) * per_row])))
+            m.parts.append((r0, n, self.weight_buffer(flat[r0 * per_row:(r0 + n) * per_row],
+                                                      wrap=not m.interleaved)))
         return m
 
     # --- kernels --------------------------------------------------------------------------
@@ -199,7 +232,17 @@ class Kernels:
         cols, acc = np.int32(w.n_cols), np.int32(accumulate)
         for r0, n, buf in w.parts:
             rows, off = math.ceil(n / p.RPW) * p.RPW, i32(y_off + r0)
-            if n_tok == 1 and p.LWS > 1:
+            if w.interleaved:  # 8 rows a work-item (x TILE_N tokens in prefill)
+                groups = (math.ceil(n / 8 / X8_GROUP) * X8_GROUP,)
+                if n_tok == 1:
+                    self.launch(self.mm, "qgemv_q4_0x8", groups, (X8_GROUP,), buf, xq, xd, y,
+                                cols, np.int32(n), off, acc)
+                else:
+                    tile = 8 if p.TT == 8 else 4  # matmul.cl's TILE_N
+                    self.launch(self.mm, "qgemm_q4_0x8", (*groups, math.ceil(n_tok / tile)),
+                                (X8_GROUP, 1), buf, xq, xd, y, cols, np.int32(n),
+                                np.int32(n_tok), np.int32(stride), off, acc)
+            elif n_tok == 1 and p.LWS > 1:
                 self.launch(self.mm, f"qmatmul_{name}_vec", (rows * p.LWS,), (p.RPW * p.LWS,),
                             buf, xq, xd, y, cols, np.int32(n), np.int32(1),
                             np.int32(w.row_bytes), np.int32(stride), off, acc)
@@ -249,7 +292,8 @@ class Kernels:
         """Decode's fused kernels need the CPU shape (LWS 1), one type and width, one buffer."""
         w0 = ws[0]
         return self.params.LWS == 1 and all(
-            len(w.parts) == 1 and w.qtype == w0.qtype and w.n_cols == w0.n_cols for w in ws)
+            len(w.parts) == 1 and w.qtype == w0.qtype and w.n_cols == w0.n_cols
+            and w.interleaved == w0.interleaved for w in ws)
 
     def matmul_qkv(self, wq: DeviceMatrix, wk: DeviceMatrix, wv: DeviceMatrix, x: Any, q: Any,
                    kc: Any, vc: Any, kv_off: int | PerStep, q8: Q8 | None = None) -> None:
@@ -267,7 +311,11 @@ class Kernels:
         shape = (np.int32(wq.n_cols), np.int32(wq.n_rows), np.int32(wk.n_rows),
                  np.int32(wq.row_bytes), i32(kv_off))
         gsize, fmt = (math.ceil(rows / rpw) * rpw,), FORMATS[wq.qtype]
-        if wq.qtype in Q8_ACTIVATION_TYPES:
+        if wq.interleaved:
+            xq, xd = q8 or self.quantize_q8(x, wq.n_cols, 1)
+            self.launch(self.mm, "qgemv_qkv_q4_0x8", (math.ceil(rows / 8 / X8_GROUP) * X8_GROUP,),
+                        (X8_GROUP,), *weights, xq, xd, q, kc, vc, *shape[:3], shape[4])
+        elif wq.qtype in Q8_ACTIVATION_TYPES:
             xq, xd = q8 or self.quantize_q8(x, wq.n_cols, 1)
             self.launch(self.mm, f"qgemv_qkv_{fmt}", (pairs(rows, rpw),), (rpw,), *weights, xq,
                         xd, q, kc, vc, *shape)
@@ -287,7 +335,12 @@ class Kernels:
         rpw = self.params.RPW
         gsize, fmt = (math.ceil(wg.n_rows / rpw) * rpw,), FORMATS[wg.qtype]
         shape = (np.int32(wg.n_cols), np.int32(wg.n_rows), np.int32(wg.row_bytes))
-        if wg.qtype in Q8_ACTIVATION_TYPES:
+        if wg.interleaved:
+            xq, xd = q8 or self.quantize_q8(x, wg.n_cols, 1)
+            self.launch(self.mm, "qgemv_glu_q4_0x8",
+                        (math.ceil(wg.n_rows / 8 / X8_GROUP) * X8_GROUP,), (X8_GROUP,),
+                        wg.parts[0][2], wu.parts[0][2], xq, xd, gate, *shape[:2])
+        elif wg.qtype in Q8_ACTIVATION_TYPES:
             xq, xd = q8 or self.quantize_q8(x, wg.n_cols, 1)
             self.launch(self.mm, f"qgemv_glu_{fmt}", (pairs(wg.n_rows, rpw),), (rpw,),
                         wg.parts[0][2], wu.parts[0][2], xq, xd, gate, *shape)
@@ -299,6 +352,8 @@ class Kernels:
         """out[t] = float32 row tokens[t] of w (embedding lookup); tokens int32 on the device."""
         if len(w.parts) != 1:  # a split table: look up on the host rows per part (rare)
             raise ValueError("embedding lookup needs the table in one buffer")
+        if w.interleaved:
+            raise ValueError("embedding lookup reads the file's rows: upload with repack=False")
         self.launch(self.mm, f"get_rows_{FORMATS[w.qtype]}", (w.n_cols // 32, n_tok), None,
                     w.parts[0][2], tokens, out, np.int32(w.n_cols), np.int32(w.row_bytes))
 

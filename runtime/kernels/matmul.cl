@@ -695,6 +695,145 @@ kernel void qmatmul_##T##_vec(blk_t W, const global char* XQ, const global float
 QFORMAT(q8_0, 34)
 QFORMAT(q4_0, 18)
 
+// ---- Q4_0 interleaved by 8 rows (CPUs with AVX2 and F16C; llama.cpp repacks Q4_0 so too) ----
+// The backend repacks a resident Q4_0 matrix once at load (opencl_kernels.interleave_q4_0) into
+// groups of 8 rows. Block c of a group is 144 bytes: the 8 rows' f16 scales, then 4 chunks of
+// 32 bytes where dword j of chunk k is bytes 4k..4k+3 of row j's qs (low nibbles: weights
+// 4k..4k+3, high nibbles: weights 16+4k..). A register then holds 8 rows, a row a lane: the
+// x dword that each weight dword meets is one broadcast, and a block's 8 dot products need no
+// transpose and no horizontal sum. The nibbles go into pmaddubsw unsigned (0-15) and the -8
+// comes off as -8 * sum(x) once per block for all 8 rows; 8 pmaddubsw results add in 16 bits
+// (at most 8 * 2 * 15 * 127 = 30480) before one pmaddwd. Same integers as qblock_q4_0.
+#if defined(__AVX2__) && defined(__F16C__) && UNALIGNED
+#define HAS_Q4_0X8 1
+#define X8_BLOCK 144
+typedef float v8sf_x8 __attribute__((vector_size(32)));
+#define SPLAT8_X8(v) ((v8si){v, v, v, v, v, v, v, v})
+#define SPLATF_X8(v) ((v8sf_x8){v, v, v, v, v, v, v, v})
+
+// -8 * the sum of an activation block's 32 int8 values, in all 8 lanes.
+inline v8si x8_offset(const global char* x) {
+    const v32qi ones = (v32qi)SPLAT8_X8(0x01010101);
+    const v16hi one = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    const v8si p = __builtin_ia32_pmaddwd256(
+        __builtin_ia32_pmaddubsw256(ones, *(const global v32qi*)x), one);
+    const v8si q = p + __builtin_shufflevector(p, p, 4, 5, 6, 7, 0, 1, 2, 3);
+    const v8si r = q + __builtin_shufflevector(q, q, 2, 3, 0, 1, 6, 7, 4, 5);
+    return -8 * (r + __builtin_shufflevector(r, r, 1, 0, 3, 2, 5, 4, 7, 6));
+}
+
+// The 8 rows' scales of a block, as floats.
+inline v8sf_x8 x8_scales(blk_t b) {
+    return __builtin_ia32_vcvtph2ps256((v8hi)*(const global v16qi_u*)b);  // one 16-byte load
+}
+
+// The 8 unsigned weight registers of a block: w[k] low nibbles of chunk k, w[4 + k] high.
+inline void x8_weights(blk_t b, v32qi* w) {
+    _Pragma("unroll") for (int k = 0; k < 4; k++) {
+        const v32qi q = *(const global v32qi_u*)(b + 16 + 32 * k);
+        w[k] = q & (char)15;
+        w[4 + k] = (v32qi)((v16hi)q >> 4) & (char)15;
+    }
+}
+
+// The 8 rows' integer dot products of a block with an activation block (lane j: row j).
+inline v8si x8_dot(const v32qi* w, const global char* x, v8si offset) {
+    const global int* xi = (const global int*)x;
+    v16hi s = __builtin_ia32_pmaddubsw256(w[0], (v32qi)SPLAT8_X8(xi[0]));
+    _Pragma("unroll") for (int k = 1; k < 8; k++)
+        s += __builtin_ia32_pmaddubsw256(w[k], (v32qi)SPLAT8_X8(xi[k]));
+    const v16hi one = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    return __builtin_ia32_pmaddwd256(s, one) + offset;
+}
+
+// acc (lane j) += row j of the group at g . x, block by block.
+#define X8_GEMV_ACC(acc, g, x, xd, offset)                                                  \
+    {                                                                                          \
+        v32qi w_[8];                                                                           \
+        x8_weights(g, w_);                                                                     \
+        acc += (x8_scales(g) * SPLATF_X8(xd)) *                                                \
+               __builtin_convertvector(x8_dot(w_, x, offset), v8sf_x8);                        \
+    }
+
+inline void x8_store(global float* y, v8sf_x8 v, int accumulate) {
+    for (int j = 0; j < 8; j++) y[j] = v[j] + (accumulate ? y[j] : 0.0f);
+}
+
+// Decode: y[8g .. 8g + 7] (+)= the group's rows . x. Global (n_rows / 8 rounded up to the
+// work-group), the rows a multiple of 8.
+kernel void qgemv_q4_0x8(blk_t W, const global char* XQ, const global float* XD,
+                         global float* Y, int n_cols, int n_rows, int y_off, int accumulate) {
+    const int g = get_global_id(0), nb = n_cols / 32;
+    if (8 * g >= n_rows) return;
+    blk_t b = W + (size_t)g * nb * X8_BLOCK;
+    v8sf_x8 acc = SPLATF_X8(0.0f);
+    for (int c = 0; c < nb; c++, b += X8_BLOCK)
+        X8_GEMV_ACC(acc, b, XQ + 32 * c, XD[c], x8_offset(XQ + 32 * c))
+    x8_store(Y + y_off + 8 * g, acc, accumulate);
+}
+
+// Decode's fused gate/up/SwiGLU on two interleaved matrices: one offset per block for both.
+kernel void qgemv_glu_q4_0x8(blk_t Wg, blk_t Wu, const global char* XQ, const global float* XD,
+                             global float* out, int n_cols, int n_rows) {
+    const int g = get_global_id(0), nb = n_cols / 32;
+    if (8 * g >= n_rows) return;
+    blk_t bg = Wg + (size_t)g * nb * X8_BLOCK, bu = Wu + (size_t)g * nb * X8_BLOCK;
+    v8sf_x8 gate = SPLATF_X8(0.0f), up = SPLATF_X8(0.0f);
+    for (int c = 0; c < nb; c++, bg += X8_BLOCK, bu += X8_BLOCK) {
+        const v8si offset = x8_offset(XQ + 32 * c);
+        X8_GEMV_ACC(gate, bg, XQ + 32 * c, XD[c], offset)
+        X8_GEMV_ACC(up, bu, XQ + 32 * c, XD[c], offset)
+    }
+    for (int j = 0; j < 8; j++) out[8 * g + j] = gate[j] / (1.0f + exp(-gate[j])) * up[j];
+}
+
+// Decode's fused Q/K/V: groups of Wq, then Wk, then Wv (nq and nk multiples of 8).
+kernel void qgemv_qkv_q4_0x8(blk_t Wq, blk_t Wk, blk_t Wv, const global char* XQ,
+                             const global float* XD, global float* q, global float* kc,
+                             global float* vc, int n_cols, int nq, int nk, int kv_off) {
+    int row = 8 * get_global_id(0);
+    const int nb = n_cols / 32;
+    if (row >= nq + 2 * nk) return;
+    blk_t w = row < nq ? Wq : row < nq + nk ? Wk : Wv;
+    global float* y = row < nq ? q : (row < nq + nk ? kc : vc) + kv_off;
+    row = row < nq ? row : row < nq + nk ? row - nq : row - nq - nk;
+    blk_t b = w + (size_t)(row / 8) * nb * X8_BLOCK;
+    v8sf_x8 acc = SPLATF_X8(0.0f);
+    for (int c = 0; c < nb; c++, b += X8_BLOCK)
+        X8_GEMV_ACC(acc, b, XQ + 32 * c, XD[c], x8_offset(XQ + 32 * c))
+    x8_store(y + row, acc, 0);
+}
+
+// Prefill: a group's 8 rows x TILE_N tokens a work-item; a block's weights are unpacked once
+// and used for every token of the tile. Global (n_rows / 8 rounded up, ceil(n_tok / TILE_N)).
+kernel void qgemm_q4_0x8(blk_t W, const global char* XQ, const global float* XD,
+                         global float* Y, int n_cols, int n_rows, int n_tok, int y_stride,
+                         int y_off, int accumulate) {
+    const int g = get_global_id(0), t0 = get_global_id(1) * TILE_N, nb = n_cols / 32;
+    if (8 * g >= n_rows) return;
+    const global char* x[TILE_N];
+    const global float* d[TILE_N];
+    v8sf_x8 acc[TILE_N];
+    _Pragma("unroll") for (int t = 0; t < TILE_N; t++) {
+        const int r = min(t0 + t, n_tok - 1);
+        x[t] = XQ + (size_t)r * n_cols; d[t] = XD + (size_t)r * nb; acc[t] = SPLATF_X8(0.0f);
+    }
+    blk_t b = W + (size_t)g * nb * X8_BLOCK;
+    for (int c = 0; c < nb; c++, b += X8_BLOCK) {
+        v32qi w[8];
+        x8_weights(b, w);
+        const v8sf_x8 dw = x8_scales(b);
+        _Pragma("unroll") for (int t = 0; t < TILE_N; t++) {
+            const global char* xc = x[t] + 32 * c;
+            acc[t] += (dw * SPLATF_X8(d[t][c])) *
+                      __builtin_convertvector(x8_dot(w, xc, x8_offset(xc)), v8sf_x8);
+        }
+    }
+    for (int t = 0; t < TILE_N && t0 + t < n_tok; t++)
+        x8_store(Y + y_off + (size_t)(t0 + t) * y_stride + 8 * g, acc[t], accumulate);
+}
+#endif
+
 // ---- Prefill with AVX-512 VNNI (x86 CPUs that have it; the build defines VNNI 1 only there,
 // see opencl_kernels.host_has_vnni) ----
 // A work-item computes 8 rows x QT_TOK tokens with the rows in the 8 lanes of a register, as
