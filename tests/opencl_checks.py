@@ -71,12 +71,14 @@ def check_matmul(kern: Kernels, qtype: T, n_tok: int, rows: int = 37, cols: int 
 
 
 def check_get_rows(kern: Kernels, qtype: T) -> None:
-    raw, wd = weights(qtype, 20, 512)
-    m = kern.upload_matrix(raw, qtype, (20, 512))
-    tokens = np.array([3, 0, 19, 3], np.int32)
-    out = kern.empty(4 * len(tokens) * 512)
-    kern.get_rows(m, kern.upload(tokens), out, len(tokens))
-    assert np.array_equal(kern.read(out, (len(tokens), 512)), wd[tokens])
+    """Bit-exact rows, from 20 rows as in the file and 24 (interleaved Q4_0 where repacked)."""
+    for rows in (20, 24):
+        raw, wd = weights(qtype, rows, 512)
+        m = kern.upload_matrix(raw, qtype, (rows, 512))
+        tokens = np.array([3, 0, rows - 1, 3, 12], np.int32)
+        out = kern.empty(4 * len(tokens) * 512)
+        kern.get_rows(m, kern.upload(tokens), out, len(tokens))
+        assert np.array_equal(kern.read(out, (len(tokens), 512)), wd[tokens]), rows
 
 
 def check_rms_norm(kern: Kernels) -> None:

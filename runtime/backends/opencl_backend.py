@@ -99,13 +99,10 @@ class OpenCLBackend(Backend):
                        for i in range(cfg.n_layers)]
         self.output_norm = self._vector("output_norm.weight")
         head_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
-        # a tied head is also the embedding table, whose rows get_rows reads as in the file
-        self.head = None if cfg.n_layers in self.streamed else \
-            self._matrix(head_name, repack=not cfg.tied_embeddings)
+        self.head = None if cfg.n_layers in self.streamed else self._matrix(head_name)
         # the embedding table on the device, unless the plan streams: then rows come from the
         # host (the table is then not a resident unit, or it is the streamed head)
-        self.embd = (self.head if cfg.tied_embeddings else
-                     self._matrix("token_embd.weight", repack=False)) \
+        self.embd = (self.head if cfg.tied_embeddings else self._matrix("token_embd.weight")) \
             if not self.streamed else self.head if cfg.tied_embeddings else None
         resident = [m for layer in self.layers for m in layer.values()
                     if isinstance(m, DeviceMatrix)] + [self.embd, self.head]
@@ -125,7 +122,7 @@ class OpenCLBackend(Backend):
 
     # --- weights --------------------------------------------------------------------------
 
-    def _matrix(self, name: str, repack: bool = True) -> DeviceMatrix:
+    def _matrix(self, name: str) -> DeviceMatrix:
         ref = self.source.tensors[name]
         if ref.qtype not in FORMATS:
             raise ModelError(f"{name} is {ref.qtype.name}, which the OpenCL backend cannot read "
@@ -133,7 +130,7 @@ class OpenCLBackend(Backend):
                              "use --backend numpy")
         wrapped = self.kern.host_pointer_bytes
         try:
-            matrix = self.kern.upload_matrix(ref.raw, ref.qtype, ref.shape, repack)
+            matrix = self.kern.upload_matrix(ref.raw, ref.qtype, ref.shape)
         except ValueError as e:
             raise ModelError(f"{name}: {e} (the OpenCL kernels read 32-weight chunks); use "
                              "--backend numpy") from None

@@ -186,7 +186,7 @@ class Kernels:
                       repack: bool = True) -> DeviceMatrix:
         """A GGUF weight as it lies in the file, in parts no larger than the device allows.
         Q4_0 is repacked in groups of 8 rows where the device has the kernels for it, unless
-        `repack` is False (a table whose rows are looked up: get_rows reads the file's rows)."""
+        `repack` is False (benchmarks and tests compare the two layouts)."""
         if qtype not in FORMATS:
             raise ValueError(f"{qtype.name} weights have no OpenCL kernel "
                              f"(expected one of {', '.join(t.name for t in FORMATS)})")
@@ -353,7 +353,9 @@ class Kernels:
         if len(w.parts) != 1:  # a split table: look up on the host rows per part (rare)
             raise ValueError("embedding lookup needs the table in one buffer")
         if w.interleaved:
-            raise ValueError("embedding lookup reads the file's rows: upload with repack=False")
+            self.launch(self.mm, "get_rows_q4_0x8", (w.n_cols // 32, n_tok), None,
+                        w.parts[0][2], tokens, out, np.int32(w.n_cols))
+            return
         self.launch(self.mm, f"get_rows_{FORMATS[w.qtype]}", (w.n_cols // 32, n_tok), None,
                     w.parts[0][2], tokens, out, np.int32(w.n_cols), np.int32(w.row_bytes))
 

@@ -804,6 +804,20 @@ kernel void qgemv_qkv_q4_0x8(blk_t Wq, blk_t Wk, blk_t Wv, const global char* XQ
     x8_store(y + row, acc, 0);
 }
 
+// out[t, :] = row tokens[t] of an interleaved Q4_0 matrix as float32, bit-exact as get_rows_q4_0
+// (an untied or tied head is also the embedding table). Global (n_cols / 32, n_tok).
+kernel void get_rows_q4_0x8(blk_t W, const global int* tokens, global float* out, int n_cols) {
+    const int c = get_global_id(0), t = get_global_id(1), r = tokens[t], j = r % 8;
+    blk_t b = W + ((size_t)(r / 8) * (n_cols / 32) + c) * X8_BLOCK;
+    const float d = f16(b, j);
+    global float* o = out + (size_t)t * n_cols + 32 * c;
+    for (int i = 0; i < 16; i++) {
+        const uchar q = b[16 + 32 * (i / 4) + 4 * j + i % 4];
+        o[i] = d * (float)((q & 15) - 8);
+        o[16 + i] = d * (float)((q >> 4) - 8);
+    }
+}
+
 // Prefill: a group's 8 rows x TILE_N tokens a work-item; a block's weights are unpacked once
 // and used for every token of the tile. Global (n_rows / 8 rounded up, ceil(n_tok / TILE_N)).
 kernel void qgemm_q4_0x8(blk_t W, const global char* XQ, const global float* XD,

@@ -114,15 +114,16 @@ def test_interleave_q4_0_moves_each_byte_where_the_kernels_read_it():
 
 def test_interleaved_q4_0_kernels_agree_with_numpy(kern, monkeypatch):
     """Where the device repacks Q4_0 (AVX2 CPUs: matmul.cl's *_q4_0x8), decode and prefill
-    read the groups of 8 rows: rows of 1 to 8 groups, token counts off and on the tile, 1 to 16
+    read the groups of 8 rows (and embedding lookup, bit-exact): rows of 1 to 8 groups, token counts off and on the tile, 1 to 16
     blocks a row, and a matrix split into parts of whole groups."""
     if not kern.interleave:
         pytest.skip("this device has no interleaved Q4_0 kernels (AVX2 and F16C CPUs only)")
     for rows, n_tok, cols in [(8, 1, 32), (64, 1, 512), (40, 7, 256), (24, 8, 512), (48, 40, 256)]:
         checks.check_matmul(kern, T.Q4_0, n_tok, rows=rows, cols=cols)
     checks.check_fused_decode(kern, T.Q4_0)
-    assert {"qgemv_q4_0x8", "qgemm_q4_0x8", "qgemv_qkv_q4_0x8",
-            "qgemv_glu_q4_0x8"} <= set(kern._kernels)
+    checks.check_get_rows(kern, T.Q4_0)
+    assert {"qgemv_q4_0x8", "qgemm_q4_0x8", "qgemv_qkv_q4_0x8", "qgemv_glu_q4_0x8",
+            "get_rows_q4_0x8"} <= set(kern._kernels)
     monkeypatch.setenv("CLAW_OPENCL_MAX_ALLOC", str(20 * 144))  # 20 rows: parts of 16
     raw, _ = checks.weights(T.Q4_0, 64, 256)
     split = kern.upload_matrix(raw, T.Q4_0, (64, 256))
