@@ -113,9 +113,9 @@ def test_interleave_q4_0_moves_each_byte_where_the_kernels_read_it():
 
 
 def test_interleaved_q4_0_kernels_agree_with_numpy(kern, monkeypatch):
-    """Where the device repacks Q4_0 (AVX2 CPUs: matmul.cl's *_q4_0x8), decode and prefill
-    read the groups of 8 rows (and embedding lookup, bit-exact): rows of 1 to 8 groups, token counts off and on the tile, 1 to 16
-    blocks a row, and a matrix split into parts of whole groups."""
+    """Where the device repacks Q4_0 (AVX2 CPUs: matmul.cl's *_q4_0x8), decode, prefill and
+    embedding lookup (bit-exact) read the groups of 8 rows: rows of 1 to 8 groups, token
+    counts off and on the tile, 1 to 16 blocks a row, a matrix split into whole groups."""
     if not kern.interleave:
         pytest.skip("this device has no interleaved Q4_0 kernels (AVX2 and F16C CPUs only)")
     for rows, n_tok, cols in [(8, 1, 32), (64, 1, 512), (40, 7, 256), (24, 8, 512), (48, 40, 256)]:
