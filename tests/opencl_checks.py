@@ -20,19 +20,7 @@ from runtime.backends.opencl_device import NoDevice, find_device
 from runtime.backends.opencl_kernels import Kernels
 from runtime.backends.weight_stream import q8_activations, weight_input
 from runtime.quant import dequantize, quantize
-
-# Whole-model logits where Q4_0/Q8_0 products round their inputs to Q8_0 blocks: an input that
-# two correct implementations compute a float rounding apart can land on either side of a
-# rounding midpoint and move by one step (max|x|/127), so their logits differ by up to a few
-# 1e-3 (measured 1.3e-4..2.1e-3 OpenCL vs numpy, 3.9e-3..4.6e-3 numpy vs float transformers on
-# the tiny models, 1.2e-2 on random weights whose logits reach 1.6), not 1e-5; a wrong nibble or
-# scale moves them by ~1e-1. Relative to the logits' scale (int8_logit_bound); greedy tokens
-# may differ only at near-ties within that distance (tests/agreement.py).
-INT8_LOGIT_TOL = 1e-2
-
-
-def int8_logit_bound(want: np.ndarray) -> float:
-    return 2 * INT8_LOGIT_TOL * max(1.0, float(np.abs(want).max()))
+from tests.agreement import INT8_LOGIT_TOL, int8_logit_bound  # noqa: F401 (re-exported)
 
 MATMUL_TYPES = [T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 RNG = np.random.default_rng(7)

@@ -134,12 +134,13 @@ class OpenCLBackend(Backend):
         except ValueError as e:
             raise ModelError(f"{name}: {e} (the OpenCL kernels read 32-weight chunks); use "
                              "--backend numpy") from None
-        if self.plan is not None and self.kern.host_pointer_bytes == wrapped:
-            # copied (to a GPU, or a CPU device's own aligned copy): under a budget the file's
-            # pages must not stay resident beside the copy
+        if self.kern.host_pointer_bytes == wrapped:
+            # copied (to a GPU, a CPU device's repacked or aligned copy): the file's pages need
+            # not stay in this process beside the copy; under a budget they leave the page
+            # cache too (a cgroup charges it), else it keeps them for the next start
             from runtime.backends.weight_stream import release_pages
 
-            release_pages(ref)
+            release_pages(ref, drop_cache=self.plan is not None)
         return matrix
 
     def _vector(self, name: str) -> Any:

@@ -56,14 +56,16 @@ def file_span(ref: TensorRef) -> tuple[str, int, int, int] | None:
     return str(root.filename), addr - root.ctypes.data + int(root.offset), addr, ref.nbytes
 
 
-def release_pages(ref: TensorRef) -> None:
-    """Give a mapped tensor's pages back: dropped from this process's map and from the page
-    cache (a cgroup charges both), e.g. once a copy of it lives elsewhere."""
+def release_pages(ref: TensorRef, drop_cache: bool = True) -> None:
+    """Give a mapped tensor's pages back, e.g. once a copy of it lives elsewhere: dropped from
+    this process's map and, with `drop_cache`, from the page cache (a cgroup charges both)."""
     span = file_span(ref)
     if span is None:
         return
     path, offset, addr, length = span
     _madvise(addr, length, mmap.MADV_DONTNEED)
+    if not drop_cache:
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
