@@ -8,8 +8,9 @@ llama-cpp-python (its own process), pp<P> and tg<N> tokens/s, and the table prin
 as a ratio of llama.cpp's.
 
 llama-cpp-python is a benchmark-only dependency, built from source in its own venv outside
-the repository (~9 min on 2 cores), with the CPU flags DESIGN.md gives (its native build
-crashes on this CPU's AMX path). The script builds it when missing:
+the repository (~9 min on 2 cores), with explicit CPU flags for this host (its native build
+crashes on an AMX path; bench/llamacpp_venv.py). The script builds it when missing or built
+for another CPU:
 
     .venv/bin/python bench/compare_llamacpp.py [--backend opencl] [-p 512] [-n 128] [-r 5]
         [--threads 2] [--types q8_0,q4_0,q4_k_m] [--baseline DIR] [--json]
@@ -35,14 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import llamacpp_venv  # noqa: E402
 from bench.bench_numpy import CACHE, SHAPE, make_hf_model  # noqa: E402
 from bench.report import print_report  # noqa: E402
-
-VENV = Path(os.environ.get("LLAMACPP_VENV",
-                           Path.home() / ".cache" / "clawforge" / "llamacpp-venv"))
-CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
-              "-DGGML_AVX512_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
-VERSION = "0.3.36"
 
 # Runs inside the llama-cpp-python venv: pp and tg of one file, as JSON on stdout.
 LLAMA_RUNNER = r"""
@@ -79,20 +75,6 @@ params.nthread = 2
 rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params)
 sys.exit(rc)
 """
-
-
-def llama_python() -> Path:
-    """The venv's python with llama_cpp importable, building it first when missing."""
-    python = VENV / "bin" / "python"
-    check = [str(python), "-c", "import llama_cpp"]
-    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
-        return python
-    print(f"building llama-cpp-python {VERSION} into {VENV} (~9 min on 2 cores)", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", f"llama-cpp-python=={VERSION}"],
-                   check=True, env={**os.environ, "CMAKE_ARGS": CMAKE_ARGS,
-                                    "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)})
-    return python
 
 
 def vocabulary() -> dict:
@@ -154,7 +136,7 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, help="another source tree of ours to run too")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    python = llama_python()
+    python = llamacpp_venv.build()
     rows = []
     for kind in args.types.split(","):
         path = model_file(kind, python)

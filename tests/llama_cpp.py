@@ -1,8 +1,9 @@
 """llama.cpp as a peer, through llama-cpp-python in its own venv (it is a benchmark/test-only
-dependency, built by bench/compare_llamacpp.py into ~/.cache/clawforge/llamacpp-venv; the
-LLAMACPP_VENV variable overrides). Each call runs in its own process and answers JSON.
+dependency, built by bench/compare_llamacpp.py into ~/.cache/clawforge/llamacpp-venv for this
+CPU, see bench/llamacpp_venv.py; the LLAMACPP_VENV variable overrides). Each call runs in its
+own process and answers JSON.
 
-    python = llama_python()            # None when the venv is absent: skip with the reason
+    python = llama_python()            # None when the venv is absent or stale: skip, saying so
     run_llama(python, "m.gguf", ids, n_greedy=16)   # logits of ids, greedy continuation
     llama_quantize(python, "f16.gguf", "q4_k_m.gguf", "Q4_K_M")   # llama.cpp's quantizer
 """
@@ -10,14 +11,12 @@ LLAMACPP_VENV variable overrides). Each call runs in its own process and answers
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-VENV = Path(os.environ.get("LLAMACPP_VENV",
-                           Path.home() / ".cache" / "clawforge" / "llamacpp-venv"))
+from bench import llamacpp_venv
 
 _RUN = r"""
 import json, sys
@@ -53,12 +52,8 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 
 
 def llama_python() -> Path | None:
-    """The venv's python when llama_cpp imports there, else None."""
-    python = VENV / "bin" / "python"
-    if not python.exists():
-        return None
-    done = subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True)
-    return python if done.returncode == 0 else None
+    """The venv's python when llama_cpp imports there and was built for this CPU, else None."""
+    return llamacpp_venv.usable()
 
 
 def run_llama(python: Path, model: Path, ids: Sequence[int], *, n_greedy: int = 0,

@@ -122,8 +122,8 @@ def test_quantized_export_generates_and_serves(q4k, tmp_path):
 def test_llama_cpp_loads_the_quantized_export_and_agrees(trained, q4k):
     python = llama_python()
     if python is None:
-        pytest.skip(f"llama-cpp-python is not built in {tm.CACHE.parent / 'llamacpp-venv'} "
-                    "(bench/compare_llamacpp.py builds it)")
+        pytest.skip("llama-cpp-python is not built for this CPU in "
+                    f"{tm.CACHE.parent / 'llamacpp-venv'} (bench/compare_llamacpp.py builds it)")
     from runtime.api import Model
 
     ours = Model(q4k, backend="numpy")

@@ -152,8 +152,8 @@ def test_llama_cpp_loads_our_mixed_file_and_agrees(trained, mixed):
 
     python = llama_python()
     if python is None:
-        pytest.skip(f"llama-cpp-python is not built in {tm.CACHE.parent / 'llamacpp-venv'} "
-                    "(bench/compare_llamacpp.py builds it)")
+        pytest.skip("llama-cpp-python is not built for this CPU in "
+                    f"{tm.CACHE.parent / 'llamacpp-venv'} (bench/compare_llamacpp.py builds it)")
     out, _, plan = mixed
     assert len({t["type"] for t in plan["tensors"]}) > 1 and plan["imatrix"] is True
     ours = Model(out, backend="numpy")
