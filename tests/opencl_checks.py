@@ -98,6 +98,8 @@ def check_q8_activations(kern: Kernels) -> None:
     q, d = q8_reference(x)
     assert np.array_equal(kern.read(xq, x.shape, np.int8), q)
     assert np.array_equal(kern.read(xd, d.shape), d)
+    sums = q.reshape(-1, 32).astype(np.int32).sum(1)  # after the scales, for interleaved Q4_0
+    assert np.array_equal(kern.read(xd, sums.shape, np.int32, offset=4 * d.size), sums)
     w = RNG.standard_normal(256).astype(np.float32)
     out = kern.empty(x.nbytes)
     xq, xd = kern.rms_norm(kern.upload(x), kern.upload(w), out, 256, 3, 1e-5, q8=True)
@@ -106,6 +108,8 @@ def check_q8_activations(kern: Kernels) -> None:
     q, d = q8_reference(normed)  # exactly what quantize_q8 makes of the normed rows
     assert np.array_equal(kern.read(xq, x.shape, np.int8), q)
     assert np.array_equal(kern.read(xd, d.shape), d)
+    sums = q.reshape(-1, 32).astype(np.int32).sum(1)
+    assert np.array_equal(kern.read(xd, sums.shape, np.int32, offset=4 * d.size), sums)
 
 
 def check_rope(kern: Kernels, style: str) -> None:

@@ -210,7 +210,7 @@ class Kernels:
 
     def _q8_scratch(self, n: int) -> Q8:
         if n > self._q8[0]:
-            self._q8 = (n, self.empty(n), self.empty(4 * (n // 32)))
+            self._q8 = (n, self.empty(n), self.empty(8 * (n // 32)))  # scales, then sums
             self.scratch_generation += 1
         return self._q8[1], self._q8[2]
 

@@ -702,7 +702,7 @@ QFORMAT(q4_0, 18)
 // 4k..4k+3, high nibbles: weights 16+4k..). A register then holds 8 rows, a row a lane: the
 // x dword that each weight dword meets is one broadcast, and a block's 8 dot products need no
 // transpose and no horizontal sum. The nibbles go into pmaddubsw unsigned (0-15) and the -8
-// comes off as -8 * sum(x) once per block for all 8 rows; 8 pmaddubsw results add in 16 bits
+// comes off as -8 * sum(x) for all 8 rows (the sums come with the scales, see ops.cl); 8 pmaddubsw results add in 16 bits
 // (at most 8 * 2 * 15 * 127 = 30480) before one pmaddwd. Same integers as qblock_q4_0.
 #if defined(__AVX2__) && defined(__F16C__) && UNALIGNED
 #define HAS_Q4_0X8 1
@@ -711,16 +711,8 @@ typedef float v8sf_x8 __attribute__((vector_size(32)));
 #define SPLAT8_X8(v) ((v8si){v, v, v, v, v, v, v, v})
 #define SPLATF_X8(v) ((v8sf_x8){v, v, v, v, v, v, v, v})
 
-// -8 * the sum of an activation block's 32 int8 values, in all 8 lanes.
-inline v8si x8_offset(const global char* x) {
-    const v32qi ones = (v32qi)SPLAT8_X8(0x01010101);
-    const v16hi one = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-    const v8si p = __builtin_ia32_pmaddwd256(
-        __builtin_ia32_pmaddubsw256(ones, *(const global v32qi*)x), one);
-    const v8si q = p + __builtin_shufflevector(p, p, 4, 5, 6, 7, 0, 1, 2, 3);
-    const v8si r = q + __builtin_shufflevector(q, q, 2, 3, 0, 1, 6, 7, 4, 5);
-    return -8 * (r + __builtin_shufflevector(r, r, 1, 0, 3, 2, 5, 4, 7, 6));
-}
+// -8 * the sum of an activation block's 32 int8 values (quantize_q8 wrote it), in all lanes.
+#define X8_OFFSET(sum) SPLAT8_X8(-8 * (sum))
 
 // The 8 rows' scales of a block, as floats.
 inline v8sf_x8 x8_scales(blk_t b) {
@@ -765,10 +757,11 @@ kernel void qgemv_q4_0x8(blk_t W, const global char* XQ, const global float* XD,
                          global float* Y, int n_cols, int n_rows, int y_off, int accumulate) {
     const int g = get_global_id(0), nb = n_cols / 32;
     if (8 * g >= n_rows) return;
+    const global int* XS = (const global int*)(XD + nb);
     blk_t b = W + (size_t)g * nb * X8_BLOCK;
     v8sf_x8 acc = SPLATF_X8(0.0f);
     for (int c = 0; c < nb; c++, b += X8_BLOCK)
-        X8_GEMV_ACC(acc, b, XQ + 32 * c, XD[c], x8_offset(XQ + 32 * c))
+        X8_GEMV_ACC(acc, b, XQ + 32 * c, XD[c], X8_OFFSET(XS[c]))
     x8_store(Y + y_off + 8 * g, acc, accumulate);
 }
 
@@ -777,10 +770,11 @@ kernel void qgemv_glu_q4_0x8(blk_t Wg, blk_t Wu, const global char* XQ, const gl
                              global float* out, int n_cols, int n_rows) {
     const int g = get_global_id(0), nb = n_cols / 32;
     if (8 * g >= n_rows) return;
+    const global int* XS = (const global int*)(XD + nb);
     blk_t bg = Wg + (size_t)g * nb * X8_BLOCK, bu = Wu + (size_t)g * nb * X8_BLOCK;
     v8sf_x8 gate = SPLATF_X8(0.0f), up = SPLATF_X8(0.0f);
     for (int c = 0; c < nb; c++, bg += X8_BLOCK, bu += X8_BLOCK) {
-        const v8si offset = x8_offset(XQ + 32 * c);
+        const v8si offset = X8_OFFSET(XS[c]);
         X8_GEMV_ACC(gate, bg, XQ + 32 * c, XD[c], offset)
         X8_GEMV_ACC(up, bu, XQ + 32 * c, XD[c], offset)
     }
@@ -797,10 +791,11 @@ kernel void qgemv_qkv_q4_0x8(blk_t Wq, blk_t Wk, blk_t Wv, const global char* XQ
     blk_t w = row < nq ? Wq : row < nq + nk ? Wk : Wv;
     global float* y = row < nq ? q : (row < nq + nk ? kc : vc) + kv_off;
     row = row < nq ? row : row < nq + nk ? row - nq : row - nq - nk;
+    const global int* XS = (const global int*)(XD + nb);
     blk_t b = w + (size_t)(row / 8) * nb * X8_BLOCK;
     v8sf_x8 acc = SPLATF_X8(0.0f);
     for (int c = 0; c < nb; c++, b += X8_BLOCK)
-        X8_GEMV_ACC(acc, b, XQ + 32 * c, XD[c], x8_offset(XQ + 32 * c))
+        X8_GEMV_ACC(acc, b, XQ + 32 * c, XD[c], X8_OFFSET(XS[c]))
     x8_store(y + row, acc, 0);
 }
 
@@ -827,10 +822,12 @@ kernel void qgemm_q4_0x8(blk_t W, const global char* XQ, const global float* XD,
     if (8 * g >= n_rows) return;
     const global char* x[TILE_N];
     const global float* d[TILE_N];
+    const global int* xs[TILE_N];
     v8sf_x8 acc[TILE_N];
     _Pragma("unroll") for (int t = 0; t < TILE_N; t++) {
         const int r = min(t0 + t, n_tok - 1);
         x[t] = XQ + (size_t)r * n_cols; d[t] = XD + (size_t)r * nb; acc[t] = SPLATF_X8(0.0f);
+        xs[t] = (const global int*)(XD + (size_t)n_tok * nb) + (size_t)r * nb;
     }
     blk_t b = W + (size_t)g * nb * X8_BLOCK;
     for (int c = 0; c < nb; c++, b += X8_BLOCK) {
@@ -840,7 +837,7 @@ kernel void qgemm_q4_0x8(blk_t W, const global char* XQ, const global float* XD,
         _Pragma("unroll") for (int t = 0; t < TILE_N; t++) {
             const global char* xc = x[t] + 32 * c;
             acc[t] += (dw * SPLATF_X8(d[t][c])) *
-                      __builtin_convertvector(x8_dot(w, xc, x8_offset(xc)), v8sf_x8);
+                      __builtin_convertvector(x8_dot(w, xc, X8_OFFSET(xs[t][c])), v8sf_x8);
         }
     }
     for (int t = 0; t < TILE_N && t0 + t < n_tok; t++)

@@ -59,24 +59,32 @@ kernel void rms_norm(const global float* x, const global float* w, global float*
 // The int8 activations of matmul.cl's Q4_0/Q8_0 kernels: 32 values rounded to a Q8_0 block,
 // q = rint(x * (1 / d)) with d = max |x| / 127, each step one IEEE float32 operation as in
 // numpy's reference (weight_stream.q8_activations), so both give the same q and d.
-inline void store_q8(float8 x0, float8 x1, float8 x2, float8 x3, global char* q, global float* d) {
+// The block's integer sum goes to *sum: matmul.cl's interleaved Q4_0 kernels take the -8 of
+// every weight off as -8 * sum(q) (XS, after the scales in the same buffer: the blocks' sums
+// follow their n_tok * n_cols / 32 scales).
+inline void store_q8(float8 x0, float8 x1, float8 x2, float8 x3, global char* q, global float* d,
+                     global int* sum) {
     const float8 m8 = fmax(fmax(fabs(x0), fabs(x1)), fmax(fabs(x2), fabs(x3)));
     const float4 m4 = fmax(m8.lo, m8.hi);
     const float2 m2 = fmax(m4.lo, m4.hi);
     const float s = fmax(m2.x, m2.y) / 127.0f, id = s != 0.0f ? 1.0f / s : 0.0f;
     global char8* q8 = (global char8*)q;
-    q8[0] = convert_char8(rint(x0 * id)); q8[1] = convert_char8(rint(x1 * id));
-    q8[2] = convert_char8(rint(x2 * id)); q8[3] = convert_char8(rint(x3 * id));
+    const char8 q0 = convert_char8(rint(x0 * id)), q1 = convert_char8(rint(x1 * id));
+    const char8 q2 = convert_char8(rint(x2 * id)), q3 = convert_char8(rint(x3 * id));
+    q8[0] = q0; q8[1] = q1; q8[2] = q2; q8[3] = q3;
     *d = s;
+    const int8 s8 = convert_int8(q0) + convert_int8(q1) + convert_int8(q2) + convert_int8(q3);
+    const int4 s4 = s8.lo + s8.hi;
+    *sum = s4.x + s4.y + s4.z + s4.w;
 }
 
-// XQ[t, 32 c ...] and XD[t, c]: row t of X (n_cols a multiple of 32) in Q8_0 blocks.
-// Global (n_cols / 32, n_tok).
+// XQ[t, 32 c ...], XD[t, c] and XS[t, c]: row t of X (n_cols a multiple of 32) in Q8_0
+// blocks, and each block's sum. Global (n_cols / 32, n_tok).
 kernel void quantize_q8(const global float* X, global char* XQ, global float* XD, int n_cols) {
-    const int c = get_global_id(0), t = get_global_id(1);
+    const int c = get_global_id(0), t = get_global_id(1), at = t * (n_cols / 32) + c;
     const global float8* x = (const global float8*)(X + (size_t)t * n_cols) + 4 * c;
-    store_q8(x[0], x[1], x[2], x[3], XQ + (size_t)t * n_cols + 32 * c,
-             XD + (size_t)t * (n_cols / 32) + c);
+    global int* XS = (global int*)(XD + get_global_size(0) * get_global_size(1));
+    store_q8(x[0], x[1], x[2], x[3], XQ + (size_t)t * n_cols + 32 * c, XD + at, XS + at);
 }
 
 // rms_norm, whose output also goes to XQ/XD as quantize_q8 would write it (decode's next
@@ -91,6 +99,7 @@ kernel void rms_norm_q8(const global float* x, const global float* w, global flo
     red[lid] = s;
     reduce_sum(red);
     const float norm = sqrt(red[0] / n + eps);
+    global int* XS = (global int*)(XD + (n / 32) * get_global_size(1));
     for (int c = lid; c < n / 32; c += WG) {
         const global float8* x8 = (const global float8*)xr + 4 * c;
         const global float8* w8 = (const global float8*)w + 4 * c;
@@ -98,7 +107,8 @@ kernel void rms_norm_q8(const global float* x, const global float* w, global flo
         const float8 o0 = x8[0] / norm * w8[0], o1 = x8[1] / norm * w8[1];
         const float8 o2 = x8[2] / norm * w8[2], o3 = x8[3] / norm * w8[3];
         o8[0] = o0; o8[1] = o1; o8[2] = o2; o8[3] = o3;
-        store_q8(o0, o1, o2, o3, XQ + (size_t)t * n + 32 * c, XD + (size_t)t * (n / 32) + c);
+        const int at = t * (n / 32) + c;
+        store_q8(o0, o1, o2, o3, XQ + (size_t)t * n + 32 * c, XD + at, XS + at);
     }
 }
 
