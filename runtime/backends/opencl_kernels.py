@@ -78,11 +78,14 @@ def interleave_q4_0(raw: np.ndarray, n_rows: int, n_cols: int) -> np.ndarray:
     """Q4_0 rows (n_rows a multiple of 8) repacked for matmul.cl's *_q4_0x8 kernels: per group
     of 8 rows and block, the 8 f16 scales, then 4 chunks of 32 bytes whose dword j is 4 bytes
     of row j's quants. The same bytes, moved: 144 per block of 8 rows, as before."""
-    nb = n_cols // 32
-    blocks = raw.reshape(-1).view(np.uint8).reshape(n_rows // 8, 8, nb, 18)
-    scales = blocks[..., :2].transpose(0, 2, 1, 3).reshape(n_rows // 8, nb, 16)
-    quants = blocks[..., 2:].reshape(n_rows // 8, 8, nb, 4, 4).transpose(0, 2, 3, 1, 4)
-    return np.concatenate([scales, quants.reshape(n_rows // 8, nb, 128)], axis=2).reshape(-1)
+    groups, nb = n_rows // 8, n_cols // 32
+    blocks = raw.reshape(-1).view(np.uint8).reshape(groups, 8, nb, 18)
+    out = np.empty((groups, nb, 144), np.uint8)
+    # moved as 2- and 4-byte words (a byte-wise transpose is ~4x slower)
+    out[:, :, :16].view(np.uint16)[...] = blocks[..., :2].view(np.uint16)[..., 0].transpose(0, 2, 1)
+    quants = blocks[..., 2:].view(np.uint32).transpose(0, 2, 3, 1)  # (group, block, k, row)
+    out[:, :, 16:].view(np.uint32).reshape(groups, nb, 4, 8)[...] = quants
+    return out.reshape(-1)
 
 
 def host_has_vnni(dev: Device) -> bool:
