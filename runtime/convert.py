@@ -23,6 +23,7 @@ from gguf import GGMLQuantizationType as T
 from runtime.backends.numpy_backend import rope_inv_freq
 from runtime.config import ModelConfig, RopeScaling
 from runtime.errors import ModelError
+from runtime.files import publish
 from runtime.model_file import ModelSource, open_model, read_json
 from runtime.quant import block_shape, quantize
 
@@ -250,7 +251,7 @@ def gguf_output(out: str | os.PathLike[str], arch: str) -> Iterator[gguf.GGUFWri
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        tmp.replace(out)
+        publish(tmp, out)
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)

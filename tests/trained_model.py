@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.files import umask_mode
+
 LICENSES = Path("/usr/share/common-licenses")
 TRAIN_FILES = ("Apache-2.0", "Artistic", "BSD", "CC0-1.0", "GFDL-1.2", "GFDL-1.3", "GPL-1",
                "GPL-3", "LGPL-2", "LGPL-2.1", "MPL-1.1", "MPL-2.0")
@@ -99,6 +101,8 @@ def trained_model(settings: dict | None = None) -> TrainedModel:
         (tmp / "done.json").write_text(json.dumps({"final_loss": loss, **s}))
         shutil.rmtree(folder, ignore_errors=True)
         tmp.replace(folder)
+    for gguf_file in folder.glob("*.gguf"):  # a cache from before runtime.files.publish: 0600
+        gguf_file.chmod(umask_mode())
     done = json.loads((folder / "done.json").read_text())
     return TrainedModel(folder / "hf", folder / "f32.gguf", folder / "f16.gguf",
                         folder / "eval.txt", folder / "calibration.txt", done["final_loss"])

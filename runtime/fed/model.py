@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.files import publish
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -111,7 +113,7 @@ def _replace(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
