@@ -42,11 +42,11 @@ def claw(capsys, monkeypatch):
 
 
 def claw_subprocess(*args: str, env: dict[str, str] | None = None,
-                    cwd: Path | None = None) -> Result:
+                    cwd: Path | None = None, timeout: float = 300) -> Result:
     """Run the installed `claw` as a user would, in its own process."""
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
     done = subprocess.run([str(CLAW), *args], capture_output=True, text=True, env=full_env,
-                          cwd=cwd or REPO, timeout=300)
+                          cwd=cwd or REPO, timeout=timeout)
     return Result(done.returncode, done.stdout, done.stderr)
 
 

@@ -106,9 +106,11 @@ def fed_fleet() -> Iterator[FedFleet]:
 
 
 def fed_run(f: FedFleet, *args: str):
+    """Two rounds on the three devices. Each round trains three clients at once on the
+    controller's two cores; beside the e2e tier's QEMU a run has taken over 300 s."""
     return claw_subprocess("fed", "run", "-i", str(f.inventory), "--model", str(f.model),
                            "--data-dir", DATA, "--device-model", MODEL, "--rounds", "2",
-                           "--image", IMAGE, *args)
+                           "--image", IMAGE, *args, timeout=720)
 
 
 def test_a_device_without_the_data_dir_is_refused_before_anything_starts(fed_fleet):
