@@ -9,7 +9,8 @@
 # e2e's time is QEMU emulating one arm64 CPU (one core busy) and integration's mostly waits on
 # Docker, SSH and Ansible, so on two cores they overlap instead of adding up; e2e finishes
 # first, so B then takes some integration files and the unit tier off A's path. B's lines are
-# prefixed "[B] " and it gets a longer per-test limit (a VM boots slower beside A).
+# prefixed "[B] " and it gets longer limits for a test and a VM's boot (a VM boots slower
+# beside A: a reboot took over the default 240 s in a trial run).
 # Arguments run one pytest with them, as before (e.g. `make test PYTEST_ARGS="-m unit"`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +32,8 @@ fi
 
 b_rc_file=$(mktemp)
 (
-    "${PYTEST[@]}" tests/e2e "${LATER[@]}" tests/unit --timeout 1800 -p no:cacheprovider 2>&1
+    CLAW_VM_BOOT_TIMEOUT=900 "${PYTEST[@]}" tests/e2e "${LATER[@]}" tests/unit --timeout 1800 \
+        -p no:cacheprovider 2>&1
     echo $? > "$b_rc_file"
 ) | sed -u 's/^/[B] /' &
 b_pid=$!
