@@ -9,7 +9,6 @@ give it, 0666 less the umask, before it takes the target's name.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 
 def umask_mode() -> int:
@@ -24,7 +23,3 @@ def publish(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
     os.chmod(tmp, umask_mode())
     os.replace(tmp, path)
 
-
-def same_mode_as_open(path: Path) -> bool:
-    """Whether `path` has the mode `open()` would have given it (for tests and checks)."""
-    return (path.stat().st_mode & 0o777) == umask_mode()
