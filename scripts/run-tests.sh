@@ -31,20 +31,23 @@ if [ "$#" -gt 0 ]; then
 fi
 
 b_rc_file=$(mktemp)
+start=$SECONDS
 (
     CLAW_VM_BOOT_TIMEOUT=900 "${PYTEST[@]}" tests/e2e "${LATER[@]}" tests/unit --timeout 1800 \
         -p no:cacheprovider 2>&1
-    echo $? > "$b_rc_file"
+    echo "$? $((SECONDS - start))" > "$b_rc_file"
 ) | sed -u 's/^/[B] /' &
 b_pid=$!
 
 "${PYTEST[@]}" tests/gpu tests/integration "${LATER[@]/#/--ignore=}"
 a=$?
+a_s=$((SECONDS - start))
 wait "$b_pid"
-b=$(cat "$b_rc_file"); b=${b:-1}  # killed before it wrote one: a failure
+read -r b b_s < "$b_rc_file"; b=${b:-1}  # killed before it wrote one: a failure
 rm -f "$b_rc_file"
 
 verdict "$a" "A: gpu, integration"; a=$?
 verdict "$b" "B: e2e, later integration files, unit"; b=$?
-echo "run-tests: A (gpu, integration) exit $a, B (e2e, ${#LATER[@]} integration files, unit) exit $b"
+echo "run-tests: A (gpu, integration) exit $a after ${a_s} s," \
+     "B (e2e, ${#LATER[@]} integration files, unit) exit $b after ${b_s:-?} s"
 [ "$a" = 0 ] && [ "$b" = 0 ]

@@ -29,14 +29,16 @@ from tests.fleet_images import REV_B_MARKER, release_fleet
 from tests.registry import local_registry
 from tests.serve_model import tiny_chat_gguf
 
-pytestmark = pytest.mark.integration
+# A test is a rollout or two over ten engine devices (the first also provisions them): 11 min
+# on a quiet two-core machine, more than 15 beside the e2e tier's QEMU (the default limit).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 
 FLEET = f"ro{os.getpid() % 100000}"
 N = 10
 PREFIX = f"claw-fleettest-{os.getpid()}"
 
 
-def fleet(*args: str, timeout: int = 900) -> tuple[int, str, str]:
+def fleet(*args: str, timeout: int = 1800) -> tuple[int, str, str]:
     done = subprocess.run([str(CLAW), "fleet", *args], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "250"}, timeout=timeout)
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
