@@ -59,7 +59,7 @@ def check_matmul(kern: Kernels, qtype: T, n_tok: int, rows: int = 37, cols: int 
 
 
 def check_get_rows(kern: Kernels, qtype: T) -> None:
-    """Bit-exact rows, from 20 rows as in the file and 24 (interleaved Q4_0 where repacked)."""
+    """Bit-exact rows, from 20 rows as in the file and 24 (interleaved Q4_0/Q8_0 where repacked)."""
     for rows in (20, 24):
         raw, wd = weights(qtype, rows, 512)
         m = kern.upload_matrix(raw, qtype, (rows, 512))
@@ -203,7 +203,7 @@ def check_fused_decode(kern: Kernels, qtype: T) -> None:
             got = kern.read(buf, (at + len(w),))[at:]
             bound = 1e-5 * (np.abs(w) @ np.abs(x)) + 1e-6
             assert (np.abs(got - w @ x) <= bound).all(), f"{qtype.name} qkv {nq}/{nk}"
-    for rows in (70, 71, 72):  # 72: interleaved Q4_0 where the device repacks it
+    for rows in (70, 71, 72):  # 72: interleaved Q4_0/Q8_0 where the device repacks them
         (rg, wg), (ru, wu) = weights(qtype, rows, cols), weights(qtype, rows, cols)
         xs = RNG.standard_normal(cols).astype(np.float32)
         x = weight_input(xs[None], qtype)[0]
@@ -234,10 +234,11 @@ def check_split_weights(kern: Kernels, qtype: T = T.Q4_0, n_toks: tuple[int, ...
 
 
 def random_gguf(path, qtype: T, *, dim: int, n_layers: int, ffn_dim: int, n_heads: int,
-                n_kv_heads: int, vocab_size: int):
+                n_kv_heads: int, vocab_size: int, seed: int = 7):
     """A Llama-shaped GGUF of random weights in `qtype` (norms F32), written without torch or
     transformers (the GPU machine has neither transformers nor a package index). Each distinct
-    shape is quantized once and its bytes reused by every layer: for speed runs only."""
+    shape is quantized once and its bytes reused by every layer: for speed runs only. The
+    weights depend on `seed` alone, not on what other tests drew before."""
     import gguf
 
     from runtime.config import ModelConfig
@@ -251,12 +252,13 @@ def random_gguf(path, qtype: T, *, dim: int, n_layers: int, ffn_dim: int, n_head
     writer = gguf.GGUFWriter(path, "llama")
     _write_metadata(writer, cfg, qtype, None)
     blobs: dict[tuple[int, ...], np.ndarray] = {}
+    rng = np.random.default_rng(seed)
     for name, shape in expected_shapes(cfg).items():
         if len(shape) == 1:
             writer.add_tensor(name, np.ones(shape, np.float32))
             continue
         if shape not in blobs:
-            w = (RNG.standard_normal(shape) * 0.02).astype(np.float32)
+            w = (rng.standard_normal(shape) * 0.02).astype(np.float32)
             blobs[shape] = w.astype(np.float16) if qtype == T.F16 else quantize(w, qtype)
         blob = blobs[shape]
         writer.add_tensor(name, blob, raw_dtype=None if qtype == T.F16 else qtype)

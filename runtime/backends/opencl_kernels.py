@@ -59,14 +59,15 @@ class DeviceMatrix:
     n_cols: int
     row_bytes: int
     parts: list[tuple[int, int, Any]] = field(default_factory=list)
-    interleaved: bool = False  # Q4_0 repacked in groups of 8 rows (interleave_q4_0)
+    interleaved: bool = False  # Q4_0/Q8_0 repacked in groups of 8 rows (interleave)
 
     @property
     def nbytes(self) -> int:
         return self.n_rows * self.row_bytes
 
 
-X8_GROUP = 4  # work-items (of 8 interleaved Q4_0 rows each) in a work-group
+X8_GROUP = 4  # work-items (of 8 interleaved rows each) in a work-group
+X8_TYPES = (T.Q4_0, T.Q8_0)  # the types matmul.cl has *_<type>x8 kernels for
 
 
 def pairs(rows: int, rpw: int) -> int:
@@ -74,17 +75,18 @@ def pairs(rows: int, rpw: int) -> int:
     return math.ceil(math.ceil(rows / 2) / rpw) * rpw
 
 
-def interleave_q4_0(raw: np.ndarray, n_rows: int, n_cols: int) -> np.ndarray:
-    """Q4_0 rows (n_rows a multiple of 8) repacked for matmul.cl's *_q4_0x8 kernels: per group
-    of 8 rows and block, the 8 f16 scales, then 4 chunks of 32 bytes whose dword j is 4 bytes
-    of row j's quants. The same bytes, moved: 144 per block of 8 rows, as before."""
-    groups, nb = n_rows // 8, n_cols // 32
-    blocks = raw.reshape(-1).view(np.uint8).reshape(groups, 8, nb, 18)
-    out = np.empty((groups, nb, 144), np.uint8)
+def interleave(raw: np.ndarray, qtype: T, n_rows: int, n_cols: int) -> np.ndarray:
+    """Q4_0 or Q8_0 rows (n_rows a multiple of 8) repacked for matmul.cl's *x8 kernels: per
+    group of 8 rows and block, the 8 f16 scales, then chunks of 32 bytes whose dword j is 4
+    bytes of row j's quants (4 chunks for Q4_0, 8 for Q8_0). The same bytes, moved: 8 blocks'
+    worth per block of 8 rows (144 or 272), as before."""
+    groups, nb, size = n_rows // 8, n_cols // 32, {T.Q4_0: 18, T.Q8_0: 34}[qtype]
+    blocks = raw.reshape(-1).view(np.uint8).reshape(groups, 8, nb, size)
+    out = np.empty((groups, nb, 8 * size), np.uint8)
     # moved as 2- and 4-byte words (a byte-wise transpose is ~4x slower)
     out[:, :, :16].view(np.uint16)[...] = blocks[..., :2].view(np.uint16)[..., 0].transpose(0, 2, 1)
     quants = blocks[..., 2:].view(np.uint32).transpose(0, 2, 3, 1)  # (group, block, k, row)
-    out[:, :, 16:].view(np.uint32).reshape(groups, nb, 4, 8)[...] = quants
+    out[:, :, 16:].view(np.uint32).reshape(groups, nb, (size - 2) // 4, 8)[...] = quants
     return out.reshape(-1)
 
 
@@ -112,9 +114,9 @@ class Kernels:
         self.mm = programs.get("matmul", {**params.matmul_defines(), "VNNI": int(self.vnni)})
         self.ops = programs.get("ops", params.ops_defines())
         self._kernels: dict[str, Any] = {}
-        # Q4_0 weights are repacked at upload where the device has the interleaved kernels
-        # (AVX2 CPUs: matmul.cl's *_q4_0x8) and runs the CPU shape (LWS 1)
-        self.interleave = params.LWS == 1 and self._has_kernel(self.mm, "qgemv_q4_0x8")
+        # Q4_0/Q8_0 weights are repacked at upload where the device has the interleaved
+        # kernels (AVX2 CPUs: matmul.cl's *_q4_0x8, *_q8_0x8) and runs the CPU shape (LWS 1)
+        self.interleave = params.LWS == 1 and self._has_kernel(self.mm, "qgemv_q8_0x8")
         self.host_pointer_bytes = 0  # weight bytes wrapped in place, not copied
         self.uploaded_bytes = 0  # bytes copied to the device (weights, tables), never freed
         self._q8: tuple[int, Any, Any] = (0, None, None)  # (values it holds, XQ, XD) scratch
@@ -188,7 +190,7 @@ class Kernels:
     def upload_matrix(self, raw: np.ndarray, qtype: T, shape: tuple[int, ...],
                       repack: bool = True) -> DeviceMatrix:
         """A GGUF weight as it lies in the file, in parts no larger than the device allows.
-        Q4_0 is repacked in groups of 8 rows where the device has the kernels for it, unless
+        Q4_0/Q8_0 is repacked in groups of 8 rows where the device has the kernels, unless
         `repack` is False (benchmarks and tests compare the two layouts)."""
         if qtype not in FORMATS:
             raise ValueError(f"{qtype.name} weights have no OpenCL kernel "
@@ -200,9 +202,9 @@ class Kernels:
         flat = raw.reshape(-1).view(np.uint8)
         m = DeviceMatrix(qtype, n_rows, n_cols, per_row)
         rows_per_part = max(1, self.dev.max_alloc // per_row)
-        if repack and qtype == T.Q4_0 and self.interleave and n_rows % 8 == 0:
+        if repack and qtype in X8_TYPES and self.interleave and n_rows % 8 == 0:
             m.interleaved, rows_per_part = True, max(8, rows_per_part // 8 * 8)
-            flat = interleave_q4_0(flat, n_rows, n_cols)
+            flat = interleave(flat, qtype, n_rows, n_cols)
         for r0 in range(0, n_rows, rows_per_part):
             n = min(rows_per_part, n_rows - r0)
             m.parts.append((r0, n, self.weight_buffer(flat[r0 * per_row:(r0 + n) * per_row],
@@ -238,11 +240,11 @@ class Kernels:
             if w.interleaved:  # 8 rows a work-item (x TILE_N tokens in prefill)
                 groups = (math.ceil(n / 8 / X8_GROUP) * X8_GROUP,)
                 if n_tok == 1:
-                    self.launch(self.mm, "qgemv_q4_0x8", groups, (X8_GROUP,), buf, xq, xd, y,
+                    self.launch(self.mm, f"qgemv_{name}x8", groups, (X8_GROUP,), buf, xq, xd, y,
                                 cols, np.int32(n), off, acc)
                 else:
                     tile = 8 if p.TT == 8 else 4  # matmul.cl's TILE_N
-                    self.launch(self.mm, "qgemm_q4_0x8", (*groups, math.ceil(n_tok / tile)),
+                    self.launch(self.mm, f"qgemm_{name}x8", (*groups, math.ceil(n_tok / tile)),
                                 (X8_GROUP, 1), buf, xq, xd, y, cols, np.int32(n),
                                 np.int32(n_tok), np.int32(stride), off, acc)
             elif n_tok == 1 and p.LWS > 1:
@@ -316,7 +318,7 @@ class Kernels:
         gsize, fmt = (math.ceil(rows / rpw) * rpw,), FORMATS[wq.qtype]
         if wq.interleaved:
             xq, xd = q8 or self.quantize_q8(x, wq.n_cols, 1)
-            self.launch(self.mm, "qgemv_qkv_q4_0x8", (math.ceil(rows / 8 / X8_GROUP) * X8_GROUP,),
+            self.launch(self.mm, f"qgemv_qkv_{fmt}x8", (math.ceil(rows / 8 / X8_GROUP) * X8_GROUP,),
                         (X8_GROUP,), *weights, xq, xd, q, kc, vc, *shape[:3], shape[4])
         elif wq.qtype in Q8_ACTIVATION_TYPES:
             xq, xd = q8 or self.quantize_q8(x, wq.n_cols, 1)
@@ -340,7 +342,7 @@ class Kernels:
         shape = (np.int32(wg.n_cols), np.int32(wg.n_rows), np.int32(wg.row_bytes))
         if wg.interleaved:
             xq, xd = q8 or self.quantize_q8(x, wg.n_cols, 1)
-            self.launch(self.mm, "qgemv_glu_q4_0x8",
+            self.launch(self.mm, f"qgemv_glu_{fmt}x8",
                         (math.ceil(wg.n_rows / 8 / X8_GROUP) * X8_GROUP,), (X8_GROUP,),
                         wg.parts[0][2], wu.parts[0][2], xq, xd, gate, *shape[:2])
         elif wg.qtype in Q8_ACTIVATION_TYPES:
@@ -356,7 +358,7 @@ class Kernels:
         if len(w.parts) != 1:  # a split table: look up on the host rows per part (rare)
             raise ValueError("embedding lookup needs the table in one buffer")
         if w.interleaved:
-            self.launch(self.mm, "get_rows_q4_0x8", (w.n_cols // 32, n_tok), None,
+            self.launch(self.mm, f"get_rows_{FORMATS[w.qtype]}x8", (w.n_cols // 32, n_tok), None,
                         w.parts[0][2], tokens, out, np.int32(w.n_cols))
             return
         self.launch(self.mm, f"get_rows_{FORMATS[w.qtype]}", (w.n_cols // 32, n_tok), None,

@@ -465,6 +465,20 @@ inline float DQI_q4_0(blk_t row, int c, wq_t* w) {
                                  16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
     return dq_scale(b);
 }
+typedef int v8si __attribute__((vector_size(32)));
+typedef int v4si __attribute__((vector_size(16)));
+// A block's whole integer dot product in lane 0, the other lanes 0. On these CPUs resident
+// Q4_0/Q8_0 matrices are interleaved (the *x8 kernels below), which add one float term per
+// block and row, (d_w * d_x) * dot, in block order; streamed layers keep the file's layout and
+// come here. Adding the same terms in the same order gives them the same floats, so that a
+// run under a memory budget gives the unbudgeted run's logits exactly (the 7 zero lanes add
+// nothing; the horizontal sum, 3 adds per block, is exact in integers).
+inline float8 lane0(v8si s) {
+    const v4si h = __builtin_shufflevector(s, s, 0, 1, 2, 3) +
+                   __builtin_shufflevector(s, s, 4, 5, 6, 7);
+    const v4si q = h + __builtin_shufflevector(h, h, 2, 3, 0, 1);
+    return (float8)((float)(q[0] + q[1]), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
+}
 // llama.cpp's mul_sum_i8_pairs: |w| (unsigned) times x with w's sign (signed) in pmaddubsw (a
 // pair sums to at most 2 * 128 * 127, no saturation: |x| <= 127), pairs of pairs in pmaddwd.
 inline float8 idot32(wq_t w, const global char* x) {
@@ -472,9 +486,8 @@ inline float8 idot32(wq_t w, const global char* x) {
     const v16hi p = __builtin_ia32_pmaddubsw256(__builtin_ia32_psignb256(w, w),
                                                 __builtin_ia32_psignb256(xv, w));
     const v16hi one = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-    return convert_float8(as_int8(__builtin_ia32_pmaddwd256(p, one)));
+    return lane0(__builtin_ia32_pmaddwd256(p, one));
 }
-typedef int v8si __attribute__((vector_size(32)));
 // Decode's Q4_0 block: the nibbles enter pmaddubsw as they are (unsigned 0-15) and the -8
 // offset comes off in 16 bits as pmaddubsw(8, x): the same integers as idot32 of (q - 8) in
 // 7 instructions instead of 11 (no sign tricks; the two nibble halves in one shift).
@@ -490,7 +503,7 @@ inline float qblock_q4_0(blk_t row, int c, const global char* x, float8* p) {
     const v16hi s = __builtin_ia32_pmaddubsw256(w, xv) -
                     __builtin_ia32_pmaddubsw256(xv - xv + (char)8, xv);
     const v16hi one = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-    *p = convert_float8(as_int8(__builtin_ia32_pmaddwd256(s, one)));
+    *p = lane0(__builtin_ia32_pmaddwd256(s, one));
     return dq_scale(b);
 }
 #define HAS_QBLOCK_q4_0
@@ -695,56 +708,78 @@ kernel void qmatmul_##T##_vec(blk_t W, const global char* XQ, const global float
 QFORMAT(q8_0, 34)
 QFORMAT(q4_0, 18)
 
-// ---- Q4_0 interleaved by 8 rows (CPUs with AVX2 and F16C; llama.cpp repacks Q4_0 so too) ----
-// The backend repacks a resident Q4_0 matrix once at load (opencl_kernels.interleave_q4_0) into
-// groups of 8 rows. Block c of a group is 144 bytes: the 8 rows' f16 scales, then 4 chunks of
-// 32 bytes where dword j of chunk k is bytes 4k..4k+3 of row j's qs (low nibbles: weights
-// 4k..4k+3, high nibbles: weights 16+4k..). A register then holds 8 rows, a row a lane: the
-// x dword that each weight dword meets is one broadcast, and a block's 8 dot products need no
-// transpose and no horizontal sum. The nibbles go into pmaddubsw unsigned (0-15) and the -8
-// comes off as -8 * sum(x) for all 8 rows (the sums come with the scales, see ops.cl); 8 pmaddubsw results add in 16 bits
-// (at most 8 * 2 * 15 * 127 = 30480) before one pmaddwd. Same integers as qblock_q4_0.
+// ---- Q4_0 and Q8_0 interleaved by 8 rows (CPUs with AVX2 and F16C; llama.cpp repacks Q4_0
+// so too) ----
+// The backend repacks a resident Q4_0 or Q8_0 matrix once at load (opencl_kernels.interleave)
+// into groups of 8 rows. Block c of a group is the 8 rows' f16 scales, then chunks of 32 bytes
+// where dword j of chunk k is bytes 4k..4k+3 of row j's qs: 4 chunks for Q4_0 (144 bytes; low
+// nibbles: weights 4k..4k+3, high nibbles: weights 16+4k..), 8 for Q8_0 (272 bytes). A
+// register then holds 8 rows, a row a lane: the x dword that each weight dword meets is one
+// broadcast, and a block's 8 dot products need no transpose and no horizontal sum.
+// Q4_0: the nibbles go into pmaddubsw unsigned (0-15) and the -8 comes off as -8 * sum(x) for
+// all 8 rows (the sums come with the scales, see ops.cl); 8 pmaddubsw results add in 16 bits
+// (at most 8 * 2 * 15 * 127 = 30480) before one pmaddwd. Q8_0: signed by signed as idot32
+// (|w| times x with w's sign); a pair of products reaches 2 * 128 * 127, so each chunk goes
+// through pmaddwd before the sum. Same integers as qblock_q4_0 and qblock_q8_0.
 #if defined(__AVX2__) && defined(__F16C__) && UNALIGNED
-#define HAS_Q4_0X8 1
-#define X8_BLOCK 144
+#define HAS_X8 1
+#define X8_BLOCK_q4_0 144
+#define X8_BLOCK_q8_0 272
 typedef float v8sf_x8 __attribute__((vector_size(32)));
 #define SPLAT8_X8(v) ((v8si){v, v, v, v, v, v, v, v})
 #define SPLATF_X8(v) ((v8sf_x8){v, v, v, v, v, v, v, v})
+#define ONES_X8 ((v16hi){1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1})
 
-// -8 * the sum of an activation block's 32 int8 values (quantize_q8 wrote it), in all lanes.
-#define X8_OFFSET(sum) SPLAT8_X8(-8 * (sum))
+// What a block's integer dot products add for its offset: -8 * the sum of an activation
+// block's 32 int8 values (quantize_q8 wrote it) for Q4_0's unsigned nibbles, none for Q8_0.
+#define X8_OFFSET_q4_0(sum) SPLAT8_X8(-8 * (sum))
+#define X8_OFFSET_q8_0(sum) SPLAT8_X8(0)
 
 // The 8 rows' scales of a block, as floats.
 inline v8sf_x8 x8_scales(blk_t b) {
     return __builtin_ia32_vcvtph2ps256((v8hi)*(const global v16qi_u*)b);  // one 16-byte load
 }
 
-// The 8 unsigned weight registers of a block: w[k] low nibbles of chunk k, w[4 + k] high.
-inline void x8_weights(blk_t b, v32qi* w) {
+// A block's 8 weight registers: Q4_0's w[k] low nibbles of chunk k, w[4 + k] high (unsigned);
+// Q8_0's chunks as they are (signed).
+inline void x8_weights_q4_0(blk_t b, v32qi* w) {
     _Pragma("unroll") for (int k = 0; k < 4; k++) {
         const v32qi q = *(const global v32qi_u*)(b + 16 + 32 * k);
         w[k] = q & (char)15;
         w[4 + k] = (v32qi)((v16hi)q >> 4) & (char)15;
     }
 }
+inline void x8_weights_q8_0(blk_t b, v32qi* w) {
+    _Pragma("unroll") for (int k = 0; k < 8; k++) w[k] = *(const global v32qi_u*)(b + 16 + 32 * k);
+}
 
 // The 8 rows' integer dot products of a block with an activation block (lane j: row j).
-inline v8si x8_dot(const v32qi* w, const global char* x, v8si offset) {
+inline v8si x8_dot_q4_0(const v32qi* w, const global char* x, v8si offset) {
     const global int* xi = (const global int*)x;
     v16hi s = __builtin_ia32_pmaddubsw256(w[0], (v32qi)SPLAT8_X8(xi[0]));
     _Pragma("unroll") for (int k = 1; k < 8; k++)
         s += __builtin_ia32_pmaddubsw256(w[k], (v32qi)SPLAT8_X8(xi[k]));
-    const v16hi one = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-    return __builtin_ia32_pmaddwd256(s, one) + offset;
+    return __builtin_ia32_pmaddwd256(s, ONES_X8) + offset;
+}
+inline v8si x8_dot_q8_0(const v32qi* w, const global char* x, v8si offset) {
+    const global int* xi = (const global int*)x;
+    v8si s = offset;
+    _Pragma("unroll") for (int k = 0; k < 8; k++) {
+        const v32qi xk = (v32qi)SPLAT8_X8(xi[k]);
+        s += __builtin_ia32_pmaddwd256(
+            __builtin_ia32_pmaddubsw256(__builtin_ia32_psignb256(w[k], w[k]),
+                                        __builtin_ia32_psignb256(xk, w[k])), ONES_X8);
+    }
+    return s;
 }
 
 // acc (lane j) += row j of the group at g . x, block by block.
-#define X8_GEMV_ACC(acc, g, x, xd, offset)                                                  \
+#define X8_GEMV_ACC(T, acc, g, x, xd, offset)                                                  \
     {                                                                                          \
         v32qi w_[8];                                                                           \
-        x8_weights(g, w_);                                                                     \
+        x8_weights_##T(g, w_);                                                                 \
         acc += (x8_scales(g) * SPLATF_X8(xd)) *                                                \
-               __builtin_convertvector(x8_dot(w_, x, offset), v8sf_x8);                        \
+               __builtin_convertvector(x8_dot_##T(w_, x, offset), v8sf_x8);                    \
     }
 
 inline void x8_store(global float* y, v8sf_x8 v, int accumulate) {
@@ -753,96 +788,111 @@ inline void x8_store(global float* y, v8sf_x8 v, int accumulate) {
 
 // Decode: y[8g .. 8g + 7] (+)= the group's rows . x. Global (n_rows / 8 rounded up to the
 // work-group), the rows a multiple of 8.
-kernel void qgemv_q4_0x8(blk_t W, const global char* XQ, const global float* XD,
-                         global float* Y, int n_cols, int n_rows, int y_off, int accumulate) {
-    const int g = get_global_id(0), nb = n_cols / 32;
-    if (8 * g >= n_rows) return;
-    const global int* XS = (const global int*)(XD + nb);
-    blk_t b = W + (size_t)g * nb * X8_BLOCK;
-    v8sf_x8 acc = SPLATF_X8(0.0f);
-    for (int c = 0; c < nb; c++, b += X8_BLOCK)
-        X8_GEMV_ACC(acc, b, XQ + 32 * c, XD[c], X8_OFFSET(XS[c]))
-    x8_store(Y + y_off + 8 * g, acc, accumulate);
+#define X8_GEMV_KERNEL(T)                                                                      \
+kernel void qgemv_##T##x8(blk_t W, const global char* XQ, const global float* XD,             \
+                          global float* Y, int n_cols, int n_rows, int y_off, int accumulate) { \
+    const int g = get_global_id(0), nb = n_cols / 32;                                          \
+    if (8 * g >= n_rows) return;                                                               \
+    const global int* XS = (const global int*)(XD + nb);                                       \
+    blk_t b = W + (size_t)g * nb * X8_BLOCK_##T;                                               \
+    v8sf_x8 acc = SPLATF_X8(0.0f);                                                             \
+    for (int c = 0; c < nb; c++, b += X8_BLOCK_##T)                                            \
+        X8_GEMV_ACC(T, acc, b, XQ + 32 * c, XD[c], X8_OFFSET_##T(XS[c]))                       \
+    x8_store(Y + y_off + 8 * g, acc, accumulate);                                              \
 }
 
 // Decode's fused gate/up/SwiGLU on two interleaved matrices: one offset per block for both.
-kernel void qgemv_glu_q4_0x8(blk_t Wg, blk_t Wu, const global char* XQ, const global float* XD,
-                             global float* out, int n_cols, int n_rows) {
-    const int g = get_global_id(0), nb = n_cols / 32;
-    if (8 * g >= n_rows) return;
-    const global int* XS = (const global int*)(XD + nb);
-    blk_t bg = Wg + (size_t)g * nb * X8_BLOCK, bu = Wu + (size_t)g * nb * X8_BLOCK;
-    v8sf_x8 gate = SPLATF_X8(0.0f), up = SPLATF_X8(0.0f);
-    for (int c = 0; c < nb; c++, bg += X8_BLOCK, bu += X8_BLOCK) {
-        const v8si offset = X8_OFFSET(XS[c]);
-        X8_GEMV_ACC(gate, bg, XQ + 32 * c, XD[c], offset)
-        X8_GEMV_ACC(up, bu, XQ + 32 * c, XD[c], offset)
-    }
-    for (int j = 0; j < 8; j++) out[8 * g + j] = gate[j] / (1.0f + exp(-gate[j])) * up[j];
+#define X8_GLU_KERNEL(T)                                                                       \
+kernel void qgemv_glu_##T##x8(blk_t Wg, blk_t Wu, const global char* XQ,                      \
+                              const global float* XD, global float* out, int n_cols,           \
+                              int n_rows) {                                                    \
+    const int g = get_global_id(0), nb = n_cols / 32;                                          \
+    if (8 * g >= n_rows) return;                                                               \
+    const global int* XS = (const global int*)(XD + nb);                                       \
+    blk_t bg = Wg + (size_t)g * nb * X8_BLOCK_##T, bu = Wu + (size_t)g * nb * X8_BLOCK_##T;    \
+    v8sf_x8 gate = SPLATF_X8(0.0f), up = SPLATF_X8(0.0f);                                      \
+    for (int c = 0; c < nb; c++, bg += X8_BLOCK_##T, bu += X8_BLOCK_##T) {                     \
+        const v8si offset = X8_OFFSET_##T(XS[c]);                                              \
+        X8_GEMV_ACC(T, gate, bg, XQ + 32 * c, XD[c], offset)                                   \
+        X8_GEMV_ACC(T, up, bu, XQ + 32 * c, XD[c], offset)                                     \
+    }                                                                                          \
+    for (int j = 0; j < 8; j++) out[8 * g + j] = gate[j] / (1.0f + exp(-gate[j])) * up[j];     \
 }
 
 // Decode's fused Q/K/V: groups of Wq, then Wk, then Wv (nq and nk multiples of 8).
-kernel void qgemv_qkv_q4_0x8(blk_t Wq, blk_t Wk, blk_t Wv, const global char* XQ,
-                             const global float* XD, global float* q, global float* kc,
-                             global float* vc, int n_cols, int nq, int nk, int kv_off) {
-    int row = 8 * get_global_id(0);
-    const int nb = n_cols / 32;
-    if (row >= nq + 2 * nk) return;
-    blk_t w = row < nq ? Wq : row < nq + nk ? Wk : Wv;
-    global float* y = row < nq ? q : (row < nq + nk ? kc : vc) + kv_off;
-    row = row < nq ? row : row < nq + nk ? row - nq : row - nq - nk;
-    const global int* XS = (const global int*)(XD + nb);
-    blk_t b = w + (size_t)(row / 8) * nb * X8_BLOCK;
-    v8sf_x8 acc = SPLATF_X8(0.0f);
-    for (int c = 0; c < nb; c++, b += X8_BLOCK)
-        X8_GEMV_ACC(acc, b, XQ + 32 * c, XD[c], X8_OFFSET(XS[c]))
-    x8_store(y + row, acc, 0);
+#define X8_QKV_KERNEL(T)                                                                       \
+kernel void qgemv_qkv_##T##x8(blk_t Wq, blk_t Wk, blk_t Wv, const global char* XQ,            \
+                              const global float* XD, global float* q, global float* kc,       \
+                              global float* vc, int n_cols, int nq, int nk, int kv_off) {      \
+    int row = 8 * get_global_id(0);                                                            \
+    const int nb = n_cols / 32;                                                                \
+    if (row >= nq + 2 * nk) return;                                                            \
+    blk_t w = row < nq ? Wq : row < nq + nk ? Wk : Wv;                                         \
+    global float* y = row < nq ? q : (row < nq + nk ? kc : vc) + kv_off;                       \
+    row = row < nq ? row : row < nq + nk ? row - nq : row - nq - nk;                           \
+    const global int* XS = (const global int*)(XD + nb);                                       \
+    blk_t b = w + (size_t)(row / 8) * nb * X8_BLOCK_##T;                                       \
+    v8sf_x8 acc = SPLATF_X8(0.0f);                                                             \
+    for (int c = 0; c < nb; c++, b += X8_BLOCK_##T)                                            \
+        X8_GEMV_ACC(T, acc, b, XQ + 32 * c, XD[c], X8_OFFSET_##T(XS[c]))                       \
+    x8_store(y + row, acc, 0);                                                                 \
 }
 
-// out[t, :] = row tokens[t] of an interleaved Q4_0 matrix as float32, bit-exact as get_rows_q4_0
+// out[t, :] = row tokens[t] of an interleaved matrix as float32, bit-exact as get_rows_<T>
 // (an untied or tied head is also the embedding table). Global (n_cols / 32, n_tok).
-kernel void get_rows_q4_0x8(blk_t W, const global int* tokens, global float* out, int n_cols) {
-    const int c = get_global_id(0), t = get_global_id(1), r = tokens[t], j = r % 8;
-    blk_t b = W + ((size_t)(r / 8) * (n_cols / 32) + c) * X8_BLOCK;
-    const float d = f16(b, j);
-    global float* o = out + (size_t)t * n_cols + 32 * c;
-    for (int i = 0; i < 16; i++) {
-        const uchar q = b[16 + 32 * (i / 4) + 4 * j + i % 4];
-        o[i] = d * (float)((q & 15) - 8);
-        o[16 + i] = d * (float)((q >> 4) - 8);
-    }
+inline float x8_weight_q4_0(blk_t b, int j, int i) {  // weight i (0-31) of row j
+    const uchar q = b[16 + 32 * (i % 16 / 4) + 4 * j + i % 4];
+    return (float)((i < 16 ? q & 15 : q >> 4) - 8);
+}
+inline float x8_weight_q8_0(blk_t b, int j, int i) {
+    return (float)((const global char*)b)[16 + 32 * (i / 4) + 4 * j + i % 4];
+}
+#define X8_GET_ROWS_KERNEL(T)                                                                  \
+kernel void get_rows_##T##x8(blk_t W, const global int* tokens, global float* out,            \
+                             int n_cols) {                                                     \
+    const int c = get_global_id(0), t = get_global_id(1), r = tokens[t], j = r % 8;            \
+    blk_t b = W + ((size_t)(r / 8) * (n_cols / 32) + c) * X8_BLOCK_##T;                        \
+    const float d = f16(b, j);                                                                 \
+    global float* o = out + (size_t)t * n_cols + 32 * c;                                       \
+    for (int i = 0; i < 32; i++) o[i] = d * x8_weight_##T(b, j, i);                            \
 }
 
 // Prefill: a group's 8 rows x TILE_N tokens a work-item; a block's weights are unpacked once
 // and used for every token of the tile. Global (n_rows / 8 rounded up, ceil(n_tok / TILE_N)).
-kernel void qgemm_q4_0x8(blk_t W, const global char* XQ, const global float* XD,
-                         global float* Y, int n_cols, int n_rows, int n_tok, int y_stride,
-                         int y_off, int accumulate) {
-    const int g = get_global_id(0), t0 = get_global_id(1) * TILE_N, nb = n_cols / 32;
-    if (8 * g >= n_rows) return;
-    const global char* x[TILE_N];
-    const global float* d[TILE_N];
-    const global int* xs[TILE_N];
-    v8sf_x8 acc[TILE_N];
-    _Pragma("unroll") for (int t = 0; t < TILE_N; t++) {
-        const int r = min(t0 + t, n_tok - 1);
-        x[t] = XQ + (size_t)r * n_cols; d[t] = XD + (size_t)r * nb; acc[t] = SPLATF_X8(0.0f);
-        xs[t] = (const global int*)(XD + (size_t)n_tok * nb) + (size_t)r * nb;
-    }
-    blk_t b = W + (size_t)g * nb * X8_BLOCK;
-    for (int c = 0; c < nb; c++, b += X8_BLOCK) {
-        v32qi w[8];
-        x8_weights(b, w);
-        const v8sf_x8 dw = x8_scales(b);
-        _Pragma("unroll") for (int t = 0; t < TILE_N; t++) {
-            const global char* xc = x[t] + 32 * c;
-            acc[t] += (dw * SPLATF_X8(d[t][c])) *
-                      __builtin_convertvector(x8_dot(w, xc, X8_OFFSET(xs[t][c])), v8sf_x8);
-        }
-    }
-    for (int t = 0; t < TILE_N && t0 + t < n_tok; t++)
-        x8_store(Y + y_off + (size_t)(t0 + t) * y_stride + 8 * g, acc[t], accumulate);
+#define X8_GEMM_KERNEL(T)                                                                      \
+kernel void qgemm_##T##x8(blk_t W, const global char* XQ, const global float* XD,             \
+                          global float* Y, int n_cols, int n_rows, int n_tok, int y_stride,    \
+                          int y_off, int accumulate) {                                         \
+    const int g = get_global_id(0), t0 = get_global_id(1) * TILE_N, nb = n_cols / 32;          \
+    if (8 * g >= n_rows) return;                                                               \
+    const global char* x[TILE_N];                                                              \
+    const global float* d[TILE_N];                                                             \
+    const global int* xs[TILE_N];                                                              \
+    v8sf_x8 acc[TILE_N];                                                                       \
+    _Pragma("unroll") for (int t = 0; t < TILE_N; t++) {                                       \
+        const int r = min(t0 + t, n_tok - 1);                                                  \
+        x[t] = XQ + (size_t)r * n_cols; d[t] = XD + (size_t)r * nb; acc[t] = SPLATF_X8(0.0f);  \
+        xs[t] = (const global int*)(XD + (size_t)n_tok * nb) + (size_t)r * nb;                 \
+    }                                                                                          \
+    blk_t b = W + (size_t)g * nb * X8_BLOCK_##T;                                               \
+    for (int c = 0; c < nb; c++, b += X8_BLOCK_##T) {                                          \
+        v32qi w[8];                                                                            \
+        x8_weights_##T(b, w);                                                                  \
+        const v8sf_x8 dw = x8_scales(b);                                                       \
+        _Pragma("unroll") for (int t = 0; t < TILE_N; t++) {                                   \
+            const global char* xc = x[t] + 32 * c;                                             \
+            acc[t] += (dw * SPLATF_X8(d[t][c])) *                                              \
+                __builtin_convertvector(x8_dot_##T(w, xc, X8_OFFSET_##T(xs[t][c])), v8sf_x8);  \
+        }                                                                                      \
+    }                                                                                          \
+    for (int t = 0; t < TILE_N && t0 + t < n_tok; t++)                                         \
+        x8_store(Y + y_off + (size_t)(t0 + t) * y_stride + 8 * g, acc[t], accumulate);         \
 }
+
+#define X8_FORMAT(T) X8_GEMV_KERNEL(T) X8_GLU_KERNEL(T) X8_QKV_KERNEL(T) X8_GET_ROWS_KERNEL(T) \
+    X8_GEMM_KERNEL(T)
+X8_FORMAT(q4_0)
+X8_FORMAT(q8_0)
 #endif
 
 // ---- Prefill with AVX-512 VNNI (x86 CPUs that have it; the build defines VNNI 1 only there,
@@ -860,7 +910,6 @@ kernel void qgemm_q4_0x8(blk_t W, const global char* XQ, const global float* XD,
 #if defined(__AVX2__) && UNALIGNED && defined(VNNI) && VNNI
 #define QT_TOK 8
 typedef int v8si_u __attribute__((vector_size(32), aligned(1)));
-typedef int v4si __attribute__((vector_size(16)));
 typedef int v4si_u __attribute__((vector_size(16), aligned(1)));
 typedef float v8sf __attribute__((vector_size(32)));
 typedef short v8hi_t __attribute__((vector_size(16)));

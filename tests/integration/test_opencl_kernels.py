@@ -15,7 +15,7 @@ pytest.importorskip("pyopencl")
 
 import numpy as np
 
-from runtime.backends.opencl_kernels import Kernels, interleave_q4_0
+from runtime.backends.opencl_kernels import Kernels, interleave
 from runtime.backends.opencl_programs import ProgramCache
 from runtime.backends.opencl_tuning import default_params
 from tests import opencl_checks as checks
@@ -97,41 +97,67 @@ def test_split_weights_prefill_tiles(kern, monkeypatch, qtype):
     checks.check_split_weights(kern, qtype, (1, 3, 11))
 
 
-def test_interleave_q4_0_moves_each_byte_where_the_kernels_read_it():
+@pytest.mark.parametrize(("qtype", "size"), [(T.Q4_0, 18), (T.Q8_0, 34)],
+                         ids=lambda v: getattr(v, "name", str(v)))
+def test_interleave_moves_each_byte_where_the_kernels_read_it(qtype, size):
     """Group g, block c: the 8 rows' scales, then chunk k's dword j = row j's qs[4k..4k+3]."""
-    rows, cols = 16, 96
-    raw = np.random.default_rng(7).integers(0, 256, rows * cols // 32 * 18, dtype=np.uint8)
-    out = interleave_q4_0(raw, rows, cols).reshape(rows // 8, cols // 32, 144)
-    blocks = raw.reshape(rows, cols // 32, 18)
+    rows, cols, chunks = 16, 96, (size - 2) // 4
+    raw = np.random.default_rng(7).integers(0, 256, rows * cols // 32 * size, dtype=np.uint8)
+    out = interleave(raw, qtype, rows, cols).reshape(rows // 8, cols // 32, 8 * size)
+    blocks = raw.reshape(rows, cols // 32, size)
     for g, c, j in np.ndindex(rows // 8, cols // 32, 8):
         row = blocks[8 * g + j, c]
         assert (out[g, c, 2 * j:2 * j + 2] == row[:2]).all()
-        for k in range(4):
+        for k in range(chunks):
             at = 16 + 32 * k + 4 * j
             assert (out[g, c, at:at + 4] == row[2 + 4 * k:6 + 4 * k]).all()
     assert out.nbytes == raw.nbytes
 
 
-def test_interleaved_q4_0_kernels_agree_with_numpy(kern, monkeypatch):
-    """Where the device repacks Q4_0 (AVX2 CPUs: matmul.cl's *_q4_0x8), decode, prefill and
-    embedding lookup (bit-exact) read the groups of 8 rows: rows of 1 to 8 groups, token
-    counts off and on the tile, 1 to 16 blocks a row, a matrix split into whole groups."""
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0], ids=lambda t: t.name)
+def test_interleaved_kernels_agree_with_numpy(kern, monkeypatch, qtype):
+    """Where the device repacks Q4_0 and Q8_0 (AVX2 CPUs: matmul.cl's *_q4_0x8, *_q8_0x8),
+    decode, prefill and embedding lookup (bit-exact) read the groups of 8 rows: rows of 1 to 8
+    groups, token counts off and on the tile, 1 to 16 blocks a row, a matrix split into whole
+    groups."""
     if not kern.interleave:
-        pytest.skip("this device has no interleaved Q4_0 kernels (AVX2 and F16C CPUs only)")
+        pytest.skip("this device has no interleaved kernels (AVX2 and F16C CPUs only)")
+    name, size = qtype.name.lower(), {T.Q4_0: 18, T.Q8_0: 34}[qtype]
     for rows, n_tok, cols in [(8, 1, 32), (64, 1, 512), (40, 7, 256), (24, 8, 512), (48, 40, 256)]:
-        checks.check_matmul(kern, T.Q4_0, n_tok, rows=rows, cols=cols)
-    checks.check_fused_decode(kern, T.Q4_0)
-    checks.check_get_rows(kern, T.Q4_0)
-    assert {"qgemv_q4_0x8", "qgemm_q4_0x8", "qgemv_qkv_q4_0x8", "qgemv_glu_q4_0x8",
-            "get_rows_q4_0x8"} <= set(kern._kernels)
-    monkeypatch.setenv("CLAW_OPENCL_MAX_ALLOC", str(20 * 144))  # 20 rows: parts of 16
-    raw, _ = checks.weights(T.Q4_0, 64, 256)
-    split = kern.upload_matrix(raw, T.Q4_0, (64, 256))
+        checks.check_matmul(kern, qtype, n_tok, rows=rows, cols=cols)
+    checks.check_fused_decode(kern, qtype)
+    checks.check_get_rows(kern, qtype)
+    assert {f"{k}_{name}x8" for k in ("qgemv", "qgemm", "qgemv_qkv", "qgemv_glu", "get_rows")} \
+        <= set(kern._kernels)
+    monkeypatch.setenv("CLAW_OPENCL_MAX_ALLOC", str(20 * 8 * size))  # 20 rows: parts of 16
+    raw, _ = checks.weights(qtype, 64, 256)
+    split = kern.upload_matrix(raw, qtype, (64, 256))
     assert split.interleaved and [n for _, n, _ in split.parts] == [16] * 4
     for n_tok in (1, 9):
-        checks.check_matmul(kern, T.Q4_0, n_tok, rows=64, cols=256)
-    whole = kern.upload_matrix(raw, T.Q4_0, (64, 256), repack=False)
+        checks.check_matmul(kern, qtype, n_tok, rows=64, cols=256)
+    whole = kern.upload_matrix(raw, qtype, (64, 256), repack=False)
     assert not whole.interleaved and len(whole.parts) == 4
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0], ids=lambda t: t.name)
+def test_file_layout_gives_the_interleaved_floats_exactly(kern, qtype):
+    """A streamed layer keeps the file's layout while a resident one is interleaved: both add
+    the same float terms in the same order, so a budgeted run's logits are the unbudgeted
+    run's to the bit (decode, prefill on and off the token tile)."""
+    if not kern.interleave:
+        pytest.skip("this device has no interleaved kernels (AVX2 and F16C CPUs only)")
+    raw, _ = checks.weights(qtype, 64, 512)
+    x = checks.RNG.standard_normal((19, 512)).astype(np.float32)
+    outs = []
+    for repack in (False, True):
+        m = kern.upload_matrix(raw, qtype, (64, 512), repack=repack)
+        assert m.interleaved == repack
+        for n_tok in (1, 8, 19):
+            y = kern.empty(4 * n_tok * 64)
+            kern.matmul(m, kern.upload(x[:n_tok]), y, n_tok)
+            outs.append(kern.read(y, (n_tok, 64)))
+    for plain, interleaved in zip(outs[:3], outs[3:], strict=True):
+        assert np.array_equal(plain, interleaved)
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_K, T.F16], ids=lambda t: t.name)
