@@ -80,7 +80,7 @@ def interleave(raw: np.ndarray, qtype: T, n_rows: int, n_cols: int) -> np.ndarra
     group of 8 rows and block, the 8 f16 scales, then chunks of 32 bytes whose dword j is 4
     bytes of row j's quants (4 chunks for Q4_0, 8 for Q8_0). The same bytes, moved: 8 blocks'
     worth per block of 8 rows (144 or 272), as before."""
-    groups, nb, size = n_rows // 8, n_cols // 32, {T.Q4_0: 18, T.Q8_0: 34}[qtype]
+    groups, nb, size = n_rows // 8, n_cols // 32, row_bytes(qtype, 32)  # a block's bytes
     blocks = raw.reshape(-1).view(np.uint8).reshape(groups, 8, nb, size)
     out = np.empty((groups, nb, 8 * size), np.uint8)
     # moved as 2- and 4-byte words (a byte-wise transpose is ~4x slower)

@@ -722,7 +722,6 @@ QFORMAT(q4_0, 18)
 // (|w| times x with w's sign); a pair of products reaches 2 * 128 * 127, so each chunk goes
 // through pmaddwd before the sum. Same integers as qblock_q4_0 and qblock_q8_0.
 #if defined(__AVX2__) && defined(__F16C__) && UNALIGNED
-#define HAS_X8 1
 #define X8_BLOCK_q4_0 144
 #define X8_BLOCK_q8_0 272
 typedef float v8sf_x8 __attribute__((vector_size(32)));

@@ -30,8 +30,8 @@ from tests.registry import local_registry
 from tests.serve_model import tiny_chat_gguf
 
 # The first test, whose time includes the module's setup (ten engine devices provisioned),
-# took 11 min on a quiet two-core machine and 20 beside the e2e tier's QEMU: past the default
-# 900 s. The others take 1-4 min each.
+# took 13 min beside the e2e tier's QEMU (20 when it delivered the image twice): past the
+# default 900 s. The others take 1-6 min each.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 
 FLEET = f"ro{os.getpid() % 100000}"

@@ -18,6 +18,7 @@ import numpy as np
 from runtime.backends.opencl_kernels import Kernels, interleave
 from runtime.backends.opencl_programs import ProgramCache
 from runtime.backends.opencl_tuning import default_params
+from runtime.quant import row_bytes
 from tests import opencl_checks as checks
 from tests.conftest import REPO
 
@@ -97,11 +98,11 @@ def test_split_weights_prefill_tiles(kern, monkeypatch, qtype):
     checks.check_split_weights(kern, qtype, (1, 3, 11))
 
 
-@pytest.mark.parametrize(("qtype", "size"), [(T.Q4_0, 18), (T.Q8_0, 34)],
-                         ids=lambda v: getattr(v, "name", str(v)))
-def test_interleave_moves_each_byte_where_the_kernels_read_it(qtype, size):
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0], ids=lambda t: t.name)
+def test_interleave_moves_each_byte_where_the_kernels_read_it(qtype):
     """Group g, block c: the 8 rows' scales, then chunk k's dword j = row j's qs[4k..4k+3]."""
-    rows, cols, chunks = 16, 96, (size - 2) // 4
+    rows, cols, size = 16, 96, row_bytes(qtype, 32)
+    chunks = (size - 2) // 4
     raw = np.random.default_rng(7).integers(0, 256, rows * cols // 32 * size, dtype=np.uint8)
     out = interleave(raw, qtype, rows, cols).reshape(rows // 8, cols // 32, 8 * size)
     blocks = raw.reshape(rows, cols // 32, size)
@@ -122,14 +123,14 @@ def test_interleaved_kernels_agree_with_numpy(kern, monkeypatch, qtype):
     groups."""
     if not kern.interleave:
         pytest.skip("this device has no interleaved kernels (AVX2 and F16C CPUs only)")
-    name, size = qtype.name.lower(), {T.Q4_0: 18, T.Q8_0: 34}[qtype]
+    name = qtype.name.lower()
     for rows, n_tok, cols in [(8, 1, 32), (64, 1, 512), (40, 7, 256), (24, 8, 512), (48, 40, 256)]:
         checks.check_matmul(kern, qtype, n_tok, rows=rows, cols=cols)
     checks.check_fused_decode(kern, qtype)
     checks.check_get_rows(kern, qtype)
     assert {f"{k}_{name}x8" for k in ("qgemv", "qgemm", "qgemv_qkv", "qgemv_glu", "get_rows")} \
         <= set(kern._kernels)
-    monkeypatch.setenv("CLAW_OPENCL_MAX_ALLOC", str(20 * 8 * size))  # 20 rows: parts of 16
+    monkeypatch.setenv("CLAW_OPENCL_MAX_ALLOC", str(20 * row_bytes(qtype, 256)))  # parts of 16
     raw, _ = checks.weights(qtype, 64, 256)
     split = kern.upload_matrix(raw, qtype, (64, 256))
     assert split.interleaved and [n for _, n, _ in split.parts] == [16] * 4
