@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The `gpu` tier on the lent NVIDIA machine (x86_64, Python 3.12, no package index there):
 # installs the wheels that ../shared/tools/gpu-wheels.sh put in .whl/, registers NVIDIA's
-# OpenCL driver, then runs the gpu tests, the GEMV benchmark with its shape sweep, and a short
-# `tune`. Logs and JSON go to OUT_DIR (default ./gpu-out), one file per step.
+# OpenCL driver, then runs the GEMV benchmark with its knob sweep (and the transposed shape and
+# the K formats with the knobs in GPU_SET), the gpu tests, and with GPU_TUNE_S > 0 a `tune`.
+# Logs and JSON go to OUT_DIR (default ./gpu-out), one file per step.
 #   usage: bench/gpu_tier.sh [OUT_DIR]        (from the repository root)
 set -uo pipefail
 out=${1:-gpu-out}
@@ -27,12 +28,17 @@ for p in cl.get_platforms():
     for d in p.get_devices():
         print(p.name, "|", d.name, "|", d.version, "|", d.driver_version, "| cache",
               d.global_mem_cache_size, "| max alloc", d.max_mem_alloc_size, "|", d.extensions)'
+# the GEMV target first (its knobs swept, each shape checked against numpy), then the tier's tests
+step gemv "${GPU_BENCH_S:-200}" python3 bench/bench_gemv.py --device gpu --types q8_0,q4_0 --sweep
+step gemv_down "${GPU_SHORT_S:-45}" python3 bench/bench_gemv.py --device gpu --types q8_0,q4_0 \
+  --rows 4096 --cols 14336 --set "${GPU_SET:-SHFL=1}"
+step gemv_k "${GPU_SHORT_S:-45}" python3 bench/bench_gemv.py --device gpu --types q4_k,q6_k,f16 \
+  --set "${GPU_SET:-SHFL=1}"
 step pytest "${GPU_TEST_S:-240}" python3 -m pytest -m gpu tests/gpu -v -s -p no:cacheprovider
-step gemv "${GPU_BENCH_S:-120}" python3 bench/bench_gemv.py --device gpu --types q8_0,q4_0 --sweep
-step gemv_k "${GPU_BENCH_S:-120}" python3 bench/bench_gemv.py --device gpu --types q4_k,q6_k,f16
-[ "${GPU_TUNE_S:-60}" -gt 0 ] && step tune "${GPU_TUNE_S:-60}" python3 -c '
+[ "${GPU_TUNE_S:-0}" -gt 0 ] && step tune "${GPU_TUNE_S:-0}" python3 -c '
 from runtime.backends.opencl_device import find_device
 from runtime.backends.opencl_programs import ProgramCache
 from runtime.backends.opencl_tuning import tune
 dev = find_device(kind="gpu")
 print("best", tune(dev, ProgramCache(dev)))'
+exit 0

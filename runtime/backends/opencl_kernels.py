@@ -41,29 +41,41 @@ class Params:
     SPLIT: int = 128  # KV positions per attention work-group
     UNALIGNED: int = 0  # 1: the device loads vectors at any address (CPUs), not tuned
     DP4A: int = 0  # 1: NVIDIA's compiler takes inline PTX's dp4a (GPU decode of Q4_0/Q8_0)
+    QU: int = 4  # loads in flight per work-item in GPU decode over planes (Q4_0/Q8_0)
+    SHFL: int = 0  # 1: NVIDIA's warp shuffles (inline PTX) sum a row's 32 partial sums
 
     def matmul_defines(self) -> dict[str, int]:
         return {"LWS": self.LWS, "RPW": self.RPW, "TT": self.TT, "UNALIGNED": self.UNALIGNED,
-                "DP4A": self.DP4A}
+                "DP4A": self.DP4A, "QU": self.QU, "SHFL": self.SHFL}
 
     def ops_defines(self) -> dict[str, int]:
         return {"WG": self.WG, "SPLIT": self.SPLIT}
 
 
+FILE, X8, PLANAR = "", "x8", "p"  # layouts of a device matrix: matmul.cl's kernel name suffixes
+
+
 @dataclass
 class DeviceMatrix:
-    """A (n_rows, n_cols) weight in its GGUF blocks: parts of (first row, rows, buffer)."""
+    """A (n_rows, n_cols) weight in its GGUF blocks: parts of (first row, rows, buffer), in
+    the file's layout or, for Q4_0/Q8_0, repacked (`layout`: X8 by `interleave` on AVX2 CPUs,
+    PLANAR by `planar` on GPUs); row_bytes is the stride of a row (of a group of 8 / 8 for X8)."""
 
     qtype: T
     n_rows: int
     n_cols: int
     row_bytes: int
     parts: list[tuple[int, int, Any]] = field(default_factory=list)
-    interleaved: bool = False  # Q4_0/Q8_0 repacked in groups of 8 rows (interleave)
+    layout: str = FILE
 
     @property
     def nbytes(self) -> int:
         return self.n_rows * self.row_bytes
+
+    @property
+    def suffix(self) -> str:
+        """The format's name in matmul.cl's kernels for this layout: q4_0, q4_0x8, q4_0p."""
+        return FORMATS[self.qtype] + self.layout
 
 
 X8_GROUP = 4  # work-items (of 8 interleaved rows each) in a work-group
@@ -87,6 +99,23 @@ def interleave(raw: np.ndarray, qtype: T, n_rows: int, n_cols: int) -> np.ndarra
     out[:, :, :16].view(np.uint16)[...] = blocks[..., :2].view(np.uint16)[..., 0].transpose(0, 2, 1)
     quants = blocks[..., 2:].view(np.uint32).transpose(0, 2, 3, 1)  # (group, block, k, row)
     out[:, :, 16:].view(np.uint32).reshape(groups, nb, (size - 2) // 4, 8)[...] = quants
+    return out.reshape(-1)
+
+
+def planar_stride(qtype: T, n_cols: int) -> int:
+    """A row's bytes in `planar`'s layout: its quants and scales, padded to 16 bytes."""
+    return -(-row_bytes(qtype, n_cols) // 16) * 16
+
+
+def planar(raw: np.ndarray, qtype: T, n_rows: int, n_cols: int) -> np.ndarray:
+    """Q4_0 or Q8_0 rows repacked for matmul.cl's *p kernels (GPUs): each row's quants, block
+    after block (32 or 16 bytes), then its f16 scales, then zeros to planar_stride. Half a
+    block's quants are then one aligned 16- or 8-byte load."""
+    nb, size = n_cols // 32, row_bytes(qtype, 32)
+    blocks = raw.reshape(-1).view(np.uint8).reshape(n_rows, nb, size)
+    out = np.zeros((n_rows, planar_stride(qtype, n_cols)), np.uint8)
+    out[:, :nb * (size - 2)] = blocks[..., 2:].reshape(n_rows, -1)
+    out[:, nb * (size - 2):nb * size].view(np.uint16)[...] = blocks[..., :2].view(np.uint16)[..., 0]
     return out.reshape(-1)
 
 
@@ -117,6 +146,8 @@ class Kernels:
         # Q4_0/Q8_0 weights are repacked at upload where the device has the interleaved
         # kernels (AVX2 CPUs: matmul.cl's *_q4_0x8, *_q8_0x8) and runs the CPU shape (LWS 1)
         self.interleave = params.LWS == 1 and self._has_kernel(self.mm, "qgemv_q8_0x8")
+        # ... and in planes where decode runs the GPU shape (LWS > 1: matmul.cl's *p kernels)
+        self.planar = params.LWS > 1
         self.host_pointer_bytes = 0  # weight bytes wrapped in place, not copied
         self.uploaded_bytes = 0  # bytes copied to the device (weights, tables), never freed
         self._q8: tuple[int, Any, Any] = (0, None, None)  # (values it holds, XQ, XD) scratch
@@ -190,8 +221,9 @@ class Kernels:
     def upload_matrix(self, raw: np.ndarray, qtype: T, shape: tuple[int, ...],
                       repack: bool = True) -> DeviceMatrix:
         """A GGUF weight as it lies in the file, in parts no larger than the device allows.
-        Q4_0/Q8_0 is repacked in groups of 8 rows where the device has the kernels, unless
-        `repack` is False (benchmarks and tests compare the two layouts)."""
+        Q4_0/Q8_0 is repacked, in groups of 8 rows where the device has the kernels (AVX2
+        CPUs) or in planes on the GPU shape, unless `repack` is False (benchmarks and tests
+        compare the layouts)."""
         if qtype not in FORMATS:
             raise ValueError(f"{qtype.name} weights have no OpenCL kernel "
                              f"(expected one of {', '.join(t.name for t in FORMATS)})")
@@ -201,14 +233,19 @@ class Kernels:
         per_row = row_bytes(qtype, n_cols)
         flat = raw.reshape(-1).view(np.uint8)
         m = DeviceMatrix(qtype, n_rows, n_cols, per_row)
-        rows_per_part = max(1, self.dev.max_alloc // per_row)
         if repack and qtype in X8_TYPES and self.interleave and n_rows % 8 == 0:
-            m.interleaved, rows_per_part = True, max(8, rows_per_part // 8 * 8)
-            flat = interleave(flat, qtype, n_rows, n_cols)
+            m.layout, flat = X8, interleave(flat, qtype, n_rows, n_cols)
+        elif repack and qtype in X8_TYPES and self.planar:
+            m.layout, m.row_bytes = PLANAR, planar_stride(qtype, n_cols)
+            flat = planar(flat, qtype, n_rows, n_cols)
+        rows_per_part = max(1, self.dev.max_alloc // m.row_bytes)
+        if m.layout == X8:
+            rows_per_part = max(8, rows_per_part // 8 * 8)
+        stride = m.row_bytes
         for r0 in range(0, n_rows, rows_per_part):
             n = min(rows_per_part, n_rows - r0)
-            m.parts.append((r0, n, self.weight_buffer(flat[r0 * per_row:(r0 + n) * per_row],
-                                                      wrap=not m.interleaved)))
+            m.parts.append((r0, n, self.weight_buffer(flat[r0 * stride:(r0 + n) * stride],
+                                                      wrap=m.layout == FILE)))
         return m
 
     # --- kernels --------------------------------------------------------------------------
@@ -232,19 +269,19 @@ class Kernels:
                  y_off: int | PerStep, accumulate: bool, q8: Q8 | None) -> None:
         """matmul() for Q4_0/Q8_0 weights: int8 activations, integer dot products per block.
         Decode: LWS work-items a row (GPUs) or one (CPUs); prefill: a token tile per row."""
-        p, name = self.params, FORMATS[w.qtype]
+        p, name = self.params, w.suffix
         xq, xd = q8 or self.quantize_q8(x, w.n_cols, n_tok)
         cols, acc = np.int32(w.n_cols), np.int32(accumulate)
         for r0, n, buf in w.parts:
             rows, off = math.ceil(n / p.RPW) * p.RPW, i32(y_off + r0)
-            if w.interleaved:  # 8 rows a work-item (x TILE_N tokens in prefill)
+            if w.layout == X8:  # 8 rows a work-item (x TILE_N tokens in prefill)
                 groups = (math.ceil(n / 8 / X8_GROUP) * X8_GROUP,)
                 if n_tok == 1:
-                    self.launch(self.mm, f"qgemv_{name}x8", groups, (X8_GROUP,), buf, xq, xd, y,
+                    self.launch(self.mm, f"qgemv_{name}", groups, (X8_GROUP,), buf, xq, xd, y,
                                 cols, np.int32(n), off, acc)
                 else:
                     tile = 8 if p.TT == 8 else 4  # matmul.cl's TILE_N
-                    self.launch(self.mm, f"qgemm_{name}x8", (*groups, math.ceil(n_tok / tile)),
+                    self.launch(self.mm, f"qgemm_{name}", (*groups, math.ceil(n_tok / tile)),
                                 (X8_GROUP, 1), buf, xq, xd, y, cols, np.int32(n),
                                 np.int32(n_tok), np.int32(stride), off, acc)
             elif n_tok == 1 and p.LWS > 1:
@@ -254,7 +291,7 @@ class Kernels:
             elif n_tok == 1:  # two rows a work-item
                 self.launch(self.mm, f"qgemv_{name}", (pairs(n, p.RPW),), (p.RPW,), buf, xq, xd,
                             y, cols, np.int32(n), np.int32(w.row_bytes), off, acc)
-            elif self.vnni:  # 8 rows x 8 tokens a work-item (matmul.cl's qgemm8)
+            elif self.vnni and w.layout == FILE:  # 8 rows x 8 tokens a work-item (qgemm8)
                 tiles = (math.ceil(n / 32) * 4, math.ceil(n_tok / 8))
                 self.launch(self.mm, f"qgemm8_{name}", tiles, (4, 1), buf, xq, xd, y, cols,
                             np.int32(n), np.int32(n_tok), np.int32(w.row_bytes),
@@ -298,7 +335,7 @@ class Kernels:
         w0 = ws[0]
         return self.params.LWS == 1 and all(
             len(w.parts) == 1 and w.qtype == w0.qtype and w.n_cols == w0.n_cols
-            and w.interleaved == w0.interleaved for w in ws)
+            and w.layout == w0.layout for w in ws)
 
     def matmul_qkv(self, wq: DeviceMatrix, wk: DeviceMatrix, wv: DeviceMatrix, x: Any, q: Any,
                    kc: Any, vc: Any, kv_off: int | PerStep, q8: Q8 | None = None) -> None:
@@ -315,10 +352,10 @@ class Kernels:
         weights = (wq.parts[0][2], wk.parts[0][2], wv.parts[0][2])
         shape = (np.int32(wq.n_cols), np.int32(wq.n_rows), np.int32(wk.n_rows),
                  np.int32(wq.row_bytes), i32(kv_off))
-        gsize, fmt = (math.ceil(rows / rpw) * rpw,), FORMATS[wq.qtype]
-        if wq.interleaved:
+        gsize, fmt = (math.ceil(rows / rpw) * rpw,), wq.suffix
+        if wq.layout == X8:
             xq, xd = q8 or self.quantize_q8(x, wq.n_cols, 1)
-            self.launch(self.mm, f"qgemv_qkv_{fmt}x8", (math.ceil(rows / 8 / X8_GROUP) * X8_GROUP,),
+            self.launch(self.mm, f"qgemv_qkv_{fmt}", (math.ceil(rows / 8 / X8_GROUP) * X8_GROUP,),
                         (X8_GROUP,), *weights, xq, xd, q, kc, vc, *shape[:3], shape[4])
         elif wq.qtype in Q8_ACTIVATION_TYPES:
             xq, xd = q8 or self.quantize_q8(x, wq.n_cols, 1)
@@ -338,11 +375,11 @@ class Kernels:
             self.swiglu(gate, up, wg.n_rows)
             return
         rpw = self.params.RPW
-        gsize, fmt = (math.ceil(wg.n_rows / rpw) * rpw,), FORMATS[wg.qtype]
+        gsize, fmt = (math.ceil(wg.n_rows / rpw) * rpw,), wg.suffix
         shape = (np.int32(wg.n_cols), np.int32(wg.n_rows), np.int32(wg.row_bytes))
-        if wg.interleaved:
+        if wg.layout == X8:
             xq, xd = q8 or self.quantize_q8(x, wg.n_cols, 1)
-            self.launch(self.mm, f"qgemv_glu_{fmt}x8",
+            self.launch(self.mm, f"qgemv_glu_{fmt}",
                         (math.ceil(wg.n_rows / 8 / X8_GROUP) * X8_GROUP,), (X8_GROUP,),
                         wg.parts[0][2], wu.parts[0][2], xq, xd, gate, *shape[:2])
         elif wg.qtype in Q8_ACTIVATION_TYPES:
@@ -357,11 +394,11 @@ class Kernels:
         """out[t] = float32 row tokens[t] of w (embedding lookup); tokens int32 on the device."""
         if len(w.parts) != 1:  # a split table: look up on the host rows per part (rare)
             raise ValueError("embedding lookup needs the table in one buffer")
-        if w.interleaved:
-            self.launch(self.mm, f"get_rows_{FORMATS[w.qtype]}x8", (w.n_cols // 32, n_tok), None,
+        if w.layout == X8:
+            self.launch(self.mm, f"get_rows_{w.suffix}", (w.n_cols // 32, n_tok), None,
                         w.parts[0][2], tokens, out, np.int32(w.n_cols))
             return
-        self.launch(self.mm, f"get_rows_{FORMATS[w.qtype]}", (w.n_cols // 32, n_tok), None,
+        self.launch(self.mm, f"get_rows_{w.suffix}", (w.n_cols // 32, n_tok), None,
                     w.parts[0][2], tokens, out, np.int32(w.n_cols), np.int32(w.row_bytes))
 
     def q8_for(self, x: Any, n_cols: int, n_tok: int, *ws: DeviceMatrix) -> Q8 | None:

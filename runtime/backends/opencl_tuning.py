@@ -4,7 +4,7 @@ per device under the program cache directory (tuning/<device key>.json).
 
 CPU devices (PoCL) do best with one work-item per output row, many rows per work-group (PoCL
 runs a work-group's items as a vectorized loop) and wide token tiles; GPUs want a whole
-sub-group on each row, reducing in local memory.
+sub-group on each row, reducing in local memory (or, on NVIDIA, by warp shuffles).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -76,20 +77,33 @@ def _best_time(run: Callable[[], None], dev: Device, repeats: int) -> float:
     return best
 
 
+class GemvTiming(NamedTuple):
+    bytes_per_s: float  # the weight's bytes over the best launch's device time
+    seconds: float  # that launch's device time
+    y: np.ndarray  # the product of the last launch: x is all ones, so each row's weight sum
+
+
 def gemv_bandwidth(dev: Device, params: Params, programs: ProgramCache, raw: np.ndarray,
-                   qtype: T, shape: tuple[int, int], repeats: int = 20) -> tuple[float, float]:
-    """(bytes/s, seconds) of the best of `repeats` decode matmuls (one token) of the weight
-    `raw`, timed by the device's own event clock. The weight is uploaded in enough copies to
-    overflow the device's cache four times (256 MiB at least) and the launches take them in
-    turn, so that each one reads memory, not a cache that still holds the last (an H100's
-    50 MB L2 holds a whole 4096 x 14336 Q4_0 matrix). Q4_0/Q8_0's activation rounding is done
-    once, outside the timing: what is measured is the product's weight stream."""
+                   qtype: T, shape: tuple[int, int], repeats: int = 20,
+                   repack: bool = True) -> GemvTiming:
+    """The best of `repeats` decode matmuls (one token) of the weight `raw`, timed by the
+    device's own event clock. The weight is uploaded once and copied on the device until the
+    copies overflow its cache four times (256 MiB at least); the launches take them in turn, so
+    that each one reads memory, not a cache that still holds the last (an H100's 50 MB L2
+    holds a whole 4096 x 14336 Q4_0 matrix). Q4_0/Q8_0's activation rounding is done once,
+    outside the timing: what is measured is the product's weight stream."""
     kern = Kernels(replace(dev, queue=profiling_queue(dev)), params, programs)
     cache = int(getattr(dev.device, "global_mem_cache_size", 0) or 0)  # an H200 says 4 MiB
     copies = max(1, min(8, -(-max(4 * cache, 256 << 20) // raw.nbytes)))  # for its 60 MB L2
-    mats = [kern.upload_matrix(raw, qtype, shape) for _ in range(copies)]
-    if len(mats[0].parts) != 1:
+    first = kern.upload_matrix(raw, qtype, shape, repack=repack)
+    if len(first.parts) != 1:
         raise ValueError(f"a {raw.nbytes}-byte matrix is split on this device: time a smaller one")
+    mats = [first]
+    for _ in range(copies - 1):
+        buf = first.parts[0][2]
+        twin = kern.empty(buf.size)
+        kern.cl.enqueue_copy(kern.queue, twin, buf)
+        mats.append(replace(first, parts=[(0, shape[0], twin)]))
     x, y = kern.upload(np.ones(shape[1], np.float32)), kern.empty(4 * shape[0])
     q8 = kern.quantize_q8(x, shape[1], 1) if qtype in Q8_ACTIVATION_TYPES else None
     best = float("inf")
@@ -97,8 +111,10 @@ def gemv_bandwidth(dev: Device, params: Params, programs: ProgramCache, raw: np.
         kern.matmul(mats[i % copies], x, y, 1, q8=q8)
         if i >= copies:
             best = min(best, event_seconds(kern.last_event))
-    kern.queue.finish()
-    return raw.nbytes / best, best
+    out = kern.read(y, (shape[0],))
+    for m in mats:
+        m.parts[0][2].release()
+    return GemvTiming(raw.nbytes / best, best, out)
 
 
 def candidates(dev: Device) -> list[Params]:
@@ -116,10 +132,11 @@ def candidates(dev: Device) -> list[Params]:
 
 def tune(dev: Device, programs: ProgramCache, *, rows: int = 2048, cols: int = 2048,
          prompt: int = 64, repeats: int = 3, log: Callable[[str], None] = print) -> Params:
-    """Time decode and prefill matmuls (Q4_0, a rows x cols matrix) for each candidate, then
-    token tiles (on Q4_K: Q4_0/Q8_0 prefill on AVX-512 VNNI hosts runs matmul.cl's qgemm8,
-    whose 8 x 8 tile is fixed, so TT would be timed on noise there) and attention split sizes,
-    and store the fastest set for this device."""
+    """Time decode and prefill matmuls (Q4_0, a rows x cols matrix) for each candidate (on
+    GPUs then loads in flight and warp shuffles for the best shape), then token tiles (on Q4_K:
+    Q4_0/Q8_0 prefill on AVX-512 VNNI hosts runs matmul.cl's qgemm8, whose 8 x 8 tile is
+    fixed, so TT would be timed on noise there) and attention split sizes, and store the
+    fastest set for this device."""
     rng = np.random.default_rng(0)
     w32 = rng.standard_normal((rows, cols)).astype(np.float32)
     raws = {q: quantize(w32, q) for q in (T.Q4_0, T.Q4_K)}
@@ -138,6 +155,9 @@ def tune(dev: Device, programs: ProgramCache, *, rows: int = 2048, cols: int = 2
         return vec + mat / prompt  # a decode step weighs as much as a prompt token
 
     best = min(candidates(dev), key=score)
+    if not dev.is_cpu:  # GPU decode over planes: loads in flight, warp-shuffle reductions
+        best = min([replace(best, QU=qu, SHFL=sh) for qu in (2, 4, 8) for sh in (0, 1)],
+                   key=score)
     tiles = [Params(**{**asdict(best), "TT": tt}) for tt in (2, 4, 8)]
     best = min(tiles, key=lambda p: score(p, T.Q4_K))
     save_params(dev, best, timings)

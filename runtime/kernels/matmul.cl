@@ -11,6 +11,8 @@
 //   LWS  work-items that share one output row (power of two); partial sums meet in local memory
 //   RPW  rows per work-group
 //   TT   tokens per work-item in the prefill kernels (each dequantized chunk is reused TT times)
+//   QU   loads a work-item issues before it multiplies, in decode over planes (GPUs)
+//   DP4A, SHFL  NVIDIA only: inline PTX for 4-byte dot products and warp-shuffle reductions
 // Work layout: global (LWS * rows rounded up to RPW, ceil(n_tok / NT)), local (LWS * RPW, 1).
 
 #ifndef LWS
@@ -28,6 +30,9 @@
 #endif
 #ifndef DP4A
 #define DP4A 0
+#endif
+#ifndef SHFL
+#define SHFL 0
 #endif
 
 typedef const global uchar* blk_t;
@@ -92,11 +97,14 @@ inline float4 DQ_f16(blk_t row, int c, W4) {
 }
 
 // Q8_0 (34 bytes): d f16 | qs[32] int8.  x = d * q
+inline void floats_q8_0(blk_t qs, W4) {  // the 32 quants of a block
+    const global char* q = (const global char*)qs;
+    *w0 = convert_float8(LOAD_I8(0, q)); *w1 = convert_float8(LOAD_I8(1, q));
+    *w2 = convert_float8(LOAD_I8(2, q)); *w3 = convert_float8(LOAD_I8(3, q));
+}
 inline float4 DQ_q8_0(blk_t row, int c, W4) {
     blk_t b = row + c * 34;
-    const global char* qs = (const global char*)(b + 2);
-    *w0 = convert_float8(LOAD_I8(0, qs)); *w1 = convert_float8(LOAD_I8(1, qs));
-    *w2 = convert_float8(LOAD_I8(2, qs)); *w3 = convert_float8(LOAD_I8(3, qs));
+    floats_q8_0(b + 2, w0, w1, w2, w3);
     const float d = f16(b, 0);
     return (float4)(d, d, 0.0f, 0.0f);
 }
@@ -108,13 +116,16 @@ inline void nibbles(blk_t qs, W4) {
 }
 
 // Q4_0 (18 bytes): d f16 | qs[16] nibbles.  x = d * (q - 8)
-inline float4 DQ_q4_0(blk_t row, int c, W4) {
-    blk_t b = row + c * 18;
-    const uchar8 q0 = LOAD_U8(0, b + 2), q1 = LOAD_U8(1, b + 2);  // q - 8 in int8: 2x faster
+inline void floats_q4_0(blk_t qs, W4) {  // the 32 quants - 8 of a block
+    const uchar8 q0 = LOAD_U8(0, qs), q1 = LOAD_U8(1, qs);  // q - 8 in int8: 2x faster
     *w0 = convert_float8(as_char8(q0 & (uchar)15) - (char)8);
     *w1 = convert_float8(as_char8(q1 & (uchar)15) - (char)8);
     *w2 = convert_float8(as_char8(q0 >> (uchar)4) - (char)8);
     *w3 = convert_float8(as_char8(q1 >> (uchar)4) - (char)8);
+}
+inline float4 DQ_q4_0(blk_t row, int c, W4) {
+    blk_t b = row + c * 18;
+    floats_q4_0(b + 2, w0, w1, w2, w3);
     const float d = f16(b, 0);
     return (float4)(d, d, 0.0f, 0.0f);
 }
@@ -259,7 +270,28 @@ kernel void matmul_##T##SUFFIX(blk_t W, const global float* X, global float* Y, 
     REDUCE_AND_STORE(NT)                                                                       \
 }
 
-#if LWS > 1
+#if LWS == 32 && SHFL && defined(cl_nv_pragma_unroll)
+// NVIDIA: a row's 32 work-items are one warp, and its partial sums meet through register
+// shuffles (inline PTX, as dot4's dp4a) instead of five rounds of local memory and barriers.
+inline float warp_sum(float v) {
+    for (int m = 16; m > 0; m >>= 1) {
+        uint o;
+        asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, 0xffffffff;"
+                     : "=r"(o) : "r"(as_uint(v)), "r"(m));
+        v += as_float(o);
+    }
+    return v;
+}
+#define REDUCE_AND_STORE(NT)                                                                   \
+    (void)lrow;                                                                                \
+    for (int t = 0; t < NT; t++) {                                                             \
+        const float sum_ = warp_sum(acc[t]);                                                   \
+        if (lane == 0 && row < n_rows && t0 + t < n_tok) {                                     \
+            global float* y = Y + y_off + (size_t)(t0 + t) * y_stride + row;                   \
+            *y = sum_ + (accumulate ? *y : 0.0f);                                              \
+        }                                                                                      \
+    }
+#elif LWS > 1
 #define REDUCE_AND_STORE(NT)                                                                   \
     local float red[RPW * LWS];                                                                \
     for (int t = 0; t < NT; t++) {                                                             \
@@ -452,18 +484,16 @@ inline float dq_scale(blk_t b) {
 #else
 inline float dq_scale(blk_t b) { return f16(b, 0); }
 #endif
-inline float DQI_q8_0(blk_t row, int c, wq_t* w) {
-    blk_t b = row + c * 34;
-    *w = *(const global v32qi_u*)(b + 2);
-    return dq_scale(b);
+inline float dqi_q8_0(blk_t qs, blk_t d, wq_t* w) {
+    *w = *(const global v32qi_u*)qs;
+    return dq_scale(d);
 }
-inline float DQI_q4_0(blk_t row, int c, wq_t* w) {
-    blk_t b = row + c * 18;
-    const v16qi_u q = *(const global v16qi_u*)(b + 2);
+inline float dqi_q4_0(blk_t qs, blk_t d, wq_t* w) {
+    const v16qi_u q = *(const global v16qi_u*)qs;
     const v16qi lo = (q & (char)15) - (char)8, hi = ((q >> 4) & (char)15) - (char)8;
     *w = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
                                  16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
-    return dq_scale(b);
+    return dq_scale(d);
 }
 typedef int v8si __attribute__((vector_size(32)));
 typedef int v4si __attribute__((vector_size(16)));
@@ -509,17 +539,15 @@ inline float qblock_q4_0(blk_t row, int c, const global char* x, float8* p) {
 #define HAS_QBLOCK_q4_0
 #else
 typedef struct { short16 lo, hi; } wq_t;  // weights 0-15 and 16-31 of a chunk
-inline float DQI_q8_0(blk_t row, int c, wq_t* w) {
-    blk_t b = row + c * 34;
-    w->lo = convert_short16(LOAD_I16(0, b + 2)); w->hi = convert_short16(LOAD_I16(1, b + 2));
-    return f16(b, 0);
+inline float dqi_q8_0(blk_t qs, blk_t d, wq_t* w) {
+    w->lo = convert_short16(LOAD_I16(0, qs)); w->hi = convert_short16(LOAD_I16(1, qs));
+    return f16(d, 0);
 }
-inline float DQI_q4_0(blk_t row, int c, wq_t* w) {
-    blk_t b = row + c * 18;
-    const uchar16 q = LOAD_U16(0, b + 2);
+inline float dqi_q4_0(blk_t qs, blk_t d, wq_t* w) {
+    const uchar16 q = LOAD_U16(0, qs);
     w->lo = convert_short16(q & (uchar)15) - (short)8;
     w->hi = convert_short16(q >> (uchar)4) - (short)8;
-    return f16(b, 0);
+    return f16(d, 0);
 }
 inline int8 madd16(short16 a, short16 b) {
     return convert_int8(a.even) * convert_int8(b.even) + convert_int8(a.odd) * convert_int8(b.odd);
@@ -530,17 +558,33 @@ inline float8 idot32(wq_t w, const global char* x) {
 }
 #endif
 
+// Block c of a row (of nb blocks) as int8 weights, and its scale: as the file lays it out (the
+// f16 scale, then the quants: 34 or 18 bytes), or in planes (the *p kernels below: the row's
+// quants, 32 or 16 bytes a block, then its nb scales).
+inline float DQI_q8_0(blk_t row, int c, wq_t* w, int nb) {
+    return dqi_q8_0(row + 34 * c + 2, row + 34 * c, w);
+}
+inline float DQI_q4_0(blk_t row, int c, wq_t* w, int nb) {
+    return dqi_q4_0(row + 18 * c + 2, row + 18 * c, w);
+}
+inline float DQI_q8_0p(blk_t row, int c, wq_t* w, int nb) {
+    return dqi_q8_0(row + 32 * c, row + 32 * nb + 2 * c, w);
+}
+inline float DQI_q4_0p(blk_t row, int c, wq_t* w, int nb) {
+    return dqi_q4_0(row + 16 * c, row + 16 * nb + 2 * c, w);
+}
+
 // One block's integer products (*p, 8 partial sums) and its weight scale, for decode.
 inline float qblock_q8_0(blk_t row, int c, const global char* x, float8* p) {
     wq_t w;
-    const float d = DQI_q8_0(row, c, &w);
+    const float d = DQI_q8_0(row, c, &w, 0);
     *p = idot32(w, x);
     return d;
 }
 #ifndef HAS_QBLOCK_q4_0
 inline float qblock_q4_0(blk_t row, int c, const global char* x, float8* p) {
     wq_t w;
-    const float d = DQI_q4_0(row, c, &w);
+    const float d = DQI_q4_0(row, c, &w, 0);
     *p = idot32(w, x);
     return d;
 }
@@ -630,7 +674,7 @@ kernel void qgemm_##T(blk_t W, const global char* XQ, const global float* XD,   
     GEMM_ZERO;                                                                                 \
     for (int c = 0; c < n_cols / 32; c++) {                                                    \
         wq_t w;                                                                                \
-        const float dw = DQI_##T(wrow, c, &w);                                                 \
+        const float dw = DQI_##T(wrow, c, &w, n_cols / 32);                                    \
         GEMM_TILE(QGEMM_ACC)                                                                   \
     }                                                                                          \
     GEMM_TILE(GEMM_STORE)                                                                      \
@@ -638,13 +682,14 @@ kernel void qgemm_##T(blk_t W, const global char* XQ, const global float* XD,   
 
 // Decode on devices tuned to LWS > 1 (GPUs): LWS work-items share a row and each takes half a
 // block (16 weights) at a time, so that a group of work-items reads one contiguous run of the
-// row. The weights come in 16-bit loads (a block is 2-byte aligned: 34 and 18 bytes), the
-// activations in one 128-bit (Q8_0) or two 64-bit (Q4_0) loads, and four bytes are multiplied
-// at a time by dot4 (one dp4a instruction where the driver has it, see below).
+// row, and four bytes are multiplied at a time by dot4 (one dp4a instruction where the driver
+// has it, see below). Resident matrices are in planes (qmatmul_<T>p_vec below); this kernel
+// reads the file's layout (streamed layers), whose blocks (34 and 18 bytes) are only 2-byte
+// aligned: 16-bit loads, each warp-wide load touching the same lines again.
 // (Measured on an H200, bench/RESULTS.md: 57-61 % of its copy bandwidth for Q8_0 at LWS 32-64,
-// 43 % for Q4_0. Slower, and dropped: staging each row segment in local memory with coalesced
-// 32-bit loads first, 14-48 %, the barriers between stages left too few loads in flight; and
-// `#pragma unroll 2/4` on this loop, no change.)
+// 43 % for Q4_0, on the file's layout. Slower, and dropped: staging each row segment in local
+// memory with coalesced 32-bit loads first, 14-48 %, the barriers between stages left too few
+// loads in flight.)
 // Global (LWS * rows rounded up to RPW), local (LWS * RPW).
 // dot4(a, b, acc): acc + the dot product of the four signed bytes of a and of b.
 #if defined(cl_khr_integer_dot_product) && defined(__opencl_c_integer_dot_product_input_4x8bit_packed)
@@ -661,27 +706,37 @@ inline int dot4(uint a, uint b, int acc) {
     return acc + x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
 }
 #endif
-// Four weight bytes from two 16-bit loads.
-inline uint u32_at(const global ushort* p, int i) { return (uint)p[2 * i] | (uint)p[2 * i + 1] << 16; }
-// Half h of a block: Q8_0's int8 weights 16h..16h+15 times x's same 16.
-inline int half_q8_0(blk_t b, int h, const global char* x) {
-    const global ushort* q = (const global ushort*)(b + 2 + 16 * h);
-    const uint4 xv = *(const global uint4*)(x + 16 * h);
-    return dot4(u32_at(q, 3), xv.w, dot4(u32_at(q, 2), xv.z,
-                dot4(u32_at(q, 1), xv.y, dot4(u32_at(q, 0), xv.x, 0))));
+// Half a Q8_0 block: 16 int8 weights times x's same 16.
+inline int dot_q8_0(uint4 w, uint4 x) {
+    return dot4(w.w, x.w, dot4(w.z, x.z, dot4(w.y, x.y, dot4(w.x, x.x, 0))));
 }
-// Half h of a Q4_0 block: bytes 8h..8h+7 of qs hold weights 8h..8h+7 (low nibbles) and
-// 16+8h..16+8h+7 (high). A nibble n becomes the signed byte n - 8 as (n + 120) ^ 128, four at
-// a time (no carries between bytes).
+// Half h of a Q4_0 block: bytes 8h..8h+7 of qs (w) hold weights 8h..8h+7 (low nibbles, times
+// xl) and 16+8h..16+8h+7 (high, times xh). A nibble n becomes the signed byte n - 8 as
+// (n + 120) ^ 128, four at a time (no carries between bytes).
 inline uint q4_bytes(uint n) { return (n + 0x78787878u) ^ 0x80808080u; }
-inline int half_q4_0(blk_t b, int h, const global char* x) {
+inline int dot_q4_0(uint2 w, uint2 xl, uint2 xh) {
+    int s = dot4(q4_bytes(w.x & 0x0f0f0f0fu), xl.x, 0);
+    s = dot4(q4_bytes(w.y & 0x0f0f0f0fu), xl.y, s);
+    s = dot4(q4_bytes(w.x >> 4 & 0x0f0f0f0fu), xh.x, s);
+    return dot4(q4_bytes(w.y >> 4 & 0x0f0f0f0fu), xh.y, s);
+}
+// Half j of a row (block j / 2, half j % 2) against the quantized activations XQ: weights w.
+inline int half_dot_q8_0(uint4 w, int j, const global char* XQ) {
+    return dot_q8_0(w, ((const global uint4*)XQ)[j]);
+}
+inline int half_dot_q4_0(uint2 w, int j, const global char* XQ) {
+    const global uint2* x = (const global uint2*)(XQ + 32 * (j >> 1) + 8 * (j & 1));
+    return dot_q4_0(w, x[0], x[2]);
+}
+// Four weight bytes from two 16-bit loads; a file block's half j % 2 (16-bit loads).
+inline uint u32_at(const global ushort* p, int i) { return (uint)p[2 * i] | (uint)p[2 * i + 1] << 16; }
+inline uint4 file_half_q8_0(blk_t b, int h) {
+    const global ushort* q = (const global ushort*)(b + 2 + 16 * h);
+    return (uint4)(u32_at(q, 0), u32_at(q, 1), u32_at(q, 2), u32_at(q, 3));
+}
+inline uint2 file_half_q4_0(blk_t b, int h) {
     const global ushort* q = (const global ushort*)(b + 2 + 8 * h);
-    const uint2 xl = *(const global uint2*)(x + 8 * h), xh = *(const global uint2*)(x + 16 + 8 * h);
-    const uint q0 = u32_at(q, 0), q1 = u32_at(q, 1);
-    int s = dot4(q4_bytes(q0 & 0x0f0f0f0fu), xl.x, 0);
-    s = dot4(q4_bytes(q1 & 0x0f0f0f0fu), xl.y, s);
-    s = dot4(q4_bytes(q0 >> 4 & 0x0f0f0f0fu), xh.x, s);
-    return dot4(q4_bytes(q1 >> 4 & 0x0f0f0f0fu), xh.y, s);
+    return (uint2)(u32_at(q, 0), u32_at(q, 1));
 }
 #define QMATMUL_VEC_KERNEL(T, BS)                                                              \
 kernel void qmatmul_##T##_vec(blk_t W, const global char* XQ, const global float* XD,         \
@@ -693,9 +748,8 @@ kernel void qmatmul_##T##_vec(blk_t W, const global char* XQ, const global float
     if (row < n_rows) {                                                                        \
         blk_t wrow = W + (size_t)row * row_bytes;                                              \
         for (int i = lane; i < n_cols / 16; i += LWS) {                                        \
-            const int c = i >> 1;                                                              \
-            blk_t b = wrow + c * BS;                                                           \
-            a += (float)half_##T(b, i & 1, XQ + 32 * c) * (f16(b, 0) * XD[c]);                 \
+            blk_t b = wrow + (i >> 1) * BS;                                                    \
+            a += (float)half_dot_##T(file_half_##T(b, i & 1), i, XQ) * (f16(b, 0) * XD[i >> 1]); \
         }                                                                                      \
     }                                                                                          \
     float acc[1];                                                                              \
@@ -707,6 +761,69 @@ kernel void qmatmul_##T##_vec(blk_t W, const global char* XQ, const global float
     QMATMUL_VEC_KERNEL(T, BS)
 QFORMAT(q8_0, 34)
 QFORMAT(q4_0, 18)
+
+// ---- Q4_0 and Q8_0 in planes (GPUs) ----
+// Where decode runs LWS work-items a row (GPUs), the backend repacks a resident Q4_0 or Q8_0
+// matrix once at load (opencl_kernels.planar): each row is its quants, block after block (32 or
+// 16 bytes each), then its f16 scales, padded to a multiple of 16 bytes. Half a block's quants
+// are then one aligned 128-bit (Q8_0) or 64-bit (Q4_0) load, and a warp's load instruction
+// reads whole 128-byte lines once. Each work-item issues QU such loads (and their scales)
+// before it multiplies, so that enough bytes are in flight. The halves are taken, and their
+// float terms added, in the file kernel's order: a streamed layer gives the same floats.
+#ifndef QU
+#define QU 4
+#endif
+typedef uint4 wv_q8_0;  // half a block's quants, one load
+typedef uint2 wv_q4_0;
+#define QB_q8_0 32
+#define QB_q4_0 16
+#define QMATMUL_PLANAR_KERNEL(T)                                                               \
+kernel void qmatmul_##T##p_vec(blk_t W, const global char* XQ, const global float* XD,        \
+                               global float* Y, int n_cols, int n_rows, int n_tok,             \
+                               int row_bytes, int y_stride, int y_off, int accumulate) {       \
+    const int lane = get_local_id(0) % LWS, lrow = get_local_id(0) / LWS;                     \
+    const int row = get_global_id(0) / LWS, t0 = 0, n_half = n_cols / 16;                     \
+    float a = 0.0f;                                                                            \
+    if (row < n_rows) {                                                                        \
+        blk_t wrow = W + (size_t)row * row_bytes;                                              \
+        const global wv_##T* q = (const global wv_##T*)wrow;                                   \
+        const global ushort* d = (const global ushort*)(wrow + n_cols / 32 * QB_##T);          \
+        int i = lane;                                                                          \
+        for (; i + (QU - 1) * LWS < n_half; i += QU * LWS) {                                   \
+            wv_##T w[QU];                                                                      \
+            uint s[QU];                                                                        \
+            _Pragma("unroll") for (int u = 0; u < QU; u++) {                                   \
+                w[u] = q[i + u * LWS];                                                         \
+                s[u] = d[(i + u * LWS) >> 1];                                                  \
+            }                                                                                  \
+            _Pragma("unroll") for (int u = 0; u < QU; u++) {                                   \
+                const int j = i + u * LWS;                                                     \
+                a += (float)half_dot_##T(w[u], j, XQ) * (f16_bits(s[u]) * XD[j >> 1]);         \
+            }                                                                                  \
+        }                                                                                      \
+        for (; i < n_half; i += LWS)                                                           \
+            a += (float)half_dot_##T(q[i], i, XQ) * (f16_bits(d[i >> 1]) * XD[i >> 1]);        \
+    }                                                                                          \
+    float acc[1];                                                                              \
+    acc[0] = a;                                                                                \
+    REDUCE_AND_STORE(1)                                                                        \
+}
+// Embedding rows from planes, bit-exact as get_rows_<T>. Global (n_cols / 32, n_tok).
+#define GET_ROWS_PLANAR_KERNEL(T)                                                              \
+kernel void get_rows_##T##p(blk_t W, const global int* tokens, global float* out,             \
+                            int n_cols, int row_bytes) {                                       \
+    const int c = get_global_id(0), t = get_global_id(1);                                     \
+    blk_t row = W + (size_t)tokens[t] * row_bytes;                                             \
+    float8 w0, w1, w2, w3;                                                                     \
+    floats_##T(row + QB_##T * c, &w0, &w1, &w2, &w3);                                          \
+    const float d = f16(row + n_cols / 32 * QB_##T, c);                                        \
+    global float8* o = (global float8*)(out + (size_t)t * n_cols) + 4 * c;                     \
+    o[0] = d * w0; o[1] = d * w1; o[2] = d * w2; o[3] = d * w3;                                \
+}
+// Prefill reads the planes through DQI_<T>p (see QGEMM_KERNEL).
+#define PLANAR_FORMAT(T) QMATMUL_PLANAR_KERNEL(T) GET_ROWS_PLANAR_KERNEL(T) QGEMM_KERNEL(T##p)
+PLANAR_FORMAT(q8_0)
+PLANAR_FORMAT(q4_0)
 
 // ---- Q4_0 and Q8_0 interleaved by 8 rows (CPUs with AVX2 and F16C; llama.cpp repacks Q4_0
 // so too) ----

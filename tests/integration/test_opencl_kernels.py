@@ -15,7 +15,7 @@ pytest.importorskip("pyopencl")
 
 import numpy as np
 
-from runtime.backends.opencl_kernels import Kernels, interleave
+from runtime.backends.opencl_kernels import FILE, PLANAR, X8, Kernels, interleave, planar
 from runtime.backends.opencl_programs import ProgramCache
 from runtime.backends.opencl_tuning import default_params
 from runtime.quant import row_bytes
@@ -133,26 +133,68 @@ def test_interleaved_kernels_agree_with_numpy(kern, monkeypatch, qtype):
     monkeypatch.setenv("CLAW_OPENCL_MAX_ALLOC", str(20 * row_bytes(qtype, 256)))  # parts of 16
     raw, _ = checks.weights(qtype, 64, 256)
     split = kern.upload_matrix(raw, qtype, (64, 256))
-    assert split.interleaved and [n for _, n, _ in split.parts] == [16] * 4
+    assert split.layout == X8 and [n for _, n, _ in split.parts] == [16] * 4
     for n_tok in (1, 9):
         checks.check_matmul(kern, qtype, n_tok, rows=64, cols=256)
     whole = kern.upload_matrix(raw, qtype, (64, 256), repack=False)
-    assert not whole.interleaved and len(whole.parts) == 4
+    assert whole.layout == FILE and len(whole.parts) == 4
+
+
+def gpu_shaped(kern: Kernels) -> Kernels:
+    """The GPU's default shape (LWS 32, vload8, no AVX2 kernels) on PoCL: what a GPU runs."""
+    params = dataclasses.replace(default_params(kern.dev), LWS=32, RPW=4, TT=4, UNALIGNED=0,
+                                 DP4A=1)
+    return Kernels(kern.dev, params, ProgramCache(kern.dev))
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0], ids=lambda t: t.name)
-def test_file_layout_gives_the_interleaved_floats_exactly(kern, qtype):
-    """A streamed layer keeps the file's layout while a resident one is interleaved: both add
-    the same float terms in the same order, so a budgeted run's logits are the unbudgeted
-    run's to the bit (decode, prefill on and off the token tile)."""
-    if not kern.interleave:
+def test_planar_moves_each_byte_where_the_kernels_read_it(qtype):
+    """Row r: its blocks' quants in turn, then their scales, then zeros to a multiple of 16."""
+    rows, cols, size = 5, 480, row_bytes(qtype, 32)  # 15 blocks: the stride needs padding
+    nb, qb = cols // 32, size - 2
+    raw = np.random.default_rng(8).integers(0, 256, rows * nb * size, dtype=np.uint8)
+    stride = -(-nb * size // 16) * 16
+    out = planar(raw, qtype, rows, cols).reshape(rows, stride)
+    blocks = raw.reshape(rows, nb, size)
+    for r, c in np.ndindex(rows, nb):
+        assert (out[r, qb * c:qb * (c + 1)] == blocks[r, c, 2:]).all()
+        assert (out[r, qb * nb + 2 * c:qb * nb + 2 * c + 2] == blocks[r, c, :2]).all()
+    assert stride > nb * size and not out[:, nb * size:].any()
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0], ids=lambda t: t.name)
+def test_planar_kernels_agree_with_numpy(kern, monkeypatch, qtype):
+    """On the GPU shape, resident Q4_0/Q8_0 is in planes (matmul.cl's *p kernels): decode
+    (rows of 1 to 50 blocks, some not filling the last round of a row's 32 work-items or of
+    QU loads), prefill and embedding lookup (bit-exact), and a matrix split by rows."""
+    gpu = gpu_shaped(kern)
+    for rows, n_tok, cols in [(8, 1, 32), (37, 1, 480), (64, 1, 1600), (37, 7, 512),
+                              (20, 40, 256)]:
+        checks.check_matmul(gpu, qtype, n_tok, rows=rows, cols=cols)
+    checks.check_get_rows(gpu, qtype)
+    name = qtype.name.lower()
+    assert {f"qmatmul_{name}p_vec", f"qgemm_{name}p", f"get_rows_{name}p"} <= set(gpu._kernels)
+    assert gpu.upload_matrix(*checks.weights(qtype, 8, 480)[:1], qtype, (8, 480)).layout == PLANAR
+    monkeypatch.setenv("CLAW_OPENCL_MAX_ALLOC", str(20 * row_bytes(qtype, 256)))
+    checks.check_split_weights(gpu, qtype)
+
+
+@pytest.mark.parametrize("layout", [X8, PLANAR], ids=["x8", "planar"])
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0], ids=lambda t: t.name)
+def test_file_layout_gives_the_repacked_floats_exactly(kern, qtype, layout):
+    """A streamed layer keeps the file's layout while a resident one is repacked (interleaved
+    on AVX2 CPUs, in planes on GPUs): both add the same float terms in the same order, so a
+    budgeted run's logits are the unbudgeted run's to the bit (decode, prefill on and off the
+    token tile)."""
+    if layout == X8 and not kern.interleave:
         pytest.skip("this device has no interleaved kernels (AVX2 and F16C CPUs only)")
+    kern = kern if layout == X8 else gpu_shaped(kern)
     raw, _ = checks.weights(qtype, 64, 512)
     x = checks.RNG.standard_normal((19, 512)).astype(np.float32)
     outs = []
     for repack in (False, True):
         m = kern.upload_matrix(raw, qtype, (64, 512), repack=repack)
-        assert m.interleaved == repack
+        assert m.layout == (layout if repack else FILE)
         for n_tok in (1, 8, 19):
             y = kern.empty(4 * n_tok * 64)
             kern.matmul(m, kern.upload(x[:n_tok]), y, n_tok)
@@ -195,13 +237,16 @@ def test_gemv_bandwidth_is_timed_on_the_device_clock(kern):
 
     from runtime.backends.opencl_device import copy_bandwidth
     from runtime.backends.opencl_tuning import gemv_bandwidth
-    from runtime.quant import quantize
+    from runtime.quant import dequantize, quantize
 
     raw = quantize(np.random.default_rng(0).standard_normal((256, 512)).astype(np.float32),
                    T.Q4_0)
-    gbs, seconds = gemv_bandwidth(kern.dev, kern.params, ProgramCache(kern.dev), raw, T.Q4_0,
-                                  (256, 512), repeats=3)
-    assert 0 < seconds < 0.5 and gbs == pytest.approx(raw.nbytes / seconds)
+    for params in (kern.params, gpu_shaped(kern).params):  # interleaved, then in planes
+        gbs, seconds, y = gemv_bandwidth(kern.dev, params, ProgramCache(kern.dev), raw, T.Q4_0,
+                                         (256, 512), repeats=3)
+        assert 0 < seconds < 0.5 and gbs == pytest.approx(raw.nbytes / seconds)
+        np.testing.assert_allclose(y, dequantize(raw, T.Q4_0, (256, 512)).sum(1), rtol=1e-4,
+                                   atol=1e-4)  # x is all ones (exact in Q8_0)
     assert 1e8 < copy_bandwidth(kern.dev, kern.ops, 4 << 20, repeats=2) < 1e13
     done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_gemv.py"),
                            "--types", "q4_0,q9_9"], capture_output=True, text=True, timeout=60)
