@@ -680,16 +680,16 @@ kernel void qgemm_##T(blk_t W, const global char* XQ, const global float* XD,   
     GEMM_TILE(GEMM_STORE)                                                                      \
 }
 
-// Decode on devices tuned to LWS > 1 (GPUs): LWS work-items share a row and each takes half a
-// block (16 weights) at a time, so that a group of work-items reads one contiguous run of the
-// row, and four bytes are multiplied at a time by dot4 (one dp4a instruction where the driver
-// has it, see below). Resident matrices are in planes (qmatmul_<T>p_vec below); this kernel
-// reads the file's layout (streamed layers), whose blocks (34 and 18 bytes) are only 2-byte
-// aligned: 16-bit loads, each warp-wide load touching the same lines again.
+// Decode on devices tuned to LWS > 1 (GPUs): LWS work-items share a row and each takes 16
+// bytes of quants at a time (a unit, see UPB), so that a group of work-items reads one
+// contiguous run of the row, and four bytes are multiplied at a time by dot4 (one dp4a
+// instruction where the driver has it, see below). Resident matrices are in planes
+// (qmatmul_<T>p_vec below); this kernel reads the file's layout (streamed layers), whose blocks
+// (34 and 18 bytes) are only 2-byte aligned: 16-bit loads.
 // (Measured on an H200, bench/RESULTS.md: 57-61 % of its copy bandwidth for Q8_0 at LWS 32-64,
-// 43 % for Q4_0, on the file's layout. Slower, and dropped: staging each row segment in local
-// memory with coalesced 32-bit loads first, 14-48 %, the barriers between stages left too few
-// loads in flight.)
+// 43 % for Q4_0, on the file's layout with half a block a work-item. Slower, and dropped:
+// staging each row segment in local memory with coalesced 32-bit loads first, 14-48 %, the
+// barriers between stages left too few loads in flight.)
 // Global (LWS * rows rounded up to RPW), local (LWS * RPW).
 // dot4(a, b, acc): acc + the dot product of the four signed bytes of a and of b.
 #if defined(cl_khr_integer_dot_product) && defined(__opencl_c_integer_dot_product_input_4x8bit_packed)
@@ -706,37 +706,32 @@ inline int dot4(uint a, uint b, int acc) {
     return acc + x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
 }
 #endif
-// Half a Q8_0 block: 16 int8 weights times x's same 16.
-inline int dot_q8_0(uint4 w, uint4 x) {
+// A work-item takes 16 bytes of quants at a time ("a unit"): half a Q8_0 block (16 weights),
+// a whole Q4_0 block (32). UPB_<T>: units a block.
+#define UPB_q8_0 2
+#define UPB_q4_0 1
+// Unit j of a row against the quantized activations XQ, w its quants. Q8_0: 16 int8 weights
+// times x's same 16. Q4_0: qs[k] holds weights k (low nibble) and 16 + k (high); a nibble n
+// becomes the signed byte n - 8 as (n + 120) ^ 128, four at a time (no carries between bytes).
+inline int unit_dot_q8_0(uint4 w, int j, const global char* XQ) {
+    const uint4 x = ((const global uint4*)XQ)[j];
     return dot4(w.w, x.w, dot4(w.z, x.z, dot4(w.y, x.y, dot4(w.x, x.x, 0))));
 }
-// Half h of a Q4_0 block: bytes 8h..8h+7 of qs (w) hold weights 8h..8h+7 (low nibbles, times
-// xl) and 16+8h..16+8h+7 (high, times xh). A nibble n becomes the signed byte n - 8 as
-// (n + 120) ^ 128, four at a time (no carries between bytes).
 inline uint q4_bytes(uint n) { return (n + 0x78787878u) ^ 0x80808080u; }
-inline int dot_q4_0(uint2 w, uint2 xl, uint2 xh) {
-    int s = dot4(q4_bytes(w.x & 0x0f0f0f0fu), xl.x, 0);
-    s = dot4(q4_bytes(w.y & 0x0f0f0f0fu), xl.y, s);
-    s = dot4(q4_bytes(w.x >> 4 & 0x0f0f0f0fu), xh.x, s);
-    return dot4(q4_bytes(w.y >> 4 & 0x0f0f0f0fu), xh.y, s);
+inline int unit_dot_q4_0(uint4 w, int j, const global char* XQ) {
+    const global uint4* x = (const global uint4*)(XQ + 32 * j);
+    const uint4 lo = x[0], hi = x[1];
+    const uint m = 0x0f0f0f0fu;
+    int s = dot4(q4_bytes(w.x & m), lo.x, dot4(q4_bytes(w.y & m), lo.y, 0));
+    s = dot4(q4_bytes(w.z & m), lo.z, dot4(q4_bytes(w.w & m), lo.w, s));
+    s = dot4(q4_bytes(w.x >> 4 & m), hi.x, dot4(q4_bytes(w.y >> 4 & m), hi.y, s));
+    return dot4(q4_bytes(w.z >> 4 & m), hi.z, dot4(q4_bytes(w.w >> 4 & m), hi.w, s));
 }
-// Half j of a row (block j / 2, half j % 2) against the quantized activations XQ: weights w.
-inline int half_dot_q8_0(uint4 w, int j, const global char* XQ) {
-    return dot_q8_0(w, ((const global uint4*)XQ)[j]);
-}
-inline int half_dot_q4_0(uint2 w, int j, const global char* XQ) {
-    const global uint2* x = (const global uint2*)(XQ + 32 * (j >> 1) + 8 * (j & 1));
-    return dot_q4_0(w, x[0], x[2]);
-}
-// Four weight bytes from two 16-bit loads; a file block's half j % 2 (16-bit loads).
+// Unit j of a row in the file's layout (blocks of BS bytes, 2-byte aligned: 16-bit loads).
 inline uint u32_at(const global ushort* p, int i) { return (uint)p[2 * i] | (uint)p[2 * i + 1] << 16; }
-inline uint4 file_half_q8_0(blk_t b, int h) {
-    const global ushort* q = (const global ushort*)(b + 2 + 16 * h);
+inline uint4 file_unit(blk_t b, int k) {  // the 16 bytes at qs + 16 k of block b
+    const global ushort* q = (const global ushort*)(b + 2 + 16 * k);
     return (uint4)(u32_at(q, 0), u32_at(q, 1), u32_at(q, 2), u32_at(q, 3));
-}
-inline uint2 file_half_q4_0(blk_t b, int h) {
-    const global ushort* q = (const global ushort*)(b + 2 + 8 * h);
-    return (uint2)(u32_at(q, 0), u32_at(q, 1));
 }
 #define QMATMUL_VEC_KERNEL(T, BS)                                                              \
 kernel void qmatmul_##T##_vec(blk_t W, const global char* XQ, const global float* XD,         \
@@ -747,9 +742,10 @@ kernel void qmatmul_##T##_vec(blk_t W, const global char* XQ, const global float
     float a = 0.0f;                                                                            \
     if (row < n_rows) {                                                                        \
         blk_t wrow = W + (size_t)row * row_bytes;                                              \
-        for (int i = lane; i < n_cols / 16; i += LWS) {                                        \
-            blk_t b = wrow + (i >> 1) * BS;                                                    \
-            a += (float)half_dot_##T(file_half_##T(b, i & 1), i, XQ) * (f16(b, 0) * XD[i >> 1]); \
+        for (int i = lane; i < n_cols / 32 * UPB_##T; i += LWS) {                              \
+            const int c = i / UPB_##T;                                                         \
+            blk_t b = wrow + c * BS;                                                           \
+            a += (float)unit_dot_##T(file_unit(b, i % UPB_##T), i, XQ) * (f16(b, 0) * XD[c]);  \
         }                                                                                      \
     }                                                                                          \
     float acc[1];                                                                              \
@@ -765,16 +761,14 @@ QFORMAT(q4_0, 18)
 // ---- Q4_0 and Q8_0 in planes (GPUs) ----
 // Where decode runs LWS work-items a row (GPUs), the backend repacks a resident Q4_0 or Q8_0
 // matrix once at load (opencl_kernels.planar): each row is its quants, block after block (32 or
-// 16 bytes each), then its f16 scales, padded to a multiple of 16 bytes. Half a block's quants
-// are then one aligned 128-bit (Q8_0) or 64-bit (Q4_0) load, and a warp's load instruction
-// reads whole 128-byte lines once. Each work-item issues QU such loads (and their scales)
-// before it multiplies, so that enough bytes are in flight. The halves are taken, and their
-// float terms added, in the file kernel's order: a streamed layer gives the same floats.
+// 16 bytes each), then its f16 scales, padded to a multiple of 16 bytes. A unit's quants are
+// then one aligned 128-bit load, and a warp's load instruction reads 512 contiguous bytes.
+// Each work-item issues QU such loads (and their scales) before it multiplies, so that enough
+// bytes are in flight. The units are taken, and their float terms added, in the file kernel's
+// order: a streamed layer gives the same floats.
 #ifndef QU
 #define QU 4
 #endif
-typedef uint4 wv_q8_0;  // half a block's quants, one load
-typedef uint2 wv_q4_0;
 #define QB_q8_0 32
 #define QB_q4_0 16
 #define QMATMUL_PLANAR_KERNEL(T)                                                               \
@@ -782,27 +776,27 @@ kernel void qmatmul_##T##p_vec(blk_t W, const global char* XQ, const global floa
                                global float* Y, int n_cols, int n_rows, int n_tok,             \
                                int row_bytes, int y_stride, int y_off, int accumulate) {       \
     const int lane = get_local_id(0) % LWS, lrow = get_local_id(0) / LWS;                     \
-    const int row = get_global_id(0) / LWS, t0 = 0, n_half = n_cols / 16;                     \
+    const int row = get_global_id(0) / LWS, t0 = 0, n_units = n_cols / 32 * UPB_##T;         \
     float a = 0.0f;                                                                            \
     if (row < n_rows) {                                                                        \
         blk_t wrow = W + (size_t)row * row_bytes;                                              \
-        const global wv_##T* q = (const global wv_##T*)wrow;                                   \
+        const global uint4* q = (const global uint4*)wrow;                                     \
         const global ushort* d = (const global ushort*)(wrow + n_cols / 32 * QB_##T);          \
         int i = lane;                                                                          \
-        for (; i + (QU - 1) * LWS < n_half; i += QU * LWS) {                                   \
-            wv_##T w[QU];                                                                      \
+        for (; i + (QU - 1) * LWS < n_units; i += QU * LWS) {                                  \
+            uint4 w[QU];                                                                       \
             uint s[QU];                                                                        \
             _Pragma("unroll") for (int u = 0; u < QU; u++) {                                   \
                 w[u] = q[i + u * LWS];                                                         \
-                s[u] = d[(i + u * LWS) >> 1];                                                  \
+                s[u] = d[(i + u * LWS) / UPB_##T];                                             \
             }                                                                                  \
             _Pragma("unroll") for (int u = 0; u < QU; u++) {                                   \
                 const int j = i + u * LWS;                                                     \
-                a += (float)half_dot_##T(w[u], j, XQ) * (f16_bits(s[u]) * XD[j >> 1]);         \
+                a += (float)unit_dot_##T(w[u], j, XQ) * (f16_bits(s[u]) * XD[j / UPB_##T]);    \
             }                                                                                  \
         }                                                                                      \
-        for (; i < n_half; i += LWS)                                                           \
-            a += (float)half_dot_##T(q[i], i, XQ) * (f16_bits(d[i >> 1]) * XD[i >> 1]);        \
+        for (; i < n_units; i += LWS)                                                          \
+            a += (float)unit_dot_##T(q[i], i, XQ) * (f16_bits(d[i / UPB_##T]) * XD[i / UPB_##T]); \
     }                                                                                          \
     float acc[1];                                                                              \
     acc[0] = a;                                                                                \
