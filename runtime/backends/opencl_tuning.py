@@ -32,7 +32,8 @@ from runtime.quant import quantize
 def default_params(dev: Device) -> Params:
     if dev.is_cpu:
         return Params(LWS=1, RPW=16, TT=8, WG=16, SPLIT=128, UNALIGNED=1)
-    return Params(LWS=32, RPW=4, TT=4, WG=64, SPLIT=256, DP4A=1)
+    # GPUs: a warp a row; QU 8 and SHFL from the H200's sweeps (bench/RESULTS.md)
+    return Params(LWS=32, RPW=4, TT=4, WG=64, SPLIT=256, DP4A=1, QU=8, SHFL=1)
 
 
 def _path(dev: Device) -> Path:

@@ -143,7 +143,7 @@ def test_interleaved_kernels_agree_with_numpy(kern, monkeypatch, qtype):
 def gpu_shaped(kern: Kernels) -> Kernels:
     """The GPU's default shape (LWS 32, vload8, no AVX2 kernels) on PoCL: what a GPU runs."""
     params = dataclasses.replace(default_params(kern.dev), LWS=32, RPW=4, TT=4, UNALIGNED=0,
-                                 DP4A=1)
+                                 DP4A=1, QU=8, SHFL=1)
     return Kernels(kern.dev, params, ProgramCache(kern.dev))
 
 
@@ -165,11 +165,12 @@ def test_planar_moves_each_byte_where_the_kernels_read_it(qtype):
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0], ids=lambda t: t.name)
 def test_planar_kernels_agree_with_numpy(kern, monkeypatch, qtype):
     """On the GPU shape, resident Q4_0/Q8_0 is in planes (matmul.cl's *p kernels): decode
-    (rows of 1 to 50 blocks, some not filling the last round of a row's 32 work-items or of
-    QU loads), prefill and embedding lookup (bit-exact), and a matrix split by rows."""
+    (rows of 1 to 296 blocks: the last not filling a round of a row's 32 work-items, or of
+    their QU = 8 loads, or taking some whole rounds first), prefill and embedding lookup
+    (bit-exact), and a matrix split by rows."""
     gpu = gpu_shaped(kern)
-    for rows, n_tok, cols in [(8, 1, 32), (37, 1, 480), (64, 1, 1600), (37, 7, 512),
-                              (20, 40, 256)]:
+    for rows, n_tok, cols in [(8, 1, 32), (37, 1, 480), (64, 1, 1600), (6, 1, 9472),
+                              (37, 7, 512), (20, 40, 256)]:
         checks.check_matmul(gpu, qtype, n_tok, rows=rows, cols=cols)
     checks.check_get_rows(gpu, qtype)
     name = qtype.name.lower()
@@ -209,7 +210,8 @@ def test_fused_decode_launches_agree_with_numpy(kern, qtype):
 
 
 @pytest.mark.parametrize("shape", [{"TT": 4}, {"LWS": 4, "RPW": 4, "TT": 2}, {"UNALIGNED": 0},
-                                   {"LWS": 32, "RPW": 4, "TT": 4, "UNALIGNED": 0, "DP4A": 1}],
+                                   {"LWS": 32, "RPW": 4, "TT": 4, "UNALIGNED": 0, "DP4A": 1,
+                                    "QU": 8, "SHFL": 1}],
                          ids=["gemm-tile-4", "matmul-lws-4", "portable", "gpu-default"])
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_every_tunable_matmul_shape_agrees_with_numpy(kern, shape, qtype):
