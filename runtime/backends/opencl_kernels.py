@@ -452,6 +452,13 @@ class Kernels:
         # a recorded step keeps this split count: Recording users re-record when it changes
         wg, n_split = self.params.WG, self.attention_splits(now(pos0) + n_tok)
         n_q = n_tok * n_heads
+        if self.params.LWS == 1 and head_dim % 16 == 0:  # CPUs: a work-item a row and split
+            self.launch(self.ops, "attn_partial_row", (n_q, n_split), (1, 1), q, kc, vc, part,
+                        out, *heads, i32(pos0), scale)
+            if n_split > 1:
+                self.launch(self.ops, "attn_combine", (head_dim, n_q), None, part, out,
+                            np.int32(head_dim), np.int32(n_split))
+            return
         self.launch(self.ops, "attn_partial", (wg * n_q, n_split), (wg, 1), q, kc, vc, part,
                     *heads, i32(pos0), scale)
         self.launch(self.ops, "attn_combine", (head_dim, n_q), None, part, out,

@@ -193,6 +193,57 @@ kernel void attn_partial(const global float* q, const global float* kc, const gl
     }
 }
 
+// attn_partial for CPU devices: one work-item per (query row, split), head_dim in its own
+// vector registers (16 floats at a time), keys in turn. PoCL vectorizes a work-group across its
+// work-items, so attn_partial's key-per-item dot products became gathers (1.2 us a key for 14
+// heads on a Zen 3 core pair). With a single split (get_global_size(1) == 1) it writes the
+// normalized output to `out` itself and attn_combine is not launched. head_dim a multiple of
+// 16. Global (n_tok * n_heads, n_split), local (1, 1).
+kernel void attn_partial_row(const global float* q, const global float* kc,
+                             const global float* vc, global float* part, global float* out,
+                             int n_heads, int n_kv, int head_dim, int pos0, float scale) {
+    const int qi = get_global_id(0), s = get_global_id(1), n16 = head_dim / 16;
+    const int t = qi / n_heads, h = qi % n_heads, kvh = h / (n_heads / n_kv);
+    const int lo = s * SPLIT, hi = min(lo + SPLIT, pos0 + t + 1);
+    const int row = n_kv * n16;  // a cache row's float16s
+    const global float16* qv = (const global float16*)q + (size_t)qi * n16;
+    const global float16* k = (const global float16*)kc + kvh * n16;
+    const global float16* v = (const global float16*)vc + kvh * n16;
+    float sc[SPLIT];
+    float m = -INFINITY, l = 0.0f;
+    for (int p = lo; p < hi; p++) {
+        float16 acc = 0.0f;
+        for (int d = 0; d < n16; d++) acc += qv[d] * k[(size_t)p * row + d];
+        const float8 a8 = acc.lo + acc.hi;
+        const float4 a4 = a8.lo + a8.hi;
+        sc[p - lo] = (a4.x + a4.y + a4.z + a4.w) * scale;
+        m = fmax(m, sc[p - lo]);
+    }
+    for (int p = lo; p < hi; p++) {
+        sc[p - lo] = exp(sc[p - lo] - m);
+        l += sc[p - lo];
+    }
+    const int whole = get_global_size(1) == 1;
+    global float* o = whole ? out + (size_t)qi * head_dim
+                            : part + ((size_t)qi * get_global_size(1) + s) * (head_dim + 2) + 2;
+    for (int d = 0; d < n16; d++) {
+        float16 a0 = 0.0f, a1 = 0.0f;  // two chains of adds: keys alternate between them
+        int p = lo;
+        for (; p + 1 < hi; p += 2) {
+            a0 += sc[p - lo] * v[(size_t)p * row + d];
+            a1 += sc[p + 1 - lo] * v[(size_t)(p + 1) * row + d];
+        }
+        if (p < hi) a0 += sc[p - lo] * v[(size_t)p * row + d];
+        const float16 r = whole ? (a0 + a1) / l : a0 + a1;
+        vstore8(r.lo, 2 * d, o);  // not vstore16: a float16 argument is not AVX2's ABI
+        vstore8(r.hi, 2 * d + 1, o);
+    }
+    if (!whole) {
+        o[-2] = m;
+        o[-1] = l;
+    }
+}
+
 // out[q, d] = sum_s e^(m_s - M) o_s[d] / sum_s e^(m_s - M) l_s. Global (head_dim, n_queries).
 kernel void attn_combine(const global float* part, global float* out, int head_dim, int n_split) {
     const int d = get_global_id(0), qi = get_global_id(1);
