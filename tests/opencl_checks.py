@@ -149,10 +149,16 @@ def check_attention(kern: Kernels, n_tok: int, pos0: int, heads: int = 8, kv: in
     v = RNG.standard_normal((n_ctx, kv, d)).astype(np.float32)
     out = kern.empty(4 * n_tok * heads * d)
     part = kern.empty(4 * n_tok * heads * kern.attention_splits(n_ctx) * (d + 2))
-    kern.attention(kern.upload(q), kern.upload(k), kern.upload(v), out, part, n_tok, heads, kv,
-                   d, pos0, split=split)
+    q8 = kern.attention(kern.upload(q), kern.upload(k), kern.upload(v), out, part, n_tok, heads,
+                        kv, d, pos0, split=split, q8=True)
     np.testing.assert_allclose(kern.read(out, (n_tok, heads * d)),
                                attention_reference(q, k, v, pos0), rtol=1e-5, atol=1e-5)
+    if q8 is not None:  # rounded in the same launch: exactly what quantize_q8 makes of out
+        n = n_tok * heads * d
+        fused = kern.read(q8[0], (n,), np.int8), kern.read(q8[1], (n // 16,), np.int32)
+        again = kern.quantize_q8(out, heads * d, n_tok)
+        assert np.array_equal(fused[0], kern.read(again[0], (n,), np.int8))
+        assert np.array_equal(fused[1], kern.read(again[1], (n // 16,), np.int32))
 
 
 def check_swiglu_and_bias(kern: Kernels) -> None:

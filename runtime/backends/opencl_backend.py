@@ -274,8 +274,9 @@ class OpenCLBackend(Backend):
             neox = cfg.rope_style == "neox"
             k.rope(self.q, 0, self.cos, self.sin, pos0, n, H, D, cfg.rope_dim, neox)
             k.rope(cache.k[i], kv_off, self.cos, self.sin, pos0, n, KV, D, cfg.rope_dim, neox)
-            k.attention(self.q, cache.k[i], cache.v[i], self.att, self.part, n, H, KV, D, pos0)
-            k.matmul(w["attn_output"], self.att, self.x, n, accumulate=True)
+            q8 = k.attention(self.q, cache.k[i], cache.v[i], self.att, self.part, n, H, KV, D,
+                             pos0, q8=int8_input(w, "attn_output"))
+            k.matmul(w["attn_output"], self.att, self.x, n, accumulate=True, q8=q8)
             q8 = k.rms_norm(self.x, w["ffn_norm"], self.xn, C, n, cfg.norm_eps,
                             q8=int8_input(w, "ffn_gate", "ffn_up"))
             if n == 1:

@@ -437,32 +437,36 @@ class Kernels:
 
     def attention(self, q: Any, kc: Any, vc: Any, out: Any, part: Any, n_tok: int, n_heads: int,
                   n_kv: int, head_dim: int, pos0: int | PerStep, *,
-                  split: bool | None = None) -> None:
+                  split: bool | None = None, q8: bool = False) -> Q8 | None:
         """out (n_tok, n_heads * head_dim) = causal softmax(q k^T / sqrt(d)) v over the cache
         positions < pos0 + t + 1. Decode (or split=True) spreads the keys over work-groups
         (`part` holds n_tok * n_heads * splits * (head_dim + 2) floats); prefill stages keys
-        in local memory for a tile of queries."""
+        in local memory for a tile of queries. With `q8`, where the launch can (CPUs, one split
+        of the keys), out comes rounded to Q8_0 too, returned as quantize_q8 returns it."""
         scale = np.float32(1.0 / math.sqrt(head_dim))
         heads = (np.int32(n_heads), np.int32(n_kv), np.int32(head_dim))
         if not (n_tok == 1 if split is None else split):
             wg = self.params.WG
             self.launch(self.ops, "attn_prefill", (wg * math.ceil(n_tok / wg), n_heads), (wg, 1),
                         q, kc, vc, out, np.int32(n_tok), *heads, i32(pos0), scale)
-            return
+            return None
         # a recorded step keeps this split count: Recording users re-record when it changes
         wg, n_split = self.params.WG, self.attention_splits(now(pos0) + n_tok)
         n_q = n_tok * n_heads
         if self.params.LWS == 1 and head_dim % 16 == 0:  # CPUs: a work-item a row and split
+            to_q8 = q8 and n_split == 1 and head_dim % 32 == 0
+            xq, xd = self._q8_scratch(n_q * head_dim) if to_q8 else (part, part)
             self.launch(self.ops, "attn_partial_row", (n_q, n_split), (1, 1), q, kc, vc, part,
-                        out, *heads, i32(pos0), scale)
+                        out, xq, xd, *heads, i32(pos0), scale, np.int32(to_q8))
             if n_split > 1:
                 self.launch(self.ops, "attn_combine", (head_dim, n_q), None, part, out,
                             np.int32(head_dim), np.int32(n_split))
-            return
+            return (xq, xd) if to_q8 else None
         self.launch(self.ops, "attn_partial", (wg * n_q, n_split), (wg, 1), q, kc, vc, part,
                     *heads, i32(pos0), scale)
         self.launch(self.ops, "attn_combine", (head_dim, n_q), None, part, out,
                     np.int32(head_dim), np.int32(n_split))
+        return None
 
     def softmax(self, x: Any, n: int, n_rows: int) -> None:
         wg = self.params.WG

@@ -197,11 +197,13 @@ kernel void attn_partial(const global float* q, const global float* kc, const gl
 // vector registers (16 floats at a time), keys in turn. PoCL vectorizes a work-group across its
 // work-items, so attn_partial's key-per-item dot products became gathers (1.2 us a key for 14
 // heads on a Zen 3 core pair). With a single split (get_global_size(1) == 1) it writes the
-// normalized output to `out` itself and attn_combine is not launched. head_dim a multiple of
-// 16. Global (n_tok * n_heads, n_split), local (1, 1).
+// normalized output to `out` itself and attn_combine is not launched; with to_q8 too, also
+// rounded to Q8_0 as quantize_q8 would (head_dim a multiple of 32), for the output projection.
+// head_dim a multiple of 16. Global (n_tok * n_heads, n_split), local (1, 1).
 kernel void attn_partial_row(const global float* q, const global float* kc,
                              const global float* vc, global float* part, global float* out,
-                             int n_heads, int n_kv, int head_dim, int pos0, float scale) {
+                             global char* XQ, global float* XD, int n_heads, int n_kv,
+                             int head_dim, int pos0, float scale, int to_q8) {
     const int qi = get_global_id(0), s = get_global_id(1), n16 = head_dim / 16;
     const int t = qi / n_heads, h = qi % n_heads, kvh = h / (n_heads / n_kv);
     const int lo = s * SPLIT, hi = min(lo + SPLIT, pos0 + t + 1);
@@ -226,6 +228,7 @@ kernel void attn_partial_row(const global float* q, const global float* kc,
     const int whole = get_global_size(1) == 1;
     global float* o = whole ? out + (size_t)qi * head_dim
                             : part + ((size_t)qi * get_global_size(1) + s) * (head_dim + 2) + 2;
+    float16 prev = 0.0f;
     for (int d = 0; d < n16; d++) {
         float16 a0 = 0.0f, a1 = 0.0f;  // two chains of adds: keys alternate between them
         int p = lo;
@@ -237,6 +240,12 @@ kernel void attn_partial_row(const global float* q, const global float* kc,
         const float16 r = whole ? (a0 + a1) / l : a0 + a1;
         vstore8(r.lo, 2 * d, o);  // not vstore16: a float16 argument is not AVX2's ABI
         vstore8(r.hi, 2 * d + 1, o);
+        if (to_q8 && d % 2) {  // whole, head_dim a multiple of 32: as quantize_q8 of `out`
+            const int at = (qi * head_dim + 32 * (d / 2)) / 32;
+            global int* XS = (global int*)(XD + get_global_size(0) * (head_dim / 32));
+            store_q8(prev.lo, prev.hi, r.lo, r.hi, XQ + 32 * at, XD + at, XS + at);
+        }
+        prev = r;
     }
     if (!whole) {
         o[-2] = m;

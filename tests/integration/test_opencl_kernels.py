@@ -60,6 +60,9 @@ def test_rope(kern, style):
                          ids=["decode-first", "decode-3-splits", "prefill", "prefill-after-cache"])
 def test_split_attention(kern, n_tok, pos0):
     checks.check_attention(kern, n_tok, pos0, split=True)
+    # a Qwen2-0.5B head layout (14 query heads on 2 KV heads of 64), odd and even key counts
+    checks.check_attention(kern, n_tok, pos0 + 1, heads=14, kv=2, d=64, split=True)
+    checks.check_attention(kern, 1, 80, heads=4, kv=4, d=48, split=True)  # 16 | d, 32 does not
 
 
 @pytest.mark.parametrize("n_tok,pos0", [(9, 0), (40, 0), (37, 250)],
