@@ -2,7 +2,7 @@
 # The `gpu` tier on the lent NVIDIA machine (x86_64, Python 3.12, no package index there):
 # installs the wheels that ../shared/tools/gpu-wheels.sh put in .whl/, registers NVIDIA's
 # OpenCL driver, then runs the GEMV benchmark with its knob sweep (and the transposed shape and
-# the K formats with the knobs in GPU_SET), the gpu tests, and with GPU_TUNE_S > 0 a `tune`.
+# the K formats, with GPU_SET's knobs if given), the gpu tests, and with GPU_TUNE_S > 0 a `tune`.
 # Logs and JSON go to OUT_DIR (default ./gpu-out), one file per step.
 #   usage: bench/gpu_tier.sh [OUT_DIR]        (from the repository root)
 set -uo pipefail
@@ -31,9 +31,9 @@ for p in cl.get_platforms():
 # the GEMV target first (its knobs swept, each shape checked against numpy), then the tier's tests
 step gemv "${GPU_BENCH_S:-200}" python3 bench/bench_gemv.py --device gpu --types q8_0,q4_0 --sweep
 step gemv_down "${GPU_SHORT_S:-45}" python3 bench/bench_gemv.py --device gpu --types q8_0,q4_0 \
-  --rows 4096 --cols 14336 --set "${GPU_SET:-SHFL=1}"
+  --rows 4096 --cols 14336 --set "${GPU_SET:-}"
 step gemv_k "${GPU_SHORT_S:-45}" python3 bench/bench_gemv.py --device gpu --types q4_k,q6_k,f16 \
-  --set "${GPU_SET:-SHFL=1}"
+  --set "${GPU_SET:-}"
 step pytest "${GPU_TEST_S:-240}" python3 -m pytest -m gpu tests/gpu -v -s -p no:cacheprovider
 [ "${GPU_TUNE_S:-0}" -gt 0 ] && step tune "${GPU_TUNE_S:-0}" python3 -c '
 from runtime.backends.opencl_device import find_device

@@ -109,8 +109,8 @@ def planar_stride(qtype: T, n_cols: int) -> int:
 
 def planar(raw: np.ndarray, qtype: T, n_rows: int, n_cols: int) -> np.ndarray:
     """Q4_0 or Q8_0 rows repacked for matmul.cl's *p kernels (GPUs): each row's quants, block
-    after block (32 or 16 bytes), then its f16 scales, then zeros to planar_stride. Half a
-    block's quants are then one aligned 16- or 8-byte load."""
+    after block (32 or 16 bytes), then its f16 scales, then zeros to planar_stride. A work-item's
+    16 bytes of quants (half a Q8_0 block, a whole Q4_0 block) are then one aligned load."""
     nb, size = n_cols // 32, row_bytes(qtype, 32)
     blocks = raw.reshape(-1).view(np.uint8).reshape(n_rows, nb, size)
     out = np.zeros((n_rows, planar_stride(qtype, n_cols)), np.uint8)
