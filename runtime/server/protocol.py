@@ -176,7 +176,19 @@ def chunk(kind: str, rid: str, model: str, *, text: str | None = None,
                             "model": model, "choices": [] if use is not None else choices}
     if use is not None:
         body["usage"] = use
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    return f"data: {sse_json(body)}\n\n"
+
+
+# Characters that JSON leaves raw (with ensure_ascii off) but that Python's str.splitlines, and
+# so httpx's line reader, treat as line ends: a token decoding to one split its event in two.
+_LINE_ENDS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_json(body: Any) -> str:
+    """JSON for one SSE data line: UTF-8 text as it is, except the characters that line
+    readers split on, escaped (JSON's own escaping already covers \\n, \\r and the rest
+    below U+0020; these can only occur inside strings, so the escape is exact)."""
+    return json.dumps(body, ensure_ascii=False).translate(_LINE_ENDS)
 
 
 def error_event(err: APIError) -> str:

@@ -354,3 +354,21 @@ def test_critical_work_pauses_background_work_and_both_finish_whole(model):
     order, texts, paused = asyncio.run(run())
     assert paused == ["background"] and order == ["critical", "background"]
     assert texts["background"] == alone
+
+
+@pytest.mark.parametrize("kind", ["text", "chat"])
+def test_a_streamed_event_stays_one_line_whatever_the_text(kind):
+    """A token may decode to U+2028, U+2029 or U+0085, which JSON leaves raw but line readers
+    (str.splitlines, httpx's aiter_lines) split on: the event escapes them, and the text
+    decodes back unchanged. (A CI run cut one completion event in two at such a token.)"""
+    from runtime.server.protocol import chunk
+
+    text = "a\u2028b\u0085c\u2029d\ne\r\tf é 中"
+    event = chunk(kind, "id", "tiny", text=text)
+    assert event.startswith("data: ") and event.endswith("\n\n")
+    lines = event[:-2].splitlines()
+    assert len(lines) == 1
+    body = json.loads(lines[0][6:])
+    got = body["choices"][0]["delta" if kind == "chat" else "text"]
+    assert (got["content"] if kind == "chat" else got) == text
+    assert "é 中" in event  # other text stays UTF-8, not \u-escaped
