@@ -31,6 +31,12 @@ from bench.report import print_report  # noqa: E402
 SHOWN = ("LWS", "RPW", "DP4A", "QU", "SHFL")  # the knobs a decode matmul's speed depends on
 
 
+def with_knobs(params: Any, text: str) -> Any:
+    """params with --set's "K=V,..." applied (ValueError/TypeError on a bad pair or name)."""
+    knobs = dict(kv.split("=") for kv in text.split(",") if kv.strip())
+    return replace(params, **{k.strip(): int(v) for k, v in knobs.items()})
+
+
 def grid(dev: Any, base: Any) -> list[Any]:
     """The work-group shapes `claw runtime tune` would try (on a GPU: a warp or more a row, at
     most 256 work-items a group), the other knobs as in `base`."""
@@ -77,7 +83,7 @@ def main() -> int:
     from gguf import GGMLQuantizationType as T
 
     from runtime.backends.opencl_device import copy_bandwidth, find_device
-    from runtime.backends.opencl_kernels import X8_TYPES, Kernels
+    from runtime.backends.opencl_kernels import Kernels
     from runtime.backends.opencl_programs import ProgramCache
     from runtime.backends.opencl_tuning import gemv_bandwidth, load_params
     from runtime.backends.weight_stream import Q8_ACTIVATION_TYPES
@@ -93,12 +99,11 @@ def main() -> int:
     programs = ProgramCache(dev)
     base, source = load_params(dev)
     try:
-        knobs = dict(kv.split("=") for kv in args.set.split(",") if kv.strip())
-        base = replace(base, **{k.strip(): int(v) for k, v in knobs.items()})
+        base = with_knobs(base, args.set)
     except (ValueError, TypeError) as e:
         print(f"bench_gemv: --set {args.set!r}: {e} (expected e.g. SHFL=1,QU=8)", file=sys.stderr)
         return 2
-    source += f" with {args.set}" if knobs else ""
+    source += f" with {args.set}" if args.set.strip() else ""
     copy = copy_bandwidth(dev, Kernels(dev, base, programs).ops, 1 << 30)
     w32 = np.random.default_rng(0).standard_normal((args.rows, args.cols)).astype(np.float32)
     rows: list[dict] = []
@@ -111,11 +116,10 @@ def main() -> int:
 
         def measure(params: Any, repack: bool = True, qtype: Any = qtype, raw: Any = raw,
                     want: Any = want, bound: Any = bound) -> dict | None:
-            layout = "planes" if repack and qtype in X8_TYPES and params.LWS > 1 else \
-                "x8" if repack and qtype in X8_TYPES and params.LWS == 1 else "file"
             try:
-                gbs, seconds, y = gemv_bandwidth(dev, params, programs, raw, qtype,
-                                                 (args.rows, args.cols), args.repeats, repack)
+                gbs, seconds, y, layout = gemv_bandwidth(dev, params, programs, raw, qtype,
+                                                         (args.rows, args.cols), args.repeats,
+                                                         repack)
             except Exception as e:  # a shape the device refuses (work-group size, a build)
                 err = str(e).strip().splitlines()
                 print(f"  {qtype.name} {asdict(params)}: {err[0] if err else e!r}",

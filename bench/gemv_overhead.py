@@ -27,6 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_gemv import with_knobs  # noqa: E402
 from bench.report import print_report  # noqa: E402
 
 PROBES = """
@@ -74,8 +75,12 @@ def main() -> int:
 
     dev = find_device(kind=args.device)
     params, _ = load_params(dev)
-    knobs = dict(kv.split("=") for kv in args.set.split(",") if kv.strip())
-    params = replace(params, **{k.strip(): int(v) for k, v in knobs.items()})
+    try:
+        params = with_knobs(params, args.set)
+    except (ValueError, TypeError) as e:
+        print(f"gemv_overhead: --set {args.set!r}: {e} (expected e.g. SHFL=1,QU=8)",
+              file=sys.stderr)
+        return 2
     cl, queue = dev.cl, profiling_queue(dev)
     prog = cl.Program(dev.context, PROBES).build()
     mf = cl.mem_flags
@@ -128,7 +133,7 @@ def main() -> int:
             timed = launches[copies:]
             one = min((e.profile.end - e.profile.start) * 1e-9 for e in timed)
             span = (timed[-1].profile.end - timed[0].profile.start) * 1e-9 / len(timed)
-            label = f"{qtype.name} GEMV {shape[0]}x{shape[1]} ({mats[0].layout or 'file'})"
+            label = f"{qtype.name} GEMV {shape[0]}x{shape[1]} ({mats[0].layout_name})"
             row(f"{label}, one launch", big.nbytes, one)
             row(f"{label}, back to back", big.nbytes, span)
             for m in mats:

@@ -73,6 +73,10 @@ class DeviceMatrix:
         return self.n_rows * self.row_bytes
 
     @property
+    def layout_name(self) -> str:
+        return {FILE: "file", X8: "x8", PLANAR: "planes"}[self.layout]
+
+    @property
     def suffix(self) -> str:
         """The format's name in matmul.cl's kernels for this layout: q4_0, q4_0x8, q4_0p."""
         return FORMATS[self.qtype] + self.layout

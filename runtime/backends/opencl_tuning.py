@@ -82,6 +82,7 @@ class GemvTiming(NamedTuple):
     bytes_per_s: float  # the weight's bytes over the best launch's device time
     seconds: float  # that launch's device time
     y: np.ndarray  # the product of the last launch: x is all ones, so each row's weight sum
+    layout: str  # the matrix's layout on the device (DeviceMatrix.layout_name)
 
 
 def gemv_bandwidth(dev: Device, params: Params, programs: ProgramCache, raw: np.ndarray,
@@ -115,7 +116,7 @@ def gemv_bandwidth(dev: Device, params: Params, programs: ProgramCache, raw: np.
     out = kern.read(y, (shape[0],))
     for m in mats:
         m.parts[0][2].release()
-    return GemvTiming(raw.nbytes / best, best, out)
+    return GemvTiming(raw.nbytes / best, best, out, first.layout_name)
 
 
 def candidates(dev: Device) -> list[Params]:

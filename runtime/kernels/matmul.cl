@@ -34,6 +34,9 @@
 #ifndef SHFL
 #define SHFL 0
 #endif
+#ifndef QU
+#define QU 4
+#endif
 
 typedef const global uchar* blk_t;
 
@@ -769,9 +772,6 @@ QFORMAT(q4_0, 18)
 // (H200, 14336 x 4096, bench/RESULTS.md: Q8_0 63-69 % of copy bandwidth in one launch, 92 % at
 // the margin; Q4_0 50 %, 80 % at the margin. A launch costs 3.6-5 us before it reads, and pure
 // reads of the same 62 MB reach only 74-80 % of the copy figure.)
-#ifndef QU
-#define QU 4
-#endif
 #define QB_q8_0 32
 #define QB_q4_0 16
 #define QMATMUL_PLANAR_KERNEL(T)                                                               \

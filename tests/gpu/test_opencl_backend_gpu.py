@@ -62,8 +62,8 @@ def test_quantized_gemv_reaches_80_percent_of_copy_bandwidth(kern, qtype):
     rows, cols = 14336, 4096  # a Llama-3-8B FFN matrix, stored as 14336 rows of 4096
     raw = quantize(np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32),
                    qtype)
-    achieved, seconds, _ = gemv_bandwidth(kern.dev, kern.params, ProgramCache(kern.dev), raw,
-                                          qtype, (rows, cols))
+    achieved, seconds, _, _ = gemv_bandwidth(kern.dev, kern.params, ProgramCache(kern.dev), raw,
+                                             qtype, (rows, cols))
     ceiling = copy_bandwidth(kern.dev, kern.ops, 1 << 30)
     print(f"{qtype.name} GEMV {rows}x{cols}: {seconds * 1e6:.1f} us, {achieved / 1e9:.1f} GB/s "
           f"of {ceiling / 1e9:.1f} GB/s copy ({achieved / ceiling:.0%})")

@@ -247,8 +247,8 @@ def test_gemv_bandwidth_is_timed_on_the_device_clock(kern):
     raw = quantize(np.random.default_rng(0).standard_normal((256, 512)).astype(np.float32),
                    T.Q4_0)
     for params in (kern.params, gpu_shaped(kern).params):  # interleaved, then in planes
-        gbs, seconds, y = gemv_bandwidth(kern.dev, params, ProgramCache(kern.dev), raw, T.Q4_0,
-                                         (256, 512), repeats=3)
+        gbs, seconds, y, _ = gemv_bandwidth(kern.dev, params, ProgramCache(kern.dev), raw,
+                                            T.Q4_0, (256, 512), repeats=3)
         assert 0 < seconds < 0.5 and gbs == pytest.approx(raw.nbytes / seconds)
         np.testing.assert_allclose(y, dequantize(raw, T.Q4_0, (256, 512)).sum(1), rtol=1e-4,
                                    atol=1e-4)  # x is all ones (exact in Q8_0)
