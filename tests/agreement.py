@@ -1,6 +1,6 @@
 """Token agreement between two correct forward passes whose logits differ by a small amount.
 
-Where Q4_0/Q8_0 products round their inputs to Q8_0 blocks (as llama.cpp does), two
+Where quantized products round their inputs to Q8_0 blocks (as llama.cpp does), two
 implementations that add in a different order can put an input on either side of a rounding
 midpoint, and logits move by up to a few 1e-3 (INT8_LOGIT_TOL below). The tiny
 random-weight test models have near-ties at that distance, so "identical greedy tokens" becomes:
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# Whole-model logits where Q4_0/Q8_0 products round their inputs to Q8_0 blocks: an input that
+# Whole-model logits where quantized products round their inputs to Q8_0 blocks: an input that
 # two correct implementations compute a float rounding apart can land on either side of a
 # rounding midpoint and move by one step (max|x|/127), so their logits differ by up to a few
 # 1e-3 (measured 1.3e-4..2.1e-3 OpenCL vs numpy, 3.9e-3..4.6e-3 numpy vs float transformers on

@@ -2,7 +2,7 @@
 device: PoCL's CPU device in tests/integration, a GPU in the `gpu` tier.
 
 Tolerances (float32 throughout): matmuls |ours - numpy| ≤ 1e-5 · Σ|w||x| per output (rounding
-order of the dot product only: both read the same quantized weights and, for Q4_0/Q8_0 weights,
+order of the dot product only: both read the same quantized weights and, for quantized weights,
 round x to the same Q8_0 blocks (weight_stream.weight_input); a wrong nibble or scale is off by
 ~1e-1); embedding rows bit-exact; RMSNorm, RoPE, SwiGLU, softmax ≤ 1e-5 relative;
 attention ≤ 1e-5; argmax/top-k exact.
@@ -52,7 +52,7 @@ def check_matmul(kern: Kernels, qtype: T, n_tok: int, rows: int = 37, cols: int 
     y0 = RNG.standard_normal((n_tok, rows)).astype(np.float32)
     y = kern.upload(y0)
     kern.matmul(m, kern.upload(x), y, n_tok, accumulate=True)
-    x = weight_input(x, qtype)  # what numpy multiplies (Q8_0-rounded for Q4_0/Q8_0)
+    x = weight_input(x, qtype)  # what numpy multiplies (Q8_0-rounded unless F32/F16)
     ours, ref = kern.read(y, (n_tok, rows)), y0 + x @ wd.T
     bound = 1e-5 * (np.abs(x) @ np.abs(wd).T) + 1e-6
     assert (np.abs(ours - ref) <= bound).all(), f"{qtype.name}: {np.abs(ours - ref).max()}"

@@ -7,10 +7,11 @@ positions, H query heads, KV key/value heads, D head size, C model width, F FFN 
 Weights come from a `WeightStore`: without a memory plan every weight is dequantized to float32
 when first used and kept; under a plan (runtime/memory_plan.py) some layers stay quantized and
 are dequantized tile by tile, and some stream from disk a layer ahead of use, so a model larger
-than the budget runs with the same tokens (slower). Like llama.cpp, products with Q4_0/Q8_0
-weights round their input to Q8_0 blocks first (WeightStore.matmul, in every tier), which is
-what the OpenCL backend's integer kernels compute too. Attention runs per block of queries so that
-its score matrix stays under the plan's bound, whatever the prompt length.
+than the budget runs with the same tokens (slower). Like llama.cpp, products with quantized
+weights (every type but F32/F16) round their input to Q8_0 blocks first (WeightStore.matmul,
+in every tier), which is what the OpenCL backend's integer kernels compute too. Attention
+runs per block of queries so that its score matrix stays under the plan's bound, whatever the
+prompt length.
 """
 
 from __future__ import annotations

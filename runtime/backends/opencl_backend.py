@@ -40,7 +40,7 @@ from runtime.model_file import ModelSource
 
 
 def int8_input(layer: dict[str, Any], *names: str) -> bool:
-    """Whether one of these products rounds its input to Q8_0 (Q4_0/Q8_0 weights), so that
+    """Whether one of these products rounds its input to Q8_0 (quantized weights), so that
     the RMSNorm before them writes the rounded copy too."""
     return any(isinstance(m := layer.get(n), DeviceMatrix) and m.qtype in Q8_ACTIVATION_TYPES
                for n in names)

@@ -84,6 +84,7 @@ class DeviceMatrix:
 
 X8_GROUP = 4  # work-items (of 8 interleaved rows each) in a work-group
 X8_TYPES = (T.Q4_0, T.Q8_0)  # the types matmul.cl has *_<type>x8 kernels for
+VNNI_TYPES = (T.Q4_0, T.Q8_0, T.Q5_0)  # ... and qgemm8_<type> kernels (VNNI prefill, file layout)
 
 
 def pairs(rows: int, rpw: int) -> int:
@@ -262,7 +263,7 @@ class Kernels:
 
     def quantize_q8(self, x: Any, n_cols: int, n_tok: int) -> Q8:
         """x (n_tok, n_cols) rounded to Q8_0 blocks in a reused scratch: (int8 values, float32
-        scale per 32), what the q* kernels of Q4_0/Q8_0 weights read (numpy: q8_activations).
+        scale per 32), what the q* kernels of quantized weights read (numpy: q8_activations).
         Valid until the next quantization: the in-order queue runs the launches in turn."""
         xq, xd = self._q8_scratch(n_cols * n_tok)
         self.launch(self.ops, "quantize_q8", (n_cols // 32, n_tok), None, x, xq, xd,
@@ -271,7 +272,7 @@ class Kernels:
 
     def _qmatmul(self, w: DeviceMatrix, x: Any, y: Any, n_tok: int, stride: int,
                  y_off: int | PerStep, accumulate: bool, q8: Q8 | None) -> None:
-        """matmul() for Q4_0/Q8_0 weights: int8 activations, integer dot products per block.
+        """matmul() for quantized weights: int8 activations, integer dot products per block.
         Decode: LWS work-items a row (GPUs) or one (CPUs); prefill: a token tile per row."""
         p, name = self.params, w.suffix
         xq, xd = q8 or self.quantize_q8(x, w.n_cols, n_tok)
@@ -295,7 +296,7 @@ class Kernels:
             elif n_tok == 1:  # two rows a work-item
                 self.launch(self.mm, f"qgemv_{name}", (pairs(n, p.RPW),), (p.RPW,), buf, xq, xd,
                             y, cols, np.int32(n), np.int32(w.row_bytes), off, acc)
-            elif self.vnni and w.layout == FILE:  # 8 rows x 8 tokens a work-item (qgemm8)
+            elif self.vnni and w.layout == FILE and w.qtype in VNNI_TYPES:  # 8 rows x 8 tokens
                 tiles = (math.ceil(n / 32) * 4, math.ceil(n_tok / 8))
                 self.launch(self.mm, f"qgemm8_{name}", tiles, (4, 1), buf, xq, xd, y, cols,
                             np.int32(n), np.int32(n_tok), np.int32(w.row_bytes),
@@ -310,7 +311,7 @@ class Kernels:
                y_off: int | PerStep = 0, accumulate: bool = False,
                q8: Q8 | None = None) -> None:
         """y[t, :] (+)= W x[t] for t < n_tok; x is (n_tok, n_cols), y rows of y_stride.
-        Like llama.cpp, Q4_0/Q8_0 weights multiply x rounded to Q8_0 blocks (_qmatmul): `q8`,
+        Like llama.cpp, quantized weights multiply x rounded to Q8_0 blocks (_qmatmul): `q8`,
         when given, is x already rounded (rms_norm's or quantize_q8's), else this rounds it."""
         p = self.params
         stride = w.n_rows if y_stride is None else y_stride
@@ -414,7 +415,7 @@ class Kernels:
     def rms_norm(self, x: Any, w: Any, out: Any, n: int, n_rows: int, eps: float, *,
                  q8: bool = False) -> Q8 | None:
         """out = RMSNorm(x) · w per row; with q8 also out rounded to Q8_0 blocks in the same
-        launch, returned as quantize_q8 returns it (for the Q4_0/Q8_0 products that read out)."""
+        launch, returned as quantize_q8 returns it (for the quantized products that read out)."""
         wg = self.params.WG
         if q8 and n % 32 == 0:
             xq, xd = self._q8_scratch(n * n_rows)

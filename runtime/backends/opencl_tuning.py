@@ -92,7 +92,7 @@ def gemv_bandwidth(dev: Device, params: Params, programs: ProgramCache, raw: np.
     device's own event clock. The weight is uploaded once and copied on the device until the
     copies overflow its cache four times (256 MiB at least); the launches take them in turn, so
     that each one reads memory, not a cache that still holds the last (an H100's 50 MB L2
-    holds a whole 4096 x 14336 Q4_0 matrix). Q4_0/Q8_0's activation rounding is done once,
+    holds a whole 4096 x 14336 Q4_0 matrix). A quantized type's activation rounding is done once,
     outside the timing: what is measured is the product's weight stream."""
     kern = Kernels(replace(dev, queue=profiling_queue(dev)), params, programs)
     cache = int(getattr(dev.device, "global_mem_cache_size", 0) or 0)  # an H200 says 4 MiB
@@ -136,7 +136,7 @@ def tune(dev: Device, programs: ProgramCache, *, rows: int = 2048, cols: int = 2
          prompt: int = 64, repeats: int = 3, log: Callable[[str], None] = print) -> Params:
     """Time decode and prefill matmuls (Q4_0, a rows x cols matrix) for each candidate (on
     GPUs then loads in flight and warp shuffles for the best shape), then token tiles (on Q4_K:
-    Q4_0/Q8_0 prefill on AVX-512 VNNI hosts runs matmul.cl's qgemm8, whose 8 x 8 tile is
+    Q4_0/Q5_0/Q8_0 prefill on AVX-512 VNNI hosts runs matmul.cl's qgemm8, whose 8 x 8 tile is
     fixed, so TT would be timed on noise there) and attention split sizes, and store the
     fastest set for this device."""
     rng = np.random.default_rng(0)

@@ -73,9 +73,10 @@ def release_pages(ref: TensorRef, drop_cache: bool = True) -> None:
         os.close(fd)
 
 
-# Weight types whose products take Q8_0-quantized activations (llama.cpp's vec_dot_q4_0_q8_0 and
-# vec_dot_q8_0_q8_0): the integer dot products that make them fast need int8 on both sides.
-Q8_ACTIVATION_TYPES = frozenset({T.Q4_0, T.Q8_0})
+# Weight types whose products take Q8_0-quantized activations, as every quantized type does in
+# llama.cpp (vec_dot_q4_0_q8_0, vec_dot_q4_K_q8_K, ...): the integer dot products that make them
+# fast need int8 on both sides. F32/F16 weights multiply x as it is.
+Q8_ACTIVATION_TYPES = frozenset({T.Q4_0, T.Q8_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K})
 
 
 def q8_activations(x: np.ndarray) -> np.ndarray:
@@ -161,7 +162,7 @@ class WeightStore:
 
     def matmul(self, x: np.ndarray, name: str) -> np.ndarray:
         """x @ W.T for x (T, cols): from float32 when resident, else row tile by row tile, each
-        dequantized into at most TILE_BYTES of scratch. Q4_0/Q8_0 weights multiply x rounded
+        dequantized into at most TILE_BYTES of scratch. Quantized weights multiply x rounded
         to Q8_0 blocks (see the module docstring), decided by the tensor's GGUF type."""
         x = weight_input(x, self.source.tensors[name].qtype)
         if self.tier.get(name, "f32") == "f32":

@@ -593,21 +593,33 @@ inline float qblock_q4_0(blk_t row, int c, const global char* x, float8* p) {
 }
 #endif
 
+// qacc_<T>(acc, row, c, x, dx, xs): *acc += the 8 partial sums of block c of a row times an
+// activation block (int8 values x, scale dx, integer sum xs). Q4_0 and Q8_0 keep the statement
+// the interleaved kernels' floats are matched against (see lane0).
+inline void qacc_q8_0(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) {
+    float8 p;
+    const float d = qblock_q8_0(row, c, x, &p) * dx;
+    *acc += d * p;
+}
+inline void qacc_q4_0(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) {
+    float8 p;
+    const float d = qblock_q4_0(row, c, x, &p) * dx;
+    *acc += d * p;
+}
+
 // The dot products of two rows of W (their GGUF blocks) with one quantized activation row:
-// decode reads each activation block once for both (and, for Q4_0, pmaddubsw(8, x) is the
-// same for both rows: the compiler computes it once).
+// decode reads each activation block once for both (and what a block's terms take from x
+// alone, such as Q4_0's pmaddubsw(8, x), the compiler computes once for both rows).
+// XS, the blocks' integer sums, follows the nb scales of XD (ops.cl's quantize_q8).
 #define QDOT2(T, out0, out1, wrow0, wrow1, XQ, XD, n_cols)                                     \
     float out0, out1;                                                                          \
     {                                                                                          \
         float8 acc0_ = 0.0f, acc1_ = 0.0f;                                                     \
+        const global int* xs_ = (const global int*)((XD) + (n_cols) / 32);                     \
         for (int c = 0; c < (n_cols) / 32; c++) {                                              \
-            float8 p0_, p1_;                                                                   \
             const global char* x_ = (XQ) + 32 * c;                                             \
-            const float dx_ = (XD)[c];                                                         \
-            const float d0_ = qblock_##T(wrow0, c, x_, &p0_) * dx_;                            \
-            const float d1_ = qblock_##T(wrow1, c, x_, &p1_) * dx_;                            \
-            acc0_ += d0_ * p0_;                                                                \
-            acc1_ += d1_ * p1_;                                                                \
+            qacc_##T(&acc0_, wrow0, c, x_, (XD)[c], xs_[c]);                                   \
+            qacc_##T(&acc1_, wrow1, c, x_, (XD)[c], xs_[c]);                                   \
         }                                                                                      \
         out0 = hsum8(acc0_);                                                                   \
         out1 = hsum8(acc1_);                                                                   \
@@ -760,6 +772,182 @@ kernel void qmatmul_##T##_vec(blk_t W, const global char* XQ, const global float
     QMATMUL_VEC_KERNEL(T, BS)
 QFORMAT(q8_0, 34)
 QFORMAT(q4_0, 18)
+
+// ---- The other quantized formats with int8 activations (llama.cpp's vec_dot_<type>_q8_0,
+// _q8_1, _q8_K) ----
+// Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K weights meet the same Q8_0 activation blocks as Q4_0
+// and Q8_0 (numpy: weight_stream.Q8_ACTIVATION_TYPES). A block of 32 weights (a K format's
+// sub-block; two of Q6_K's sub-blocks of 16, each with its own scale) gives exact integer
+// products with the block's 32 int8 values, scaled once; a format with an offset (x = d q + m)
+// adds m * d_x * sum(x_q), from the block sums quantize_q8 writes after the scales. Resident
+// and streamed layers read the file's layout alike (no repacking), so they give the same floats.
+// On x86 CPUs (AVX2) the weights enter pmaddubsw as unsigned bytes (at most 63: a pair of
+// products stays below 2^15); elsewhere (GPUs) a block is dequantized to floats and multiplied
+// by x's int8 values as floats.
+#if defined(__AVX2__) && UNALIGNED
+typedef uint uint_u __attribute__((aligned(1)));
+typedef short v16hi_u __attribute__((vector_size(32), aligned(1)));  // 32 bytes anywhere
+#define ONES_16 ((v16hi){1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1})
+// 32 unsigned weights (< 64) times x in 8 int32 lanes of paired products.
+inline v8si umadd32(v32qi w, v32qi x) {
+    return __builtin_ia32_pmaddwd256(__builtin_ia32_pmaddubsw256(w, x), ONES_16);
+}
+inline float8 to_f8(v8si v) { return __builtin_convertvector(v, float8); }
+inline float8 first(float v) { return (float8)(v, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f); }
+// 16 bytes of nibbles as 32 weights: low nibbles 0-15, high 16-31 (Q4_0's order).
+inline v32qi nibbles32(blk_t qs) {
+    const v16qi_u q = *(const global v16qi_u*)qs;
+    const v32qi both = __builtin_shufflevector(q, q, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                               13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                               12, 13, 14, 15);
+    const v8si nibble = {0, 0, 0, 0, 4, 4, 4, 4};
+    return (v32qi)__builtin_ia32_psrlv8si((v8si)both, nibble) & (char)15;
+}
+// Bit j of the little-endian word at qh as byte j: 16 where set (the 5th bits of Q5_0/Q5_1).
+inline v32qi bit5_bytes(blk_t qh) {
+    const uint h = *(const global uint_u*)qh;
+    const v8si all = {h, h, h, h, h, h, h, h};
+    const v32qi spread = __builtin_ia32_pshufb256(  /* byte j / 8 of h to byte j, per lane */
+        (v32qi)all, (v32qi){0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3});
+    const v32qi bit = {1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128,
+                       1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128};
+    return (v32qi)((spread & bit) == bit) & (char)16;
+}
+// The 32 weights of a K format's sub-block j from its 32 bytes of nibbles (qs + 32 (j / 2)).
+inline v32qi k_nibbles(blk_t qs, int j) {
+    return (v32qi)(*(const global v16hi_u*)(qs + 32 * (j >> 1)) >> (4 * (j & 1))) & (char)15;
+}
+
+// Q4_1 (20 bytes): d | m | qs[16].  x = d q + m
+inline void qacc_q4_1(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) {
+    blk_t b = row + 20 * c;
+    const v8si p = umadd32(nibbles32(b + 4), *(const global v32qi*)x);
+    *acc += (dq_scale(b) * dx) * to_f8(p) + first(dq_scale(b + 2) * dx * (float)xs);
+}
+// Q5_0 (22 bytes): d | qh[4] | qs[16].  x = d (q - 16): the -16 comes off the integer sum.
+inline void qacc_q5_0(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) {
+    blk_t b = row + 22 * c;
+    v8si p = umadd32(nibbles32(b + 6) | bit5_bytes(b + 2), *(const global v32qi*)x);
+    p[0] -= 16 * xs;
+    *acc += (dq_scale(b) * dx) * to_f8(p);
+}
+// Q5_1 (24 bytes): d | m | qh[4] | qs[16].  x = d q + m
+inline void qacc_q5_1(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) {
+    blk_t b = row + 24 * c;
+    const v8si p = umadd32(nibbles32(b + 8) | bit5_bytes(b + 4), *(const global v32qi*)x);
+    *acc += (dq_scale(b) * dx) * to_f8(p) + first(dq_scale(b + 2) * dx * (float)xs);
+}
+// Q4_K (144 bytes a super-block of 8): d | dmin | scales[12] | qs[128].  x = (d sc) q - dmin m
+inline void qacc_q4_k(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) {
+    blk_t b = row + 144 * (c >> 3);
+    const int j = c & 7;
+    float sc, m;
+    scale_min_k4(b + 4, j, &sc, &m);
+    const v8si p = umadd32(k_nibbles(b + 16, j), *(const global v32qi*)x);
+    *acc += (dq_scale(b) * sc * dx) * to_f8(p) - first(dq_scale(b + 2) * m * dx * (float)xs);
+}
+// Q5_K (176 bytes): d | dmin | scales[12] | qh[32] | qs[128]; the 5th bit of weight l of
+// sub-block j is bit j of qh[l].
+inline void qacc_q5_k(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) {
+    blk_t b = row + 176 * (c >> 3);
+    const int j = c & 7;
+    float sc, m;
+    scale_min_k4(b + 4, j, &sc, &m);
+    const v32qi h = (v32qi)((*(const global v16hi_u*)(b + 16) >> j) << 4) & (char)16;
+    const v8si p = umadd32(k_nibbles(b + 48, j) | h, *(const global v32qi*)x);
+    *acc += (dq_scale(b) * sc * dx) * to_f8(p) - first(dq_scale(b + 2) * m * dx * (float)xs);
+}
+// Q6_K (210 bytes): ql[128] | qh[64] | scales[16] int8 | d (see DQ_q6_k). The block's two
+// halves of 16 weights have their own scales: pmaddwd multiplies the 16-bit pair sums by them.
+// The -32 comes off in 16 bits as pmaddubsw(32, x) (|sum of a pair| <= 2 * 32 * 127 + 2 * 63 * 127).
+inline void qacc_q6_k(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) {
+    blk_t b = row + 210 * (c >> 3);
+    const int k = c & 7, h = k >> 2, qr = k & 3;
+    const v16hi lo = *(const global v16hi_u*)(b + 64 * h + 32 * (qr & 1)) >> (4 * (qr >> 1));
+    const v16hi hi = (*(const global v16hi_u*)(b + 128 + 32 * h) >> (2 * qr)) << 4;
+    const v32qi q = ((v32qi)lo & (char)15) | ((v32qi)hi & (char)48);
+    const v32qi xv = *(const global v32qi*)x;
+    const v16hi s = __builtin_ia32_pmaddubsw256(q, xv) -
+                    __builtin_ia32_pmaddubsw256(xv - xv + (char)32, xv);
+    const global char* scale = (const global char*)(b + 192 + 8 * h + 2 * qr);
+    const short s0 = scale[0], s1 = scale[1];
+    const v16hi k16 = {s0, s0, s0, s0, s0, s0, s0, s0, s1, s1, s1, s1, s1, s1, s1, s1};
+    *acc += (dq_scale(b + 208) * dx) * to_f8(__builtin_ia32_pmaddwd256(s, k16));
+}
+#else
+// The block dequantized (DQ_<T>: quants, scales of each half, offset) times x as floats.
+#define QACC_FLOAT(T)                                                                          \
+inline void qacc_##T(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) { \
+    float8 w0, w1, w2, w3;                                                                     \
+    const float4 s = DQ_##T(row, c, &w0, &w1, &w2, &w3);                                       \
+    const float8 x0 = convert_float8(LOAD_I8(0, x)), x1 = convert_float8(LOAD_I8(1, x));       \
+    const float8 x2 = convert_float8(LOAD_I8(2, x)), x3 = convert_float8(LOAD_I8(3, x));       \
+    *acc += dx * (s.x * (w0 * x0 + w1 * x1) + s.y * (w2 * x2 + w3 * x3));                      \
+    if (HAS_OFFSET_##T) *acc += (float8)(s.z * dx * (float)xs, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f,   \
+                                         0.0f, 0.0f);                                          \
+}
+QACC_FLOAT(q4_1)
+QACC_FLOAT(q5_0)
+QACC_FLOAT(q5_1)
+QACC_FLOAT(q4_k)
+QACC_FLOAT(q5_k)
+QACC_FLOAT(q6_k)
+#endif
+
+// Prefill for these formats: TILE_N tokens a work-item, one row; a block's weights are loaded
+// and unpacked once for the tile (the loads are the same for every token: the compiler keeps
+// them). Global (rows rounded up to RPW, ceil(n_tok / TILE_N)), local (RPW, 1).
+#define KGEMM_KERNEL(T)                                                                        \
+kernel void qgemm_##T(blk_t W, const global char* XQ, const global float* XD,                 \
+                      global float* Y, int n_cols, int n_rows, int n_tok, int row_bytes,       \
+                      int y_stride, int y_off, int accumulate) {                               \
+    const int row = get_global_id(0), t0 = get_global_id(1) * TILE_N, nb = n_cols / 32;        \
+    if (row >= n_rows) return;                                                                 \
+    blk_t wrow = W + (size_t)row * row_bytes;                                                  \
+    const global char* x[TILE_N];                                                              \
+    const global float* d[TILE_N];                                                             \
+    const global int* xs[TILE_N];                                                              \
+    float8 acc[TILE_N];                                                                        \
+    _Pragma("unroll") for (int t = 0; t < TILE_N; t++) {                                       \
+        const int r = min(t0 + t, n_tok - 1);                                                  \
+        x[t] = XQ + (size_t)r * n_cols; d[t] = XD + (size_t)r * nb; acc[t] = 0.0f;             \
+        xs[t] = (const global int*)(XD + (size_t)n_tok * nb) + (size_t)r * nb;                 \
+    }                                                                                          \
+    for (int c = 0; c < nb; c++)                                                               \
+        _Pragma("unroll") for (int t = 0; t < TILE_N; t++)                                     \
+            qacc_##T(&acc[t], wrow, c, x[t] + 32 * c, d[t][c], xs[t][c]);                      \
+    for (int t = 0; t < TILE_N && t0 + t < n_tok; t++) {                                       \
+        global float* y = Y + y_off + (size_t)(t0 + t) * y_stride + row;                       \
+        *y = hsum8(acc[t]) + (accumulate ? *y : 0.0f);                                         \
+    }                                                                                          \
+}
+// Decode on the GPU shape (LWS > 1): the LWS work-items of a row take its blocks in turn.
+#define KMATMUL_VEC_KERNEL(T)                                                                  \
+kernel void qmatmul_##T##_vec(blk_t W, const global char* XQ, const global float* XD,         \
+                              global float* Y, int n_cols, int n_rows, int n_tok,              \
+                              int row_bytes, int y_stride, int y_off, int accumulate) {        \
+    const int lane = get_local_id(0) % LWS, lrow = get_local_id(0) / LWS;                     \
+    const int row = get_global_id(0) / LWS, t0 = 0;                                            \
+    float8 a = 0.0f;                                                                           \
+    if (row < n_rows) {                                                                        \
+        blk_t wrow = W + (size_t)row * row_bytes;                                              \
+        const global int* xs = (const global int*)(XD + n_cols / 32);                          \
+        for (int c = lane; c < n_cols / 32; c += LWS)                                          \
+            qacc_##T(&a, wrow, c, XQ + 32 * c, XD[c], xs[c]);                                  \
+    }                                                                                          \
+    float acc[1];                                                                              \
+    acc[0] = hsum8(a);                                                                         \
+    REDUCE_AND_STORE(1)                                                                        \
+}
+#define KFORMAT(T) QGEMV_KERNEL(T) QGEMV_QKV_KERNEL(T) QGEMV_GLU_KERNEL(T) KGEMM_KERNEL(T)     \
+    KMATMUL_VEC_KERNEL(T)
+KFORMAT(q4_1)
+KFORMAT(q5_0)
+KFORMAT(q5_1)
+KFORMAT(q4_k)
+KFORMAT(q5_k)
+KFORMAT(q6_k)
 
 // ---- Q4_0 and Q8_0 in planes (GPUs) ----
 // Where decode runs LWS work-items a row (GPUs), the backend repacks a resident Q4_0 or Q8_0
@@ -1017,8 +1205,9 @@ X8_FORMAT(q8_0)
 // lane) per 4 bytes of x, broadcast from memory, gives a block's 8 row dot products after 8
 // instructions (Q8_0) with no horizontal sums; one convert and one FMA scale them. vpdpbusd
 // wants its register operand unsigned, so the weights go in offset: Q4_0 as its raw nibbles
-// (q + 8), Q8_0 as q + 128 (an xor of the sign bit), and the accumulator starts at -K * sum(x)
-// of the token's block (K = 8 or 128): the same integers as the signed product, exactly.
+// (q + 8), Q5_0 as its raw 5 bits (q + 16), Q8_0 as q + 128 (an xor of the sign bit), and the
+// accumulator starts at -K * sum(x) of the token's block (K = 8, 16 or 128): the same integers
+// as the signed product, exactly.
 // Scale and sum order per (row, token) is numpy's blocks in turn, as qgemm's.
 #if defined(__AVX2__) && UNALIGNED && defined(VNNI) && VNNI
 #define QT_TOK 8
@@ -1073,12 +1262,13 @@ VNNI_FN static void blocks_q8_0(const blk_t* w, int c, v8si* wt) {
     }
 }
 
-// A Q4_0 block of 8 rows: wt[k] lane j = nibbles of weights 4k..4k+3 of row j (k < 4, low
-// nibbles) and 4k-16.. (k >= 4, high nibbles), matching x's dword k.
-VNNI_FN static void blocks_q4_0(const blk_t* w, int c, v8si* wt) {
+// A block of nibbles (16 bytes at `at` in each of 8 rows): wt[k] lane j = nibbles of weights
+// 4k..4k+3 of row j (k < 4, low nibbles) and 4k-16.. (k >= 4, high nibbles), matching x's
+// dword k.
+VNNI_FN static void nibble_blocks(const blk_t* w, int at, v8si* wt) {
     v4si r[8];
     v8si p[4], t[4];
-    _Pragma("unroll") for (int j = 0; j < 8; j++) r[j] = *(const global v4si_u*)(w[j] + c * 18 + 2);
+    _Pragma("unroll") for (int j = 0; j < 8; j++) r[j] = *(const global v4si_u*)(w[j] + at);
     _Pragma("unroll") for (int j = 0; j < 4; j++) p[j] = __builtin_shufflevector(r[j], r[j + 4], 0, 1, 2, 3, 4, 5, 6, 7);
     _Pragma("unroll") for (int j = 0; j < 4; j += 2) {
         t[j] = __builtin_shufflevector(p[j], p[j + 1], 0, 8, 1, 9, 4, 12, 5, 13);
@@ -1090,6 +1280,18 @@ VNNI_FN static void blocks_q4_0(const blk_t* w, int c, v8si* wt) {
                        __builtin_shufflevector(t[1], t[3], 2, 3, 10, 11, 6, 7, 14, 15)};
     const v8si lo = SPLAT8(0x0f0f0f0f);
     _Pragma("unroll") for (int k = 0; k < 4; k++) { wt[k] = u[k] & lo; wt[k + 4] = (u[k] >> 4) & lo; }
+}
+VNNI_FN static void blocks_q4_0(const blk_t* w, int c, v8si* wt) { nibble_blocks(w, c * 18 + 2, wt); }
+// Q5_0: Q4_0's nibbles plus each weight's 5th bit (bit i of the row's qh is weight i's): the
+// 4 bits of weights 4k..4k+3 go to bit 4 of the 4 bytes of dword k (a multiply by 0x00204081
+// moves bit b of a nibble to bit 8b, no two terms overlapping).
+VNNI_FN static void blocks_q5_0(const blk_t* w, int c, v8si* wt) {
+    nibble_blocks(w, c * 22 + 6, wt);
+#define QH(j) (int)*(const global uint_u*)(w[j] + c * 22 + 2)
+    const v8si h = {QH(0), QH(1), QH(2), QH(3), QH(4), QH(5), QH(6), QH(7)};
+#undef QH
+    _Pragma("unroll") for (int k = 0; k < 8; k++)
+        wt[k] |= ((((h >> (4 * k)) & 15) * 0x00204081) & 0x01010101) << 4;
 }
 
 #define QGEMM8_TILE(T, BS, K)                                                                  \
@@ -1136,4 +1338,5 @@ kernel void qgemm8_##T(blk_t W, const global char* XQ, const global float* XD,  
 }
 QGEMM8_TILE(q8_0, 34, 128)
 QGEMM8_TILE(q4_0, 18, 8)
+QGEMM8_TILE(q5_0, 22, 16)
 #endif

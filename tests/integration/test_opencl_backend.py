@@ -37,10 +37,10 @@ FILES = {
                         "token_embd.weight": T.Q8_0}),
 }
 # Logit tolerance (max |ours - numpy|, logits of magnitude ~0.5): the same weights are read by
-# both, so only float32 summation order differs; files with Q4_0/Q8_0 products also round their
+# both, so only float32 summation order differs; files with quantized products also round their
 # inputs to Q8_0, where that order can flip a rounding step (opencl_checks.INT8_LOGIT_TOL).
 LOGIT_TOL = 1e-5
-INT8_FILES = {"q8_0", "q4_0"}  # (q4_k_m's Q8_0 tied head flips no step on this prompt)
+INT8_FILES = {"q8_0", "q4_0", "q4_k_m"}
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ pytest.importorskip("pyopencl")
 
 import numpy as np
 
+from runtime.backends import opencl_kernels as ok
 from runtime.backends.opencl_kernels import FILE, PLANAR, X8, Kernels, interleave, planar
 from runtime.backends.opencl_programs import ProgramCache
 from runtime.backends.opencl_tuning import default_params
@@ -80,17 +81,17 @@ def test_weights_larger_than_the_device_allows_are_split(kern, monkeypatch):
     checks.check_split_weights(kern)
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K], ids=lambda t: t.name)
 def test_prefill_tiles_agree_with_numpy_on_odd_shapes(kern, qtype):
-    """Prefill's Q4_0/Q8_0 kernels tile 8 rows x 8 tokens (qgemm8, on hosts with AVX-512 VNNI)
-    or one row x 8 tokens (qgemm): rows below, off and on the row tile, token counts off and on
-    the token tile, through both kernels where the host has both."""
+    """Prefill's Q4_0/Q5_0/Q8_0 kernels tile 8 rows x 8 tokens (qgemm8, on hosts with AVX-512
+    VNNI) or one row x 8 tokens (qgemm, every quantized type): rows below, off and on the row
+    tile, token counts off and on the token tile, through both kernels where the host has both."""
     for vnni in sorted({False, kern.vnni}):
         k = copy.copy(kern)  # the same programs, the other prefill kernel
         k.vnni = vnni
         for rows, n_tok in [(5, 3), (37, 7), (64, 8), (13, 17), (8, 40), (100, 2)]:
             checks.check_matmul(k, qtype, n_tok, rows=rows)
-        if vnni:
+        if vnni and qtype in ok.VNNI_TYPES:
             assert f"qgemm8_{qtype.name.lower()}" in k._kernels, "the VNNI kernel did not run"
 
 
@@ -207,7 +208,8 @@ def test_file_layout_gives_the_repacked_floats_exactly(kern, qtype, layout):
         assert np.array_equal(plain, interleaved)
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_K, T.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K, T.F16],
+                         ids=lambda t: t.name)
 def test_fused_decode_launches_agree_with_numpy(kern, qtype):
     checks.check_fused_decode(kern, qtype)
 
@@ -216,11 +218,13 @@ def test_fused_decode_launches_agree_with_numpy(kern, qtype):
                                    {"LWS": 32, "RPW": 4, "TT": 4, "UNALIGNED": 0, "DP4A": 1,
                                     "QU": 8, "SHFL": 1}],
                          ids=["gemm-tile-4", "matmul-lws-4", "portable", "gpu-default"])
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [t for t in checks.MATMUL_TYPES if t not in (T.F32, T.F16)]
+                         + [T.F16], ids=lambda t: t.name)
 def test_every_tunable_matmul_shape_agrees_with_numpy(kern, shape, qtype):
     """`claw runtime tune` may pick a 4-token gemm tile, or the work-group matmul kernels (LWS > 1,
     the GPU shape): each must agree as the default shape does. UNALIGNED 0 compiles what a GPU
-    runs: vload8 and, for Q4_0/Q8_0, the plain char/short dot products instead of AVX2's.
+    runs: vload8, and for the quantized types the portable int8 or float block products
+    instead of AVX2's.
     Q4_0/Q8_0 rows of 50 and 15 blocks too (on the GPU shape: halves of blocks that do not
     fill the last round of the 32 work-items of a row)."""
     params = dataclasses.replace(kern.params, **shape)

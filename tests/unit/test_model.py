@@ -114,7 +114,7 @@ def test_quantized_gguf_matches_transformers_on_the_same_weights(hf_models, name
     reference = build_hf(*CONFIGS[name])
     load_reference_weights(reference, gguf_path)
     ids = prompt()
-    # Q4_0/Q8_0 products round activations to Q8_0 blocks (as llama.cpp does; transformers
+    # Quantized products round activations to Q8_0 blocks (as llama.cpp does; transformers
     # multiplies float32): measured 3.9e-3..4.6e-3 here, against ~1e-1 for a wrong nibble/scale.
     tol = 1e-2 if qtype in Q8_ACTIVATION_TYPES else 1e-4
     assert np.abs(our_logits(gguf_path, ids) - hf_logits(reference, ids)).max() <= tol
@@ -185,4 +185,5 @@ def test_mixed_types_like_q4_k_m(hf_models, tmp_path):
     reference = build_hf(*CONFIGS["llama-gqa"])
     load_reference_weights(reference, gguf_path)
     ids = prompt()
-    assert np.abs(our_logits(gguf_path, ids) - hf_logits(reference, ids)).max() <= 1e-4
+    # every product rounds its input to Q8_0 blocks: the tolerance of the quantized test above
+    assert np.abs(our_logits(gguf_path, ids) - hf_logits(reference, ids)).max() <= 1e-2

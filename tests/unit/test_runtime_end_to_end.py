@@ -60,7 +60,8 @@ def test_convert_and_info_through_the_cli(hf_dir, tmp_path, claw):
     data = json.loads(info.out)
     assert data["arch"] == "llama" and data["format"] == "gguf"
     assert set(data["tensor_bytes"]) == {"Q8_0", "F32"}
-    assert data["q8_activation_types"] == ["Q4_0", "Q8_0"]  # the numerics the file runs with
+    assert data["q8_activation_types"] == [  # the numerics the file runs with: all but F32/F16
+        "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"]
     assert data["tokenizer"]["vocab_size"] == tok.get_vocab_size(with_added_tokens=True)
     assert data["tokenizer"]["bos_id"] == tok.token_to_id("<|begin_of_text|>")
     table = claw("runtime", "info", str(out))
