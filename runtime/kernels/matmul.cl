@@ -593,17 +593,22 @@ inline float qblock_q4_0(blk_t row, int c, const global char* x, float8* p) {
 }
 #endif
 
-// qacc_<T>(acc, row, c, x, dx, xs): *acc += the 8 partial sums of block c of a row times an
-// activation block (int8 values x, scale dx, integer sum xs). Q4_0 and Q8_0 keep the statement
-// the interleaved kernels' floats are matched against (see lane0).
-inline void qacc_q8_0(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) {
+// qacc_<T>(acc, row, c, x, dx, xs): *acc += 8 partial sums of QSTEP_<T> blocks of a row from
+// block c on, times the activation blocks there (int8 values x, scales dx, integer sums xs).
+// Q4_0 and Q8_0 keep the statement the interleaved kernels' floats are matched against (see
+// lane0).
+#define QSTEP_q8_0 1
+#define QSTEP_q4_0 1
+inline void qacc_q8_0(float8* acc, blk_t row, int c, const global char* x,
+                      const global float* dx, const global int* xs) {
     float8 p;
-    const float d = qblock_q8_0(row, c, x, &p) * dx;
+    const float d = qblock_q8_0(row, c, x, &p) * dx[0];
     *acc += d * p;
 }
-inline void qacc_q4_0(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) {
+inline void qacc_q4_0(float8* acc, blk_t row, int c, const global char* x,
+                      const global float* dx, const global int* xs) {
     float8 p;
-    const float d = qblock_q4_0(row, c, x, &p) * dx;
+    const float d = qblock_q4_0(row, c, x, &p) * dx[0];
     *acc += d * p;
 }
 
@@ -616,10 +621,10 @@ inline void qacc_q4_0(float8* acc, blk_t row, int c, const global char* x, float
     {                                                                                          \
         float8 acc0_ = 0.0f, acc1_ = 0.0f;                                                     \
         const global int* xs_ = (const global int*)((XD) + (n_cols) / 32);                     \
-        for (int c = 0; c < (n_cols) / 32; c++) {                                              \
+        for (int c = 0; c < (n_cols) / 32; c += QSTEP_##T) {                                   \
             const global char* x_ = (XQ) + 32 * c;                                             \
-            qacc_##T(&acc0_, wrow0, c, x_, (XD)[c], xs_[c]);                                   \
-            qacc_##T(&acc1_, wrow1, c, x_, (XD)[c], xs_[c]);                                   \
+            qacc_##T(&acc0_, wrow0, c, x_, (XD) + c, xs_ + c);                                 \
+            qacc_##T(&acc1_, wrow1, c, x_, (XD) + c, xs_ + c);                                 \
         }                                                                                      \
         out0 = hsum8(acc0_);                                                                   \
         out1 = hsum8(acc1_);                                                                   \
@@ -819,74 +824,115 @@ inline v32qi k_nibbles(blk_t qs, int j) {
     return (v32qi)(*(const global v16hi_u*)(qs + 32 * (j >> 1)) >> (4 * (j & 1))) & (char)15;
 }
 
+#define QSTEP_q4_1 1
+#define QSTEP_q5_0 1
+#define QSTEP_q5_1 1
 // Q4_1 (20 bytes): d | m | qs[16].  x = d q + m
-inline void qacc_q4_1(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) {
+inline void qacc_q4_1(float8* acc, blk_t row, int c, const global char* x,
+                      const global float* dx, const global int* xs) {
     blk_t b = row + 20 * c;
     const v8si p = umadd32(nibbles32(b + 4), *(const global v32qi*)x);
-    *acc += (dq_scale(b) * dx) * to_f8(p) + first(dq_scale(b + 2) * dx * (float)xs);
+    *acc += (dq_scale(b) * dx[0]) * to_f8(p) + first(dq_scale(b + 2) * dx[0] * (float)xs[0]);
 }
 // Q5_0 (22 bytes): d | qh[4] | qs[16].  x = d (q - 16): the -16 comes off the integer sum.
-inline void qacc_q5_0(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) {
+inline void qacc_q5_0(float8* acc, blk_t row, int c, const global char* x,
+                      const global float* dx, const global int* xs) {
     blk_t b = row + 22 * c;
     v8si p = umadd32(nibbles32(b + 6) | bit5_bytes(b + 2), *(const global v32qi*)x);
-    p[0] -= 16 * xs;
-    *acc += (dq_scale(b) * dx) * to_f8(p);
+    p[0] -= 16 * xs[0];
+    *acc += (dq_scale(b) * dx[0]) * to_f8(p);
 }
 // Q5_1 (24 bytes): d | m | qh[4] | qs[16].  x = d q + m
-inline void qacc_q5_1(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) {
+inline void qacc_q5_1(float8* acc, blk_t row, int c, const global char* x,
+                      const global float* dx, const global int* xs) {
     blk_t b = row + 24 * c;
     const v8si p = umadd32(nibbles32(b + 8) | bit5_bytes(b + 4), *(const global v32qi*)x);
-    *acc += (dq_scale(b) * dx) * to_f8(p) + first(dq_scale(b + 2) * dx * (float)xs);
+    *acc += (dq_scale(b) * dx[0]) * to_f8(p) + first(dq_scale(b + 2) * dx[0] * (float)xs[0]);
 }
-// Q4_K (144 bytes a super-block of 8): d | dmin | scales[12] | qs[128].  x = (d sc) q - dmin m
-inline void qacc_q4_k(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) {
-    blk_t b = row + 144 * (c >> 3);
-    const int j = c & 7;
-    float sc, m;
-    scale_min_k4(b + 4, j, &sc, &m);
-    const v8si p = umadd32(k_nibbles(b + 16, j), *(const global v32qi*)x);
-    *acc += (dq_scale(b) * sc * dx) * to_f8(p) - first(dq_scale(b + 2) * m * dx * (float)xs);
+// Q4_K and Q5_K a super-block (8 blocks) at a time: its d and dmin, and the 8 sub-blocks'
+// 6-bit scales and mins (llama.cpp's get_scale_min_k4 for all j at once), are unpacked once.
+// x = (d sc_j) q - dmin m_j: the mins' terms, dmin m_j dx_j sum(x_j), add as one vector.
+#define QSTEP_q4_k 8
+#define QSTEP_q5_k 8
+inline void k_scales(blk_t s, float8* sc, float8* m) {
+    const uchar4 lo = vload4(0, s), mid = vload4(1, s), hi = vload4(2, s);
+    *sc = convert_float8((uchar8)(lo & (uchar)63, (hi & (uchar)15) | (lo >> (uchar)6 << (uchar)4)));
+    *m = convert_float8((uchar8)(mid & (uchar)63, (hi >> (uchar)4) | (mid >> (uchar)6 << (uchar)4)));
+}
+// Sub-block j's term; W(j) gives its 32 unsigned weights.
+#define K_SUB(j, sj, W) *acc += k.sj * to_f8(umadd32(W(j), *(const global v32qi*)(x + 32 * j)));
+#define K_SUBS(W) K_SUB(0, s0, W) K_SUB(1, s1, W) K_SUB(2, s2, W) K_SUB(3, s3, W)                \
+    K_SUB(4, s4, W) K_SUB(5, s5, W) K_SUB(6, s6, W) K_SUB(7, s7, W)
+#define K_SUPERBLOCK(BS)                                                                       \
+    blk_t b = row + BS * (c >> 3);                                                             \
+    float8 sc, m;                                                                              \
+    k_scales(b + 4, &sc, &m);                                                                  \
+    const float8 dx8 = vload8(0, dx);                                                          \
+    const float8 k = dq_scale(b) * sc * dx8;                                                   \
+    *acc -= dq_scale(b + 2) * (m * dx8 * convert_float8(vload8(0, xs)));
+// Q4_K (144 bytes a super-block): d | dmin | scales[12] | qs[128].
+inline void qacc_q4_k(float8* acc, blk_t row, int c, const global char* x,
+                      const global float* dx, const global int* xs) {
+    K_SUPERBLOCK(144)
+#define Q4K_W(j) k_nibbles(b + 16, j)
+    K_SUBS(Q4K_W)
+#undef Q4K_W
 }
 // Q5_K (176 bytes): d | dmin | scales[12] | qh[32] | qs[128]; the 5th bit of weight l of
 // sub-block j is bit j of qh[l].
-inline void qacc_q5_k(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) {
-    blk_t b = row + 176 * (c >> 3);
-    const int j = c & 7;
-    float sc, m;
-    scale_min_k4(b + 4, j, &sc, &m);
-    const v32qi h = (v32qi)((*(const global v16hi_u*)(b + 16) >> j) << 4) & (char)16;
-    const v8si p = umadd32(k_nibbles(b + 48, j) | h, *(const global v32qi*)x);
-    *acc += (dq_scale(b) * sc * dx) * to_f8(p) - first(dq_scale(b + 2) * m * dx * (float)xs);
+inline void qacc_q5_k(float8* acc, blk_t row, int c, const global char* x,
+                      const global float* dx, const global int* xs) {
+    K_SUPERBLOCK(176)
+    const v16hi qh = *(const global v16hi_u*)(b + 16);
+#define Q5K_W(j) (k_nibbles(b + 48, j) | ((v32qi)((qh >> j) << 4) & (char)16))
+    K_SUBS(Q5K_W)
+#undef Q5K_W
 }
-// Q6_K (210 bytes): ql[128] | qh[64] | scales[16] int8 | d (see DQ_q6_k). The block's two
-// halves of 16 weights have their own scales: pmaddwd multiplies the 16-bit pair sums by them.
-// The -32 comes off in 16 bits as pmaddubsw(32, x) (|sum of a pair| <= 2 * 32 * 127 + 2 * 63 * 127).
-inline void qacc_q6_k(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) {
-    blk_t b = row + 210 * (c >> 3);
-    const int k = c & 7, h = k >> 2, qr = k & 3;
+// Q6_K (210 bytes): ql[128] | qh[64] | scales[16] int8 | d (see DQ_q6_k), a super-block (8
+// blocks) at a time: d and the 16 scales are read once. A block's two halves of 16 weights
+// have their own scales: pmaddwd multiplies the 16-bit pair sums by them. The -32 comes off in
+// 16 bits as pmaddubsw(32, x) (|sum of a pair| <= 2 * 32 * 127 + 2 * 63 * 127).
+#define QSTEP_q6_k 8
+inline v8si q6k_dot(blk_t b, int k, const global char* x, v16hi scales) {
+    const int h = k >> 2, qr = k & 3;
     const v16hi lo = *(const global v16hi_u*)(b + 64 * h + 32 * (qr & 1)) >> (4 * (qr >> 1));
     const v16hi hi = (*(const global v16hi_u*)(b + 128 + 32 * h) >> (2 * qr)) << 4;
     const v32qi q = ((v32qi)lo & (char)15) | ((v32qi)hi & (char)48);
     const v32qi xv = *(const global v32qi*)x;
     const v16hi s = __builtin_ia32_pmaddubsw256(q, xv) -
                     __builtin_ia32_pmaddubsw256(xv - xv + (char)32, xv);
-    const global char* scale = (const global char*)(b + 192 + 8 * h + 2 * qr);
-    const short s0 = scale[0], s1 = scale[1];
-    const v16hi k16 = {s0, s0, s0, s0, s0, s0, s0, s0, s1, s1, s1, s1, s1, s1, s1, s1};
-    *acc += (dq_scale(b + 208) * dx) * to_f8(__builtin_ia32_pmaddwd256(s, k16));
+    return __builtin_ia32_pmaddwd256(s, scales);
+}
+#define Q6K_SUB(k)                                                                             \
+    *acc += (d * dx[k]) * to_f8(q6k_dot(b, k, x + 32 * k, __builtin_shufflevector(sc, sc,      \
+        2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k, 2 * k,                                \
+        2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1)));
+inline void qacc_q6_k(float8* acc, blk_t row, int c, const global char* x,
+                      const global float* dx, const global int* xs) {
+    blk_t b = row + 210 * (c >> 3);
+    const float d = dq_scale(b + 208);
+    const v16hi sc = __builtin_convertvector(*(const global v16qi_u*)(b + 192), v16hi);
+    Q6K_SUB(0) Q6K_SUB(1) Q6K_SUB(2) Q6K_SUB(3) Q6K_SUB(4) Q6K_SUB(5) Q6K_SUB(6) Q6K_SUB(7)
 }
 #else
 // The block dequantized (DQ_<T>: quants, scales of each half, offset) times x as floats.
 #define QACC_FLOAT(T)                                                                          \
-inline void qacc_##T(float8* acc, blk_t row, int c, const global char* x, float dx, int xs) { \
+inline void qacc_##T(float8* acc, blk_t row, int c, const global char* x,                   \
+                     const global float* dx, const global int* xs) {                          \
     float8 w0, w1, w2, w3;                                                                     \
     const float4 s = DQ_##T(row, c, &w0, &w1, &w2, &w3);                                       \
     const float8 x0 = convert_float8(LOAD_I8(0, x)), x1 = convert_float8(LOAD_I8(1, x));       \
     const float8 x2 = convert_float8(LOAD_I8(2, x)), x3 = convert_float8(LOAD_I8(3, x));       \
-    *acc += dx * (s.x * (w0 * x0 + w1 * x1) + s.y * (w2 * x2 + w3 * x3));                      \
-    if (HAS_OFFSET_##T) *acc += (float8)(s.z * dx * (float)xs, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f,   \
-                                         0.0f, 0.0f);                                          \
+    *acc += dx[0] * (s.x * (w0 * x0 + w1 * x1) + s.y * (w2 * x2 + w3 * x3));                   \
+    if (HAS_OFFSET_##T) *acc += (float8)(s.z * dx[0] * (float)xs[0], 0.0f, 0.0f, 0.0f, 0.0f,   \
+                                         0.0f, 0.0f, 0.0f);                                    \
 }
+#define QSTEP_q4_1 1
+#define QSTEP_q5_0 1
+#define QSTEP_q5_1 1
+#define QSTEP_q4_k 1
+#define QSTEP_q5_k 1
+#define QSTEP_q6_k 1
 QACC_FLOAT(q4_1)
 QACC_FLOAT(q5_0)
 QACC_FLOAT(q5_1)
@@ -914,9 +960,9 @@ kernel void qgemm_##T(blk_t W, const global char* XQ, const global float* XD,   
         x[t] = XQ + (size_t)r * n_cols; d[t] = XD + (size_t)r * nb; acc[t] = 0.0f;             \
         xs[t] = (const global int*)(XD + (size_t)n_tok * nb) + (size_t)r * nb;                 \
     }                                                                                          \
-    for (int c = 0; c < nb; c++)                                                               \
+    for (int c = 0; c < nb; c += QSTEP_##T)                                                    \
         _Pragma("unroll") for (int t = 0; t < TILE_N; t++)                                     \
-            qacc_##T(&acc[t], wrow, c, x[t] + 32 * c, d[t][c], xs[t][c]);                      \
+            qacc_##T(&acc[t], wrow, c, x[t] + 32 * c, d[t] + c, xs[t] + c);                    \
     for (int t = 0; t < TILE_N && t0 + t < n_tok; t++) {                                       \
         global float* y = Y + y_off + (size_t)(t0 + t) * y_stride + row;                       \
         *y = hsum8(acc[t]) + (accumulate ? *y : 0.0f);                                         \
@@ -933,8 +979,8 @@ kernel void qmatmul_##T##_vec(blk_t W, const global char* XQ, const global float
     if (row < n_rows) {                                                                        \
         blk_t wrow = W + (size_t)row * row_bytes;                                              \
         const global int* xs = (const global int*)(XD + n_cols / 32);                          \
-        for (int c = lane; c < n_cols / 32; c += LWS)                                          \
-            qacc_##T(&a, wrow, c, XQ + 32 * c, XD[c], xs[c]);                                  \
+        for (int c = QSTEP_##T * lane; c < n_cols / 32; c += QSTEP_##T * LWS)                  \
+            qacc_##T(&a, wrow, c, XQ + 32 * c, XD + c, xs + c);                                \
     }                                                                                          \
     float acc[1];                                                                              \
     acc[0] = hsum8(a);                                                                         \
