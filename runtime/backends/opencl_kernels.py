@@ -58,8 +58,9 @@ FILE, X8, PLANAR = "", "x8", "p"  # layouts of a device matrix: matmul.cl's kern
 @dataclass
 class DeviceMatrix:
     """A (n_rows, n_cols) weight in its GGUF blocks: parts of (first row, rows, buffer), in
-    the file's layout or, for Q4_0/Q8_0, repacked (`layout`: X8 by `interleave` on AVX2 CPUs,
-    PLANAR by `planar` on GPUs); row_bytes is the stride of a row (of a group of 8 / 8 for X8)."""
+    the file's layout or repacked (`layout`: X8 by `interleave` on AVX2 CPUs for X8_TYPES,
+    PLANAR by `planar` on GPUs for PLANAR_TYPES); row_bytes is the stride of a row (of a
+    group of 8 / 8 for X8)."""
 
     qtype: T
     n_rows: int
@@ -83,7 +84,8 @@ class DeviceMatrix:
 
 
 X8_GROUP = 4  # work-items (of 8 interleaved rows each) in a work-group
-X8_TYPES = (T.Q4_0, T.Q8_0)  # the types matmul.cl has *_<type>x8 kernels for
+X8_TYPES = (T.Q4_0, T.Q8_0, T.Q5_0)  # the types matmul.cl has *_<type>x8 kernels for
+PLANAR_TYPES = (T.Q4_0, T.Q8_0)  # ... and *_<type>p kernels (GPU decode over planes)
 VNNI_TYPES = (T.Q4_0, T.Q8_0, T.Q5_0)  # ... and qgemm8_<type> kernels (VNNI prefill, file layout)
 
 
@@ -93,10 +95,11 @@ def pairs(rows: int, rpw: int) -> int:
 
 
 def interleave(raw: np.ndarray, qtype: T, n_rows: int, n_cols: int) -> np.ndarray:
-    """Q4_0 or Q8_0 rows (n_rows a multiple of 8) repacked for matmul.cl's *x8 kernels: per
-    group of 8 rows and block, the 8 f16 scales, then chunks of 32 bytes whose dword j is 4
-    bytes of row j's quants (4 chunks for Q4_0, 8 for Q8_0). The same bytes, moved: 8 blocks'
-    worth per block of 8 rows (144 or 272), as before."""
+    """Q4_0, Q5_0 or Q8_0 rows (n_rows a multiple of 8) repacked for matmul.cl's *x8 kernels:
+    per group of 8 rows and block, the 8 f16 scales, then chunks of 32 bytes whose dword j is 4
+    bytes of row j's block after its scale (4 chunks for Q4_0; 5 for Q5_0, its qh then its
+    nibbles; 8 for Q8_0). The same bytes, moved: 8 blocks' worth per block of 8 rows (144,
+    176 or 272), as before."""
     groups, nb, size = n_rows // 8, n_cols // 32, row_bytes(qtype, 32)  # a block's bytes
     blocks = raw.reshape(-1).view(np.uint8).reshape(groups, 8, nb, size)
     out = np.empty((groups, nb, 8 * size), np.uint8)
@@ -148,10 +151,10 @@ class Kernels:
         self.mm = programs.get("matmul", {**params.matmul_defines(), "VNNI": int(self.vnni)})
         self.ops = programs.get("ops", params.ops_defines())
         self._kernels: dict[str, Any] = {}
-        # Q4_0/Q8_0 weights are repacked at upload where the device has the interleaved
-        # kernels (AVX2 CPUs: matmul.cl's *_q4_0x8, *_q8_0x8) and runs the CPU shape (LWS 1)
+        # Q4_0/Q5_0/Q8_0 weights are repacked at upload where the device has the interleaved
+        # kernels (AVX2 CPUs: matmul.cl's *_<type>x8) and runs the CPU shape (LWS 1)
         self.interleave = params.LWS == 1 and self._has_kernel(self.mm, "qgemv_q8_0x8")
-        # ... and in planes where decode runs the GPU shape (LWS > 1: matmul.cl's *p kernels)
+        # ... and Q4_0/Q8_0 in planes where decode runs the GPU shape (LWS > 1: the *p kernels)
         self.planar = params.LWS > 1
         self.host_pointer_bytes = 0  # weight bytes wrapped in place, not copied
         self.uploaded_bytes = 0  # bytes copied to the device (weights, tables), never freed
@@ -226,8 +229,8 @@ class Kernels:
     def upload_matrix(self, raw: np.ndarray, qtype: T, shape: tuple[int, ...],
                       repack: bool = True) -> DeviceMatrix:
         """A GGUF weight as it lies in the file, in parts no larger than the device allows.
-        Q4_0/Q8_0 is repacked, in groups of 8 rows where the device has the kernels (AVX2
-        CPUs) or in planes on the GPU shape, unless `repack` is False (benchmarks and tests
+        Q4_0/Q5_0/Q8_0 is repacked in groups of 8 rows where the device has the kernels (AVX2
+        CPUs), Q4_0/Q8_0 in planes on the GPU shape, unless `repack` is False (benchmarks and tests
         compare the layouts)."""
         if qtype not in FORMATS:
             raise ValueError(f"{qtype.name} weights have no OpenCL kernel "
@@ -240,7 +243,7 @@ class Kernels:
         m = DeviceMatrix(qtype, n_rows, n_cols, per_row)
         if repack and qtype in X8_TYPES and self.interleave and n_rows % 8 == 0:
             m.layout, flat = X8, interleave(flat, qtype, n_rows, n_cols)
-        elif repack and qtype in X8_TYPES and self.planar:
+        elif repack and qtype in PLANAR_TYPES and self.planar:
             m.layout, m.row_bytes = PLANAR, planar_stride(qtype, n_cols)
             flat = planar(flat, qtype, n_rows, n_cols)
         rows_per_part = max(1, self.dev.max_alloc // m.row_bytes)

@@ -835,12 +835,16 @@ inline void qacc_q4_1(float8* acc, blk_t row, int c, const global char* x,
     *acc += (dq_scale(b) * dx[0]) * to_f8(p) + first(dq_scale(b + 2) * dx[0] * (float)xs[0]);
 }
 // Q5_0 (22 bytes): d | qh[4] | qs[16].  x = d (q - 16): the -16 comes off the integer sum.
+// Resident Q5_0 is interleaved as Q4_0 is (the *_q5_0x8 kernels), so the block's integer
+// product goes to lane 0 and one float term a block is added, in their order (see lane0).
 inline void qacc_q5_0(float8* acc, blk_t row, int c, const global char* x,
                       const global float* dx, const global int* xs) {
     blk_t b = row + 22 * c;
     v8si p = umadd32(nibbles32(b + 6) | bit5_bytes(b + 2), *(const global v32qi*)x);
     p[0] -= 16 * xs[0];
-    *acc += (dq_scale(b) * dx[0]) * to_f8(p);
+    const float8 dot = lane0(p);
+    const float d = dq_scale(b) * dx[0];
+    *acc += d * dot;
 }
 // Q5_1 (24 bytes): d | m | qh[4] | qs[16].  x = d q + m
 inline void qacc_q5_1(float8* acc, blk_t row, int c, const global char* x,
@@ -1072,6 +1076,7 @@ PLANAR_FORMAT(q4_0)
 #if defined(__AVX2__) && defined(__F16C__) && UNALIGNED
 #define X8_BLOCK_q4_0 144
 #define X8_BLOCK_q8_0 272
+#define X8_BLOCK_q5_0 176
 typedef float v8sf_x8 __attribute__((vector_size(32)));
 #define SPLAT8_X8(v) ((v8si){v, v, v, v, v, v, v, v})
 #define SPLATF_X8(v) ((v8sf_x8){v, v, v, v, v, v, v, v})
@@ -1081,6 +1086,7 @@ typedef float v8sf_x8 __attribute__((vector_size(32)));
 // block's 32 int8 values (quantize_q8 wrote it) for Q4_0's unsigned nibbles, none for Q8_0.
 #define X8_OFFSET_q4_0(sum) SPLAT8_X8(-8 * (sum))
 #define X8_OFFSET_q8_0(sum) SPLAT8_X8(0)
+#define X8_OFFSET_q5_0(sum) SPLAT8_X8(-16 * (sum))
 
 // The 8 rows' scales of a block, as floats.
 inline v8sf_x8 x8_scales(blk_t b) {
@@ -1096,6 +1102,29 @@ inline void x8_weights_q4_0(blk_t b, v32qi* w) {
         w[4 + k] = (v32qi)((v16hi)q >> 4) & (char)15;
     }
 }
+// Q5_0 (176 bytes a block of 8 rows: the scales, a chunk of the rows' qh, Q4_0's 4 chunks of
+// nibbles): Q4_0's weights plus each one's 5th bit, bit i of its row's qh for weight i. Byte
+// 4j + i of w[k] (weight 4k + i, or 16 + 4k + i for w[4 + k], of row j) takes it from byte
+// k / 2 (or 2 + k / 2) of dword j of the qh chunk: a byte shuffle, then a test of its bit.
+inline v32qi x8_bit5(v32qi qh, char byte, int odd) {
+    const v32qi at = {0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
+                      0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12};
+    const v32qi lo = {1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8,
+                      1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8};
+    const v32qi hi = {16, 32, 64, -128, 16, 32, 64, -128, 16, 32, 64, -128, 16, 32, 64, -128,
+                      16, 32, 64, -128, 16, 32, 64, -128, 16, 32, 64, -128, 16, 32, 64, -128};
+    const v32qi bit = odd ? hi : lo;
+    const v32qi t = __builtin_ia32_pshufb256(qh, at + byte);
+    return (v32qi)((t & bit) == bit) & (char)16;
+}
+inline void x8_weights_q5_0(blk_t b, v32qi* w) {
+    const v32qi qh = *(const global v32qi_u*)(b + 16);
+    _Pragma("unroll") for (int k = 0; k < 4; k++) {
+        const v32qi q = *(const global v32qi_u*)(b + 48 + 32 * k);
+        w[k] = (q & (char)15) | x8_bit5(qh, k >> 1, k & 1);
+        w[4 + k] = ((v32qi)((v16hi)q >> 4) & (char)15) | x8_bit5(qh, 2 + (k >> 1), k & 1);
+    }
+}
 inline void x8_weights_q8_0(blk_t b, v32qi* w) {
     _Pragma("unroll") for (int k = 0; k < 8; k++) w[k] = *(const global v32qi_u*)(b + 16 + 32 * k);
 }
@@ -1107,6 +1136,18 @@ inline v8si x8_dot_q4_0(const v32qi* w, const global char* x, v8si offset) {
     _Pragma("unroll") for (int k = 1; k < 8; k++)
         s += __builtin_ia32_pmaddubsw256(w[k], (v32qi)SPLAT8_X8(xi[k]));
     return __builtin_ia32_pmaddwd256(s, ONES_X8) + offset;
+}
+// Q5_0: as Q4_0, but a pair of products reaches 2 * 31 * 127, so 4 add in 16 bits, not 8.
+inline v8si x8_dot_q5_0(const v32qi* w, const global char* x, v8si offset) {
+    const global int* xi = (const global int*)x;
+    v16hi s[2];
+    _Pragma("unroll") for (int h = 0; h < 2; h++) {
+        s[h] = __builtin_ia32_pmaddubsw256(w[4 * h], (v32qi)SPLAT8_X8(xi[4 * h]));
+        _Pragma("unroll") for (int k = 1; k < 4; k++)
+            s[h] += __builtin_ia32_pmaddubsw256(w[4 * h + k], (v32qi)SPLAT8_X8(xi[4 * h + k]));
+    }
+    return __builtin_ia32_pmaddwd256(s[0], ONES_X8) + __builtin_ia32_pmaddwd256(s[1], ONES_X8) +
+           offset;
 }
 inline v8si x8_dot_q8_0(const v32qi* w, const global char* x, v8si offset) {
     const global int* xi = (const global int*)x;
@@ -1191,6 +1232,11 @@ inline float x8_weight_q4_0(blk_t b, int j, int i) {  // weight i (0-31) of row 
     const uchar q = b[16 + 32 * (i % 16 / 4) + 4 * j + i % 4];
     return (float)((i < 16 ? q & 15 : q >> 4) - 8);
 }
+inline float x8_weight_q5_0(blk_t b, int j, int i) {
+    const uchar q = b[48 + 32 * (i % 16 / 4) + 4 * j + i % 4];
+    const uint qh = *(const global uint*)(b + 16 + 4 * j);
+    return (float)((int)((i < 16 ? q & 15 : q >> 4) | (qh >> i & 1) << 4) - 16);
+}
 inline float x8_weight_q8_0(blk_t b, int j, int i) {
     return (float)((const global char*)b)[16 + 32 * (i / 4) + 4 * j + i % 4];
 }
@@ -1240,6 +1286,7 @@ kernel void qgemm_##T##x8(blk_t W, const global char* XQ, const global float* XD
     X8_GEMM_KERNEL(T)
 X8_FORMAT(q4_0)
 X8_FORMAT(q8_0)
+X8_FORMAT(q5_0)
 #endif
 
 // ---- Prefill with AVX-512 VNNI (x86 CPUs that have it; the build defines VNNI 1 only there,

@@ -102,7 +102,7 @@ def test_split_weights_prefill_tiles(kern, monkeypatch, qtype):
     checks.check_split_weights(kern, qtype, (1, 3, 11))
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q8_0], ids=lambda t: t.name)
 def test_interleave_moves_each_byte_where_the_kernels_read_it(qtype):
     """Group g, block c: the 8 rows' scales, then chunk k's dword j = row j's qs[4k..4k+3]."""
     rows, cols, size = 16, 96, row_bytes(qtype, 32)
@@ -119,9 +119,9 @@ def test_interleave_moves_each_byte_where_the_kernels_read_it(qtype):
     assert out.nbytes == raw.nbytes
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q8_0], ids=lambda t: t.name)
 def test_interleaved_kernels_agree_with_numpy(kern, monkeypatch, qtype):
-    """Where the device repacks Q4_0 and Q8_0 (AVX2 CPUs: matmul.cl's *_q4_0x8, *_q8_0x8),
+    """Where the device repacks Q4_0, Q5_0 and Q8_0 (AVX2 CPUs: matmul.cl's *_<type>x8),
     decode, prefill and embedding lookup (bit-exact) read the groups of 8 rows: rows of 1 to 8
     groups, token counts off and on the tile, 1 to 16 blocks a row, a matrix split into whole
     groups."""
@@ -184,28 +184,32 @@ def test_planar_kernels_agree_with_numpy(kern, monkeypatch, qtype):
     checks.check_split_weights(gpu, qtype)
 
 
-@pytest.mark.parametrize("layout", [X8, PLANAR], ids=["x8", "planar"])
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize(("qtype", "layout"), [(T.Q4_0, X8), (T.Q5_0, X8), (T.Q8_0, X8),
+                                               (T.Q4_0, PLANAR), (T.Q8_0, PLANAR)],
+                         ids=["Q4_0-x8", "Q5_0-x8", "Q8_0-x8", "Q4_0-planar", "Q8_0-planar"])
 def test_file_layout_gives_the_repacked_floats_exactly(kern, qtype, layout):
     """A streamed layer keeps the file's layout while a resident one is repacked (interleaved
     on AVX2 CPUs, in planes on GPUs): both add the same float terms in the same order, so a
     budgeted run's logits are the unbudgeted run's to the bit (decode, prefill on and off the
-    token tile)."""
+    token tile; the file layout's prefill through both kernels where the host has VNNI's)."""
     if layout == X8 and not kern.interleave:
         pytest.skip("this device has no interleaved kernels (AVX2 and F16C CPUs only)")
     kern = kern if layout == X8 else gpu_shaped(kern)
     raw, _ = checks.weights(qtype, 64, 512)
     x = checks.RNG.standard_normal((19, 512)).astype(np.float32)
-    outs = []
-    for repack in (False, True):
-        m = kern.upload_matrix(raw, qtype, (64, 512), repack=repack)
-        assert m.layout == (layout if repack else FILE)
-        for n_tok in (1, 8, 19):
-            y = kern.empty(4 * n_tok * 64)
-            kern.matmul(m, kern.upload(x[:n_tok]), y, n_tok)
-            outs.append(kern.read(y, (n_tok, 64)))
-    for plain, interleaved in zip(outs[:3], outs[3:], strict=True):
-        assert np.array_equal(plain, interleaved)
+    for vnni in sorted({False, kern.vnni}):
+        k = copy.copy(kern)  # the same programs, the other prefill kernel for the file layout
+        k.vnni = vnni
+        outs = []
+        for repack in (False, True):
+            m = k.upload_matrix(raw, qtype, (64, 512), repack=repack)
+            assert m.layout == (layout if repack else FILE)
+            for n_tok in (1, 8, 19):
+                y = k.empty(4 * n_tok * 64)
+                k.matmul(m, k.upload(x[:n_tok]), y, n_tok)
+                outs.append(k.read(y, (n_tok, 64)))
+        for plain, repacked in zip(outs[:3], outs[3:], strict=True):
+            assert np.array_equal(plain, repacked), f"vnni={vnni}"
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K, T.F16],
