@@ -918,8 +918,110 @@ inline void qacc_q6_k(float8* acc, blk_t row, int c, const global char* x,
     const v16hi sc = __builtin_convertvector(*(const global v16qi_u*)(b + 192), v16hi);
     Q6K_SUB(0) Q6K_SUB(1) Q6K_SUB(2) Q6K_SUB(3) Q6K_SUB(4) Q6K_SUB(5) Q6K_SUB(6) Q6K_SUB(7)
 }
+#elif DP4A || (defined(cl_khr_integer_dot_product) && \
+               defined(__opencl_c_integer_dot_product_input_4x8bit_packed))
+// Where 4-byte dot products are one instruction (NVIDIA's dp4a, the Khronos extension) the
+// same integers 4 bytes at a time by dot4: the weights as signed bytes (nibbles and 5-bit
+// values as they are, Q6_K's q - 32 as (q + 96) ^ 128 byte by byte), x's 32 int8 values as 8
+// words. (Not yet timed on a GPU. Through dot4's portable fallback, PoCL's CPU device ran
+// these 1.1-2x slower than the float products below.)
+#define QSTEP_q4_1 1
+#define QSTEP_q5_0 1
+#define QSTEP_q5_1 1
+#define QSTEP_q4_k 1
+#define QSTEP_q5_k 1
+#define QSTEP_q6_k 1
+// Word i of the quants at p (blocks of 22 and 210 bytes leave them 2-byte aligned only).
+inline uint nib_word(const global uchar* p, int i) { return u32_at((const global ushort*)p, i); }
+// Bits 4i..4i+3 of h to bit 4 of the 4 bytes of a word (a multiply moves bit b to bit 8b).
+inline uint bits5(uint h, int i) { return (((h >> (4 * i)) & 15u) * 0x00204081u & 0x01010101u) << 4; }
+// 16 bytes of nibbles against x: low nibbles meet x's words 0-3, high nibbles words 4-7; h's
+// bits are their 5th bits (0 for Q4_1).
+inline int nib_dot(const global uchar* qs, const global uint* x, uint h) {
+    const uint m = 0x0f0f0f0fu;
+    int s = 0;
+    _Pragma("unroll") for (int i = 0; i < 4; i++) {
+        const uint q = nib_word(qs, i);
+        s = dot4((q & m) | bits5(h, i), x[i], s);
+        s = dot4((q >> 4 & m) | bits5(h, 4 + i), x[4 + i], s);
+    }
+    return s;
+}
+// Q4_1: x = d q + m.  Q5_0: x = d (q - 16).  Q5_1: x = d q + m, q with its 5th bit from qh.
+inline void qacc_q4_1(float8* acc, blk_t row, int c, const global char* x,
+                      const global float* dx, const global int* xs) {
+    blk_t b = row + 20 * c;
+    const int s = nib_dot(b + 4, (const global uint*)x, 0u);
+    (*acc).s0 += f16(b, 0) * dx[0] * (float)s + f16(b, 1) * dx[0] * (float)xs[0];
+}
+inline void qacc_q5_0(float8* acc, blk_t row, int c, const global char* x,
+                      const global float* dx, const global int* xs) {
+    blk_t b = row + 22 * c;
+    const int s = nib_dot(b + 6, (const global uint*)x, nib_word(b + 2, 0)) - 16 * xs[0];
+    (*acc).s0 += f16(b, 0) * dx[0] * (float)s;
+}
+inline void qacc_q5_1(float8* acc, blk_t row, int c, const global char* x,
+                      const global float* dx, const global int* xs) {
+    blk_t b = row + 24 * c;
+    const int s = nib_dot(b + 8, (const global uint*)x, nib_word(b + 4, 0));
+    (*acc).s0 += f16(b, 0) * dx[0] * (float)s + f16(b, 1) * dx[0] * (float)xs[0];
+}
+// Q4_K/Q5_K sub-block j: 32 bytes of nibbles (low or high half), 5th bits from qh's bit j.
+inline int k_dot(const global uchar* qs, int j, const global uchar* qh,
+                 const global uint* x) {
+    const uint m = 0x0f0f0f0fu;
+    int s = 0;
+    _Pragma("unroll") for (int i = 0; i < 8; i++) {
+        uint q = (nib_word(qs, i) >> (4 * (j & 1))) & m;
+        if (qh) q |= (nib_word(qh, i) >> j & 0x01010101u) << 4;
+        s = dot4(q, x[i], s);
+    }
+    return s;
+}
+inline void qacc_q4_k(float8* acc, blk_t row, int c, const global char* x,
+                      const global float* dx, const global int* xs) {
+    blk_t b = row + 144 * (c >> 3);
+    const int j = c & 7;
+    float sc, m;
+    scale_min_k4(b + 4, j, &sc, &m);
+    const int s = k_dot(b + 16 + 32 * (j >> 1), j, 0, (const global uint*)x);
+    (*acc).s0 += dx[0] * (f16(b, 0) * sc * (float)s - f16(b, 1) * m * (float)xs[0]);
+}
+inline void qacc_q5_k(float8* acc, blk_t row, int c, const global char* x,
+                      const global float* dx, const global int* xs) {
+    blk_t b = row + 176 * (c >> 3);
+    const int j = c & 7;
+    float sc, m;
+    scale_min_k4(b + 4, j, &sc, &m);
+    const int s = k_dot(b + 48 + 32 * (j >> 1), j, b + 16, (const global uint*)x);
+    (*acc).s0 += dx[0] * (f16(b, 0) * sc * (float)s - f16(b, 1) * m * (float)xs[0]);
+}
+// Q6_K block k: two halves of 16 weights with their own int8 scales.
+inline void qacc_q6_k(float8* acc, blk_t row, int c, const global char* x,
+                      const global float* dx, const global int* xs) {
+    blk_t b = row + 210 * (c >> 3);
+    const int k = c & 7, h = k >> 2, qr = k & 3;
+    const global uchar* ql = b + 64 * h + 32 * (qr & 1);
+    const global uchar* qh = b + 128 + 32 * h;
+    const global uint* xw = (const global uint*)x;
+    int s[2] = {0, 0};
+    _Pragma("unroll") for (int i = 0; i < 8; i++) {
+        const uint q = (nib_word(ql, i) >> (4 * (qr >> 1)) & 0x0f0f0f0fu) |
+                       (nib_word(qh, i) >> (2 * qr) & 0x03030303u) << 4;
+        s[i / 4] = dot4((q + 0x60606060u) ^ 0x80808080u, xw[i], s[i / 4]);
+    }
+    const global char* scale = (const global char*)(b + 192 + 8 * h + 2 * qr);
+    (*acc).s0 += f16(b, 104) * dx[0] * (float)(scale[0] * s[0] + scale[1] * s[1]);
+}
 #else
-// The block dequantized (DQ_<T>: quants, scales of each half, offset) times x as floats.
+// Elsewhere (CPUs without AVX2) the block dequantized to floats (DQ_<T>: quants, each half's
+// scale, offset) times x's int8 values as floats, which compilers vectorize 8 wide.
+#define QSTEP_q4_1 1
+#define QSTEP_q5_0 1
+#define QSTEP_q5_1 1
+#define QSTEP_q4_k 1
+#define QSTEP_q5_k 1
+#define QSTEP_q6_k 1
 #define QACC_FLOAT(T)                                                                          \
 inline void qacc_##T(float8* acc, blk_t row, int c, const global char* x,                   \
                      const global float* dx, const global int* xs) {                          \
@@ -931,12 +1033,6 @@ inline void qacc_##T(float8* acc, blk_t row, int c, const global char* x,       
     if (HAS_OFFSET_##T) *acc += (float8)(s.z * dx[0] * (float)xs[0], 0.0f, 0.0f, 0.0f, 0.0f,   \
                                          0.0f, 0.0f, 0.0f);                                    \
 }
-#define QSTEP_q4_1 1
-#define QSTEP_q5_0 1
-#define QSTEP_q5_1 1
-#define QSTEP_q4_k 1
-#define QSTEP_q5_k 1
-#define QSTEP_q6_k 1
 QACC_FLOAT(q4_1)
 QACC_FLOAT(q5_0)
 QACC_FLOAT(q5_1)
