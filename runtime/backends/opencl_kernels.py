@@ -282,11 +282,15 @@ class Kernels:
         cols, acc = np.int32(w.n_cols), np.int32(accumulate)
         for r0, n, buf in w.parts:
             rows, off = math.ceil(n / p.RPW) * p.RPW, i32(y_off + r0)
-            if w.layout == X8:  # 8 rows a work-item (x TILE_N tokens in prefill)
+            if w.layout == X8:  # 8 rows a work-item (x TILE_N or 8 tokens in prefill)
                 groups = (math.ceil(n / 8 / X8_GROUP) * X8_GROUP,)
                 if n_tok == 1:
                     self.launch(self.mm, f"qgemv_{name}", groups, (X8_GROUP,), buf, xq, xd, y,
                                 cols, np.int32(n), off, acc)
+                elif self.vnni:
+                    self.launch(self.mm, f"qgemm8_{name}", (*groups, math.ceil(n_tok / 8)),
+                                (X8_GROUP, 1), buf, xq, xd, y, cols, np.int32(n),
+                                np.int32(n_tok), np.int32(stride), off, acc)
                 else:
                     tile = 8 if p.TT == 8 else 4  # matmul.cl's TILE_N
                     self.launch(self.mm, f"qgemm_{name}", (*groups, math.ceil(n_tok / tile)),

@@ -1528,4 +1528,51 @@ kernel void qgemm8_##T(blk_t W, const global char* XQ, const global float* XD,  
 QGEMM8_TILE(q8_0, 34, 128)
 QGEMM8_TILE(q4_0, 18, 8)
 QGEMM8_TILE(q5_0, 22, 16)
+
+// The same tile over interleaved matrices (resident Q4_0/Q5_0/Q8_0, see X8_FORMAT): a block of
+// the group is already lane j = row j, so its registers are x8_weights_<T>'s with no transpose
+// (Q8_0's signed bytes offset by 128, as above). Global (n_rows / 8 rounded up to the
+// work-group, ceil(n_tok / QT_TOK)).
+#define X8_VNNI_q8_0(w) ((w) ^ (char)-128)
+#define X8_VNNI_q4_0(w) (w)
+#define X8_VNNI_q5_0(w) (w)
+#define QGEMM8_X8_KERNEL(T, K)                                                                 \
+VNNI_FN static void qtile_##T##x8(blk_t W, const global char* XQ, const global float* XD,     \
+                                  global float* Y, int n_cols, int n_tok, int y_stride,        \
+                                  int y_off, int accumulate, int g, int t0) {                  \
+    const int nb = n_cols / 32;                                                                \
+    const global char* x[QT_TOK];                                                              \
+    const global float* d[QT_TOK];                                                             \
+    v8sf acc[QT_TOK];                                                                          \
+    _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {                                       \
+        const int r = min(t0 + t, n_tok - 1);                                                  \
+        x[t] = XQ + (size_t)r * n_cols; d[t] = XD + (size_t)r * nb; acc[t] = SPLATF(0.0f);     \
+    }                                                                                          \
+    blk_t b = W + (size_t)g * nb * X8_BLOCK_##T;                                               \
+    for (int c = 0; c < nb; c++, b += X8_BLOCK_##T) {                                          \
+        v32qi w[8];                                                                            \
+        x8_weights_##T(b, w);                                                                  \
+        const v8sf dw = x8_scales(b);                                                          \
+        const v8si nks = neg_ksums(x, c, K);                                                   \
+        _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {                                   \
+            const global int* xi = (const global int*)(x[t] + 32 * c);                         \
+            v8si s = __builtin_ia32_permvarsi256(nks, SPLAT8(t));                              \
+            _Pragma("unroll") for (int k = 0; k < 8; k++)                                      \
+                s = __builtin_ia32_vpdpbusd256(s, (v8si)X8_VNNI_##T(w[k]), SPLAT8(xi[k]));     \
+            acc[t] += (dw * SPLATF(d[t][c])) * __builtin_convertvector(s, v8sf);               \
+        }                                                                                      \
+    }                                                                                          \
+    for (int t = 0; t < QT_TOK && t0 + t < n_tok; t++)                                         \
+        x8_store(Y + y_off + (size_t)(t0 + t) * y_stride + 8 * g, acc[t], accumulate);         \
+}                                                                                              \
+kernel void qgemm8_##T##x8(blk_t W, const global char* XQ, const global float* XD,            \
+                           global float* Y, int n_cols, int n_rows, int n_tok, int y_stride,   \
+                           int y_off, int accumulate) {                                        \
+    if (get_global_id(0) * 8 >= n_rows) return;                                                \
+    qtile_##T##x8(W, XQ, XD, Y, n_cols, n_tok, y_stride, y_off, accumulate, get_global_id(0),  \
+                  get_global_id(1) * QT_TOK);                                                  \
+}
+QGEMM8_X8_KERNEL(q8_0, 128)
+QGEMM8_X8_KERNEL(q4_0, 8)
+QGEMM8_X8_KERNEL(q5_0, 16)
 #endif

@@ -124,15 +124,20 @@ def test_interleaved_kernels_agree_with_numpy(kern, monkeypatch, qtype):
     """Where the device repacks Q4_0, Q5_0 and Q8_0 (AVX2 CPUs: matmul.cl's *_<type>x8),
     decode, prefill and embedding lookup (bit-exact) read the groups of 8 rows: rows of 1 to 8
     groups, token counts off and on the tile, 1 to 16 blocks a row, a matrix split into whole
-    groups."""
+    groups. Prefill through both kernels where the host has AVX-512 VNNI's 8 x 8 token tile."""
     if not kern.interleave:
         pytest.skip("this device has no interleaved kernels (AVX2 and F16C CPUs only)")
     name = qtype.name.lower()
-    for rows, n_tok, cols in [(8, 1, 32), (64, 1, 512), (40, 7, 256), (24, 8, 512), (48, 40, 256)]:
-        checks.check_matmul(kern, qtype, n_tok, rows=rows, cols=cols)
+    for vnni in sorted({False, kern.vnni}):
+        k = copy.copy(kern)
+        k.vnni = vnni
+        for rows, n_tok, cols in [(8, 1, 32), (64, 1, 512), (40, 7, 256), (24, 8, 512),
+                                  (48, 40, 256)]:
+            checks.check_matmul(k, qtype, n_tok, rows=rows, cols=cols)
     checks.check_fused_decode(kern, qtype)
     checks.check_get_rows(kern, qtype)
-    assert {f"{k}_{name}x8" for k in ("qgemv", "qgemm", "qgemv_qkv", "qgemv_glu", "get_rows")} \
+    prefill = {"qgemm", "qgemm8"} if kern.vnni else {"qgemm"}
+    assert {f"{k}_{name}x8" for k in {"qgemv", "qgemv_qkv", "qgemv_glu", "get_rows"} | prefill} \
         <= set(kern._kernels)
     monkeypatch.setenv("CLAW_OPENCL_MAX_ALLOC", str(20 * row_bytes(qtype, 256)))  # parts of 16
     raw, _ = checks.weights(qtype, 64, 256)
