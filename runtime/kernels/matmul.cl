@@ -6,6 +6,8 @@
 // returns the chunk's scales and offset, so that a dot product scales a sum of quants once per
 // half chunk instead of every weight. An embedding row applies them in runtime/quant.py's (and
 // llama.cpp's) order and is bit-exact; a dot product differs from numpy by rounding order only.
+// Products with F32/F16 weights multiply float activations; those with quantized weights take
+// the activations rounded to Q8_0 blocks and multiply in integers (from "int8 activations" on).
 //
 // Compile-time knobs (tuned per device, see runtime/backends/opencl_tuning.py):
 //   LWS  work-items that share one output row (power of two); partial sums meet in local memory
@@ -441,20 +443,22 @@ kernel void get_rows_##T(blk_t W, const global int* tokens, global float* out,  
 #define HAS_OFFSET_q5_k 1
 #define HAS_OFFSET_q6_k 0
 
+// F32/F16 weights multiply float activations; the quantized formats' products take int8
+// activations (below), and their float dequantization serves embedding rows.
 #define FORMAT(T) \
     MATMUL_KERNEL(T, 1, _vec) MATMUL_KERNEL(T, TT, _mat) GEMV_KERNEL(T) GEMV_QKV_KERNEL(T) \
     GEMV_GLU_KERNEL(T) GEMM_KERNEL(T) GET_ROWS_KERNEL(T)
 
 FORMAT(f32)
 FORMAT(f16)
-FORMAT(q8_0)
-FORMAT(q4_0)
-FORMAT(q4_1)
-FORMAT(q5_0)
-FORMAT(q5_1)
-FORMAT(q4_k)
-FORMAT(q5_k)
-FORMAT(q6_k)
+GET_ROWS_KERNEL(q8_0)
+GET_ROWS_KERNEL(q4_0)
+GET_ROWS_KERNEL(q4_1)
+GET_ROWS_KERNEL(q5_0)
+GET_ROWS_KERNEL(q5_1)
+GET_ROWS_KERNEL(q4_k)
+GET_ROWS_KERNEL(q5_k)
+GET_ROWS_KERNEL(q6_k)
 
 
 // ---- Q4_0 and Q8_0 weights with int8 activations (llama.cpp's vec_dot_q4_0_q8_0 and
