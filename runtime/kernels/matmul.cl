@@ -788,11 +788,11 @@ QFORMAT(q4_0, 18)
 // and Q8_0 (numpy: weight_stream.Q8_ACTIVATION_TYPES). A block of 32 weights (a K format's
 // sub-block; two of Q6_K's sub-blocks of 16, each with its own scale) gives exact integer
 // products with the block's 32 int8 values, scaled once; a format with an offset (x = d q + m)
-// adds m * d_x * sum(x_q), from the block sums quantize_q8 writes after the scales. Resident
-// and streamed layers read the file's layout alike (no repacking), so they give the same floats.
-// On x86 CPUs (AVX2) the weights enter pmaddubsw as unsigned bytes (at most 63: a pair of
-// products stays below 2^15); elsewhere (GPUs) a block is dequantized to floats and multiplied
-// by x's int8 values as floats.
+// adds m * d_x * sum(x_q), from the block sums quantize_q8 writes after the scales. They read
+// the file's layout, resident or streamed, except resident Q5_0 on AVX2 CPUs (interleaved as
+// Q4_0, see X8_FORMAT). On x86 CPUs (AVX2) the weights enter pmaddubsw as unsigned bytes (at
+// most 63: a pair of products stays below 2^15); where dot4 is one instruction (GPUs) four
+// bytes at a time; elsewhere a block is dequantized and multiplies x's int8 values as floats.
 #if defined(__AVX2__) && UNALIGNED
 typedef uint uint_u __attribute__((aligned(1)));
 typedef short v16hi_u __attribute__((vector_size(32), aligned(1)));  // 32 bytes anywhere
