@@ -1045,9 +1045,10 @@ QACC_FLOAT(q5_k)
 QACC_FLOAT(q6_k)
 #endif
 
-// Prefill for these formats: TILE_N tokens a work-item, one row; a block's weights are loaded
-// and unpacked once for the tile (the loads are the same for every token: the compiler keeps
-// them). Global (rows rounded up to RPW, ceil(n_tok / TILE_N)), local (RPW, 1).
+// Prefill for these formats: TILE_N tokens a work-item, one row, each token's term by qacc_<T>
+// (the unrolled tile reads the same weight bytes TILE_N times, which the compiler may share;
+// not checked in its output). Global (rows rounded up to RPW, ceil(n_tok / TILE_N)), local
+// (RPW, 1).
 #define KGEMM_KERNEL(T)                                                                        \
 kernel void qgemm_##T(blk_t W, const global char* XQ, const global float* XD,                 \
                       global float* Y, int n_cols, int n_rows, int n_tok, int row_bytes,       \
