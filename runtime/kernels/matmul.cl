@@ -42,6 +42,11 @@
 
 typedef const global uchar* blk_t;
 
+// Bits 4k..4k+3 of h (a Q5_0/Q5_1 qh word) to bit 4 of the four bytes of a word: the 5th bits of
+// weights 4k..4k+3, beside their nibbles. A multiply by 0x00204081 moves bit b of the nibble to
+// bit 8b (its four terms do not overlap). For a uint, or an int vector with a row a lane.
+#define BITS5(h, k) (((((h) >> (4 * (k))) & 15) * 0x00204081 & 0x01010101) << 4)
+
 // 8 bytes of a block: a plain (unaligned) vector load where the device allows it (CPUs: PoCL's
 // vload8 is element by element, 1.6x slower), vload8 elsewhere (blocks are only 2-byte aligned).
 #if UNALIGNED
@@ -504,6 +509,16 @@ inline float dqi_q4_0(blk_t qs, blk_t d, wq_t* w) {
 }
 typedef int v8si __attribute__((vector_size(32)));
 typedef int v4si __attribute__((vector_size(16)));
+#define ONES_16 ((v16hi){1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1})  // pmaddwd: pair sums
+// 16 bytes of nibbles as 32 weights (0-15): low nibbles 0-15, high 16-31 (Q4_0's order).
+inline v32qi nibbles32(blk_t qs) {
+    const v16qi_u q = *(const global v16qi_u*)qs;
+    const v32qi both = __builtin_shufflevector(q, q, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                               13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                               12, 13, 14, 15);
+    const v8si nibble = {0, 0, 0, 0, 4, 4, 4, 4};  // low nibbles to 0-15, high to 16-31
+    return (v32qi)__builtin_ia32_psrlv8si((v8si)both, nibble) & (char)15;
+}
 // A block's whole integer dot product in lane 0, the other lanes 0. On these CPUs resident
 // Q4_0/Q8_0 matrices are interleaved (the *x8 kernels below), which add one float term per
 // block and row, (d_w * d_x) * dot, in block order; streamed layers keep the file's layout and
@@ -522,25 +537,17 @@ inline float8 idot32(wq_t w, const global char* x) {
     const v32qi xv = *(const global v32qi*)x;
     const v16hi p = __builtin_ia32_pmaddubsw256(__builtin_ia32_psignb256(w, w),
                                                 __builtin_ia32_psignb256(xv, w));
-    const v16hi one = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-    return lane0(__builtin_ia32_pmaddwd256(p, one));
+    return lane0(__builtin_ia32_pmaddwd256(p, ONES_16));
 }
 // Decode's Q4_0 block: the nibbles enter pmaddubsw as they are (unsigned 0-15) and the -8
 // offset comes off in 16 bits as pmaddubsw(8, x): the same integers as idot32 of (q - 8) in
 // 7 instructions instead of 11 (no sign tricks; the two nibble halves in one shift).
 inline float qblock_q4_0(blk_t row, int c, const global char* x, float8* p) {
     blk_t b = row + c * 18;
-    const v16qi_u q = *(const global v16qi_u*)(b + 2);
-    const v32qi both = __builtin_shufflevector(q, q, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
-                                               13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
-                                               12, 13, 14, 15);
-    const v8si nibble = {0, 0, 0, 0, 4, 4, 4, 4};  // low nibbles to 0-15, high to 16-31
-    const v32qi w = (v32qi)__builtin_ia32_psrlv8si((v8si)both, nibble) & (char)15;
     const v32qi xv = *(const global v32qi*)x;
-    const v16hi s = __builtin_ia32_pmaddubsw256(w, xv) -
+    const v16hi s = __builtin_ia32_pmaddubsw256(nibbles32(b + 2), xv) -
                     __builtin_ia32_pmaddubsw256(xv - xv + (char)8, xv);
-    const v16hi one = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-    *p = lane0(__builtin_ia32_pmaddwd256(s, one));
+    *p = lane0(__builtin_ia32_pmaddwd256(s, ONES_16));
     return dq_scale(b);
 }
 #define HAS_QBLOCK_q4_0
@@ -796,22 +803,12 @@ QFORMAT(q4_0, 18)
 #if defined(__AVX2__) && UNALIGNED
 typedef uint uint_u __attribute__((aligned(1)));
 typedef short v16hi_u __attribute__((vector_size(32), aligned(1)));  // 32 bytes anywhere
-#define ONES_16 ((v16hi){1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1})
 // 32 unsigned weights (< 64) times x in 8 int32 lanes of paired products.
 inline v8si umadd32(v32qi w, v32qi x) {
     return __builtin_ia32_pmaddwd256(__builtin_ia32_pmaddubsw256(w, x), ONES_16);
 }
 inline float8 to_f8(v8si v) { return __builtin_convertvector(v, float8); }
 inline float8 first(float v) { return (float8)(v, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f); }
-// 16 bytes of nibbles as 32 weights: low nibbles 0-15, high 16-31 (Q4_0's order).
-inline v32qi nibbles32(blk_t qs) {
-    const v16qi_u q = *(const global v16qi_u*)qs;
-    const v32qi both = __builtin_shufflevector(q, q, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
-                                               13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
-                                               12, 13, 14, 15);
-    const v8si nibble = {0, 0, 0, 0, 4, 4, 4, 4};
-    return (v32qi)__builtin_ia32_psrlv8si((v8si)both, nibble) & (char)15;
-}
 // Bit j of the little-endian word at qh as byte j: 16 where set (the 5th bits of Q5_0/Q5_1).
 inline v32qi bit5_bytes(blk_t qh) {
     const uint h = *(const global uint_u*)qh;
@@ -937,17 +934,15 @@ inline void qacc_q6_k(float8* acc, blk_t row, int c, const global char* x,
 #define QSTEP_q6_k 1
 // Word i of the quants at p (blocks of 22 and 210 bytes leave them 2-byte aligned only).
 inline uint nib_word(const global uchar* p, int i) { return u32_at((const global ushort*)p, i); }
-// Bits 4i..4i+3 of h to bit 4 of the 4 bytes of a word (a multiply moves bit b to bit 8b).
-inline uint bits5(uint h, int i) { return (((h >> (4 * i)) & 15u) * 0x00204081u & 0x01010101u) << 4; }
 // 16 bytes of nibbles against x: low nibbles meet x's words 0-3, high nibbles words 4-7; h's
-// bits are their 5th bits (0 for Q4_1).
+// bits are their 5th bits (BITS5; 0 for Q4_1).
 inline int nib_dot(const global uchar* qs, const global uint* x, uint h) {
     const uint m = 0x0f0f0f0fu;
     int s = 0;
     _Pragma("unroll") for (int i = 0; i < 4; i++) {
         const uint q = nib_word(qs, i);
-        s = dot4((q & m) | bits5(h, i), x[i], s);
-        s = dot4((q >> 4 & m) | bits5(h, 4 + i), x[4 + i], s);
+        s = dot4((q & m) | BITS5(h, i), x[i], s);
+        s = dot4((q >> 4 & m) | BITS5(h, 4 + i), x[4 + i], s);
     }
     return s;
 }
@@ -1181,7 +1176,6 @@ PLANAR_FORMAT(q4_0)
 typedef float v8sf_x8 __attribute__((vector_size(32)));
 #define SPLAT8_X8(v) ((v8si){v, v, v, v, v, v, v, v})
 #define SPLATF_X8(v) ((v8sf_x8){v, v, v, v, v, v, v, v})
-#define ONES_X8 ((v16hi){1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1})
 
 // What a block's integer dot products add for its offset: -8 * the sum of an activation
 // block's 32 int8 values (quantize_q8 wrote it) for Q4_0's unsigned nibbles, none for Q8_0.
@@ -1207,6 +1201,8 @@ inline void x8_weights_q4_0(blk_t b, v32qi* w) {
 // nibbles): Q4_0's weights plus each one's 5th bit, bit i of its row's qh for weight i. Byte
 // 4j + i of w[k] (weight 4k + i, or 16 + 4k + i for w[4 + k], of row j) takes it from byte
 // k / 2 (or 2 + k / 2) of dword j of the qh chunk: a byte shuffle, then a test of its bit.
+// (BITS5's multiply, as the VNNI prefill tile uses, made decode's Q5_0 gate/up GEMV 4 % slower:
+// 352 against 337 us, bench/profile_opencl.py on the Q4_K_M bench model.)
 inline v32qi x8_bit5(v32qi qh, char byte, int odd) {
     const v32qi at = {0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
                       0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12};
@@ -1236,7 +1232,7 @@ inline v8si x8_dot_q4_0(const v32qi* w, const global char* x, v8si offset) {
     v16hi s = __builtin_ia32_pmaddubsw256(w[0], (v32qi)SPLAT8_X8(xi[0]));
     _Pragma("unroll") for (int k = 1; k < 8; k++)
         s += __builtin_ia32_pmaddubsw256(w[k], (v32qi)SPLAT8_X8(xi[k]));
-    return __builtin_ia32_pmaddwd256(s, ONES_X8) + offset;
+    return __builtin_ia32_pmaddwd256(s, ONES_16) + offset;
 }
 // Q5_0: as Q4_0, but a pair of products reaches 2 * 31 * 127, so 4 add in 16 bits, not 8.
 inline v8si x8_dot_q5_0(const v32qi* w, const global char* x, v8si offset) {
@@ -1247,7 +1243,7 @@ inline v8si x8_dot_q5_0(const v32qi* w, const global char* x, v8si offset) {
         _Pragma("unroll") for (int k = 1; k < 4; k++)
             s[h] += __builtin_ia32_pmaddubsw256(w[4 * h + k], (v32qi)SPLAT8_X8(xi[4 * h + k]));
     }
-    return __builtin_ia32_pmaddwd256(s[0], ONES_X8) + __builtin_ia32_pmaddwd256(s[1], ONES_X8) +
+    return __builtin_ia32_pmaddwd256(s[0], ONES_16) + __builtin_ia32_pmaddwd256(s[1], ONES_16) +
            offset;
 }
 inline v8si x8_dot_q8_0(const v32qi* w, const global char* x, v8si offset) {
@@ -1257,7 +1253,7 @@ inline v8si x8_dot_q8_0(const v32qi* w, const global char* x, v8si offset) {
         const v32qi xk = (v32qi)SPLAT8_X8(xi[k]);
         s += __builtin_ia32_pmaddwd256(
             __builtin_ia32_pmaddubsw256(__builtin_ia32_psignb256(w[k], w[k]),
-                                        __builtin_ia32_psignb256(xk, w[k])), ONES_X8);
+                                        __builtin_ia32_psignb256(xk, w[k])), ONES_16);
     }
     return s;
 }
@@ -1476,16 +1472,15 @@ VNNI_FN static void nibble_blocks(const blk_t* w, int at, v8si* wt) {
     _Pragma("unroll") for (int k = 0; k < 4; k++) { wt[k] = u[k] & lo; wt[k + 4] = (u[k] >> 4) & lo; }
 }
 VNNI_FN static void blocks_q4_0(const blk_t* w, int c, v8si* wt) { nibble_blocks(w, c * 18 + 2, wt); }
-// Q5_0: Q4_0's nibbles plus each weight's 5th bit (bit i of the row's qh is weight i's): the
-// 4 bits of weights 4k..4k+3 go to bit 4 of the 4 bytes of dword k (a multiply by 0x00204081
-// moves bit b of a nibble to bit 8b, no two terms overlapping).
+// Q5_0: Q4_0's nibbles plus each weight's 5th bit (bit i of the row's qh is weight i's), by
+// BITS5 of the 8 rows' qh words, a row a lane.
 VNNI_FN static void blocks_q5_0(const blk_t* w, int c, v8si* wt) {
     nibble_blocks(w, c * 22 + 6, wt);
 #define QH(j) (int)*(const global uint_u*)(w[j] + c * 22 + 2)
     const v8si h = {QH(0), QH(1), QH(2), QH(3), QH(4), QH(5), QH(6), QH(7)};
 #undef QH
     _Pragma("unroll") for (int k = 0; k < 8; k++)
-        wt[k] |= ((((h >> (4 * k)) & 15) * 0x00204081) & 0x01010101) << 4;
+        wt[k] |= BITS5(h, k);
 }
 
 #define QGEMM8_TILE(T, BS, K)                                                                  \
