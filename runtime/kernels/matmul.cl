@@ -1483,34 +1483,46 @@ VNNI_FN static void blocks_q5_0(const blk_t* w, int c, v8si* wt) {
         wt[k] |= BITS5(h, k);
 }
 
+// The tile's tokens: their activation rows and scales, accumulators at 0 (a tile past the last
+// token reads the last token again; its sums are not stored).
+VNNI_FN static void tile_tokens(const global char* XQ, const global float* XD, int n_cols,
+                                int n_tok, int t0, const global char** x,
+                                const global float** d, v8sf* acc) {
+    _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {
+        const int r = min(t0 + t, n_tok - 1);
+        x[t] = XQ + (size_t)r * n_cols; d[t] = XD + (size_t)r * (n_cols / 32); acc[t] = SPLATF(0.0f);
+    }
+}
+// acc[t] += block c's 8 row dot products with token t, for every token of the tile: wt the
+// block's 8 registers (lane j: row j), dw the rows' scales, K the weights' offset (see above).
+VNNI_FN static void tile_block(const v8si* wt, v8sf dw, const global char* const* x,
+                               const global float* const* d, int c, int k, v8sf* acc) {
+    const v8si nks = neg_ksums(x, c, k);
+    _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {
+        const global int* xi = (const global int*)(x[t] + 32 * c);
+        v8si s = __builtin_ia32_permvarsi256(nks, SPLAT8(t));
+        _Pragma("unroll") for (int j = 0; j < 8; j++)
+            s = __builtin_ia32_vpdpbusd256(s, wt[j], SPLAT8(xi[j]));
+        acc[t] += (dw * SPLATF(d[t][c])) * __builtin_convertvector(s, v8sf);
+    }
+}
+
 #define QGEMM8_TILE(T, BS, K)                                                                  \
 VNNI_FN static void qtile_##T(blk_t W, const global char* XQ, const global float* XD,         \
                               global float* Y, int n_cols, int n_rows, int n_tok,              \
                               int row_bytes, int y_stride, int y_off, int accumulate,          \
                               int row0, int t0) {                                              \
-    const int nb = n_cols / 32;                                                                \
     blk_t w[8]; /* rows past the last read the last row again; their lanes are not stored */  \
     const global char* x[QT_TOK];                                                              \
     const global float* d[QT_TOK];                                                             \
     v8sf acc[QT_TOK];                                                                          \
     _Pragma("unroll") for (int j = 0; j < 8; j++)                                              \
         w[j] = W + (size_t)min(row0 + j, n_rows - 1) * row_bytes;                              \
-    _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {                                       \
-        const int r = min(t0 + t, n_tok - 1);                                                  \
-        x[t] = XQ + (size_t)r * n_cols; d[t] = XD + (size_t)r * nb; acc[t] = SPLATF(0.0f);     \
-    }                                                                                          \
-    for (int c = 0; c < nb; c++) {                                                             \
+    tile_tokens(XQ, XD, n_cols, n_tok, t0, x, d, acc);                                         \
+    for (int c = 0; c < n_cols / 32; c++) {                                                    \
         v8si wt[8];                                                                            \
         blocks_##T(w, c, wt);                                                                  \
-        const v8sf dw = row_scales(w, c, BS);                                                  \
-        const v8si nks = neg_ksums(x, c, K);                                                   \
-        _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {                                   \
-            const global int* xi = (const global int*)(x[t] + 32 * c);                         \
-            v8si s = __builtin_ia32_permvarsi256(nks, SPLAT8(t));                              \
-            _Pragma("unroll") for (int k = 0; k < 8; k++)                                      \
-                s = __builtin_ia32_vpdpbusd256(s, wt[k], SPLAT8(xi[k]));                       \
-            acc[t] += (dw * SPLATF(d[t][c])) * __builtin_convertvector(s, v8sf);               \
-        }                                                                                      \
+        tile_block(wt, row_scales(w, c, BS), x, d, c, K, acc);                                 \
     }                                                                                          \
     for (int t = 0; t < QT_TOK && t0 + t < n_tok; t++)                                         \
         for (int j = 0; j < 8 && row0 + j < n_rows; j++) {                                     \
@@ -1544,23 +1556,14 @@ VNNI_FN static void qtile_##T##x8(blk_t W, const global char* XQ, const global f
     const global char* x[QT_TOK];                                                              \
     const global float* d[QT_TOK];                                                             \
     v8sf acc[QT_TOK];                                                                          \
-    _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {                                       \
-        const int r = min(t0 + t, n_tok - 1);                                                  \
-        x[t] = XQ + (size_t)r * n_cols; d[t] = XD + (size_t)r * nb; acc[t] = SPLATF(0.0f);     \
-    }                                                                                          \
+    tile_tokens(XQ, XD, n_cols, n_tok, t0, x, d, acc);                                         \
     blk_t b = W + (size_t)g * nb * X8_BLOCK_##T;                                               \
     for (int c = 0; c < nb; c++, b += X8_BLOCK_##T) {                                          \
         v32qi w[8];                                                                            \
+        v8si wt[8];                                                                            \
         x8_weights_##T(b, w);                                                                  \
-        const v8sf dw = x8_scales(b);                                                          \
-        const v8si nks = neg_ksums(x, c, K);                                                   \
-        _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {                                   \
-            const global int* xi = (const global int*)(x[t] + 32 * c);                         \
-            v8si s = __builtin_ia32_permvarsi256(nks, SPLAT8(t));                              \
-            _Pragma("unroll") for (int k = 0; k < 8; k++)                                      \
-                s = __builtin_ia32_vpdpbusd256(s, (v8si)X8_VNNI_##T(w[k]), SPLAT8(xi[k]));     \
-            acc[t] += (dw * SPLATF(d[t][c])) * __builtin_convertvector(s, v8sf);               \
-        }                                                                                      \
+        _Pragma("unroll") for (int k = 0; k < 8; k++) wt[k] = (v8si)X8_VNNI_##T(w[k]);         \
+        tile_block(wt, x8_scales(b), x, d, c, K, acc);                                         \
     }                                                                                          \
     for (int t = 0; t < QT_TOK && t0 + t < n_tok; t++)                                         \
         x8_store(Y + y_off + (size_t)(t0 + t) * y_stride + 8 * g, acc[t], accumulate);         \
