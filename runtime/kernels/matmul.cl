@@ -800,6 +800,14 @@ QFORMAT(q4_0, 18)
 // Q4_0, see X8_FORMAT). On x86 CPUs (AVX2) the weights enter pmaddubsw as unsigned bytes (at
 // most 63: a pair of products stays below 2^15); where dot4 is one instruction (GPUs) four
 // bytes at a time; elsewhere a block is dequantized and multiplies x's int8 values as floats.
+// Blocks per qacc_<T> call (see QSTEP_q8_0): the K formats take KSTEP, a super-block (8) where
+// the path below unpacks one at a time, else 1.
+#define QSTEP_q4_1 1
+#define QSTEP_q5_0 1
+#define QSTEP_q5_1 1
+#define QSTEP_q4_k KSTEP
+#define QSTEP_q5_k KSTEP
+#define QSTEP_q6_k KSTEP
 #if defined(__AVX2__) && UNALIGNED
 typedef uint uint_u __attribute__((aligned(1)));
 typedef short v16hi_u __attribute__((vector_size(32), aligned(1)));  // 32 bytes anywhere
@@ -825,9 +833,6 @@ inline v32qi k_nibbles(blk_t qs, int j) {
     return (v32qi)(*(const global v16hi_u*)(qs + 32 * (j >> 1)) >> (4 * (j & 1))) & (char)15;
 }
 
-#define QSTEP_q4_1 1
-#define QSTEP_q5_0 1
-#define QSTEP_q5_1 1
 // Q4_1 (20 bytes): d | m | qs[16].  x = d q + m
 inline void qacc_q4_1(float8* acc, blk_t row, int c, const global char* x,
                       const global float* dx, const global int* xs) {
@@ -857,8 +862,7 @@ inline void qacc_q5_1(float8* acc, blk_t row, int c, const global char* x,
 // Q4_K and Q5_K a super-block (8 blocks) at a time: its d and dmin, and the 8 sub-blocks'
 // 6-bit scales and mins (llama.cpp's get_scale_min_k4 for all j at once), are unpacked once.
 // x = (d sc_j) q - dmin m_j: the mins' terms, dmin m_j dx_j sum(x_j), add as one vector.
-#define QSTEP_q4_k 8
-#define QSTEP_q5_k 8
+#define KSTEP 8  // Q6_K below too
 inline void k_scales(blk_t s, float8* sc, float8* m) {
     const uchar4 lo = vload4(0, s), mid = vload4(1, s), hi = vload4(2, s);
     *sc = convert_float8((uchar8)(lo & (uchar)63, (hi & (uchar)15) | (lo >> (uchar)6 << (uchar)4)));
@@ -897,7 +901,6 @@ inline void qacc_q5_k(float8* acc, blk_t row, int c, const global char* x,
 // blocks) at a time: d and the 16 scales are read once. A block's two halves of 16 weights
 // have their own scales: pmaddwd multiplies the 16-bit pair sums by them. The -32 comes off in
 // 16 bits as pmaddubsw(32, x) (|sum of a pair| <= 2 * 32 * 127 + 2 * 63 * 127).
-#define QSTEP_q6_k 8
 inline v8si q6k_dot(blk_t b, int k, const global char* x, v16hi scales) {
     const int h = k >> 2, qr = k & 3;
     const v16hi lo = *(const global v16hi_u*)(b + 64 * h + 32 * (qr & 1)) >> (4 * (qr >> 1));
@@ -926,12 +929,7 @@ inline void qacc_q6_k(float8* acc, blk_t row, int c, const global char* x,
 // values as they are, Q6_K's q - 32 as (q + 96) ^ 128 byte by byte), x's 32 int8 values as 8
 // words. (Not yet timed on a GPU. Through dot4's portable fallback, PoCL's CPU device ran
 // these 1.1-2x slower than the float products below.)
-#define QSTEP_q4_1 1
-#define QSTEP_q5_0 1
-#define QSTEP_q5_1 1
-#define QSTEP_q4_k 1
-#define QSTEP_q5_k 1
-#define QSTEP_q6_k 1
+#define KSTEP 1
 // Word i of the quants at p (blocks of 22 and 210 bytes leave them 2-byte aligned only).
 inline uint nib_word(const global uchar* p, int i) { return u32_at((const global ushort*)p, i); }
 // 16 bytes of nibbles against x: low nibbles meet x's words 0-3, high nibbles words 4-7; h's
@@ -1015,12 +1013,7 @@ inline void qacc_q6_k(float8* acc, blk_t row, int c, const global char* x,
 #else
 // Elsewhere (CPUs without AVX2) the block dequantized to floats (DQ_<T>: quants, each half's
 // scale, offset) times x's int8 values as floats, which compilers vectorize 8 wide.
-#define QSTEP_q4_1 1
-#define QSTEP_q5_0 1
-#define QSTEP_q5_1 1
-#define QSTEP_q4_k 1
-#define QSTEP_q5_k 1
-#define QSTEP_q6_k 1
+#define KSTEP 1
 #define QACC_FLOAT(T)                                                                          \
 inline void qacc_##T(float8* acc, blk_t row, int c, const global char* x,                   \
                      const global float* dx, const global int* xs) {                          \
