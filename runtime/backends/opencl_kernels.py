@@ -86,7 +86,7 @@ class DeviceMatrix:
 X8_GROUP = 4  # work-items (of 8 interleaved rows each) in a work-group
 X8_TYPES = (T.Q4_0, T.Q8_0, T.Q5_0)  # the types matmul.cl has *_<type>x8 kernels for
 PLANAR_TYPES = (T.Q4_0, T.Q8_0)  # ... and *_<type>p kernels (GPU decode over planes)
-VNNI_TYPES = (T.Q4_0, T.Q8_0, T.Q5_0)  # ... and qgemm8_<type> kernels (VNNI prefill, file layout)
+VNNI_TYPES = (T.Q4_0, T.Q8_0, T.Q5_0)  # ... and qgemm8_<type>[x8] kernels (VNNI prefill)
 
 
 def pairs(rows: int, rpw: int) -> int:

@@ -15,8 +15,15 @@ pytest.importorskip("pyopencl")
 
 import numpy as np
 
-from runtime.backends import opencl_kernels as ok
-from runtime.backends.opencl_kernels import FILE, PLANAR, X8, Kernels, interleave, planar
+from runtime.backends.opencl_kernels import (
+    FILE,
+    PLANAR,
+    VNNI_TYPES,
+    X8,
+    Kernels,
+    interleave,
+    planar,
+)
 from runtime.backends.opencl_programs import ProgramCache
 from runtime.backends.opencl_tuning import default_params
 from runtime.quant import row_bytes
@@ -91,7 +98,7 @@ def test_prefill_tiles_agree_with_numpy_on_odd_shapes(kern, qtype):
         k.vnni = vnni
         for rows, n_tok in [(5, 3), (37, 7), (64, 8), (13, 17), (8, 40), (100, 2)]:
             checks.check_matmul(k, qtype, n_tok, rows=rows)
-        if vnni and qtype in ok.VNNI_TYPES:
+        if vnni and qtype in VNNI_TYPES:
             assert f"qgemm8_{qtype.name.lower()}" in k._kernels, "the VNNI kernel did not run"
 
 
