@@ -28,18 +28,25 @@ CACHE = ROOT / "bench" / ".cache"
 SHAPE = dict(vocab_size=32000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
              num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
              rms_norm_eps=1e-5, tie_word_embeddings=False)
+# The same size with every row a multiple of 256 (hidden 1024, FFN 4096, 16/4 heads), so that
+# llama.cpp's K-quant mixes (Q4_K_M) are Q4_K/Q6_K throughout, as in real 1B-70B models; at
+# hidden 896 its quantizer falls back to Q5_0/Q8_0 for every matrix but FFN-down.
+SHAPES = {"0.5b": SHAPE,
+          "0.5b-k": {**SHAPE, "hidden_size": 1024, "intermediate_size": 4096,
+                     "num_attention_heads": 16, "num_key_value_heads": 4}}
 
 
-def make_hf_model() -> Path:
+def make_hf_model(model: str = "0.5b") -> Path:
+    """The random-weight Llama of SHAPES[model], saved once as a Hugging Face directory."""
     import torch
     import transformers
 
-    path = CACHE / "llama-0.5b-hf"
+    path = CACHE / f"llama-{model}-hf"
     if (path / "config.json").exists():
         return path
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE))
-    model.to(torch.float16).save_pretrained(path, safe_serialization=True)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPES[model]))
+    llama.to(torch.float16).save_pretrained(path, safe_serialization=True)
     return path
 
 

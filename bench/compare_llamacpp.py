@@ -1,11 +1,12 @@
 """Our runtime against llama.cpp on the same GGUF files, in the same run, same thread count.
 
 The ~0.5B Llama-shaped random-weight model of bench_numpy.py (hidden 896, 24 layers, 14/2
-heads, FFN 4864, vocab 32000) is written as Q8_0 and Q4_0 by our converter, and as Q4_K_M by
-llama.cpp's own quantizer (llama_model_quantize from the F16 file). Each file is run by
-`claw runtime bench` (our backend, its own process) and by llama.cpp through
-llama-cpp-python (its own process), pp<P> and tg<N> tokens/s, and the table prints our speed
-as a ratio of llama.cpp's.
+heads, FFN 4864, vocab 32000; `--model 0.5b-k`: hidden 1024, FFN 4096, 16/4 heads, every row a
+multiple of 256, so that Q4_K_M is Q4_K/Q6_K throughout) is written as Q8_0 and Q4_0 by our
+converter, and as Q4_K_M by llama.cpp's own quantizer (llama_model_quantize from the F16
+file). Each file is run by `claw runtime bench` (our backend, its own process) and by
+llama.cpp through llama-cpp-python (its own process), pp<P> and tg<N> tokens/s, and the table
+prints our speed as a ratio of llama.cpp's.
 
 llama-cpp-python is a benchmark-only dependency, built from source in its own venv outside
 the repository (~9 min on 2 cores), with explicit CPU flags for this host (its native build
@@ -13,7 +14,7 @@ crashes on an AMX path; bench/llamacpp_venv.py). The script builds it when missi
 for another CPU:
 
     .venv/bin/python bench/compare_llamacpp.py [--backend opencl] [-p 512] [-n 128] [-r 5]
-        [--threads 2] [--types q8_0,q4_0,q4_k_m] [--baseline DIR] [--json]
+        [--threads 2] [--types q8_0,q4_0,q4_k_m] [--model 0.5b|0.5b-k] [--baseline DIR] [--json]
 
 --baseline DIR also runs our runtime from another source tree (e.g. `git archive REV | tar -x
 -C DIR`) in the same run, before ours, so that a change is measured beside its parent under the
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import llamacpp_venv  # noqa: E402
-from bench.bench_numpy import CACHE, SHAPE, make_hf_model  # noqa: E402
+from bench.bench_numpy import CACHE, SHAPES, make_hf_model  # noqa: E402
 from bench.report import print_report  # noqa: E402
 
 # Runs inside the llama-cpp-python venv: pp and tg of one file, as JSON on stdout.
@@ -77,32 +78,34 @@ sys.exit(rc)
 """
 
 
-def vocabulary() -> dict:
+def vocabulary(model: str) -> dict:
     """A stand-in byte-level BPE vocabulary (llama.cpp refuses a file without one): distinct
     tokens, one merge. Neither runtime tokenizes here; both run token ids."""
-    n = SHAPE["vocab_size"]
+    n = SHAPES[model]["vocab_size"]
     return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
             "tokenizer.ggml.tokens": [f"t{i}" for i in range(n)],
             "tokenizer.ggml.token_type": [1] * n, "tokenizer.ggml.merges": ["t 0"],
             "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
 
 
-def model_file(kind: str, python: Path) -> Path:
+def model_file(kind: str, python: Path, model: str = "0.5b") -> Path:
     """Q8_0 and Q4_0 written by our converter, Q4_K_M by llama.cpp's quantizer from F16."""
     from gguf import GGMLQuantizationType as T
 
     from runtime.convert import convert
 
-    out = CACHE / f"llama-0.5b-vocab-{kind}.gguf"
+    out = CACHE / f"llama-{model}-vocab-{kind}.gguf"
     if out.exists():
         return out
     if kind == "q4_k_m":
-        done = subprocess.run([str(python), "-c", QUANTIZER, str(model_file("f16", python)),
-                               str(out)], capture_output=True, text=True)
+        done = subprocess.run([str(python), "-c", QUANTIZER,
+                               str(model_file("f16", python, model)), str(out)],
+                              capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"llama_model_quantize failed: {done.stderr[-2000:]}")
         return out
-    return convert(make_hf_model(), out, T[kind.upper()], tokenizer_metadata=vocabulary())
+    return convert(make_hf_model(model), out, T[kind.upper()],
+                   tokenizer_metadata=vocabulary(model))
 
 
 def run_llamacpp(python: Path, path: Path, args: argparse.Namespace) -> dict:
@@ -133,13 +136,15 @@ def main() -> None:
     ap.add_argument("-r", "--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--types", default="q8_0,q4_0,q4_k_m")
+    ap.add_argument("--model", choices=sorted(SHAPES), default="0.5b",
+                    help="0.5b-k: rows a multiple of 256, so Q4_K_M is K-quants throughout")
     ap.add_argument("--baseline", type=Path, help="another source tree of ours to run too")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     python = llamacpp_venv.build()
     rows = []
     for kind in args.types.split(","):
-        path = model_file(kind, python)
+        path = model_file(kind, python, args.model)
         before = run_ours(path, args, args.baseline) if args.baseline else None
         ours = run_ours(path, args)
         peer = run_llamacpp(python, path, args)
@@ -161,7 +166,7 @@ def main() -> None:
               f"{peer['tg']:.2f} (pp/tg tok/s)", file=sys.stderr, flush=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "backend": args.backend,
-              "threads": args.threads, "prompt": args.prompt, "gen": args.gen,
+              "model": args.model, "threads": args.threads, "prompt": args.prompt, "gen": args.gen,
               "repeats": args.repeats, "rows": rows}
     columns = ["type", "test", "ours_tps", "llamacpp_tps", "ratio"]
     if args.baseline:

@@ -84,9 +84,10 @@ class DeviceMatrix:
 
 
 X8_GROUP = 4  # work-items (of 8 interleaved rows each) in a work-group
-X8_TYPES = (T.Q4_0, T.Q8_0, T.Q5_0)  # the types matmul.cl has *_<type>x8 kernels for
+X8_TYPES = (T.Q4_0, T.Q8_0, T.Q5_0, T.Q4_K)  # the types matmul.cl has *_<type>x8 kernels for
 PLANAR_TYPES = (T.Q4_0, T.Q8_0)  # ... and *_<type>p kernels (GPU decode over planes)
-VNNI_TYPES = (T.Q4_0, T.Q8_0, T.Q5_0)  # ... and qgemm8_<type>[x8] kernels (VNNI prefill)
+VNNI_TYPES = (T.Q4_0, T.Q8_0, T.Q5_0)  # ... qgemm8_<type> (VNNI prefill, file layout; every
+# X8 type has qgemm8_<type>x8)
 
 
 def pairs(rows: int, rpw: int) -> int:
@@ -94,19 +95,26 @@ def pairs(rows: int, rpw: int) -> int:
     return math.ceil(math.ceil(rows / 2) / rpw) * rpw
 
 
+X8_BLOCK_COLS = {T.Q4_K: 256}  # a block of interleave's groups: 32 weights, a K format's 256
+X8_HEADS = {T.Q4_K: 2}  # f16 fields at the start of a block: d (one), Q4_K's d and dmin (two)
+
+
 def interleave(raw: np.ndarray, qtype: T, n_rows: int, n_cols: int) -> np.ndarray:
-    """Q4_0, Q5_0 or Q8_0 rows (n_rows a multiple of 8) repacked for matmul.cl's *x8 kernels:
-    per group of 8 rows and block, the 8 f16 scales, then chunks of 32 bytes whose dword j is 4
-    bytes of row j's block after its scale (4 chunks for Q4_0; 5 for Q5_0, its qh then its
-    nibbles; 8 for Q8_0). The same bytes, moved: 8 blocks' worth per block of 8 rows (144,
-    176 or 272), as before."""
-    groups, nb, size = n_rows // 8, n_cols // 32, row_bytes(qtype, 32)  # a block's bytes
+    """Q4_0, Q5_0, Q8_0 or Q4_K rows (n_rows a multiple of 8) repacked for matmul.cl's *x8
+    kernels: per group of 8 rows and block, the 8 rows' f16 scales (Q4_K: their d, then their
+    dmin), then chunks of 32 bytes whose dword j is 4 bytes of row j's block after them (4
+    chunks for Q4_0; 5 for Q5_0, its qh then its nibbles; 8 for Q8_0; 35 for Q4_K, its 12
+    bytes of scales and mins then its 128 of nibbles). The same bytes, moved: 8 blocks' worth
+    per block of 8 rows (144, 176, 272 or 1152), as before."""
+    cols, heads = X8_BLOCK_COLS.get(qtype, 32), X8_HEADS.get(qtype, 1)
+    groups, nb, size = n_rows // 8, n_cols // cols, row_bytes(qtype, cols)  # a block's bytes
     blocks = raw.reshape(-1).view(np.uint8).reshape(groups, 8, nb, size)
     out = np.empty((groups, nb, 8 * size), np.uint8)
     # moved as 2- and 4-byte words (a byte-wise transpose is ~4x slower)
-    out[:, :, :16].view(np.uint16)[...] = blocks[..., :2].view(np.uint16)[..., 0].transpose(0, 2, 1)
-    quants = blocks[..., 2:].view(np.uint32).transpose(0, 2, 3, 1)  # (group, block, k, row)
-    out[:, :, 16:].view(np.uint32).reshape(groups, nb, (size - 2) // 4, 8)[...] = quants
+    scales = blocks[..., :2 * heads].view(np.uint16).transpose(0, 2, 3, 1)  # (g, block, h, row)
+    out[:, :, :16 * heads].view(np.uint16).reshape(groups, nb, heads, 8)[...] = scales
+    quants = blocks[..., 2 * heads:].view(np.uint32).transpose(0, 2, 3, 1)  # (g, block, k, row)
+    out[:, :, 16 * heads:].view(np.uint32).reshape(groups, nb, -1, 8)[...] = quants
     return out.reshape(-1)
 
 
@@ -151,7 +159,7 @@ class Kernels:
         self.mm = programs.get("matmul", {**params.matmul_defines(), "VNNI": int(self.vnni)})
         self.ops = programs.get("ops", params.ops_defines())
         self._kernels: dict[str, Any] = {}
-        # Q4_0/Q5_0/Q8_0 weights are repacked at upload where the device has the interleaved
+        # Q4_0/Q5_0/Q8_0/Q4_K weights are repacked at upload where the device has the interleaved
         # kernels (AVX2 CPUs: matmul.cl's *_<type>x8) and runs the CPU shape (LWS 1)
         self.interleave = params.LWS == 1 and self._has_kernel(self.mm, "qgemv_q8_0x8")
         # ... and Q4_0/Q8_0 in planes where decode runs the GPU shape (LWS > 1: the *p kernels)
@@ -229,9 +237,9 @@ class Kernels:
     def upload_matrix(self, raw: np.ndarray, qtype: T, shape: tuple[int, ...],
                       repack: bool = True) -> DeviceMatrix:
         """A GGUF weight as it lies in the file, in parts no larger than the device allows.
-        Q4_0/Q5_0/Q8_0 is repacked in groups of 8 rows where the device has the kernels (AVX2
-        CPUs), Q4_0/Q8_0 in planes on the GPU shape, unless `repack` is False (benchmarks and tests
-        compare the layouts)."""
+        Q4_0/Q5_0/Q8_0/Q4_K is repacked in groups of 8 rows where the device has the kernels
+        (AVX2 CPUs), Q4_0/Q8_0 in planes on the GPU shape, unless `repack` is False (benchmarks
+        and tests compare the layouts)."""
         if qtype not in FORMATS:
             raise ValueError(f"{qtype.name} weights have no OpenCL kernel "
                              f"(expected one of {', '.join(t.name for t in FORMATS)})")

@@ -525,11 +525,14 @@ inline v32qi nibbles32(blk_t qs) {
 // come here. Adding the same terms in the same order gives them the same floats, so that a
 // run under a memory budget gives the unbudgeted run's logits exactly (the 7 zero lanes add
 // nothing; the horizontal sum, 3 adds per block, is exact in integers).
-inline float8 lane0(v8si s) {
+inline int isum8(v8si s) {
     const v4si h = __builtin_shufflevector(s, s, 0, 1, 2, 3) +
                    __builtin_shufflevector(s, s, 4, 5, 6, 7);
     const v4si q = h + __builtin_shufflevector(h, h, 2, 3, 0, 1);
-    return (float8)((float)(q[0] + q[1]), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
+    return q[0] + q[1];
+}
+inline float8 lane0(v8si s) {
+    return (float8)((float)isum8(s), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
 }
 // llama.cpp's mul_sum_i8_pairs: |w| (unsigned) times x with w's sign (signed) in pmaddubsw (a
 // pair sums to at most 2 * 128 * 127, no saturation: |x| <= 127), pairs of pairs in pmaddwd.
@@ -859,8 +862,9 @@ inline void qacc_q5_1(float8* acc, blk_t row, int c, const global char* x,
     const v8si p = umadd32(nibbles32(b + 8) | bit5_bytes(b + 4), *(const global v32qi*)x);
     *acc += (dq_scale(b) * dx[0]) * to_f8(p) + first(dq_scale(b + 2) * dx[0] * (float)xs[0]);
 }
-// Q4_K and Q5_K a super-block (8 blocks) at a time: its d and dmin, and the 8 sub-blocks'
-// 6-bit scales and mins (llama.cpp's get_scale_min_k4 for all j at once), are unpacked once.
+// The K formats a super-block (8 blocks) at a time. Q5_K: its d and dmin, and the 8
+// sub-blocks' 6-bit scales and mins (llama.cpp's get_scale_min_k4 for all j at once), are
+// unpacked once.
 // x = (d sc_j) q - dmin m_j: the mins' terms, dmin m_j dx_j sum(x_j), add as one vector.
 #define KSTEP 8  // Q6_K below too
 inline void k_scales(blk_t s, float8* sc, float8* m) {
@@ -879,13 +883,25 @@ inline void k_scales(blk_t s, float8* sc, float8* m) {
     const float8 dx8 = vload8(0, dx);                                                          \
     const float8 k = dq_scale(b) * sc * dx8;                                                   \
     *acc -= dq_scale(b + 2) * (m * dx8 * convert_float8(vload8(0, xs)));
-// Q4_K (144 bytes a super-block): d | dmin | scales[12] | qs[128].
+// Q4_K (144 bytes a super-block): d | dmin | scales[12] | qs[128]. Resident Q4_K is
+// interleaved by 8 rows (the *_q4_kx8 kernels), which add a super-block's terms to a row in
+// this order: -dmin * sum_j dx_j (m_j sum(x_j)), then d * sum_j dx_j (sc_j dot_j), the sums
+// over the 8 sub-blocks in turn; lane 0 adds the same (see lane0). The products in brackets
+// are exact (integers below 2^24), so each term rounds where the interleaved kernels' does.
 inline void qacc_q4_k(float8* acc, blk_t row, int c, const global char* x,
                       const global float* dx, const global int* xs) {
-    K_SUPERBLOCK(144)
-#define Q4K_W(j) k_nibbles(b + 16, j)
-    K_SUBS(Q4K_W)
-#undef Q4K_W
+    blk_t b = row + 144 * (c >> 3);
+    float sa = 0.0f, sm = 0.0f;
+    _Pragma("unroll") for (int j = 0; j < 8; j++) {
+        float sc, m;
+        scale_min_k4(b + 4, j, &sc, &m);
+        const float dot = (float)isum8(umadd32(k_nibbles(b + 16, j),
+                                               *(const global v32qi*)(x + 32 * j)));
+        sm += dx[j] * (m * (float)xs[j]);
+        sa += dx[j] * (sc * dot);
+    }
+    (*acc).s0 -= dq_scale(b + 2) * sm;
+    (*acc).s0 += dq_scale(b) * sa;
 }
 // Q5_K (176 bytes): d | dmin | scales[12] | qh[32] | qs[128]; the 5th bit of weight l of
 // sub-block j is bit j of qh[l].
@@ -1166,6 +1182,11 @@ PLANAR_FORMAT(q4_0)
 #define X8_BLOCK_q4_0 144
 #define X8_BLOCK_q8_0 272
 #define X8_BLOCK_q5_0 176
+#define X8_BLOCK_q4_k 1152
+#define X8_COLS_q4_0 32  // weights a row of a block
+#define X8_COLS_q8_0 32
+#define X8_COLS_q5_0 32
+#define X8_COLS_q4_k 256
 typedef float v8sf_x8 __attribute__((vector_size(32)));
 #define SPLAT8_X8(v) ((v8si){v, v, v, v, v, v, v, v})
 #define SPLATF_X8(v) ((v8sf_x8){v, v, v, v, v, v, v, v})
@@ -1260,6 +1281,61 @@ inline v8si x8_dot_q8_0(const v32qi* w, const global char* x, v8si offset) {
                __builtin_convertvector(x8_dot_##T(w_, x, offset), v8sf_x8);                    \
     }
 
+// Q4_K (1152 bytes a super-block of 8 rows): the rows' d, their dmin, 3 chunks of their 12
+// bytes of scales and mins, then 32 chunks of their 128 bytes of nibbles; chunks 8p..8p+7
+// hold sub-block 2p in their low nibbles and 2p + 1 in their high ones (weights 4k..4k+3 in
+// chunk 8p + k, as Q4_0's).
+// Sub-block j's 6-bit scales and mins, a row a lane (scale_min_k4 of each row).
+inline void x8_scale_min_k4(blk_t b, int j, v8sf_x8* sc, v8sf_x8* m) {
+    const v8si s0 = (v8si)*(const global v32qi_u*)(b + 32) >> 8 * (j & 3);
+    const v8si s1 = (v8si)*(const global v32qi_u*)(b + 64) >> 8 * (j & 3);
+    const v8si s2 = (v8si)*(const global v32qi_u*)(b + 96) >> 8 * (j & 3);
+    const v8si vs = j < 4 ? s0 & 63 : (s2 & 15) | (s0 >> 6 & 3) << 4;
+    const v8si vm = j < 4 ? s1 & 63 : (s2 >> 4 & 15) | (s1 >> 6 & 3) << 4;
+    *sc = __builtin_convertvector(vs, v8sf_x8);
+    *m = __builtin_convertvector(vm, v8sf_x8);
+}
+// Sub-block j's unsigned weights, chunk k (lane j: weights 4k..4k+3 of row j).
+inline v32qi x8_nibbles_q4_k(blk_t b, int j, int k) {
+    const v16hi q = (v16hi)*(const global v32qi_u*)(b + 128 + 32 * (8 * (j >> 1) + k));
+    return (v32qi)(q >> 4 * (j & 1)) & (char)15;
+}
+// The 8 rows' integer dot products of sub-block j with its 32 int8 values (as Q4_0's).
+inline v8si x8_dot_q4_k(blk_t b, int j, const global char* x) {
+    const global int* xi = (const global int*)x;
+    v16hi s = __builtin_ia32_pmaddubsw256(x8_nibbles_q4_k(b, j, 0), (v32qi)SPLAT8_X8(xi[0]));
+    _Pragma("unroll") for (int k = 1; k < 8; k++)
+        s += __builtin_ia32_pmaddubsw256(x8_nibbles_q4_k(b, j, k), (v32qi)SPLAT8_X8(xi[k]));
+    return __builtin_ia32_pmaddwd256(s, ONES_16);
+}
+// acc += a super-block of the group . x (its 8 activation blocks: int8 values x, scales dx,
+// sums xs), the terms in qacc_q4_k's order.
+inline v8sf_x8 x8_acc_q4_k(v8sf_x8 acc, blk_t b, const global char* x,
+                           const global float* dx, const global int* xs) {
+    v8sf_x8 sa = SPLATF_X8(0.0f), sm = SPLATF_X8(0.0f);
+    _Pragma("unroll") for (int j = 0; j < 8; j++) {
+        v8sf_x8 sc, m;
+        x8_scale_min_k4(b, j, &sc, &m);
+        const v8sf_x8 dot = __builtin_convertvector(x8_dot_q4_k(b, j, x + 32 * j), v8sf_x8);
+        sm += SPLATF_X8(dx[j]) * (m * SPLATF_X8((float)xs[j]));
+        sa += SPLATF_X8(dx[j]) * (sc * dot);
+    }
+    acc -= x8_scales(b + 16) * sm;
+    acc += x8_scales(b) * sa;
+    return acc;
+}
+
+// acc += block c of a group at b . x: X8_STEP_<T>(acc, b, c, XQ, XD, XS), for the decode kernels.
+#define X8_STEP_32(T, acc, b, c, XQ, XD, XS)                                                   \
+    X8_GEMV_ACC(T, acc, b, (XQ) + 32 * (c), (XD)[c], X8_OFFSET_##T((XS)[c]))
+#define X8_STEP_q4_0(...) X8_STEP_32(q4_0, __VA_ARGS__)
+#define X8_STEP_q8_0(...) X8_STEP_32(q8_0, __VA_ARGS__)
+#define X8_STEP_q5_0(...) X8_STEP_32(q5_0, __VA_ARGS__)
+#define X8_STEP_q4_k(acc, b, c, XQ, XD, XS)                                                    \
+    acc = x8_acc_q4_k(acc, b, (XQ) + 256 * (c), (XD) + 8 * (c), (XS) + 8 * (c));
+// A group's bytes.
+#define X8_GROUP_BYTES(T, n_cols) ((size_t)(n_cols) / X8_COLS_##T * X8_BLOCK_##T)
+
 inline void x8_store(global float* y, v8sf_x8 v, int accumulate) {
     for (int j = 0; j < 8; j++) y[j] = v[j] + (accumulate ? y[j] : 0.0f);
 }
@@ -1269,13 +1345,13 @@ inline void x8_store(global float* y, v8sf_x8 v, int accumulate) {
 #define X8_GEMV_KERNEL(T)                                                                      \
 kernel void qgemv_##T##x8(blk_t W, const global char* XQ, const global float* XD,             \
                           global float* Y, int n_cols, int n_rows, int y_off, int accumulate) { \
-    const int g = get_global_id(0), nb = n_cols / 32;                                          \
+    const int g = get_global_id(0);                                                            \
     if (8 * g >= n_rows) return;                                                               \
-    const global int* XS = (const global int*)(XD + nb);                                       \
-    blk_t b = W + (size_t)g * nb * X8_BLOCK_##T;                                               \
+    const global int* XS = (const global int*)(XD + n_cols / 32);                              \
+    blk_t b = W + g * X8_GROUP_BYTES(T, n_cols);                                               \
     v8sf_x8 acc = SPLATF_X8(0.0f);                                                             \
-    for (int c = 0; c < nb; c++, b += X8_BLOCK_##T)                                            \
-        X8_GEMV_ACC(T, acc, b, XQ + 32 * c, XD[c], X8_OFFSET_##T(XS[c]))                       \
+    for (int c = 0; c < n_cols / X8_COLS_##T; c++, b += X8_BLOCK_##T)                          \
+        X8_STEP_##T(acc, b, c, XQ, XD, XS)                                                     \
     x8_store(Y + y_off + 8 * g, acc, accumulate);                                              \
 }
 
@@ -1284,15 +1360,14 @@ kernel void qgemv_##T##x8(blk_t W, const global char* XQ, const global float* XD
 kernel void qgemv_glu_##T##x8(blk_t Wg, blk_t Wu, const global char* XQ,                      \
                               const global float* XD, global float* out, int n_cols,           \
                               int n_rows) {                                                    \
-    const int g = get_global_id(0), nb = n_cols / 32;                                          \
+    const int g = get_global_id(0);                                                            \
     if (8 * g >= n_rows) return;                                                               \
-    const global int* XS = (const global int*)(XD + nb);                                       \
-    blk_t bg = Wg + (size_t)g * nb * X8_BLOCK_##T, bu = Wu + (size_t)g * nb * X8_BLOCK_##T;    \
+    const global int* XS = (const global int*)(XD + n_cols / 32);                              \
+    blk_t bg = Wg + g * X8_GROUP_BYTES(T, n_cols), bu = Wu + g * X8_GROUP_BYTES(T, n_cols);    \
     v8sf_x8 gate = SPLATF_X8(0.0f), up = SPLATF_X8(0.0f);                                      \
-    for (int c = 0; c < nb; c++, bg += X8_BLOCK_##T, bu += X8_BLOCK_##T) {                     \
-        const v8si offset = X8_OFFSET_##T(XS[c]);                                              \
-        X8_GEMV_ACC(T, gate, bg, XQ + 32 * c, XD[c], offset)                                   \
-        X8_GEMV_ACC(T, up, bu, XQ + 32 * c, XD[c], offset)                                     \
+    for (int c = 0; c < n_cols / X8_COLS_##T; c++, bg += X8_BLOCK_##T, bu += X8_BLOCK_##T) {   \
+        X8_STEP_##T(gate, bg, c, XQ, XD, XS)                                                   \
+        X8_STEP_##T(up, bu, c, XQ, XD, XS)                                                     \
     }                                                                                          \
     for (int j = 0; j < 8; j++) out[8 * g + j] = gate[j] / (1.0f + exp(-gate[j])) * up[j];     \
 }
@@ -1303,16 +1378,15 @@ kernel void qgemv_qkv_##T##x8(blk_t Wq, blk_t Wk, blk_t Wv, const global char* X
                               const global float* XD, global float* q, global float* kc,       \
                               global float* vc, int n_cols, int nq, int nk, int kv_off) {      \
     int row = 8 * get_global_id(0);                                                            \
-    const int nb = n_cols / 32;                                                                \
     if (row >= nq + 2 * nk) return;                                                            \
     blk_t w = row < nq ? Wq : row < nq + nk ? Wk : Wv;                                         \
     global float* y = row < nq ? q : (row < nq + nk ? kc : vc) + kv_off;                       \
     row = row < nq ? row : row < nq + nk ? row - nq : row - nq - nk;                           \
-    const global int* XS = (const global int*)(XD + nb);                                       \
-    blk_t b = w + (size_t)(row / 8) * nb * X8_BLOCK_##T;                                       \
+    const global int* XS = (const global int*)(XD + n_cols / 32);                              \
+    blk_t b = w + (row / 8) * X8_GROUP_BYTES(T, n_cols);                                       \
     v8sf_x8 acc = SPLATF_X8(0.0f);                                                             \
-    for (int c = 0; c < nb; c++, b += X8_BLOCK_##T)                                            \
-        X8_GEMV_ACC(T, acc, b, XQ + 32 * c, XD[c], X8_OFFSET_##T(XS[c]))                       \
+    for (int c = 0; c < n_cols / X8_COLS_##T; c++, b += X8_BLOCK_##T)                          \
+        X8_STEP_##T(acc, b, c, XQ, XD, XS)                                                     \
     x8_store(y + row, acc, 0);                                                                 \
 }
 
@@ -1377,6 +1451,46 @@ kernel void qgemm_##T##x8(blk_t W, const global char* XQ, const global float* XD
 X8_FORMAT(q4_0)
 X8_FORMAT(q8_0)
 X8_FORMAT(q5_0)
+X8_GEMV_KERNEL(q4_k)
+X8_GLU_KERNEL(q4_k)
+X8_QKV_KERNEL(q4_k)
+
+// Q4_K's embedding rows, bit-exact as get_rows_q4_k: block c of row r is sub-block c % 8 of
+// super-block c / 8; byte n of the row's scales is byte n % 4 of its dword in chunk n / 4.
+kernel void get_rows_q4_kx8(blk_t W, const global int* tokens, global float* out, int n_cols) {
+    const int c = get_global_id(0), t = get_global_id(1), r = tokens[t], j = r % 8, sub = c % 8;
+    blk_t b = W + (r / 8) * X8_GROUP_BYTES(q4_k, n_cols) + (size_t)(c / 8) * X8_BLOCK_q4_k;
+#define S(n) b[32 + 32 * ((n) >> 2) + 4 * j + ((n) & 3)]
+    const float sc = sub < 4 ? S(sub) & 63 : (S(sub + 4) & 15) | ((S(sub - 4) >> 6) << 4);
+    const float m = sub < 4 ? S(sub + 4) & 63 : (S(sub + 4) >> 4) | ((S(sub) >> 6) << 4);
+#undef S
+    const float d = f16(b, j) * sc, mn = -(f16(b + 16, j) * m);
+    global float* o = out + (size_t)t * n_cols + 32 * c;
+    for (int i = 0; i < 32; i++) {
+        const int l = 32 * (sub >> 1) + i;  // byte of the row's qs
+        const uchar q = b[128 + 32 * (l >> 2) + 4 * j + (l & 3)] >> 4 * (sub & 1) & 15;
+        o[i] = d * (float)q + mn;
+    }
+}
+// Prefill without VNNI: a group's 8 rows x TILE_N tokens a work-item, a super-block at a time.
+kernel void qgemm_q4_kx8(blk_t W, const global char* XQ, const global float* XD,
+                         global float* Y, int n_cols, int n_rows, int n_tok, int y_stride,
+                         int y_off, int accumulate) {
+    const int g = get_global_id(0), t0 = get_global_id(1) * TILE_N, nb = n_cols / 32;
+    if (8 * g >= n_rows) return;
+    v8sf_x8 acc[TILE_N];
+    _Pragma("unroll") for (int t = 0; t < TILE_N; t++) acc[t] = SPLATF_X8(0.0f);
+    blk_t b = W + g * X8_GROUP_BYTES(q4_k, n_cols);
+    for (int c = 0; c < n_cols / 256; c++, b += X8_BLOCK_q4_k)
+        _Pragma("unroll") for (int t = 0; t < TILE_N; t++) {
+            const int r = min(t0 + t, n_tok - 1);
+            const global int* XS = (const global int*)(XD + (size_t)n_tok * nb) + (size_t)r * nb;
+            acc[t] = x8_acc_q4_k(acc[t], b, XQ + (size_t)r * n_cols + 256 * c,
+                                 XD + (size_t)r * nb + 8 * c, XS + 8 * c);
+        }
+    for (int t = 0; t < TILE_N && t0 + t < n_tok; t++)
+        x8_store(Y + y_off + (size_t)(t0 + t) * y_stride + 8 * g, acc[t], accumulate);
+}
 #endif
 
 // ---- Prefill with AVX-512 VNNI (x86 CPUs that have it; the build defines VNNI 1 only there,
@@ -1571,4 +1685,55 @@ kernel void qgemm8_##T##x8(blk_t W, const global char* XQ, const global float* X
 QGEMM8_X8_KERNEL(q8_0, 128)
 QGEMM8_X8_KERNEL(q4_0, 8)
 QGEMM8_X8_KERNEL(q5_0, 16)
+
+// Interleaved Q4_K: per super-block, each token's mins term first (the 8 sub-blocks' mins kept
+// in registers for all tokens), then sub-block by sub-block its weights as registers for every
+// token of the tile; the terms in qacc_q4_k's order.
+VNNI_FN static void qtile_q4_kx8(blk_t W, const global char* XQ, const global float* XD,
+                                 global float* Y, int n_cols, int n_tok, int y_stride,
+                                 int y_off, int accumulate, int g, int t0) {
+    const int nb = n_cols / 32;
+    const global char* x[QT_TOK];
+    const global float* d[QT_TOK];
+    const global int* xs[QT_TOK];
+    v8sf acc[QT_TOK];
+    tile_tokens(XQ, XD, n_cols, n_tok, t0, x, d, acc);
+    _Pragma("unroll") for (int t = 0; t < QT_TOK; t++)
+        xs[t] = (const global int*)(XD + (size_t)n_tok * nb) + (size_t)min(t0 + t, n_tok - 1) * nb;
+    blk_t b = W + g * X8_GROUP_BYTES(q4_k, n_cols);
+    for (int c = 0; c < nb; c += 8, b += X8_BLOCK_q4_k) {
+        v8sf_x8 sc[8], m[8];
+        _Pragma("unroll") for (int j = 0; j < 8; j++) x8_scale_min_k4(b, j, &sc[j], &m[j]);
+        const v8sf dmin = x8_scales(b + 16), dw = x8_scales(b);
+        _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {
+            v8sf sm = SPLATF(0.0f);
+            _Pragma("unroll") for (int j = 0; j < 8; j++)
+                sm += SPLATF(d[t][c + j]) * (m[j] * SPLATF((float)xs[t][c + j]));
+            acc[t] -= dmin * sm;
+        }
+        v8sf sa[QT_TOK];
+        _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) sa[t] = SPLATF(0.0f);
+        for (int j = 0; j < 8; j++) {
+            v8si wt[8];
+            _Pragma("unroll") for (int k = 0; k < 8; k++) wt[k] = (v8si)x8_nibbles_q4_k(b, j, k);
+            _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {
+                const global int* xi = (const global int*)(x[t] + 32 * (c + j));
+                v8si s = SPLAT8(0);
+                _Pragma("unroll") for (int k = 0; k < 8; k++)
+                    s = __builtin_ia32_vpdpbusd256(s, wt[k], SPLAT8(xi[k]));
+                sa[t] += SPLATF(d[t][c + j]) * (sc[j] * __builtin_convertvector(s, v8sf));
+            }
+        }
+        _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) acc[t] += dw * sa[t];
+    }
+    for (int t = 0; t < QT_TOK && t0 + t < n_tok; t++)
+        x8_store(Y + y_off + (size_t)(t0 + t) * y_stride + 8 * g, acc[t], accumulate);
+}
+kernel void qgemm8_q4_kx8(blk_t W, const global char* XQ, const global float* XD,
+                          global float* Y, int n_cols, int n_rows, int n_tok, int y_stride,
+                          int y_off, int accumulate) {
+    if (get_global_id(0) * 8 >= n_rows) return;
+    qtile_q4_kx8(W, XQ, XD, Y, n_cols, n_tok, y_stride, y_off, accumulate, get_global_id(0),
+                 get_global_id(1) * QT_TOK);
+}
 #endif

@@ -20,6 +20,8 @@ from runtime.backends.opencl_kernels import (
     PLANAR,
     VNNI_TYPES,
     X8,
+    X8_BLOCK_COLS,
+    X8_HEADS,
     Kernels,
     interleave,
     planar,
@@ -109,29 +111,33 @@ def test_split_weights_prefill_tiles(kern, monkeypatch, qtype):
     checks.check_split_weights(kern, qtype, (1, 3, 11))
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K], ids=lambda t: t.name)
 def test_interleave_moves_each_byte_where_the_kernels_read_it(qtype):
-    """Group g, block c: the 8 rows' scales, then chunk k's dword j = row j's qs[4k..4k+3]."""
-    rows, cols, size = 16, 96, row_bytes(qtype, 32)
-    chunks = (size - 2) // 4
-    raw = np.random.default_rng(7).integers(0, 256, rows * cols // 32 * size, dtype=np.uint8)
-    out = interleave(raw, qtype, rows, cols).reshape(rows // 8, cols // 32, 8 * size)
-    blocks = raw.reshape(rows, cols // 32, size)
-    for g, c, j in np.ndindex(rows // 8, cols // 32, 8):
+    """Group g, block c: the 8 rows' scales (Q4_K: their d, then their dmin), then chunk k's
+    dword j = bytes 4k..4k+3 of row j's block after them."""
+    qk, heads = X8_BLOCK_COLS.get(qtype, 32), X8_HEADS.get(qtype, 1)
+    rows, cols, size = 16, 3 * qk, row_bytes(qtype, qk)
+    nb, chunks, h = cols // qk, (size - 2 * heads) // 4, 2 * heads
+    raw = np.random.default_rng(7).integers(0, 256, rows * nb * size, dtype=np.uint8)
+    out = interleave(raw, qtype, rows, cols).reshape(rows // 8, nb, 8 * size)
+    blocks = raw.reshape(rows, nb, size)
+    for g, c, j in np.ndindex(rows // 8, nb, 8):
         row = blocks[8 * g + j, c]
-        assert (out[g, c, 2 * j:2 * j + 2] == row[:2]).all()
+        for i in range(heads):
+            assert (out[g, c, 16 * i + 2 * j:16 * i + 2 * j + 2] == row[2 * i:2 * i + 2]).all()
         for k in range(chunks):
-            at = 16 + 32 * k + 4 * j
-            assert (out[g, c, at:at + 4] == row[2 + 4 * k:6 + 4 * k]).all()
+            at = 16 * heads + 32 * k + 4 * j
+            assert (out[g, c, at:at + 4] == row[h + 4 * k:h + 4 + 4 * k]).all()
     assert out.nbytes == raw.nbytes
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K], ids=lambda t: t.name)
 def test_interleaved_kernels_agree_with_numpy(kern, monkeypatch, qtype):
-    """Where the device repacks Q4_0, Q5_0 and Q8_0 (AVX2 CPUs: matmul.cl's *_<type>x8),
-    decode, prefill and embedding lookup (bit-exact) read the groups of 8 rows: rows of 1 to 8
-    groups, token counts off and on the tile, 1 to 16 blocks a row, a matrix split into whole
-    groups. Prefill through both kernels where the host has AVX-512 VNNI's 8 x 8 token tile."""
+    """Where the device repacks Q4_0, Q5_0, Q8_0 and Q4_K (AVX2 CPUs: matmul.cl's
+    *_<type>x8), decode, prefill and embedding lookup (bit-exact) read the groups of 8 rows:
+    rows of 1 to 8 groups, token counts off and on the tile, 1 to 16 blocks a row (Q4_K: 1 or
+    2 super-blocks), a matrix split into whole groups. Prefill through both kernels where the
+    host has AVX-512 VNNI's 8 x 8 token tile."""
     if not kern.interleave:
         pytest.skip("this device has no interleaved kernels (AVX2 and F16C CPUs only)")
     name = qtype.name.lower()
@@ -140,6 +146,7 @@ def test_interleaved_kernels_agree_with_numpy(kern, monkeypatch, qtype):
         k.vnni = vnni
         for rows, n_tok, cols in [(8, 1, 32), (64, 1, 512), (40, 7, 256), (24, 8, 512),
                                   (48, 40, 256)]:
+            cols = max(cols, X8_BLOCK_COLS.get(qtype, 32))
             checks.check_matmul(k, qtype, n_tok, rows=rows, cols=cols)
     checks.check_fused_decode(kern, qtype)
     checks.check_get_rows(kern, qtype)
@@ -197,8 +204,9 @@ def test_planar_kernels_agree_with_numpy(kern, monkeypatch, qtype):
 
 
 @pytest.mark.parametrize(("qtype", "layout"), [(T.Q4_0, X8), (T.Q5_0, X8), (T.Q8_0, X8),
-                                               (T.Q4_0, PLANAR), (T.Q8_0, PLANAR)],
-                         ids=["Q4_0-x8", "Q5_0-x8", "Q8_0-x8", "Q4_0-planar", "Q8_0-planar"])
+                                               (T.Q4_K, X8), (T.Q4_0, PLANAR), (T.Q8_0, PLANAR)],
+                         ids=["Q4_0-x8", "Q5_0-x8", "Q8_0-x8", "Q4_K-x8", "Q4_0-planar",
+                              "Q8_0-planar"])
 def test_file_layout_gives_the_repacked_floats_exactly(kern, qtype, layout):
     """A streamed layer keeps the file's layout while a resident one is repacked (interleaved
     on AVX2 CPUs, in planes on GPUs): both add the same float terms in the same order, so a
