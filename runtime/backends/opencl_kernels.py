@@ -86,8 +86,9 @@ class DeviceMatrix:
 X8_GROUP = 4  # work-items (of 8 interleaved rows each) in a work-group
 X8_TYPES = (T.Q4_0, T.Q8_0, T.Q5_0, T.Q4_K)  # the types matmul.cl has *_<type>x8 kernels for
 PLANAR_TYPES = (T.Q4_0, T.Q8_0)  # ... and *_<type>p kernels (GPU decode over planes)
-VNNI_TYPES = (T.Q4_0, T.Q8_0, T.Q5_0)  # ... qgemm8_<type> (VNNI prefill, file layout; every
-# X8 type has qgemm8_<type>x8)
+# ... and qgemm8_<type> (the VNNI prefill tile over the file's layout; every X8 type has
+# qgemm8_<type>x8 over its own)
+VNNI_TYPES = (T.Q4_0, T.Q8_0, T.Q5_0, T.Q6_K)
 
 
 def pairs(rows: int, rpw: int) -> int:
@@ -450,7 +451,10 @@ class Kernels:
         self.launch(self.ops, "add_bias", (n, n_tok), None, x, i32(off), bias, np.int32(n))
 
     def swiglu(self, gate: Any, up: Any, n: int) -> None:
-        self.launch(self.ops, "swiglu", (n,), None, gate, up)
+        if n % 8 == 0:
+            self.launch(self.ops, "swiglu8", (n // 8,), None, gate, up)
+        else:
+            self.launch(self.ops, "swiglu", (n,), None, gate, up)
 
     def attention_splits(self, n_keys: int) -> int:
         return math.ceil(n_keys / self.params.SPLIT)

@@ -917,11 +917,15 @@ inline void qacc_q5_k(float8* acc, blk_t row, int c, const global char* x,
 // blocks) at a time: d and the 16 scales are read once. A block's two halves of 16 weights
 // have their own scales: pmaddwd multiplies the 16-bit pair sums by them. The -32 comes off in
 // 16 bits as pmaddubsw(32, x) (|sum of a pair| <= 2 * 32 * 127 + 2 * 63 * 127).
-inline v8si q6k_dot(blk_t b, int k, const global char* x, v16hi scales) {
+// Block k's 32 weights (q + 32, 0-63) of the super-block at b.
+inline v32qi q6k_weights(blk_t b, int k) {
     const int h = k >> 2, qr = k & 3;
     const v16hi lo = *(const global v16hi_u*)(b + 64 * h + 32 * (qr & 1)) >> (4 * (qr >> 1));
     const v16hi hi = (*(const global v16hi_u*)(b + 128 + 32 * h) >> (2 * qr)) << 4;
-    const v32qi q = ((v32qi)lo & (char)15) | ((v32qi)hi & (char)48);
+    return ((v32qi)lo & (char)15) | ((v32qi)hi & (char)48);
+}
+inline v8si q6k_dot(blk_t b, int k, const global char* x, v16hi scales) {
+    const v32qi q = q6k_weights(b, k);
     const v32qi xv = *(const global v32qi*)x;
     const v16hi s = __builtin_ia32_pmaddubsw256(q, xv) -
                     __builtin_ia32_pmaddubsw256(xv - xv + (char)32, xv);
@@ -1516,9 +1520,9 @@ typedef short v8hi_t __attribute__((vector_size(16)));
 #define SPLAT8(v) ((v8si){v, v, v, v, v, v, v, v})
 #define SPLATF(v) ((v8sf){v, v, v, v, v, v, v, v})
 
-// 8 rows' scales of block c (f16 at the start of each block) as float lanes.
-VNNI_FN static v8sf row_scales(const blk_t* w, int c, int bs) {
-#define H(j) *(const global short*)(w[j] + c * bs)
+// 8 rows' f16 at byte `at` of each as float lanes: block c's scales are at c * its bytes.
+VNNI_FN static v8sf row_scales(const blk_t* w, int at) {
+#define H(j) *(const global short*)(w[j] + at)
     const v8hi_t h = {H(0), H(1), H(2), H(3), H(4), H(5), H(6), H(7)};
 #undef H
     return __builtin_ia32_vcvtph2ps256(h);
@@ -1526,22 +1530,23 @@ VNNI_FN static v8sf row_scales(const blk_t* w, int c, int bs) {
 
 // -K * the sums of the 8 tokens' 32 int8 values of a block, token t in lane t (one vpdpbusd
 // per token for 4-byte partial sums, then a transposing reduction: 9 shuffles/adds for all 8).
-VNNI_FN static v8si neg_ksums(const global char* const* x, int c, int k) {
+VNNI_FN static v8si neg_ksums_of(const global char* const* x, int c, v8si k) {
     v8si s[8];
     _Pragma("unroll") for (int t = 0; t < 8; t++)
-        s[t] = __builtin_ia32_vpdpbusd256(SPLAT8(0), SPLAT8(k * 0x01010101),
-                                          *(const global v8si*)(x[t] + 32 * c));
+        s[t] = __builtin_ia32_vpdpbusd256(SPLAT8(0), k, *(const global v8si*)(x[t] + 32 * c));
     const v8si h01 = __builtin_ia32_phaddd256(s[0], s[1]), h23 = __builtin_ia32_phaddd256(s[2], s[3]);
     const v8si h45 = __builtin_ia32_phaddd256(s[4], s[5]), h67 = __builtin_ia32_phaddd256(s[6], s[7]);
     const v8si g0 = __builtin_ia32_phaddd256(h01, h23), g1 = __builtin_ia32_phaddd256(h45, h67);
     return -(__builtin_shufflevector(g0, g1, 0, 1, 2, 3, 8, 9, 10, 11) +
              __builtin_shufflevector(g0, g1, 4, 5, 6, 7, 12, 13, 14, 15));
 }
+VNNI_FN static v8si neg_ksums(const global char* const* x, int c, int k) {
+    return neg_ksums_of(x, c, SPLAT8(k * 0x01010101));
+}
 
-// The 8 x 8 dword transpose of a Q8_0 block of 8 rows: wt[k] lane j = dword k of row j.
-VNNI_FN static void blocks_q8_0(const blk_t* w, int c, v8si* wt) {
-    v8si r[8], t[8], u[8];
-    _Pragma("unroll") for (int j = 0; j < 8; j++) r[j] = *(const global v8si_u*)(w[j] + c * 34 + 2);
+// The 8 x 8 dword transpose of 8 rows' 32 bytes r[j]: wt[k] lane j = dword k of row j.
+VNNI_FN static void transpose8(const v8si* r, v8si* wt) {
+    v8si t[8], u[8];
     _Pragma("unroll") for (int j = 0; j < 8; j += 2) {
         t[j] = __builtin_shufflevector(r[j], r[j + 1], 0, 8, 1, 9, 4, 12, 5, 13);
         t[j + 1] = __builtin_shufflevector(r[j], r[j + 1], 2, 10, 3, 11, 6, 14, 7, 15);
@@ -1552,11 +1557,17 @@ VNNI_FN static void blocks_q8_0(const blk_t* w, int c, v8si* wt) {
         u[j + 2] = __builtin_shufflevector(t[j + 1], t[j + 3], 0, 1, 8, 9, 4, 5, 12, 13);
         u[j + 3] = __builtin_shufflevector(t[j + 1], t[j + 3], 2, 3, 10, 11, 6, 7, 14, 15);
     }
-    const v8si sign = SPLAT8((int)0x80808080);
     _Pragma("unroll") for (int k = 0; k < 4; k++) {
-        wt[k] = __builtin_shufflevector(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11) ^ sign;
-        wt[k + 4] = __builtin_shufflevector(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15) ^ sign;
+        wt[k] = __builtin_shufflevector(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        wt[k + 4] = __builtin_shufflevector(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
     }
+}
+// A Q8_0 block of 8 rows, offset to unsigned (see above).
+VNNI_FN static void blocks_q8_0(const blk_t* w, int c, v8si* wt) {
+    v8si r[8];
+    _Pragma("unroll") for (int j = 0; j < 8; j++) r[j] = *(const global v8si_u*)(w[j] + c * 34 + 2);
+    transpose8(r, wt);
+    _Pragma("unroll") for (int k = 0; k < 8; k++) wt[k] ^= SPLAT8((int)0x80808080);
 }
 
 // A block of nibbles (16 bytes at `at` in each of 8 rows): wt[k] lane j = nibbles of weights
@@ -1629,7 +1640,7 @@ VNNI_FN static void qtile_##T(blk_t W, const global char* XQ, const global float
     for (int c = 0; c < n_cols / 32; c++) {                                                    \
         v8si wt[8];                                                                            \
         blocks_##T(w, c, wt);                                                                  \
-        tile_block(wt, row_scales(w, c, BS), x, d, c, K, acc);                                 \
+        tile_block(wt, row_scales(w, c * BS), x, d, c, K, acc);                                \
     }                                                                                          \
     for (int t = 0; t < QT_TOK && t0 + t < n_tok; t++)                                         \
         for (int j = 0; j < 8 && row0 + j < n_rows; j++) {                                     \
@@ -1647,6 +1658,60 @@ kernel void qgemm8_##T(blk_t W, const global char* XQ, const global float* XD,  
 QGEMM8_TILE(q8_0, 34, 128)
 QGEMM8_TILE(q4_0, 18, 8)
 QGEMM8_TILE(q5_0, 22, 16)
+
+// Q6_K (file layout): block c of 8 rows as their unsigned weights (q + 32, transposed as
+// Q8_0's); a block's two halves of 16 weights have their own int8 scales, so each half's dot
+// product starts at -32 * the sum of its 16 x (neg_ksums_of with ones in its 4 dwords only)
+// and the two are scaled in integers: the block's exact integer product, scaled once by
+// (d_w * d_x) as qacc_q6_k's blocks are (which sum the same integers in another order).
+VNNI_FN static void qtile_q6_k(blk_t W, const global char* XQ, const global float* XD,
+                               global float* Y, int n_cols, int n_rows, int n_tok,
+                               int row_bytes, int y_stride, int y_off, int accumulate,
+                               int row0, int t0) {
+    blk_t w[8];
+    const global char* x[QT_TOK];
+    const global float* d[QT_TOK];
+    v8sf acc[QT_TOK];
+    _Pragma("unroll") for (int j = 0; j < 8; j++)
+        w[j] = W + (size_t)min(row0 + j, n_rows - 1) * row_bytes;
+    tile_tokens(XQ, XD, n_cols, n_tok, t0, x, d, acc);
+    const v8si ones_lo = {0x20202020, 0x20202020, 0x20202020, 0x20202020, 0, 0, 0, 0};
+    const v8si ones_hi = {0, 0, 0, 0, 0x20202020, 0x20202020, 0x20202020, 0x20202020};
+    for (int c = 0; c < n_cols / 32; c++) {
+        const int sb = 210 * (c >> 3), k = c & 7;
+        v8si r[8], wt[8];
+        _Pragma("unroll") for (int j = 0; j < 8; j++) r[j] = (v8si)q6k_weights(w[j] + sb, k);
+        transpose8(r, wt);
+#define SC(j, h) (int)((const global char*)w[j])[sb + 192 + 2 * k + (h)]
+        const v8si sc_lo = {SC(0, 0), SC(1, 0), SC(2, 0), SC(3, 0), SC(4, 0), SC(5, 0), SC(6, 0), SC(7, 0)};
+        const v8si sc_hi = {SC(0, 1), SC(1, 1), SC(2, 1), SC(3, 1), SC(4, 1), SC(5, 1), SC(6, 1), SC(7, 1)};
+#undef SC
+        const v8sf dw = row_scales(w, sb + 208);
+        const v8si nlo = neg_ksums_of(x, c, ones_lo), nhi = neg_ksums_of(x, c, ones_hi);
+        _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {
+            const global int* xi = (const global int*)(x[t] + 32 * c);
+            v8si lo = __builtin_ia32_permvarsi256(nlo, SPLAT8(t));
+            v8si hi = __builtin_ia32_permvarsi256(nhi, SPLAT8(t));
+            _Pragma("unroll") for (int q = 0; q < 4; q++) {
+                lo = __builtin_ia32_vpdpbusd256(lo, wt[q], SPLAT8(xi[q]));
+                hi = __builtin_ia32_vpdpbusd256(hi, wt[4 + q], SPLAT8(xi[4 + q]));
+            }
+            acc[t] += (dw * SPLATF(d[t][c])) * __builtin_convertvector(sc_lo * lo + sc_hi * hi, v8sf);
+        }
+    }
+    for (int t = 0; t < QT_TOK && t0 + t < n_tok; t++)
+        for (int j = 0; j < 8 && row0 + j < n_rows; j++) {
+            global float* y = Y + y_off + (size_t)(t0 + t) * y_stride + row0 + j;
+            *y = acc[t][j] + (accumulate ? *y : 0.0f);
+        }
+}
+kernel void qgemm8_q6_k(blk_t W, const global char* XQ, const global float* XD,
+                        global float* Y, int n_cols, int n_rows, int n_tok, int row_bytes,
+                        int y_stride, int y_off, int accumulate) {
+    if (get_global_id(0) * 8 >= n_rows) return;
+    qtile_q6_k(W, XQ, XD, Y, n_cols, n_rows, n_tok, row_bytes, y_stride, y_off, accumulate,
+               get_global_id(0) * 8, get_global_id(1) * QT_TOK);
+}
 
 // The same tile over interleaved matrices (resident Q4_0/Q5_0/Q8_0, see X8_FORMAT): a block of
 // the group is already lane j = row j, so its registers are x8_weights_<T>'s with no transpose

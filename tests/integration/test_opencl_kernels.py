@@ -90,11 +90,12 @@ def test_weights_larger_than_the_device_allows_are_split(kern, monkeypatch):
     checks.check_split_weights(kern)
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_prefill_tiles_agree_with_numpy_on_odd_shapes(kern, qtype):
-    """Prefill's Q4_0/Q5_0/Q8_0 kernels tile 8 rows x 8 tokens (qgemm8, on hosts with AVX-512
-    VNNI) or one row x 8 tokens (qgemm, every quantized type): rows below, off and on the row
-    tile, token counts off and on the token tile, through both kernels where the host has both."""
+    """Prefill's Q4_0/Q5_0/Q8_0/Q6_K kernels tile 8 rows x 8 tokens (qgemm8, on hosts with
+    AVX-512 VNNI) or one row x 8 tokens (qgemm, every quantized type): rows below, off and on
+    the row tile, token counts off and on the token tile, through both kernels where the host
+    has both (Q4_K's rows of whole groups of 8 are interleaved: see the x8 tests)."""
     for vnni in sorted({False, kern.vnni}):
         k = copy.copy(kern)  # the same programs, the other prefill kernel
         k.vnni = vnni
