@@ -471,7 +471,9 @@ class Kernels:
         heads = (np.int32(n_heads), np.int32(n_kv), np.int32(head_dim))
         if not (n_tok == 1 if split is None else split):
             wg = self.params.WG
-            self.launch(self.ops, "attn_prefill", (wg * math.ceil(n_tok / wg), n_heads), (wg, 1),
+            cpu16 = self.params.LWS == 1 and head_dim % 16 == 0  # the kernel's float16 rows
+            self.launch(self.ops, "attn_prefill16" if cpu16 else "attn_prefill",
+                        (wg * math.ceil(n_tok / wg), n_heads), (wg, 1),
                         q, kc, vc, out, np.int32(n_tok), *heads, i32(pos0), scale)
             return None
         # a recorded step keeps this split count: Recording users re-record when it changes

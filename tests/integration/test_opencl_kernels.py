@@ -78,7 +78,11 @@ def test_split_attention(kern, n_tok, pos0):
 @pytest.mark.parametrize("n_tok,pos0", [(9, 0), (40, 0), (37, 250)],
                          ids=["one-tile", "tiles", "after-cache"])
 def test_prefill_attention(kern, n_tok, pos0):
+    """CPUs run rows of float16 where 16 divides head_dim (attn_prefill16), else of float4."""
     checks.check_attention(kern, n_tok, pos0, split=False)
+    checks.check_attention(kern, n_tok, pos0, heads=14, kv=2, d=64, split=False)
+    checks.check_attention(kern, n_tok, pos0, heads=4, kv=2, d=40, split=False)
+    assert {"attn_prefill16", "attn_prefill"} <= set(kern._kernels)
 
 
 def test_argmax_top_k_softmax(kern):
