@@ -135,13 +135,13 @@ def candidates(dev: Device) -> list[Params]:
 def tune(dev: Device, programs: ProgramCache, *, rows: int = 2048, cols: int = 2048,
          prompt: int = 64, repeats: int = 3, log: Callable[[str], None] = print) -> Params:
     """Time decode and prefill matmuls (Q4_0, a rows x cols matrix) for each candidate (on
-    GPUs then loads in flight and warp shuffles for the best shape), then token tiles (on Q4_K:
-    Q4_0/Q5_0/Q8_0 prefill on AVX-512 VNNI hosts runs matmul.cl's qgemm8, whose 8 x 8 tile is
-    fixed, so TT would be timed on noise there) and attention split sizes, and store the
-    fastest set for this device."""
+    GPUs then loads in flight and warp shuffles for the best shape), then token tiles (on Q5_K:
+    Q4_0/Q5_0/Q8_0/Q4_K/Q6_K prefill on AVX-512 VNNI hosts runs matmul.cl's qgemm8, whose 8 x 8
+    tile is fixed, so TT would be timed on noise there) and attention split sizes, and store
+    the fastest set for this device."""
     rng = np.random.default_rng(0)
     w32 = rng.standard_normal((rows, cols)).astype(np.float32)
-    raws = {q: quantize(w32, q) for q in (T.Q4_0, T.Q4_K)}
+    raws = {q: quantize(w32, q) for q in (T.Q4_0, T.Q5_K)}
     x = rng.standard_normal((prompt, cols)).astype(np.float32)
     timings: dict[str, float] = {}
 
@@ -161,6 +161,6 @@ def tune(dev: Device, programs: ProgramCache, *, rows: int = 2048, cols: int = 2
         best = min([replace(best, QU=qu, SHFL=sh) for qu in (2, 4, 8) for sh in (0, 1)],
                    key=score)
     tiles = [Params(**{**asdict(best), "TT": tt}) for tt in (2, 4, 8)]
-    best = min(tiles, key=lambda p: score(p, T.Q4_K))
+    best = min(tiles, key=lambda p: score(p, T.Q5_K))
     save_params(dev, best, timings)
     return best

@@ -799,8 +799,8 @@ QFORMAT(q4_0, 18)
 // sub-block; two of Q6_K's sub-blocks of 16, each with its own scale) gives exact integer
 // products with the block's 32 int8 values, scaled once; a format with an offset (x = d q + m)
 // adds m * d_x * sum(x_q), from the block sums quantize_q8 writes after the scales. They read
-// the file's layout, resident or streamed, except resident Q5_0 on AVX2 CPUs (interleaved as
-// Q4_0, see X8_FORMAT). On x86 CPUs (AVX2) the weights enter pmaddubsw as unsigned bytes (at
+// the file's layout, resident or streamed, except resident Q5_0 and Q4_K on AVX2 CPUs
+// (interleaved by 8 rows, see X8_FORMAT). On x86 CPUs (AVX2) the weights enter pmaddubsw as unsigned bytes (at
 // most 63: a pair of products stays below 2^15); where dot4 is one instruction (GPUs) four
 // bytes at a time; elsewhere a block is dequantized and multiplies x's int8 values as floats.
 // Blocks per qacc_<T> call (see QSTEP_q8_0): the K formats take KSTEP, a super-block (8) where
@@ -1713,7 +1713,7 @@ kernel void qgemm8_q6_k(blk_t W, const global char* XQ, const global float* XD,
                get_global_id(0) * 8, get_global_id(1) * QT_TOK);
 }
 
-// The same tile over interleaved matrices (resident Q4_0/Q5_0/Q8_0, see X8_FORMAT): a block of
+// The same tile over interleaved matrices (resident Q4_0/Q5_0/Q8_0; Q4_K below): a block of
 // the group is already lane j = row j, so its registers are x8_weights_<T>'s with no transpose
 // (Q8_0's signed bytes offset by 128, as above). Global (n_rows / 8 rounded up to the
 // work-group, ceil(n_tok / QT_TOK)).
