@@ -84,7 +84,7 @@ class DeviceMatrix:
 
 
 X8_GROUP = 4  # work-items (of 8 interleaved rows each) in a work-group
-X8_TYPES = (T.Q4_0, T.Q8_0, T.Q5_0, T.Q4_K)  # the types matmul.cl has *_<type>x8 kernels for
+X8_TYPES = (T.Q4_0, T.Q8_0, T.Q5_0, T.Q4_K, T.Q5_K)  # the types with *_<type>x8 kernels
 PLANAR_TYPES = (T.Q4_0, T.Q8_0)  # ... and *_<type>p kernels (GPU decode over planes)
 # ... and qgemm8_<type> (the VNNI prefill tile over the file's layout; every X8 type has
 # qgemm8_<type>x8 over its own)
@@ -96,17 +96,17 @@ def pairs(rows: int, rpw: int) -> int:
     return math.ceil(math.ceil(rows / 2) / rpw) * rpw
 
 
-X8_BLOCK_COLS = {T.Q4_K: 256}  # a block of interleave's groups: 32 weights, a K format's 256
-X8_HEADS = {T.Q4_K: 2}  # f16 fields at the start of a block: d (one), Q4_K's d and dmin (two)
+X8_BLOCK_COLS = {T.Q4_K: 256, T.Q5_K: 256}  # a block of interleave's groups: 32 weights or 256
+X8_HEADS = {T.Q4_K: 2, T.Q5_K: 2}  # f16 fields a block starts with: d, or the K's d and dmin
 
 
 def interleave(raw: np.ndarray, qtype: T, n_rows: int, n_cols: int) -> np.ndarray:
-    """Q4_0, Q5_0, Q8_0 or Q4_K rows (n_rows a multiple of 8) repacked for matmul.cl's *x8
-    kernels: per group of 8 rows and block, the 8 rows' f16 scales (Q4_K: their d, then their
-    dmin), then chunks of 32 bytes whose dword j is 4 bytes of row j's block after them (4
-    chunks for Q4_0; 5 for Q5_0, its qh then its nibbles; 8 for Q8_0; 35 for Q4_K, its 12
-    bytes of scales and mins then its 128 of nibbles). The same bytes, moved: 8 blocks' worth
-    per block of 8 rows (144, 176, 272 or 1152), as before."""
+    """X8_TYPES' rows (n_rows a multiple of 8) repacked for matmul.cl's *x8 kernels: per group
+    of 8 rows and block, the 8 rows' f16 scales (Q4_K/Q5_K: their d, then their dmin), then
+    chunks of 32 bytes whose dword j is 4 bytes of row j's block after them (4 chunks for
+    Q4_0; 5 for Q5_0, its qh then its nibbles; 8 for Q8_0; 35 for Q4_K, its 12 bytes of scales
+    and mins then its 128 of nibbles; 43 for Q5_K, its scales, qh and nibbles). The same
+    bytes, moved: 8 blocks' worth per block of 8 rows (144, 176, 272, 1152 or 1408)."""
     cols, heads = X8_BLOCK_COLS.get(qtype, 32), X8_HEADS.get(qtype, 1)
     groups, nb, size = n_rows // 8, n_cols // cols, row_bytes(qtype, cols)  # a block's bytes
     blocks = raw.reshape(-1).view(np.uint8).reshape(groups, 8, nb, size)
@@ -160,7 +160,7 @@ class Kernels:
         self.mm = programs.get("matmul", {**params.matmul_defines(), "VNNI": int(self.vnni)})
         self.ops = programs.get("ops", params.ops_defines())
         self._kernels: dict[str, Any] = {}
-        # Q4_0/Q5_0/Q8_0/Q4_K weights are repacked at upload where the device has the interleaved
+        # X8_TYPES' weights are repacked at upload where the device has the interleaved
         # kernels (AVX2 CPUs: matmul.cl's *_<type>x8) and runs the CPU shape (LWS 1)
         self.interleave = params.LWS == 1 and self._has_kernel(self.mm, "qgemv_q8_0x8")
         # ... and Q4_0/Q8_0 in planes where decode runs the GPU shape (LWS > 1: the *p kernels)
@@ -238,9 +238,9 @@ class Kernels:
     def upload_matrix(self, raw: np.ndarray, qtype: T, shape: tuple[int, ...],
                       repack: bool = True) -> DeviceMatrix:
         """A GGUF weight as it lies in the file, in parts no larger than the device allows.
-        Q4_0/Q5_0/Q8_0/Q4_K is repacked in groups of 8 rows where the device has the kernels
-        (AVX2 CPUs), Q4_0/Q8_0 in planes on the GPU shape, unless `repack` is False (benchmarks
-        and tests compare the layouts)."""
+        X8_TYPES are repacked in groups of 8 rows where the device has the kernels (AVX2
+        CPUs), Q4_0/Q8_0 in planes on the GPU shape, unless `repack` is False (benchmarks and
+        tests compare the layouts)."""
         if qtype not in FORMATS:
             raise ValueError(f"{qtype.name} weights have no OpenCL kernel "
                              f"(expected one of {', '.join(t.name for t in FORMATS)})")

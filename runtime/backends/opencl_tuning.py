@@ -23,7 +23,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from runtime.backends.opencl_device import Device, event_seconds, profiling_queue
-from runtime.backends.opencl_kernels import Kernels, Params
+from runtime.backends.opencl_kernels import Kernels, Params, host_has_vnni
 from runtime.backends.opencl_programs import ProgramCache, cache_dir, kernel_source
 from runtime.backends.weight_stream import Q8_ACTIVATION_TYPES
 from runtime.quant import quantize
@@ -135,13 +135,14 @@ def candidates(dev: Device) -> list[Params]:
 def tune(dev: Device, programs: ProgramCache, *, rows: int = 2048, cols: int = 2048,
          prompt: int = 64, repeats: int = 3, log: Callable[[str], None] = print) -> Params:
     """Time decode and prefill matmuls (Q4_0, a rows x cols matrix) for each candidate (on
-    GPUs then loads in flight and warp shuffles for the best shape), then token tiles (on Q5_K:
-    Q4_0/Q5_0/Q8_0/Q4_K/Q6_K prefill on AVX-512 VNNI hosts runs matmul.cl's qgemm8, whose 8 x 8
-    tile is fixed, so TT would be timed on noise there) and attention split sizes, and store
-    the fastest set for this device."""
+    GPUs then loads in flight and warp shuffles for the best shape), then token tiles (on Q5_K;
+    on AVX-512 VNNI hosts on F16, since there the quantized types' prefill runs matmul.cl's
+    qgemm8, whose 8 x 8 tile is fixed, so TT would be timed on noise) and attention split
+    sizes, and store the fastest set for this device."""
     rng = np.random.default_rng(0)
     w32 = rng.standard_normal((rows, cols)).astype(np.float32)
-    raws = {q: quantize(w32, q) for q in (T.Q4_0, T.Q5_K)}
+    tile_type = T.F16 if host_has_vnni(dev) else T.Q5_K
+    raws = {q: quantize(w32, q) for q in (T.Q4_0, tile_type)}
     x = rng.standard_normal((prompt, cols)).astype(np.float32)
     timings: dict[str, float] = {}
 
@@ -161,6 +162,6 @@ def tune(dev: Device, programs: ProgramCache, *, rows: int = 2048, cols: int = 2
         best = min([replace(best, QU=qu, SHFL=sh) for qu in (2, 4, 8) for sh in (0, 1)],
                    key=score)
     tiles = [Params(**{**asdict(best), "TT": tt}) for tt in (2, 4, 8)]
-    best = min(tiles, key=lambda p: score(p, T.Q5_K))
+    best = min(tiles, key=lambda p: score(p, tile_type))
     save_params(dev, best, timings)
     return best

@@ -862,57 +862,39 @@ inline void qacc_q5_1(float8* acc, blk_t row, int c, const global char* x,
     const v8si p = umadd32(nibbles32(b + 8) | bit5_bytes(b + 4), *(const global v32qi*)x);
     *acc += (dq_scale(b) * dx[0]) * to_f8(p) + first(dq_scale(b + 2) * dx[0] * (float)xs[0]);
 }
-// The K formats a super-block (8 blocks) at a time. Q5_K: its d and dmin, and the 8
-// sub-blocks' 6-bit scales and mins (llama.cpp's get_scale_min_k4 for all j at once), are
-// unpacked once.
-// x = (d sc_j) q - dmin m_j: the mins' terms, dmin m_j dx_j sum(x_j), add as one vector.
+// The K formats a super-block (8 blocks) at a time.
 #define KSTEP 8  // Q6_K below too
-inline void k_scales(blk_t s, float8* sc, float8* m) {
-    const uchar4 lo = vload4(0, s), mid = vload4(1, s), hi = vload4(2, s);
-    *sc = convert_float8((uchar8)(lo & (uchar)63, (hi & (uchar)15) | (lo >> (uchar)6 << (uchar)4)));
-    *m = convert_float8((uchar8)(mid & (uchar)63, (hi >> (uchar)4) | (mid >> (uchar)6 << (uchar)4)));
-}
-// Sub-block j's term; W(j) gives its 32 unsigned weights.
-#define K_SUB(j, sj, W) *acc += k.sj * to_f8(umadd32(W(j), *(const global v32qi*)(x + 32 * j)));
-#define K_SUBS(W) K_SUB(0, s0, W) K_SUB(1, s1, W) K_SUB(2, s2, W) K_SUB(3, s3, W)                \
-    K_SUB(4, s4, W) K_SUB(5, s5, W) K_SUB(6, s6, W) K_SUB(7, s7, W)
-#define K_SUPERBLOCK(BS)                                                                       \
-    blk_t b = row + BS * (c >> 3);                                                             \
-    float8 sc, m;                                                                              \
-    k_scales(b + 4, &sc, &m);                                                                  \
-    const float8 dx8 = vload8(0, dx);                                                          \
-    const float8 k = dq_scale(b) * sc * dx8;                                                   \
-    *acc -= dq_scale(b + 2) * (m * dx8 * convert_float8(vload8(0, xs)));
-// Q4_K (144 bytes a super-block): d | dmin | scales[12] | qs[128]. Resident Q4_K is
-// interleaved by 8 rows (the *_q4_kx8 kernels), which add a super-block's terms to a row in
-// this order: -dmin * sum_j dx_j (m_j sum(x_j)), then d * sum_j dx_j (sc_j dot_j), the sums
-// over the 8 sub-blocks in turn; lane 0 adds the same (see lane0). The products in brackets
-// are exact (integers below 2^24), so each term rounds where the interleaved kernels' does.
-inline void qacc_q4_k(float8* acc, blk_t row, int c, const global char* x,
-                      const global float* dx, const global int* xs) {
-    blk_t b = row + 144 * (c >> 3);
-    float sa = 0.0f, sm = 0.0f;
-    _Pragma("unroll") for (int j = 0; j < 8; j++) {
-        float sc, m;
-        scale_min_k4(b + 4, j, &sc, &m);
-        const float dot = (float)isum8(umadd32(k_nibbles(b + 16, j),
-                                               *(const global v32qi*)(x + 32 * j)));
-        sm += dx[j] * (m * (float)xs[j]);
-        sa += dx[j] * (sc * dot);
-    }
-    (*acc).s0 -= dq_scale(b + 2) * sm;
-    (*acc).s0 += dq_scale(b) * sa;
-}
-// Q5_K (176 bytes): d | dmin | scales[12] | qh[32] | qs[128]; the 5th bit of weight l of
-// sub-block j is bit j of qh[l].
-inline void qacc_q5_k(float8* acc, blk_t row, int c, const global char* x,
-                      const global float* dx, const global int* xs) {
-    K_SUPERBLOCK(176)
+// Q4_K (144 bytes a super-block): d | dmin | scales[12] | qs[128]; Q5_K (176 bytes): d | dmin
+// | scales[12] | qh[32] | qs[128], the 5th bit of weight l of sub-block j bit j of qh[l].
+// x = (d sc_j) q - dmin m_j. Resident Q4_K and Q5_K are interleaved by 8 rows (the *_q4_kx8
+// and *_q5_kx8 kernels), which add a super-block's terms to a row in this order:
+// -dmin * sum_j dx_j (m_j sum(x_j)), then d * sum_j dx_j (sc_j dot_j), the sums over the 8
+// sub-blocks in turn; lane 0 adds the same (see lane0). The products in brackets are exact
+// (integers below 2^24), so each term rounds where the interleaved kernels' does.
+// Sub-block j's 32 unsigned weights.
+inline v32qi k_weights_q4_k(blk_t b, int j) { return k_nibbles(b + 16, j); }
+inline v32qi k_weights_q5_k(blk_t b, int j) {
     const v16hi qh = *(const global v16hi_u*)(b + 16);
-#define Q5K_W(j) (k_nibbles(b + 48, j) | ((v32qi)((qh >> j) << 4) & (char)16))
-    K_SUBS(Q5K_W)
-#undef Q5K_W
+    return k_nibbles(b + 48, j) | ((v32qi)((qh >> j) << 4) & (char)16);
 }
+#define QACC_K45(T, BS)                                                                        \
+inline void qacc_##T(float8* acc, blk_t row, int c, const global char* x,                     \
+                     const global float* dx, const global int* xs) {                           \
+    blk_t b = row + BS * (c >> 3);                                                             \
+    float sa = 0.0f, sm = 0.0f;                                                                \
+    _Pragma("unroll") for (int j = 0; j < 8; j++) {                                            \
+        float sc, m;                                                                           \
+        scale_min_k4(b + 4, j, &sc, &m);                                                       \
+        const float dot = (float)isum8(umadd32(k_weights_##T(b, j),                            \
+                                               *(const global v32qi*)(x + 32 * j)));           \
+        sm += dx[j] * (m * (float)xs[j]);                                                      \
+        sa += dx[j] * (sc * dot);                                                              \
+    }                                                                                          \
+    (*acc).s0 -= dq_scale(b + 2) * sm;                                                         \
+    (*acc).s0 += dq_scale(b) * sa;                                                             \
+}
+QACC_K45(q4_k, 144)
+QACC_K45(q5_k, 176)
 // Q6_K (210 bytes): ql[128] | qh[64] | scales[16] int8 | d (see DQ_q6_k), a super-block (8
 // blocks) at a time: d and the 16 scales are read once. A block's two halves of 16 weights
 // have their own scales: pmaddwd multiplies the 16-bit pair sums by them. The -32 comes off in
@@ -1187,10 +1169,12 @@ PLANAR_FORMAT(q4_0)
 #define X8_BLOCK_q8_0 272
 #define X8_BLOCK_q5_0 176
 #define X8_BLOCK_q4_k 1152
+#define X8_BLOCK_q5_k 1408
 #define X8_COLS_q4_0 32  // weights a row of a block
 #define X8_COLS_q8_0 32
 #define X8_COLS_q5_0 32
 #define X8_COLS_q4_k 256
+#define X8_COLS_q5_k 256
 typedef float v8sf_x8 __attribute__((vector_size(32)));
 #define SPLAT8_X8(v) ((v8si){v, v, v, v, v, v, v, v})
 #define SPLATF_X8(v) ((v8sf_x8){v, v, v, v, v, v, v, v})
@@ -1288,7 +1272,8 @@ inline v8si x8_dot_q8_0(const v32qi* w, const global char* x, v8si offset) {
 // Q4_K (1152 bytes a super-block of 8 rows): the rows' d, their dmin, 3 chunks of their 12
 // bytes of scales and mins, then 32 chunks of their 128 bytes of nibbles; chunks 8p..8p+7
 // hold sub-block 2p in their low nibbles and 2p + 1 in their high ones (weights 4k..4k+3 in
-// chunk 8p + k, as Q4_0's).
+// chunk 8p + k, as Q4_0's). Q5_K (1408 bytes): the same with 8 chunks of the rows' 32 bytes
+// of qh between the scales and the nibbles.
 // Sub-block j's 6-bit scales and mins, a row a lane (scale_min_k4 of each row).
 inline void x8_scale_min_k4(blk_t b, int j, v8sf_x8* sc, v8sf_x8* m) {
     const v8si s0 = (v8si)*(const global v32qi_u*)(b + 32) >> 8 * (j & 3);
@@ -1300,34 +1285,47 @@ inline void x8_scale_min_k4(blk_t b, int j, v8sf_x8* sc, v8sf_x8* m) {
     *m = __builtin_convertvector(vm, v8sf_x8);
 }
 // Sub-block j's unsigned weights, chunk k (lane j: weights 4k..4k+3 of row j).
-inline v32qi x8_nibbles_q4_k(blk_t b, int j, int k) {
-    const v16hi q = (v16hi)*(const global v32qi_u*)(b + 128 + 32 * (8 * (j >> 1) + k));
+inline v32qi x8_nibbles_k(blk_t qs, int j, int k) {
+    const v16hi q = (v16hi)*(const global v32qi_u*)(qs + 32 * (8 * (j >> 1) + k));
     return (v32qi)(q >> 4 * (j & 1)) & (char)15;
 }
-// The 8 rows' integer dot products of sub-block j with its 32 int8 values (as Q4_0's).
-inline v8si x8_dot_q4_k(blk_t b, int j, const global char* x) {
-    const global int* xi = (const global int*)x;
-    v16hi s = __builtin_ia32_pmaddubsw256(x8_nibbles_q4_k(b, j, 0), (v32qi)SPLAT8_X8(xi[0]));
-    _Pragma("unroll") for (int k = 1; k < 8; k++)
-        s += __builtin_ia32_pmaddubsw256(x8_nibbles_q4_k(b, j, k), (v32qi)SPLAT8_X8(xi[k]));
-    return __builtin_ia32_pmaddwd256(s, ONES_16);
+inline v32qi x8_weights_q4_k(blk_t b, int j, int k) { return x8_nibbles_k(b + 128, j, k); }
+inline v32qi x8_weights_q5_k(blk_t b, int j, int k) {  // the 5th bit: bit j of the qh byte
+    const v16hi qh = (v16hi)*(const global v32qi_u*)(b + 128 + 32 * k);
+    return x8_nibbles_k(b + 384, j, k) | ((v32qi)((qh >> j) << 4) & (char)16);
 }
-// acc += a super-block of the group . x (its 8 activation blocks: int8 values x, scales dx,
-// sums xs), the terms in qacc_q4_k's order.
-inline v8sf_x8 x8_acc_q4_k(v8sf_x8 acc, blk_t b, const global char* x,
-                           const global float* dx, const global int* xs) {
-    v8sf_x8 sa = SPLATF_X8(0.0f), sm = SPLATF_X8(0.0f);
-    _Pragma("unroll") for (int j = 0; j < 8; j++) {
-        v8sf_x8 sc, m;
-        x8_scale_min_k4(b, j, &sc, &m);
-        const v8sf_x8 dot = __builtin_convertvector(x8_dot_q4_k(b, j, x + 32 * j), v8sf_x8);
-        sm += SPLATF_X8(dx[j]) * (m * SPLATF_X8((float)xs[j]));
-        sa += SPLATF_X8(dx[j]) * (sc * dot);
-    }
-    acc -= x8_scales(b + 16) * sm;
-    acc += x8_scales(b) * sa;
-    return acc;
+// The 8 rows' integer dot products of sub-block j with its 32 int8 values, then acc += a
+// super-block of the group . x (its 8 activation blocks: int8 values x, scales dx, sums xs),
+// the terms in qacc_q4_k's order. A pair of products reaches 2 * 31 * 127 (Q5_K), so 4 add
+// in 16 bits.
+#define X8_K45(T)                                                                              \
+inline v8si x8_dot_##T(blk_t b, int j, const global char* x) {                                \
+    const global int* xi = (const global int*)x;                                               \
+    v8si dot = SPLAT8_X8(0);                                                                   \
+    _Pragma("unroll") for (int h = 0; h < 8; h += 4) {                                         \
+        v16hi s = __builtin_ia32_pmaddubsw256(x8_weights_##T(b, j, h), (v32qi)SPLAT8_X8(xi[h])); \
+        _Pragma("unroll") for (int k = h + 1; k < h + 4; k++)                                  \
+            s += __builtin_ia32_pmaddubsw256(x8_weights_##T(b, j, k), (v32qi)SPLAT8_X8(xi[k])); \
+        dot += __builtin_ia32_pmaddwd256(s, ONES_16);                                          \
+    }                                                                                          \
+    return dot;                                                                                \
+}                                                                                              \
+inline v8sf_x8 x8_acc_##T(v8sf_x8 acc, blk_t b, const global char* x,                         \
+                          const global float* dx, const global int* xs) {                      \
+    v8sf_x8 sa = SPLATF_X8(0.0f), sm = SPLATF_X8(0.0f);                                        \
+    _Pragma("unroll") for (int j = 0; j < 8; j++) {                                            \
+        v8sf_x8 sc, m;                                                                         \
+        x8_scale_min_k4(b, j, &sc, &m);                                                        \
+        const v8sf_x8 dot = __builtin_convertvector(x8_dot_##T(b, j, x + 32 * j), v8sf_x8);    \
+        sm += SPLATF_X8(dx[j]) * (m * SPLATF_X8((float)xs[j]));                                \
+        sa += SPLATF_X8(dx[j]) * (sc * dot);                                                   \
+    }                                                                                          \
+    acc -= x8_scales(b + 16) * sm;                                                             \
+    acc += x8_scales(b) * sa;                                                                  \
+    return acc;                                                                                \
 }
+X8_K45(q4_k)
+X8_K45(q5_k)
 
 // acc += block c of a group at b . x: X8_STEP_<T>(acc, b, c, XQ, XD, XS), for the decode kernels.
 #define X8_STEP_32(T, acc, b, c, XQ, XD, XS)                                                   \
@@ -1335,8 +1333,10 @@ inline v8sf_x8 x8_acc_q4_k(v8sf_x8 acc, blk_t b, const global char* x,
 #define X8_STEP_q4_0(...) X8_STEP_32(q4_0, __VA_ARGS__)
 #define X8_STEP_q8_0(...) X8_STEP_32(q8_0, __VA_ARGS__)
 #define X8_STEP_q5_0(...) X8_STEP_32(q5_0, __VA_ARGS__)
-#define X8_STEP_q4_k(acc, b, c, XQ, XD, XS)                                                    \
-    acc = x8_acc_q4_k(acc, b, (XQ) + 256 * (c), (XD) + 8 * (c), (XS) + 8 * (c));
+#define X8_STEP_256(T, acc, b, c, XQ, XD, XS)                                                  \
+    acc = x8_acc_##T(acc, b, (XQ) + 256 * (c), (XD) + 8 * (c), (XS) + 8 * (c));
+#define X8_STEP_q4_k(...) X8_STEP_256(q4_k, __VA_ARGS__)
+#define X8_STEP_q5_k(...) X8_STEP_256(q5_k, __VA_ARGS__)
 // A group's bytes.
 #define X8_GROUP_BYTES(T, n_cols) ((size_t)(n_cols) / X8_COLS_##T * X8_BLOCK_##T)
 
@@ -1455,46 +1455,55 @@ kernel void qgemm_##T##x8(blk_t W, const global char* XQ, const global float* XD
 X8_FORMAT(q4_0)
 X8_FORMAT(q8_0)
 X8_FORMAT(q5_0)
-X8_GEMV_KERNEL(q4_k)
-X8_GLU_KERNEL(q4_k)
-X8_QKV_KERNEL(q4_k)
 
-// Q4_K's embedding rows, bit-exact as get_rows_q4_k: block c of row r is sub-block c % 8 of
-// super-block c / 8; byte n of the row's scales is byte n % 4 of its dword in chunk n / 4.
-kernel void get_rows_q4_kx8(blk_t W, const global int* tokens, global float* out, int n_cols) {
-    const int c = get_global_id(0), t = get_global_id(1), r = tokens[t], j = r % 8, sub = c % 8;
-    blk_t b = W + (r / 8) * X8_GROUP_BYTES(q4_k, n_cols) + (size_t)(c / 8) * X8_BLOCK_q4_k;
-#define S(n) b[32 + 32 * ((n) >> 2) + 4 * j + ((n) & 3)]
-    const float sc = sub < 4 ? S(sub) & 63 : (S(sub + 4) & 15) | ((S(sub - 4) >> 6) << 4);
-    const float m = sub < 4 ? S(sub + 4) & 63 : (S(sub + 4) >> 4) | ((S(sub) >> 6) << 4);
-#undef S
-    const float d = f16(b, j) * sc, mn = -(f16(b + 16, j) * m);
-    global float* o = out + (size_t)t * n_cols + 32 * c;
-    for (int i = 0; i < 32; i++) {
-        const int l = 32 * (sub >> 1) + i;  // byte of the row's qs
-        const uchar q = b[128 + 32 * (l >> 2) + 4 * j + (l & 3)] >> 4 * (sub & 1) & 15;
-        o[i] = d * (float)q + mn;
-    }
+// The K formats' embedding rows, bit-exact as get_rows_<T>: block c of row r is sub-block
+// c % 8 of super-block c / 8; byte n of the row's scales (or of its qs, its qh) is byte n % 4
+// of its dword in chunk n / 4. Weight i of sub-block j of row r (r % 8 of the group), unsigned.
+inline uchar x8_byte(blk_t chunks, int r, int n) { return chunks[32 * (n >> 2) + 4 * (r % 8) + (n & 3)]; }
+inline uchar x8_weight_q4_k(blk_t b, int r, int j, int i) {
+    return x8_byte(b + 128, r, 32 * (j >> 1) + i) >> 4 * (j & 1) & 15;
+}
+inline uchar x8_weight_q5_k(blk_t b, int r, int j, int i) {
+    return (x8_byte(b + 384, r, 32 * (j >> 1) + i) >> 4 * (j & 1) & 15) |
+           (x8_byte(b + 128, r, i) >> j & 1) << 4;
+}
+#define X8_K45_GET_ROWS_KERNEL(T)                                                              \
+kernel void get_rows_##T##x8(blk_t W, const global int* tokens, global float* out,            \
+                             int n_cols) {                                                     \
+    const int c = get_global_id(0), t = get_global_id(1), r = tokens[t], j = c % 8;            \
+    blk_t b = W + (r / 8) * X8_GROUP_BYTES(T, n_cols) + (size_t)(c / 8) * X8_BLOCK_##T;        \
+    const int lo = x8_byte(b + 32, r, j < 4 ? j : j + 4), mid = x8_byte(b + 32, r, j < 4 ? j + 4 : j); \
+    const int hi = x8_byte(b + 32, r, j < 4 ? j : j - 4);                                      \
+    const float sc = j < 4 ? lo & 63 : (lo & 15) | ((hi >> 6) << 4);                           \
+    const float m = j < 4 ? mid & 63 : (lo >> 4) | ((mid >> 6) << 4);                          \
+    const float d = f16(b, r % 8) * sc, mn = -(f16(b + 16, r % 8) * m);                        \
+    global float* o = out + (size_t)t * n_cols + 32 * c;                                       \
+    for (int i = 0; i < 32; i++) o[i] = d * (float)x8_weight_##T(b, r, j, i) + mn;             \
 }
 // Prefill without VNNI: a group's 8 rows x TILE_N tokens a work-item, a super-block at a time.
-kernel void qgemm_q4_kx8(blk_t W, const global char* XQ, const global float* XD,
-                         global float* Y, int n_cols, int n_rows, int n_tok, int y_stride,
-                         int y_off, int accumulate) {
-    const int g = get_global_id(0), t0 = get_global_id(1) * TILE_N, nb = n_cols / 32;
-    if (8 * g >= n_rows) return;
-    v8sf_x8 acc[TILE_N];
-    _Pragma("unroll") for (int t = 0; t < TILE_N; t++) acc[t] = SPLATF_X8(0.0f);
-    blk_t b = W + g * X8_GROUP_BYTES(q4_k, n_cols);
-    for (int c = 0; c < n_cols / 256; c++, b += X8_BLOCK_q4_k)
-        _Pragma("unroll") for (int t = 0; t < TILE_N; t++) {
-            const int r = min(t0 + t, n_tok - 1);
-            const global int* XS = (const global int*)(XD + (size_t)n_tok * nb) + (size_t)r * nb;
-            acc[t] = x8_acc_q4_k(acc[t], b, XQ + (size_t)r * n_cols + 256 * c,
-                                 XD + (size_t)r * nb + 8 * c, XS + 8 * c);
-        }
-    for (int t = 0; t < TILE_N && t0 + t < n_tok; t++)
-        x8_store(Y + y_off + (size_t)(t0 + t) * y_stride + 8 * g, acc[t], accumulate);
+#define X8_KGEMM_KERNEL(T)                                                                     \
+kernel void qgemm_##T##x8(blk_t W, const global char* XQ, const global float* XD,             \
+                          global float* Y, int n_cols, int n_rows, int n_tok, int y_stride,    \
+                          int y_off, int accumulate) {                                         \
+    const int g = get_global_id(0), t0 = get_global_id(1) * TILE_N, nb = n_cols / 32;          \
+    if (8 * g >= n_rows) return;                                                               \
+    v8sf_x8 acc[TILE_N];                                                                       \
+    _Pragma("unroll") for (int t = 0; t < TILE_N; t++) acc[t] = SPLATF_X8(0.0f);               \
+    blk_t b = W + g * X8_GROUP_BYTES(T, n_cols);                                               \
+    for (int c = 0; c < n_cols / 256; c++, b += X8_BLOCK_##T)                                  \
+        _Pragma("unroll") for (int t = 0; t < TILE_N; t++) {                                   \
+            const int r = min(t0 + t, n_tok - 1);                                              \
+            const global int* xs = (const global int*)(XD + (size_t)n_tok * nb) + (size_t)r * nb; \
+            acc[t] = x8_acc_##T(acc[t], b, XQ + (size_t)r * n_cols + 256 * c,                  \
+                                XD + (size_t)r * nb + 8 * c, xs + 8 * c);                      \
+        }                                                                                      \
+    for (int t = 0; t < TILE_N && t0 + t < n_tok; t++)                                         \
+        x8_store(Y + y_off + (size_t)(t0 + t) * y_stride + 8 * g, acc[t], accumulate);         \
 }
+#define X8_KFORMAT(T) X8_GEMV_KERNEL(T) X8_GLU_KERNEL(T) X8_QKV_KERNEL(T)                      \
+    X8_K45_GET_ROWS_KERNEL(T) X8_KGEMM_KERNEL(T)
+X8_KFORMAT(q4_k)
+X8_KFORMAT(q5_k)
 #endif
 
 // ---- Prefill with AVX-512 VNNI (x86 CPUs that have it; the build defines VNNI 1 only there,
@@ -1751,12 +1760,13 @@ QGEMM8_X8_KERNEL(q8_0, 128)
 QGEMM8_X8_KERNEL(q4_0, 8)
 QGEMM8_X8_KERNEL(q5_0, 16)
 
-// Interleaved Q4_K: per super-block, each token's mins term first (the 8 sub-blocks' mins kept
-// in registers for all tokens), then sub-block by sub-block its weights as registers for every
-// token of the tile; the terms in qacc_q4_k's order.
-VNNI_FN static void qtile_q4_kx8(blk_t W, const global char* XQ, const global float* XD,
-                                 global float* Y, int n_cols, int n_tok, int y_stride,
-                                 int y_off, int accumulate, int g, int t0) {
+// Interleaved Q4_K and Q5_K (q5: which): per super-block, each token's mins term first (the 8
+// sub-blocks' mins kept in registers for all tokens), then sub-block by sub-block its weights
+// as registers for every token of the tile; the terms in qacc_q4_k's order.
+VNNI_FN static inline __attribute__((always_inline)) void
+qtile_k45x8(blk_t W, const global char* XQ, const global float* XD, global float* Y, int n_cols,
+            int n_tok, int y_stride, int y_off, int accumulate, int g, int t0, const int q5) {
+    const int block = q5 ? X8_BLOCK_q5_k : X8_BLOCK_q4_k;
     const int nb = n_cols / 32;
     const global char* x[QT_TOK];
     const global float* d[QT_TOK];
@@ -1765,8 +1775,8 @@ VNNI_FN static void qtile_q4_kx8(blk_t W, const global char* XQ, const global fl
     tile_tokens(XQ, XD, n_cols, n_tok, t0, x, d, acc);
     _Pragma("unroll") for (int t = 0; t < QT_TOK; t++)
         xs[t] = (const global int*)(XD + (size_t)n_tok * nb) + (size_t)min(t0 + t, n_tok - 1) * nb;
-    blk_t b = W + g * X8_GROUP_BYTES(q4_k, n_cols);
-    for (int c = 0; c < nb; c += 8, b += X8_BLOCK_q4_k) {
+    blk_t b = W + (size_t)g * (n_cols / 256) * block;
+    for (int c = 0; c < nb; c += 8, b += block) {
         v8sf_x8 sc[8], m[8];
         _Pragma("unroll") for (int j = 0; j < 8; j++) x8_scale_min_k4(b, j, &sc[j], &m[j]);
         const v8sf dmin = x8_scales(b + 16), dw = x8_scales(b);
@@ -1780,7 +1790,8 @@ VNNI_FN static void qtile_q4_kx8(blk_t W, const global char* XQ, const global fl
         _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) sa[t] = SPLATF(0.0f);
         for (int j = 0; j < 8; j++) {
             v8si wt[8];
-            _Pragma("unroll") for (int k = 0; k < 8; k++) wt[k] = (v8si)x8_nibbles_q4_k(b, j, k);
+            _Pragma("unroll") for (int k = 0; k < 8; k++)
+                wt[k] = (v8si)(q5 ? x8_weights_q5_k(b, j, k) : x8_weights_q4_k(b, j, k));
             _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {
                 const global int* xi = (const global int*)(x[t] + 32 * (c + j));
                 v8si s = SPLAT8(0);
@@ -1794,11 +1805,14 @@ VNNI_FN static void qtile_q4_kx8(blk_t W, const global char* XQ, const global fl
     for (int t = 0; t < QT_TOK && t0 + t < n_tok; t++)
         x8_store(Y + y_off + (size_t)(t0 + t) * y_stride + 8 * g, acc[t], accumulate);
 }
-kernel void qgemm8_q4_kx8(blk_t W, const global char* XQ, const global float* XD,
-                          global float* Y, int n_cols, int n_rows, int n_tok, int y_stride,
-                          int y_off, int accumulate) {
-    if (get_global_id(0) * 8 >= n_rows) return;
-    qtile_q4_kx8(W, XQ, XD, Y, n_cols, n_tok, y_stride, y_off, accumulate, get_global_id(0),
-                 get_global_id(1) * QT_TOK);
+#define QGEMM8_K45_KERNEL(T, Q5)                                                               \
+kernel void qgemm8_##T##x8(blk_t W, const global char* XQ, const global float* XD,            \
+                           global float* Y, int n_cols, int n_rows, int n_tok, int y_stride,   \
+                           int y_off, int accumulate) {                                        \
+    if (get_global_id(0) * 8 >= n_rows) return;                                                \
+    qtile_k45x8(W, XQ, XD, Y, n_cols, n_tok, y_stride, y_off, accumulate, get_global_id(0),    \
+                get_global_id(1) * QT_TOK, Q5);                                                \
 }
+QGEMM8_K45_KERNEL(q4_k, 0)
+QGEMM8_K45_KERNEL(q5_k, 1)
 #endif

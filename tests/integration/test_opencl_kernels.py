@@ -94,12 +94,13 @@ def test_weights_larger_than_the_device_allows_are_split(kern, monkeypatch):
     checks.check_split_weights(kern)
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q5_K, T.Q6_K],
+                         ids=lambda t: t.name)
 def test_prefill_tiles_agree_with_numpy_on_odd_shapes(kern, qtype):
     """Prefill's Q4_0/Q5_0/Q8_0/Q6_K kernels tile 8 rows x 8 tokens (qgemm8, on hosts with
     AVX-512 VNNI) or one row x 8 tokens (qgemm, every quantized type): rows below, off and on
     the row tile, token counts off and on the token tile, through both kernels where the host
-    has both (Q4_K's rows of whole groups of 8 are interleaved: see the x8 tests)."""
+    has both (Q4_K/Q5_K rows of whole groups of 8 are interleaved: see the x8 tests)."""
     for vnni in sorted({False, kern.vnni}):
         k = copy.copy(kern)  # the same programs, the other prefill kernel
         k.vnni = vnni
@@ -116,9 +117,9 @@ def test_split_weights_prefill_tiles(kern, monkeypatch, qtype):
     checks.check_split_weights(kern, qtype, (1, 3, 11))
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K], ids=lambda t: t.name)
 def test_interleave_moves_each_byte_where_the_kernels_read_it(qtype):
-    """Group g, block c: the 8 rows' scales (Q4_K: their d, then their dmin), then chunk k's
+    """Group g, block c: the 8 rows' scales (Q4_K/Q5_K: their d, then their dmin), then chunk k's
     dword j = bytes 4k..4k+3 of row j's block after them."""
     qk, heads = X8_BLOCK_COLS.get(qtype, 32), X8_HEADS.get(qtype, 1)
     rows, cols, size = 16, 3 * qk, row_bytes(qtype, qk)
@@ -136,12 +137,13 @@ def test_interleave_moves_each_byte_where_the_kernels_read_it(qtype):
     assert out.nbytes == raw.nbytes
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K],
+                         ids=lambda t: t.name)
 def test_interleaved_kernels_agree_with_numpy(kern, monkeypatch, qtype):
-    """Where the device repacks Q4_0, Q5_0, Q8_0 and Q4_K (AVX2 CPUs: matmul.cl's
-    *_<type>x8), decode, prefill and embedding lookup (bit-exact) read the groups of 8 rows:
-    rows of 1 to 8 groups, token counts off and on the tile, 1 to 16 blocks a row (Q4_K: 1 or
-    2 super-blocks), a matrix split into whole groups. Prefill through both kernels where the
+    """Where the device repacks X8_TYPES (AVX2 CPUs: matmul.cl's *_<type>x8), decode, prefill
+    and embedding lookup (bit-exact) read the groups of 8 rows: rows of 1 to 8 groups, token
+    counts off and on the tile, 1 to 16 blocks a row (Q4_K/Q5_K: 1 or 2 super-blocks), a
+    matrix split into whole groups. Prefill through both kernels where the
     host has AVX-512 VNNI's 8 x 8 token tile."""
     if not kern.interleave:
         pytest.skip("this device has no interleaved kernels (AVX2 and F16C CPUs only)")
@@ -209,9 +211,10 @@ def test_planar_kernels_agree_with_numpy(kern, monkeypatch, qtype):
 
 
 @pytest.mark.parametrize(("qtype", "layout"), [(T.Q4_0, X8), (T.Q5_0, X8), (T.Q8_0, X8),
-                                               (T.Q4_K, X8), (T.Q4_0, PLANAR), (T.Q8_0, PLANAR)],
-                         ids=["Q4_0-x8", "Q5_0-x8", "Q8_0-x8", "Q4_K-x8", "Q4_0-planar",
-                              "Q8_0-planar"])
+                                               (T.Q4_K, X8), (T.Q5_K, X8), (T.Q4_0, PLANAR),
+                                               (T.Q8_0, PLANAR)],
+                         ids=["Q4_0-x8", "Q5_0-x8", "Q8_0-x8", "Q4_K-x8", "Q5_K-x8",
+                              "Q4_0-planar", "Q8_0-planar"])
 def test_file_layout_gives_the_repacked_floats_exactly(kern, qtype, layout):
     """A streamed layer keeps the file's layout while a resident one is repacked (interleaved
     on AVX2 CPUs, in planes on GPUs): both add the same float terms in the same order, so a
