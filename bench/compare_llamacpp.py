@@ -3,10 +3,10 @@
 The ~0.5B Llama-shaped random-weight model of bench_numpy.py (hidden 896, 24 layers, 14/2
 heads, FFN 4864, vocab 32000; `--model 0.5b-k`: hidden 1024, FFN 4096, 16/4 heads, every row a
 multiple of 256, so that Q4_K_M is Q4_K/Q6_K throughout) is written as Q8_0 and Q4_0 by our
-converter, and as Q4_K_M by llama.cpp's own quantizer (llama_model_quantize from the F16
-file). Each file is run by `claw runtime bench` (our backend, its own process) and by
-llama.cpp through llama-cpp-python (its own process), pp<P> and tg<N> tokens/s, and the table
-prints our speed as a ratio of llama.cpp's.
+converter, and as Q4_K_M (and, asked for, Q5_K_M) by llama.cpp's own quantizer
+(llama_model_quantize from the F16 file). Each file is run by `claw runtime bench` (our
+backend, its own process) and by llama.cpp through llama-cpp-python (its own process), pp<P>
+and tg<N> tokens/s, and the table prints our speed as a ratio of llama.cpp's.
 
 llama-cpp-python is a benchmark-only dependency, built from source in its own venv outside
 the repository (~9 min on 2 cores), with explicit CPU flags for this host (its native build
@@ -14,7 +14,8 @@ crashes on an AMX path; bench/llamacpp_venv.py). The script builds it when missi
 for another CPU:
 
     .venv/bin/python bench/compare_llamacpp.py [--backend opencl] [-p 512] [-n 128] [-r 5]
-        [--threads 2] [--types q8_0,q4_0,q4_k_m] [--model 0.5b|0.5b-k] [--baseline DIR] [--json]
+        [--threads 2] [--types q8_0,q4_0,q4_k_m[,q5_k_m]] [--model 0.5b|0.5b-k] [--baseline DIR]
+        [--json]
 
 --baseline DIR also runs our runtime from another source tree (e.g. `git archive REV | tar -x
 -C DIR`) in the same run, before ours, so that a change is measured beside its parent under the
@@ -71,7 +72,7 @@ print(json.dumps({"pp": statistics.mean(pp), "pp_sd": sd(pp), "tg": statistics.m
 QUANTIZER = r"""
 import sys, llama_cpp
 params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3].upper())
 params.nthread = 2
 rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params)
 sys.exit(rc)
@@ -88,8 +89,11 @@ def vocabulary(model: str) -> dict:
             "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
 
 
+LLAMA_QUANTIZED = ("q4_k_m", "q5_k_m")  # the kinds llama.cpp's quantizer writes here
+
+
 def model_file(kind: str, python: Path, model: str = "0.5b") -> Path:
-    """Q8_0 and Q4_0 written by our converter, Q4_K_M by llama.cpp's quantizer from F16."""
+    """Q8_0 and Q4_0 written by our converter, the K mixes by llama.cpp's quantizer from F16."""
     from gguf import GGMLQuantizationType as T
 
     from runtime.convert import convert
@@ -97,9 +101,9 @@ def model_file(kind: str, python: Path, model: str = "0.5b") -> Path:
     out = CACHE / f"llama-{model}-vocab-{kind}.gguf"
     if out.exists():
         return out
-    if kind == "q4_k_m":
+    if kind in LLAMA_QUANTIZED:
         done = subprocess.run([str(python), "-c", QUANTIZER,
-                               str(model_file("f16", python, model)), str(out)],
+                               str(model_file("f16", python, model)), str(out), kind],
                               capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"llama_model_quantize failed: {done.stderr[-2000:]}")
