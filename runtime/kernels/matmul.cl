@@ -799,10 +799,11 @@ QFORMAT(q4_0, 18)
 // sub-block; two of Q6_K's sub-blocks of 16, each with its own scale) gives exact integer
 // products with the block's 32 int8 values, scaled once; a format with an offset (x = d q + m)
 // adds m * d_x * sum(x_q), from the block sums quantize_q8 writes after the scales. They read
-// the file's layout, resident or streamed, except resident Q5_0 and Q4_K on AVX2 CPUs
-// (interleaved by 8 rows, see X8_FORMAT). On x86 CPUs (AVX2) the weights enter pmaddubsw as unsigned bytes (at
-// most 63: a pair of products stays below 2^15); where dot4 is one instruction (GPUs) four
-// bytes at a time; elsewhere a block is dequantized and multiplies x's int8 values as floats.
+// the file's layout, resident or streamed, except resident Q5_0, Q4_K and Q5_K on AVX2 CPUs
+// (interleaved by 8 rows, see X8_FORMAT). On x86 CPUs (AVX2) the weights enter pmaddubsw as
+// unsigned bytes (at most 63: a pair of products stays below 2^15); where dot4 is one
+// instruction (GPUs) four bytes at a time; elsewhere a block is dequantized and multiplies x's
+// int8 values as floats.
 // Blocks per qacc_<T> call (see QSTEP_q8_0): the K formats take KSTEP, a super-block (8) where
 // the path below unpacks one at a time, else 1.
 #define QSTEP_q4_1 1
@@ -1284,7 +1285,7 @@ inline void x8_scale_min_k4(blk_t b, int j, v8sf_x8* sc, v8sf_x8* m) {
     *sc = __builtin_convertvector(vs, v8sf_x8);
     *m = __builtin_convertvector(vm, v8sf_x8);
 }
-// Sub-block j's unsigned weights, chunk k (lane j: weights 4k..4k+3 of row j).
+// Sub-block j's unsigned weights, chunk k (dword r: weights 4k..4k+3 of row r).
 inline v32qi x8_nibbles_k(blk_t qs, int j, int k) {
     const v16hi q = (v16hi)*(const global v32qi_u*)(qs + 32 * (8 * (j >> 1) + k));
     return (v32qi)(q >> 4 * (j & 1)) & (char)15;
@@ -1459,7 +1460,9 @@ X8_FORMAT(q5_0)
 // The K formats' embedding rows, bit-exact as get_rows_<T>: block c of row r is sub-block
 // c % 8 of super-block c / 8; byte n of the row's scales (or of its qs, its qh) is byte n % 4
 // of its dword in chunk n / 4. Weight i of sub-block j of row r (r % 8 of the group), unsigned.
-inline uchar x8_byte(blk_t chunks, int r, int n) { return chunks[32 * (n >> 2) + 4 * (r % 8) + (n & 3)]; }
+inline uchar x8_byte(blk_t chunks, int r, int n) {
+    return chunks[32 * (n >> 2) + 4 * (r % 8) + (n & 3)];
+}
 inline uchar x8_weight_q4_k(blk_t b, int r, int j, int i) {
     return x8_byte(b + 128, r, 32 * (j >> 1) + i) >> 4 * (j & 1) & 15;
 }
@@ -1472,7 +1475,8 @@ kernel void get_rows_##T##x8(blk_t W, const global int* tokens, global float* ou
                              int n_cols) {                                                     \
     const int c = get_global_id(0), t = get_global_id(1), r = tokens[t], j = c % 8;            \
     blk_t b = W + (r / 8) * X8_GROUP_BYTES(T, n_cols) + (size_t)(c / 8) * X8_BLOCK_##T;        \
-    const int lo = x8_byte(b + 32, r, j < 4 ? j : j + 4), mid = x8_byte(b + 32, r, j < 4 ? j + 4 : j); \
+    const int lo = x8_byte(b + 32, r, j < 4 ? j : j + 4);                                      \
+    const int mid = x8_byte(b + 32, r, j < 4 ? j + 4 : j);                                     \
     const int hi = x8_byte(b + 32, r, j < 4 ? j : j - 4);                                      \
     const float sc = j < 4 ? lo & 63 : (lo & 15) | ((hi >> 6) << 4);                           \
     const float m = j < 4 ? mid & 63 : (lo >> 4) | ((mid >> 6) << 4);                          \
@@ -1692,8 +1696,9 @@ VNNI_FN static void qtile_q6_k(blk_t W, const global char* XQ, const global floa
         _Pragma("unroll") for (int j = 0; j < 8; j++) r[j] = (v8si)q6k_weights(w[j] + sb, k);
         transpose8(r, wt);
 #define SC(j, h) (int)((const global char*)w[j])[sb + 192 + 2 * k + (h)]
-        const v8si sc_lo = {SC(0, 0), SC(1, 0), SC(2, 0), SC(3, 0), SC(4, 0), SC(5, 0), SC(6, 0), SC(7, 0)};
-        const v8si sc_hi = {SC(0, 1), SC(1, 1), SC(2, 1), SC(3, 1), SC(4, 1), SC(5, 1), SC(6, 1), SC(7, 1)};
+#define SCALES(h) {SC(0, h), SC(1, h), SC(2, h), SC(3, h), SC(4, h), SC(5, h), SC(6, h), SC(7, h)}
+        const v8si sc_lo = SCALES(0), sc_hi = SCALES(1);
+#undef SCALES
 #undef SC
         const v8sf dw = row_scales(w, sb + 208);
         const v8si nlo = neg_ksums_of(x, c, ones_lo), nhi = neg_ksums_of(x, c, ones_hi);
@@ -1705,7 +1710,8 @@ VNNI_FN static void qtile_q6_k(blk_t W, const global char* XQ, const global floa
                 lo = __builtin_ia32_vpdpbusd256(lo, wt[q], SPLAT8(xi[q]));
                 hi = __builtin_ia32_vpdpbusd256(hi, wt[4 + q], SPLAT8(xi[4 + q]));
             }
-            acc[t] += (dw * SPLATF(d[t][c])) * __builtin_convertvector(sc_lo * lo + sc_hi * hi, v8sf);
+            const v8si dot = sc_lo * lo + sc_hi * hi;
+            acc[t] += (dw * SPLATF(d[t][c])) * __builtin_convertvector(dot, v8sf);
         }
     }
     for (int t = 0; t < QT_TOK && t0 + t < n_tok; t++)

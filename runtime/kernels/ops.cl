@@ -283,61 +283,61 @@ kernel void attn_combine(const global float* part, global float* out, int head_d
 // as scalar FMAs): float4 (attn_prefill, GPUs), float16 on CPUs (attn_prefill16: AVX-512's
 // width, a quarter of float4's instructions). Global (WG * ceil(n_tok / WG), n_heads), local
 // (WG, 1).
-#define ATTN_PREFILL_KERNEL(NAME, VT, N, HSUM)                                                      \
-kernel void NAME(const global float* q, const global float* kc, const global float* vc,             \
-                         global float* out, int n_tok, int n_heads, int n_kv, int head_dim,         \
-                         int pos0, float scale) {                                                   \
-    local VT kt[PK * HEAD_DIM_MAX / N];                                                             \
-    local VT vt[PK * HEAD_DIM_MAX / N];                                                             \
-    const int t = get_global_id(0), h = get_group_id(1), kvh = h / (n_heads / n_kv);                \
-    const int lid = get_local_id(0), kv_stride = n_kv * head_dim, dn = head_dim / N;                \
-    const int limit = t < n_tok ? pos0 + t + 1 : 0;  /* keys this query may see */                  \
-    const int tile_limit = pos0 + min(n_tok, (int)(get_group_id(0) + 1) * WG);                      \
-    VT qv[HEAD_DIM_MAX / N], o[HEAD_DIM_MAX / N];                                                   \
-    const global VT* qrow =                                                                         \
-        (const global VT*)(q + ((size_t)(t < n_tok ? t : n_tok - 1) * n_heads + h) * head_dim);     \
-    for (int d = 0; d < dn; d++) { qv[d] = qrow[d] * scale; o[d] = 0.0f; }                          \
-    float m = -INFINITY, l = 0.0f;                                                                  \
-    for (int p0 = 0; p0 < tile_limit; p0 += PK) {                                                   \
-        const int n = tile_limit - p0 < PK ? tile_limit - p0 : PK;                                  \
-        for (int i = lid; i < n * dn; i += WG) {                                                    \
-            const size_t at = (size_t)(p0 + i / dn) * kv_stride + kvh * head_dim;                   \
-            kt[i] = ((const global VT*)(kc + at))[i % dn];                                          \
-            vt[i] = ((const global VT*)(vc + at))[i % dn];                                          \
-        }                                                                                           \
-        barrier(CLK_LOCAL_MEM_FENCE);                                                               \
-        const int seen = limit - p0 < n ? limit - p0 : n;                                           \
-        /* Eight keys a step: one vector exp (PoCL's exp is an out-of-line call), the running */    \
-        /* sums rescaled only when the max grows (a few times a row). Keys past `seen` score */     \
-        /* -inf (weight 0); a step's first key is always seen, so m is finite after it. */          \
-        for (int j = 0; j < seen; j += 8) {                                                         \
-            float8 sc;                                                                              \
-            for (int i = 0; i < 8; i++) {                                                           \
-                VT acc = 0.0f;                                                                      \
-                const int jj = j + i < seen ? j + i : j;                                            \
-                for (int d = 0; d < dn; d++) acc += qv[d] * kt[jj * dn + d];                        \
-                sc[i] = j + i < seen ? HSUM(acc) : -INFINITY;                                       \
-            }                                                                                       \
-            const float4 mh = fmax(sc.lo, sc.hi);                                                    \
-            const float m4 = fmax(fmax(mh.x, mh.y), fmax(mh.z, mh.w));                              \
-            if (m4 > m) {                                                                           \
-                const float corr = exp(m - m4);                                                     \
-                l *= corr;                                                                          \
-                for (int d = 0; d < dn; d++) o[d] *= corr;                                          \
-                m = m4;                                                                             \
-            }                                                                                       \
-            const float8 e = exp(sc - m);                                                           \
-            const float4 eh = e.lo + e.hi;                                                          \
-            l += (eh.x + eh.y) + (eh.z + eh.w);                                                     \
-            for (int i = 0; i < 8 && j + i < seen; i++)                                             \
-                for (int d = 0; d < dn; d++) o[d] += e[i] * vt[(j + i) * dn + d];                   \
-        }                                                                                           \
-        barrier(CLK_LOCAL_MEM_FENCE);                                                               \
-    }                                                                                               \
-    if (t < n_tok) {                                                                                \
-        global VT* orow = (global VT*)(out + ((size_t)t * n_heads + h) * head_dim);                 \
-        for (int d = 0; d < dn; d++) orow[d] = o[d] / l;                                            \
-    }                                                                                               \
+#define ATTN_PREFILL_KERNEL(NAME, VT, N, HSUM)                                                   \
+kernel void NAME(const global float* q, const global float* kc, const global float* vc,          \
+                         global float* out, int n_tok, int n_heads, int n_kv, int head_dim,      \
+                         int pos0, float scale) {                                                \
+    local VT kt[PK * HEAD_DIM_MAX / N];                                                          \
+    local VT vt[PK * HEAD_DIM_MAX / N];                                                          \
+    const int t = get_global_id(0), h = get_group_id(1), kvh = h / (n_heads / n_kv);             \
+    const int lid = get_local_id(0), kv_stride = n_kv * head_dim, dn = head_dim / N;             \
+    const int limit = t < n_tok ? pos0 + t + 1 : 0;  /* keys this query may see */               \
+    const int tile_limit = pos0 + min(n_tok, (int)(get_group_id(0) + 1) * WG);                   \
+    VT qv[HEAD_DIM_MAX / N], o[HEAD_DIM_MAX / N];                                                \
+    const global VT* qrow =                                                                      \
+        (const global VT*)(q + ((size_t)(t < n_tok ? t : n_tok - 1) * n_heads + h) * head_dim);  \
+    for (int d = 0; d < dn; d++) { qv[d] = qrow[d] * scale; o[d] = 0.0f; }                       \
+    float m = -INFINITY, l = 0.0f;                                                               \
+    for (int p0 = 0; p0 < tile_limit; p0 += PK) {                                                \
+        const int n = tile_limit - p0 < PK ? tile_limit - p0 : PK;                               \
+        for (int i = lid; i < n * dn; i += WG) {                                                 \
+            const size_t at = (size_t)(p0 + i / dn) * kv_stride + kvh * head_dim;                \
+            kt[i] = ((const global VT*)(kc + at))[i % dn];                                       \
+            vt[i] = ((const global VT*)(vc + at))[i % dn];                                       \
+        }                                                                                        \
+        barrier(CLK_LOCAL_MEM_FENCE);                                                            \
+        const int seen = limit - p0 < n ? limit - p0 : n;                                        \
+        /* Eight keys a step: one vector exp (PoCL's exp is an out-of-line call), the running */ \
+        /* sums rescaled only when the max grows (a few times a row). Keys past `seen` score */  \
+        /* -inf (weight 0); a step's first key is always seen, so m is finite after it. */       \
+        for (int j = 0; j < seen; j += 8) {                                                      \
+            float8 sc;                                                                           \
+            for (int i = 0; i < 8; i++) {                                                        \
+                VT acc = 0.0f;                                                                   \
+                const int jj = j + i < seen ? j + i : j;                                         \
+                for (int d = 0; d < dn; d++) acc += qv[d] * kt[jj * dn + d];                     \
+                sc[i] = j + i < seen ? HSUM(acc) : -INFINITY;                                    \
+            }                                                                                    \
+            const float4 mh = fmax(sc.lo, sc.hi);                                                \
+            const float m4 = fmax(fmax(mh.x, mh.y), fmax(mh.z, mh.w));                           \
+            if (m4 > m) {                                                                        \
+                const float corr = exp(m - m4);                                                  \
+                l *= corr;                                                                       \
+                for (int d = 0; d < dn; d++) o[d] *= corr;                                       \
+                m = m4;                                                                          \
+            }                                                                                    \
+            const float8 e = exp(sc - m);                                                        \
+            const float4 eh = e.lo + e.hi;                                                       \
+            l += (eh.x + eh.y) + (eh.z + eh.w);                                                  \
+            for (int i = 0; i < 8 && j + i < seen; i++)                                          \
+                for (int d = 0; d < dn; d++) o[d] += e[i] * vt[(j + i) * dn + d];                \
+        }                                                                                        \
+        barrier(CLK_LOCAL_MEM_FENCE);                                                            \
+    }                                                                                            \
+    if (t < n_tok) {                                                                             \
+        global VT* orow = (global VT*)(out + ((size_t)t * n_heads + h) * head_dim);              \
+        for (int d = 0; d < dn; d++) orow[d] = o[d] / l;                                         \
+    }                                                                                            \
 }
 #define HSUM4(v) (((v).x + (v).y) + ((v).z + (v).w))
 #define HSUM16(v) HSUM4((v.lo.lo + v.lo.hi) + (v.hi.lo + v.hi.hi))
