@@ -49,8 +49,10 @@ import numpy as np
 from llama_cpp import Llama
 path, n_prompt, n_gen, repeats, threads = sys.argv[1], *map(int, sys.argv[2:6])
 t0 = time.perf_counter()
-llm = Llama(model_path=path, n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt, n_ubatch=n_prompt,
-            n_threads=threads, n_threads_batch=threads, verbose=False)
+# n_batch: the rows of llm.scores (the last token's logits are read there, up to n_ctx); the
+# prompt still runs as one ubatch of n_prompt
+llm = Llama(model_path=path, n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt + n_gen + 8,
+            n_ubatch=n_prompt, n_threads=threads, n_threads_batch=threads, verbose=False)
 load = time.perf_counter() - t0
 prompt = [int(t) for t in np.random.default_rng(0).integers(3, llm.n_vocab(), n_prompt)]
 llm.eval(prompt[:8]); llm.reset()
@@ -115,7 +117,10 @@ def model_file(kind: str, python: Path, model: str = "0.5b") -> Path:
 def run_llamacpp(python: Path, path: Path, args: argparse.Namespace) -> dict:
     done = subprocess.run([str(python), "-c", LLAMA_RUNNER, str(path), str(args.prompt),
                            str(args.gen), str(args.repeats), str(args.threads)],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"llama.cpp run of {path.name} failed: {last}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
