@@ -12,7 +12,9 @@ plans are measured twice (sensitivity on the calibration slice of the training t
 the importance matrix of that slice weighting the encoders, once unweighted) and planned for
 each size: a fifth of the F32 file (the issue's goal) and the size of each llama.cpp file (the
 "same size" comparison, as paired perplexity ratios: ours+imatrix and ours unweighted against
-llama.cpp, and ours+imatrix against ours unweighted).
+llama.cpp, and ours+imatrix against ours unweighted; then each pair over all the sizes at once,
+every token's log-ratio averaged over the sizes, whose paired standard error counts that the
+sizes score the same tokens).
 
     .venv/bin/python bench/bench_quant.py [--model small|large] [--ctx 128]
         [--llama q8_0,q6_k,q5_k_m,q4_k_m,q4_0] [--no-uniform] [--uniform-imx]
@@ -32,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from bench.report import print_report  # noqa: E402
@@ -139,6 +142,7 @@ def main() -> None:
     by_name = {r["file"]: r for r in rows}
     comparisons = []
     pairs = [("mixed+imx", "llama"), ("mixed", "llama"), ("mixed+imx", "mixed")]
+    curve: dict[tuple[str, str], list[np.ndarray]] = {pair: [] for pair in pairs}
     for name, _ in [] if python is None else llama_files:
         for a_tag, b_tag in pairs:
             a_file, b_file = (f"{tag} ={name}" if tag != "llama" else name
@@ -146,6 +150,7 @@ def main() -> None:
             a, b = by_name[a_file], by_name[b_file]
             # the same tokens scored by both files: ln(ppl ratio) +- its paired standard error
             log_ratio, err = paired_log_ratio(evals[a_file], evals[b_file])
+            curve[a_tag, b_tag].append(evals[a_file].token_nll - evals[b_file].token_nll)
             comparisons.append({
                 "size_of": name, "a": a_tag, "b": b_tag, "a_bytes": a["bytes"],
                 "b_bytes": b["bytes"], "a_ppl": a["ppl"], "b_ppl": b["ppl"],
@@ -154,6 +159,16 @@ def main() -> None:
                 "kl_ratio": round(a["kl_vs_f16"] / b["kl_vs_f16"], 3),
                 "ln_ppl_ratio": round(log_ratio, 6), "ln_ppl_ratio_se": round(err, 6),
                 "z": round(log_ratio / err, 2) if err else None})
+    # the whole size curve at once: each token's NLL difference averaged over the sizes, so
+    # that the standard error counts the sizes' shared tokens (their errors correlate)
+    for (a_tag, b_tag), diffs in curve.items():
+        if diffs:
+            mean = np.mean(diffs, axis=0)
+            log_ratio, err = float(mean.mean()), float(mean.std() / np.sqrt(len(mean) - 1))
+            comparisons.append({"size_of": f"all {len(diffs)} (mean)", "a": a_tag, "b": b_tag,
+                                "ln_ppl_ratio": round(log_ratio, 6),
+                                "ln_ppl_ratio_se": round(err, 6),
+                                "z": round(log_ratio / err, 2) if err else None})
     report = {"bench": "quant", "date": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
               "model": f"{args.model}: {model.hf_dir.parent}",
@@ -170,10 +185,10 @@ def main() -> None:
                           "dppl_vs_f16_pct", "kl_vs_f16"], args.json)
     if not args.json:
         for c in comparisons:
-            print(f"size of llama.cpp {c['size_of']}: {c['a']} vs {c['b']}: ppl {c['a_ppl']} vs "
-                  f"{c['b_ppl']} = {c['ppl_ratio']}x, KL vs F16 {c['a_kl']} vs {c['b_kl']} = "
-                  f"{c['kl_ratio']}x; ln(ppl ratio) {c['ln_ppl_ratio']:+.5f} ± "
-                  f"{c['ln_ppl_ratio_se']:.5f} (paired SE, z {c['z']})")
+            what = (f"ppl {c['a_ppl']} vs {c['b_ppl']} = {c['ppl_ratio']}x, KL vs F16 "
+                    f"{c['a_kl']} vs {c['b_kl']} = {c['kl_ratio']}x; " if "a_ppl" in c else "")
+            print(f"size of llama.cpp {c['size_of']}: {c['a']} vs {c['b']}: {what}ln(ppl ratio) "
+                  f"{c['ln_ppl_ratio']:+.5f} ± {c['ln_ppl_ratio_se']:.5f} (paired SE, z {c['z']})")
 
 
 if __name__ == "__main__":
