@@ -178,14 +178,14 @@ inline float4 DQ_q5_1(blk_t row, int c, W4) {
 
 // K formats: 256-weight super-blocks; chunk c is sub-block j = c % 8 of super-block c / 8.
 // The 6-bit scale and min of sub-block j of Q4_K/Q5_K (llama.cpp's get_scale_min_k4).
+// S(n) reads byte n of the 12 (interleaved rows read theirs from chunks: get_rows_<T>x8).
+#define SCALE_MIN_K4(S, j, sc, m)                                                              \
+    sc = (j) < 4 ? S(j) & 63 : (S((j) + 4) & 15) | ((S((j) - 4) >> 6) << 4);                   \
+    m = (j) < 4 ? S((j) + 4) & 63 : (S((j) + 4) >> 4) | ((S(j) >> 6) << 4);
 inline void scale_min_k4(blk_t s, int j, float* sc, float* m) {
-    if (j < 4) {
-        *sc = s[j] & 63;
-        *m = s[j + 4] & 63;
-    } else {
-        *sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
-        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
+#define BYTE(n) s[n]
+    SCALE_MIN_K4(BYTE, j, *sc, *m)
+#undef BYTE
 }
 
 // Q4_K (144 bytes): d | dmin | scales[12] | qs[128]; sub-block j is the low (j even) or high
@@ -1470,16 +1470,14 @@ inline uchar x8_weight_q5_k(blk_t b, int r, int j, int i) {
     return (x8_byte(b + 384, r, 32 * (j >> 1) + i) >> 4 * (j & 1) & 15) |
            (x8_byte(b + 128, r, i) >> j & 1) << 4;
 }
+#define X8_SCALE_BYTE(n) x8_byte(b + 32, r, n)  // of row r of the super-block at b
 #define X8_K45_GET_ROWS_KERNEL(T)                                                              \
 kernel void get_rows_##T##x8(blk_t W, const global int* tokens, global float* out,            \
                              int n_cols) {                                                     \
     const int c = get_global_id(0), t = get_global_id(1), r = tokens[t], j = c % 8;            \
     blk_t b = W + (r / 8) * X8_GROUP_BYTES(T, n_cols) + (size_t)(c / 8) * X8_BLOCK_##T;        \
-    const int lo = x8_byte(b + 32, r, j < 4 ? j : j + 4);                                      \
-    const int mid = x8_byte(b + 32, r, j < 4 ? j + 4 : j);                                     \
-    const int hi = x8_byte(b + 32, r, j < 4 ? j : j - 4);                                      \
-    const float sc = j < 4 ? lo & 63 : (lo & 15) | ((hi >> 6) << 4);                           \
-    const float m = j < 4 ? mid & 63 : (lo >> 4) | ((mid >> 6) << 4);                          \
+    float sc, m;                                                                               \
+    SCALE_MIN_K4(X8_SCALE_BYTE, j, sc, m)                                                      \
     const float d = f16(b, r % 8) * sc, mn = -(f16(b + 16, r % 8) * m);                        \
     global float* o = out + (size_t)t * n_cols + 32 * c;                                       \
     for (int i = 0; i < 32; i++) o[i] = d * (float)x8_weight_##T(b, r, j, i) + mn;             \
@@ -1638,7 +1636,15 @@ VNNI_FN static void tile_block(const v8si* wt, v8sf dw, const global char* const
     }
 }
 
-#define QGEMM8_TILE(T, BS, K)                                                                  \
+// A block's step of the tile: the 8 rows' block c as registers, then every token's products.
+#define QTILE_STEP(T, BS, K)                                                                   \
+VNNI_FN static void qtile_step_##T(const blk_t* w, int c, const global char* const* x,        \
+                                   const global float* const* d, v8sf* acc) {                  \
+    v8si wt[8];                                                                                \
+    blocks_##T(w, c, wt);                                                                      \
+    tile_block(wt, row_scales(w, c * BS), x, d, c, K, acc);                                    \
+}
+#define QGEMM8_TILE(T)                                                                         \
 VNNI_FN static void qtile_##T(blk_t W, const global char* XQ, const global float* XD,         \
                               global float* Y, int n_cols, int n_rows, int n_tok,              \
                               int row_bytes, int y_stride, int y_off, int accumulate,          \
@@ -1650,11 +1656,7 @@ VNNI_FN static void qtile_##T(blk_t W, const global char* XQ, const global float
     _Pragma("unroll") for (int j = 0; j < 8; j++)                                              \
         w[j] = W + (size_t)min(row0 + j, n_rows - 1) * row_bytes;                              \
     tile_tokens(XQ, XD, n_cols, n_tok, t0, x, d, acc);                                         \
-    for (int c = 0; c < n_cols / 32; c++) {                                                    \
-        v8si wt[8];                                                                            \
-        blocks_##T(w, c, wt);                                                                  \
-        tile_block(wt, row_scales(w, c * BS), x, d, c, K, acc);                                \
-    }                                                                                          \
+    for (int c = 0; c < n_cols / 32; c++) qtile_step_##T(w, c, x, d, acc);                     \
     for (int t = 0; t < QT_TOK && t0 + t < n_tok; t++)                                         \
         for (int j = 0; j < 8 && row0 + j < n_rows; j++) {                                     \
             global float* y = Y + y_off + (size_t)(t0 + t) * y_stride + row0 + j;              \
@@ -1668,65 +1670,47 @@ kernel void qgemm8_##T(blk_t W, const global char* XQ, const global float* XD,  
     qtile_##T(W, XQ, XD, Y, n_cols, n_rows, n_tok, row_bytes, y_stride, y_off, accumulate,    \
               get_global_id(0) * 8, get_global_id(1) * QT_TOK);                                \
 }
-QGEMM8_TILE(q8_0, 34, 128)
-QGEMM8_TILE(q4_0, 18, 8)
-QGEMM8_TILE(q5_0, 22, 16)
+QTILE_STEP(q8_0, 34, 128)
+QTILE_STEP(q4_0, 18, 8)
+QTILE_STEP(q5_0, 22, 16)
+QGEMM8_TILE(q8_0)
+QGEMM8_TILE(q4_0)
+QGEMM8_TILE(q5_0)
 
 // Q6_K (file layout): block c of 8 rows as their unsigned weights (q + 32, transposed as
 // Q8_0's); a block's two halves of 16 weights have their own int8 scales, so each half's dot
-// product starts at -32 * the sum of its 16 x (neg_ksums_of with ones in its 4 dwords only)
-// and the two are scaled in integers: the block's exact integer product, scaled once by
-// (d_w * d_x) as qacc_q6_k's blocks are (which sum the same integers in another order).
-VNNI_FN static void qtile_q6_k(blk_t W, const global char* XQ, const global float* XD,
-                               global float* Y, int n_cols, int n_rows, int n_tok,
-                               int row_bytes, int y_stride, int y_off, int accumulate,
-                               int row0, int t0) {
-    blk_t w[8];
-    const global char* x[QT_TOK];
-    const global float* d[QT_TOK];
-    v8sf acc[QT_TOK];
-    _Pragma("unroll") for (int j = 0; j < 8; j++)
-        w[j] = W + (size_t)min(row0 + j, n_rows - 1) * row_bytes;
-    tile_tokens(XQ, XD, n_cols, n_tok, t0, x, d, acc);
-    const v8si ones_lo = {0x20202020, 0x20202020, 0x20202020, 0x20202020, 0, 0, 0, 0};
-    const v8si ones_hi = {0, 0, 0, 0, 0x20202020, 0x20202020, 0x20202020, 0x20202020};
-    for (int c = 0; c < n_cols / 32; c++) {
-        const int sb = 210 * (c >> 3), k = c & 7;
-        v8si r[8], wt[8];
-        _Pragma("unroll") for (int j = 0; j < 8; j++) r[j] = (v8si)q6k_weights(w[j] + sb, k);
-        transpose8(r, wt);
+// product starts at -32 * the sum of its 16 x (neg_ksums_of with 32 in each byte of the
+// half's 4 dwords only) and the two are scaled in integers: the block's exact integer product,
+// scaled once by (d_w * d_x) as qacc_q6_k's blocks are (which sum the same integers in
+// another order).
+VNNI_FN static void qtile_step_q6_k(const blk_t* w, int c, const global char* const* x,
+                                    const global float* const* d, v8sf* acc) {
+    const v8si k32_lo = {0x20202020, 0x20202020, 0x20202020, 0x20202020, 0, 0, 0, 0};
+    const v8si k32_hi = {0, 0, 0, 0, 0x20202020, 0x20202020, 0x20202020, 0x20202020};
+    const int sb = 210 * (c >> 3), k = c & 7;
+    v8si r[8], wt[8];
+    _Pragma("unroll") for (int j = 0; j < 8; j++) r[j] = (v8si)q6k_weights(w[j] + sb, k);
+    transpose8(r, wt);
 #define SC(j, h) (int)((const global char*)w[j])[sb + 192 + 2 * k + (h)]
 #define SCALES(h) {SC(0, h), SC(1, h), SC(2, h), SC(3, h), SC(4, h), SC(5, h), SC(6, h), SC(7, h)}
-        const v8si sc_lo = SCALES(0), sc_hi = SCALES(1);
+    const v8si sc_lo = SCALES(0), sc_hi = SCALES(1);
 #undef SCALES
 #undef SC
-        const v8sf dw = row_scales(w, sb + 208);
-        const v8si nlo = neg_ksums_of(x, c, ones_lo), nhi = neg_ksums_of(x, c, ones_hi);
-        _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {
-            const global int* xi = (const global int*)(x[t] + 32 * c);
-            v8si lo = __builtin_ia32_permvarsi256(nlo, SPLAT8(t));
-            v8si hi = __builtin_ia32_permvarsi256(nhi, SPLAT8(t));
-            _Pragma("unroll") for (int q = 0; q < 4; q++) {
-                lo = __builtin_ia32_vpdpbusd256(lo, wt[q], SPLAT8(xi[q]));
-                hi = __builtin_ia32_vpdpbusd256(hi, wt[4 + q], SPLAT8(xi[4 + q]));
-            }
-            const v8si dot = sc_lo * lo + sc_hi * hi;
-            acc[t] += (dw * SPLATF(d[t][c])) * __builtin_convertvector(dot, v8sf);
+    const v8sf dw = row_scales(w, sb + 208);
+    const v8si nlo = neg_ksums_of(x, c, k32_lo), nhi = neg_ksums_of(x, c, k32_hi);
+    _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {
+        const global int* xi = (const global int*)(x[t] + 32 * c);
+        v8si lo = __builtin_ia32_permvarsi256(nlo, SPLAT8(t));
+        v8si hi = __builtin_ia32_permvarsi256(nhi, SPLAT8(t));
+        _Pragma("unroll") for (int q = 0; q < 4; q++) {
+            lo = __builtin_ia32_vpdpbusd256(lo, wt[q], SPLAT8(xi[q]));
+            hi = __builtin_ia32_vpdpbusd256(hi, wt[4 + q], SPLAT8(xi[4 + q]));
         }
+        const v8si dot = sc_lo * lo + sc_hi * hi;
+        acc[t] += (dw * SPLATF(d[t][c])) * __builtin_convertvector(dot, v8sf);
     }
-    for (int t = 0; t < QT_TOK && t0 + t < n_tok; t++)
-        for (int j = 0; j < 8 && row0 + j < n_rows; j++) {
-            global float* y = Y + y_off + (size_t)(t0 + t) * y_stride + row0 + j;
-            *y = acc[t][j] + (accumulate ? *y : 0.0f);
-        }
 }
-kernel void qgemm8_q6_k(blk_t W, const global char* XQ, const global float* XD,
-                        global float* Y, int n_cols, int n_rows, int n_tok, int row_bytes,
-                        int y_stride, int y_off, int accumulate) {
-    if (get_global_id(0) * 8 >= n_rows) return;
-    qtile_q6_k(W, XQ, XD, Y, n_cols, n_rows, n_tok, row_bytes, y_stride, y_off, accumulate,
-               get_global_id(0) * 8, get_global_id(1) * QT_TOK);
-}
+QGEMM8_TILE(q6_k)
 
 // The same tile over interleaved matrices (resident Q4_0/Q5_0/Q8_0; Q4_K below): a block of
 // the group is already lane j = row j, so its registers are x8_weights_<T>'s with no transpose
