@@ -8,17 +8,19 @@ Perplexity and KL(F16 || file) are measured by our runtime on the held-out text
 (non-overlapping windows of --ctx tokens, second half scored, as llama-perplexity does), the
 same tokens for every file. llama.cpp's files come from `llama_model_quantize` without an
 importance matrix (llama-cpp-python, its own venv; skipped with a note when absent). Our mixed
-plans are measured twice (sensitivity on the calibration slice of the training text, once with
-the importance matrix of that slice weighting the encoders, once unweighted) and planned for
-each size: a fifth of the F32 file (the issue's goal) and the size of each llama.cpp file (the
-"same size" comparison, as paired perplexity ratios: ours+imatrix and ours unweighted against
-llama.cpp, and ours+imatrix against ours unweighted; then each pair over all the sizes at once,
-every token's log-ratio averaged over the sizes, whose paired standard error counts that the
-sizes score the same tokens).
+plans are measured twice (sensitivity on the calibration slice of the training text: once
+with the encoders the quantizer uses by default, error-compensated levels under the
+calibration inputs' Gram matrices (GPTQ) with importance-weighted scales; once with the
+importance-weighted scales and levels rounded to nearest) and planned for each size: a fifth
+of the F32 file (the issue's goal) and the size of each llama.cpp file (the "same size"
+comparison, as paired perplexity ratios: ours+gptq and ours+imatrix against llama.cpp, and
+ours+gptq against ours+imatrix; then each pair over all the sizes at once, every token's
+log-ratio averaged over the sizes, whose paired standard error counts that the sizes score
+the same tokens).
 
     .venv/bin/python bench/bench_quant.py [--model small|large] [--ctx 128]
         [--llama q8_0,q6_k,q5_k_m,q4_k_m,q4_0] [--no-uniform] [--uniform-imx]
-        [--eval-chars N] [--json]
+        [--uniform-gptq] [--eval-chars N] [--json]
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def main() -> None:
                     help="skip our uniform files and the F32 row (time)")
     ap.add_argument("--uniform-imx", action="store_true",
                     help="add our uniform types encoded with the importance matrix")
+    ap.add_argument("--uniform-gptq", action="store_true",
+                    help="add our uniform types encoded with GPTQ (and the importance matrix)")
     ap.add_argument("--eval-chars", type=int, default=None,
                     help="score only this many characters of the held-out text (time)")
     ap.add_argument("--json", action="store_true")
@@ -88,31 +92,36 @@ def main() -> None:
                 llama_files.append((ftype.upper(), out))
         ids = mq.calibration_ids(src, model.calibration_text.read_text(), 256, "calibration")
         t = time.perf_counter()
-        importance = mq.importance_matrix(src, weights, mq.calibration_ids(
-            src, model.calibration_text.read_text(), None, "calibration"))
+        stats = mq.calibration_stats(src, weights, mq.calibration_ids(
+            src, model.calibration_text.read_text(), None, "calibration"), grams=True)
+        importance, grams = stats.importance, stats.grams
         imatrix_s = time.perf_counter() - t
         extra = mq.imatrix_metadata(model.calibration_text.name, importance)
-        for qtype in UNIFORM if args.uniform_imx else ():  # the encoders' gain alone
-            out = mq.write(src, weights, mq.uniform_types(src, qtype),
-                           cache / f"ours-imx-{qtype.name.lower()}.gguf", importance, extra)
-            files.append((f"{qtype.name}+imx", "ours uniform+imx", out))
+        for tag, grm, wanted in (("imx", None, args.uniform_imx),
+                                 ("gptq", grams, args.uniform_gptq)):
+            for qtype in UNIFORM if wanted else ():  # the encoders' gain alone
+                out = mq.write(src, weights, mq.uniform_types(src, qtype),
+                               cache / f"ours-{tag}-{qtype.name.lower()}.gguf", importance,
+                               extra, grm)
+                files.append((f"{qtype.name}+{tag}", f"ours uniform+{tag}", out))
         measure_s = {}
         targets = [("0.2×F32", f32_bytes // 5)] + [(f"={name}", out.stat().st_size)
                                                   for name, out in llama_files]
-        for tag, imp, kv in (("mixed+imx", importance, extra), ("mixed", None, None)):
+        header = mq.header_bytes(src, extra)
+        for tag, grm in (("mixed+gptq", grams), ("mixed+imx", None)):
             t = time.perf_counter()
-            header = mq.header_bytes(src, kv)
             probe = mq.make_plan(src, max_bytes=f16_bytes, header_bytes=header)
-            mq.measure_sensitivity(src, weights, probe.tensors, ids, importance=imp)
+            mq.measure_sensitivity(src, weights, probe.tensors, ids, importance=importance,
+                                   grams=grm)
             measure_s[tag] = round(time.perf_counter() - t, 1)
-            for label, limit in targets if imp is not None else targets[1:]:
+            for label, limit in targets if grm is not None else targets[1:]:
                 plan = mq.make_plan(src, max_bytes=limit, header_bytes=header)
                 for p, measured in zip(plan.tensors, probe.tensors, strict=True):
                     p.loss = measured.loss
                 mq.choose(plan.tensors, plan.choice_budget)
                 name = f"{tag}-{label.strip('=×.').replace('×', 'x')}".replace("+", "-")
                 out = mq.write(src, weights, {p.name: p.choice for p in plan.tensors},
-                               cache / f"{name}.gguf", imp, kv)
+                               cache / f"{name}.gguf", importance, extra, grm)
                 files.append((f"{tag} {label}", "ours " + tag, out))
 
     text = model.eval_text.read_text()[:args.eval_chars]
@@ -141,7 +150,7 @@ def main() -> None:
     eval_s = time.perf_counter() - t
     by_name = {r["file"]: r for r in rows}
     comparisons = []
-    pairs = [("mixed+imx", "llama"), ("mixed", "llama"), ("mixed+imx", "mixed")]
+    pairs = [("mixed+gptq", "llama"), ("mixed+imx", "llama"), ("mixed+gptq", "mixed+imx")]
     curve: dict[tuple[str, str], list[np.ndarray]] = {pair: [] for pair in pairs}
     for name, _ in [] if python is None else llama_files:
         for a_tag, b_tag in pairs:
@@ -178,7 +187,7 @@ def main() -> None:
               "imatrix_s": round(imatrix_s, 1),
               "sensitivity_s": measure_s, "eval_s": round(eval_s, 1),
               "rows": rows, "same_size": comparisons}
-    goal = by_name["mixed+imx 0.2×F32"]
+    goal = by_name["mixed+gptq 0.2×F32"]
     report["goal"] = {"x_f32": goal["x_f32"], "dppl_vs_f16_pct": goal["dppl_vs_f16_pct"],
                       "met": goal["x_f32"] <= 0.2 and goal["dppl_vs_f16_pct"] <= 1.0}
     print_report(report, ["file", "method", "bytes", "x_f32", "x_f16", "bpw", "ppl",

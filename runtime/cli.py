@@ -428,6 +428,9 @@ def quantize_cmd(
     no_imatrix: bool = typer.Option(False, "--no-imatrix", help="Fit block scales unweighted "
                                     "(default with --calibration: weight each column by its "
                                     "mean squared activation on that text)."),
+    no_gptq: bool = typer.Option(False, "--no-gptq", help="Round each weight to its nearest "
+                                 "level (default with --calibration: compensate each rounding's "
+                                 "error under the inputs' Gram matrices, GPTQ)."),
     plan_only: bool = typer.Option(False, "--plan-only", help="Print the plan, write nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
@@ -443,7 +446,7 @@ def quantize_cmd(
     plan = quantize_model(source, None if plan_only else output, target_bpw=target_bpw,
                           max_bytes=max_bytes, calibration=calibration,
                           calibration_tokens=calibration_tokens, imatrix=not no_imatrix,
-                          progress=log)
+                          gptq=not no_gptq, progress=log)
     report = plan.as_dict()
     if not plan_only:
         report["output"], report["file_bytes"] = str(output), output.stat().st_size
@@ -466,7 +469,8 @@ def quantize_cmd(
     console.print(f"tensor data {plan.tensor_bytes:,} bytes = {plan.bpw:.3f} bits/weight, "
                   f"predicted KL {plan.predicted_kl:.2e} nats/token on "
                   f"{plan.calibration_tokens} calibration tokens; importance matrix: "
-                  f"{plan.imatrix or 'none (unweighted scales)'}"
+                  f"{plan.imatrix or 'none (unweighted scales)'}; levels: "
+                  f"{'error-compensated (GPTQ)' if plan.gptq else 'nearest, ' + plan.gptq_note}"
                   + (f"; wrote {report['file_bytes']:,} bytes" if not plan_only else ""))
 
 

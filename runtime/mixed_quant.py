@@ -2,10 +2,14 @@
 quantizing *that tensor alone* changes the model's output on calibration text, so the bytes go
 where they buy the most accuracy.
 
-0. Importance (with calibration text, unless turned off): the text is run once at full
-   precision and, for every weight matrix, the mean squared input activation of each column is
-   recorded (the idea of llama.cpp's imatrix); the encoders then fit each block's scale and min
-   by least squares weighted per column with it (runtime/quant.py), here and when writing.
+0. Calibration statistics (with calibration text, unless turned off): the text is run once at
+   full precision and, for every weight matrix, the second moments of its inputs are recorded:
+   the mean squared input activation of each column (the importance matrix, the idea of
+   llama.cpp's imatrix) and, unless turned off or too large, the whole Gram matrix E[x x^T].
+   The encoders then fit each block's scale and min by least squares weighted per column with
+   the importance (runtime/quant.py) and, given the Gram matrix, choose the levels so that the
+   matrix's output error is least rather than each weight's (runtime/gptq.py), here and when
+   writing.
 1. Sensitivity: the calibration text is run once at full precision; then, for each 2-D tensor
    and each candidate type (F16, Q8_0, Q6_K, Q5_K, Q4_K, Q4_0, those whose block divides the
    row), the tensor is quantized and dequantized, the model is rerun from the layer that uses
@@ -32,10 +36,11 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from runtime import gptq
 from runtime.errors import ModelError
 from runtime.model_file import ModelSource, TensorRef, open_model
 from runtime.perplexity import kl_divergence, log_softmax
-from runtime.quant import dequantize, quantize, row_bytes
+from runtime.quant import SEARCHED, dequantize, quantize, row_bytes
 
 CANDIDATES = (T.F16, T.Q8_0, T.Q6_K, T.Q5_K, T.Q4_K, T.Q4_0)
 FLOAT_INPUTS = frozenset({T.F32, T.F16, T.BF16})
@@ -73,6 +78,8 @@ class Plan:
     choice_budget: int  # bytes the chosen 2-D tensors may take
     calibration_tokens: int = 0
     imatrix: str | None = None  # where the importance weights came from; None: unweighted
+    gptq: bool = False  # levels error-compensated under the inputs' Gram matrices (gptq.py)
+    gptq_note: str = ""  # why not, when not
 
     @property
     def tensor_bytes(self) -> int:
@@ -101,6 +108,7 @@ class Plan:
             "file_bytes": self.file_bytes, "bpw": self.bpw,
             "predicted_kl": self.predicted_kl, "calibration_tokens": self.calibration_tokens,
             "imatrix": self.imatrix is not None, "imatrix_source": self.imatrix,
+            "gptq": self.gptq, "gptq_note": self.gptq_note,
             "tensors": [{"name": t.name, "shape": list(t.shape), "type": t.choice.name,
                          "bytes": t.options[t.choice], "kl": t.loss.get(t.choice),
                          "kl_by_type": {q.name: v for q, v in t.loss.items()}}
@@ -155,12 +163,23 @@ def with_tensors(source: ModelSource, weights: Mapping[str, np.ndarray]) -> Mode
     return replace(source, tensors=refs)
 
 
-def round_trip(w: np.ndarray, qtype: T, importance: np.ndarray | None = None) -> np.ndarray:
-    """What the runtime will compute with after `w` is stored as `qtype` (encoded with the
-    column importance the file will be written with)."""
+def encode(w: np.ndarray, qtype: T, importance: np.ndarray | None = None,
+           gram: np.ndarray | None = None) -> np.ndarray:
+    """`w` as the bytes of block type `qtype`: with the inputs' Gram matrix, error-compensated
+    levels (runtime/gptq.py); else each block's scales fitted weighted by the column
+    `importance` when given, and the weights rounded to nearest."""
+    if gram is not None and qtype in SEARCHED:
+        return gptq.quantize(w, qtype, gram)
+    return quantize(w, qtype, importance=importance)
+
+
+def round_trip(w: np.ndarray, qtype: T, importance: np.ndarray | None = None,
+               gram: np.ndarray | None = None) -> np.ndarray:
+    """What the runtime will compute with after `w` is stored as `qtype` (encoded as the file
+    will be written)."""
     if qtype == T.F16:
         return w.astype(np.float16).astype(np.float32)
-    return dequantize(quantize(w, qtype, importance=importance), qtype, w.shape)
+    return dequantize(encode(w, qtype, importance, gram), qtype, w.shape)
 
 
 # -------------------------------------------------------------------------- sensitivity
@@ -218,11 +237,13 @@ class _Runner:
 
 
 class _ActivationRecorder:
-    """Stands in for a backend's weight store: every `matmul(x, name)` adds x's squared
-    entries per column to the sums of `name`, then multiplies as the store does."""
+    """Stands in for a backend's weight store: every `matmul(x, name)` adds x's squared entries
+    per column to the sums of `name` (and, with `grams`, x^T x to its Gram sum; matrices fed
+    the very same input, Q/K/V and gate/up, share one), then multiplies as the store does."""
 
-    def __init__(self, store: Any):
-        self.store, self.sums, self.rows = store, {}, {}
+    def __init__(self, store: Any, stats: dict[str, dict], grams: bool):
+        self.store, self.stats, self.grams = store, stats, grams
+        self.last: tuple[np.ndarray, str] | None = None
 
     def __call__(self, name: str) -> np.ndarray:
         return self.store(name)
@@ -232,36 +253,74 @@ class _ActivationRecorder:
 
     def matmul(self, x: np.ndarray, name: str) -> np.ndarray:
         flat = x.reshape(-1, x.shape[-1])
-        self.sums[name] = self.sums.get(name, 0.0) + np.einsum(
-            "ij,ij->j", flat, flat, dtype=np.float64)
-        self.rows[name] = self.rows.get(name, 0) + len(flat)
+        sums, rows, grams, alias = (self.stats[k] for k in ("sums", "rows", "grams", "alias"))
+        sums[name] = sums.get(name, 0.0) + np.einsum("ij,ij->j", flat, flat, dtype=np.float64)
+        rows[name] = rows.get(name, 0) + len(flat)
+        if self.grams:
+            if self.last is not None and self.last[0] is x:
+                alias[name] = alias.get(self.last[1], self.last[1])
+            else:
+                f64 = flat.astype(np.float64)
+                grams[name] = grams.get(name, 0.0) + f64.T @ f64
+                self.last = (x, name)
         return self.store.matmul(x, name)
+
+
+@dataclass
+class Calibration:
+    """Second moments of each weight matrix's inputs on calibration text: per column
+    (`importance`) and, when recorded, the whole Gram matrix (`grams`)."""
+
+    importance: dict[str, np.ndarray]
+    grams: dict[str, np.ndarray] | None = None
+
+
+GRAM_LIMIT = 2 << 30  # bytes of float64 Gram matrices kept at most; beyond, importance only
+
+
+def gram_bytes(source: ModelSource) -> int:
+    """At most what the Gram matrices would take: one per 2-D tensor, before any sharing."""
+    return sum(8 * ref.shape[-1] ** 2 for ref in source.tensors.values() if len(ref.shape) == 2)
+
+
+def calibration_stats(source: ModelSource, weights: dict[str, np.ndarray],
+                      ids: Sequence[int], grams: bool = False) -> Calibration:
+    """Per weight matrix, the mean squared input activation of each column (sum_t x_tj^2 / n)
+    and with `grams` the mean of x x^T, over full-precision forward passes of `ids` in windows
+    of the model's context (each from an empty cache). A matrix that never multiplies (an
+    untied token embedding is looked up, not multiplied) has no entry and is encoded
+    unweighted; a tied embedding gets no Gram matrix, since its rows are also looked up as
+    they are, where compensated levels would only add error."""
+    full, ctx = with_tensors(source, weights), source.config.context_length
+    stats: dict[str, dict] = {"sums": {}, "rows": {}, "grams": {}, "alias": {}}
+    for start in range(0, len(ids), ctx):
+        runner = _Runner(full, ids[start:start + ctx])
+        runner.backend.w = _ActivationRecorder(runner.backend.w, stats, grams)
+        runner.head(runner.backend, runner.hidden_states()[-1])
+    rows = stats["rows"]
+    importance = {name: total / rows[name] for name, total in stats["sums"].items()}
+    if not grams:
+        return Calibration(importance)
+    means = {name: g / rows[name] for name, g in stats["grams"].items()}
+    means.update({name: means[first] for name, first in stats["alias"].items()})
+    means.pop("token_embd.weight", None)
+    return Calibration(importance, means)
 
 
 def importance_matrix(source: ModelSource, weights: dict[str, np.ndarray],
                       ids: Sequence[int]) -> dict[str, np.ndarray]:
-    """Per weight matrix, the mean squared input activation of each column (sum_t x_tj^2 / n)
-    over full-precision forward passes of `ids`, in windows of the model's context (each from
-    an empty cache). A matrix that never multiplies (an untied token embedding is looked up,
-    not multiplied) has no entry and is encoded unweighted."""
-    full, ctx = with_tensors(source, weights), source.config.context_length
-    sums: dict[str, np.ndarray] = {}
-    rows: dict[str, int] = {}
-    for start in range(0, len(ids), ctx):
-        runner = _Runner(full, ids[start:start + ctx])
-        recorder = _ActivationRecorder(runner.backend.w)
-        recorder.sums, recorder.rows = sums, rows
-        runner.backend.w = recorder
-        runner.head(runner.backend, runner.hidden_states()[-1])
-    return {name: total / rows[name] for name, total in sums.items()}
+    """`calibration_stats`' per-column importance alone."""
+    return calibration_stats(source, weights, ids).importance
 
 
 def measure_sensitivity(source: ModelSource, weights: dict[str, np.ndarray],
                         plans: list[TensorPlan], ids: Sequence[int],
                         progress: Callable[[str], None] | None = None,
-                        importance: Mapping[str, np.ndarray] | None = None) -> None:
+                        importance: Mapping[str, np.ndarray] | None = None,
+                        grams: Mapping[str, np.ndarray] | None = None) -> None:
     """Fill each plan's `loss`: mean KL(full || this tensor alone quantized) over `ids`, each
-    tensor encoded as it will be written (with its column `importance` when given)."""
+    tensor encoded as it will be written (with its column `importance` and Gram matrix when
+    given)."""
     full = with_tensors(source, weights)
     runner = _Runner(full, ids)
     xs = runner.hidden_states()
@@ -272,8 +331,10 @@ def measure_sensitivity(source: ModelSource, weights: dict[str, np.ndarray],
         if tied and plan.name == "token_embd.weight":
             stage = -1  # the embedding is the head too: everything reruns
         w, imp = weights[plan.name], (importance or {}).get(plan.name)
+        gram = (grams or {}).get(plan.name)
         for qtype in plan.options:
-            variant = with_tensors(source, {**weights, plan.name: round_trip(w, qtype, imp)})
+            variant = with_tensors(source, {**weights, plan.name: round_trip(w, qtype, imp,
+                                                                             gram)})
             logp = log_softmax(runner.logits_from(variant, xs, stage))
             plan.loss[qtype] = float(kl_divergence(base, logp).mean())
         if progress:
@@ -435,10 +496,11 @@ def header_bytes(source: ModelSource, extra: Mapping[str, Any] | None = None) ->
 
 def write(source: ModelSource, weights: Mapping[str, np.ndarray], types: Mapping[str, T],
           out: Path, importance: Mapping[str, np.ndarray] | None = None,
-          extra: Mapping[str, Any] | None = None) -> Path:
+          extra: Mapping[str, Any] | None = None,
+          grams: Mapping[str, np.ndarray] | None = None) -> Path:
     """A GGUF with each 2-D tensor in `types[name]` (others F32), via a temporary file; block
-    types are encoded with the tensor's column `importance` when it has one, and `extra`
-    metadata keys are added."""
+    types are encoded with the tensor's column `importance` and Gram matrix when it has them
+    (`encode`), and `extra` metadata keys are added."""
 
     from runtime.convert import FILE_TYPES, add_typed_tensor, gguf_output
 
@@ -450,8 +512,12 @@ def write(source: ModelSource, weights: Mapping[str, np.ndarray], types: Mapping
     with gguf_output(out, source.config.arch) as writer:
         _copy_metadata(writer, source.path, FILE_TYPES.get(main, 1), extra)
         for name in source.tensors:
-            add_typed_tensor(writer, name, weights[name], types.get(name, T.F32),
-                             (importance or {}).get(name))
+            qtype, w = types.get(name, T.F32), weights[name]
+            if qtype in (T.F32, T.F16):
+                add_typed_tensor(writer, name, w, qtype)
+            else:
+                writer.add_tensor(name, encode(w, qtype, (importance or {}).get(name),
+                                               (grams or {}).get(name)), raw_dtype=qtype)
     return out
 
 
@@ -498,11 +564,13 @@ def default_calibration(source: ModelSource) -> str:
 
 def quantize_model(src: Path, out: Path | None, *, target_bpw: float | None = None,
                    max_bytes: int | None = None, calibration: Path | None = None,
-                   calibration_tokens: int = 256, imatrix: bool = True,
+                   calibration_tokens: int = 256, imatrix: bool = True, gptq: bool = True,
                    progress: Callable[[str], None] | None = None) -> Plan:
     """Measure, plan and (unless `out` is None) write; returns the plan. With `calibration`
-    text and `imatrix`, the encoders weight each column by its importance on that text (the
-    vocabulary-drawn fallback text is no basis for one, so it never gets one)."""
+    text and `imatrix`, the encoders weight each column by its importance on that text, and
+    with `gptq` also compensate each rounding's error under the inputs' Gram matrices, when
+    those fit GRAM_LIMIT (the vocabulary-drawn fallback text is no basis for either, so it
+    never gets them)."""
     if out is not None and not Path(out).parent.is_dir():
         raise ModelError(f"{out}: folder {Path(out).parent} does not exist (expected the output "
                          "file's folder to exist)")
@@ -521,20 +589,28 @@ def quantize_model(src: Path, out: Path | None, *, target_bpw: float | None = No
             text = default_calibration(source)
         ids = calibration_ids(source, text, calibration_tokens, str(calibration))
         weights = float_weights(source)
-        importance, extra = None, None
+        stats, extra = Calibration({}), None
+        note = ("--no-gptq" if not gptq else "needs --calibration" if calibration is None
+                else "--no-imatrix" if not imatrix else "")
         if imatrix and calibration is not None:
             imatrix_ids = calibration_ids(source, text, None, str(calibration))
-            importance = importance_matrix(source, weights, imatrix_ids)
-            extra = imatrix_metadata(Path(calibration).name, importance)
+            if gptq and gram_bytes(source) > GRAM_LIMIT:
+                note = (f"its Gram matrices would take up to {gram_bytes(source):,} bytes, "
+                        f"over the limit of {GRAM_LIMIT:,}")
+            stats = calibration_stats(source, weights, imatrix_ids, grams=not note)
+            extra = imatrix_metadata(Path(calibration).name, stats.importance)
         plan = make_plan(source, target_bpw=target_bpw, max_bytes=max_bytes,
                          header_bytes=header_bytes(source, extra))
         plan.calibration_tokens = len(ids)
-        if importance is not None:
+        if extra is not None:
             plan.imatrix = f"{Path(calibration).name}, {len(imatrix_ids)} tokens"
-        measure_sensitivity(source, weights, plan.tensors, ids, progress, importance)
+        plan.gptq, plan.gptq_note = stats.grams is not None, note
+        importance = stats.importance or None
+        measure_sensitivity(source, weights, plan.tensors, ids, progress, importance,
+                            stats.grams)
         choose(plan.tensors, plan.choice_budget)
         assert plan.fits(), "the knapsack left the plan over its budget"
         if out is not None:
             write(source, weights, {t.name: t.choice for t in plan.tensors}, out, importance,
-                  extra)
+                  extra, stats.grams)
     return plan

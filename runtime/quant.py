@@ -93,6 +93,20 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", a, b)
 
 
+_Steps = tuple[np.ndarray, "np.ndarray | None"]  # per sub-block: step (n, s), offset or None
+
+
+def _levels(x: np.ndarray, step: np.ndarray, offset: np.ndarray | None,
+            bounds: tuple[int, int]) -> np.ndarray:
+    """x (n, qk) rounded to nearest against each sub-block's stored step and offset
+    (x ~ step * level + offset): int16 levels (n, qk) within `bounds`."""
+    n, s = step.shape
+    xs = x.reshape(n, s, -1)
+    if offset is not None:
+        xs = xs - offset[:, :, None]
+    return np.rint(xs * _inv(step)[:, :, None]).clip(*bounds).astype(np.int16).reshape(n, -1)
+
+
 def _symmetric_scale(x: np.ndarray, nmax: int, steps: int = 9,
                      w: np.ndarray | None = None) -> np.ndarray:
     """Step s per row of x (n, k) for levels -nmax..nmax-1 that minimizes sum w (x - s l)^2
@@ -210,10 +224,13 @@ def _rtn_q8_0(x: np.ndarray, out: np.ndarray) -> None:
     out["qs"] = _round_away(x * _inv(d))
 
 
-def _q_q8_0(x: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> None:
-    d = _symmetric_scale(x, 128, w=w).astype(np.float16)
-    out["d"] = d
-    out["qs"] = np.rint(x * _inv(_f32(d))).clip(-128, 127)
+def _fit_q8_0(x: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> _Steps:
+    out["d"] = d = _symmetric_scale(x, 128, w=w).astype(np.float16)
+    return _f32(d), None
+
+
+def _pack_q8_0(q: np.ndarray, out: np.ndarray) -> None:
+    out["qs"] = q
 
 
 Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
@@ -234,10 +251,13 @@ def _rtn_q4_0(x: np.ndarray, out: np.ndarray) -> None:
     out["qs"] = _pack_nibbles(q)
 
 
-def _q_q4_0(x: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> None:
-    d = _symmetric_scale(x, 8, w=w).astype(np.float16)
-    out["d"] = d
-    out["qs"] = _pack_nibbles((np.rint(x * _inv(_f32(d))).clip(-8, 7) + 8).astype(np.uint8))
+def _fit_q4_0(x: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> _Steps:
+    out["d"] = d = _symmetric_scale(x, 8, w=w).astype(np.float16)
+    return _f32(d), None
+
+
+def _pack_q4_0(q: np.ndarray, out: np.ndarray) -> None:
+    out["qs"] = _pack_nibbles((q + 8).astype(np.uint8))
 
 
 Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
@@ -359,23 +379,14 @@ def _dq_q5_k(b: np.ndarray, out: np.ndarray) -> None:
 
 
 def _rtn_k4(x: np.ndarray, out: np.ndarray, nmax: int) -> np.ndarray:
-    """Asymmetric RTN for Q4_K/Q5_K: x (n, 256) -> q (n, 8, 32) in [0, nmax]; fills d/dmin/scales.
-
-    Per sub-block: offset mn = -min(x, 0) >= 0 and step s = (max - min) / nmax; the eight s and
-    eight mn are quantized to 6 bits against the super-block's fp16 d = max s / 63 and
-    dmin = max mn / 63, and the weights against the quantized step and offset.
-    """
-    x = x.reshape(-1, 8, 32)
-    mn = -np.minimum(x.min(axis=2), 0)  # (n, 8)
-    s = (x.max(axis=2) + mn) / np.float32(nmax)
-    d = (s.max(axis=1) / np.float32(63)).astype(np.float16)  # (n,)
-    dmin = (mn.max(axis=1) / np.float32(63)).astype(np.float16)
-    sc = np.rint(s * _inv(_f32(d))).clip(0, 63).astype(np.uint8)  # (n, 8)
-    m = np.rint(mn * _inv(_f32(dmin))).clip(0, 63).astype(np.uint8)
-    step, off = _f32(d) * sc, _f32(dmin) * m  # what the dequantizer will use, (n, 8)
-    q = np.rint((x + off[:, :, None]) * _inv(step)[:, :, None]).clip(0, nmax).astype(np.uint8)
-    out["d"], out["dmin"], out["scales"] = d, dmin, _pack_scale_min_k4(sc, m)
-    return q
+    """Asymmetric RTN for Q4_K/Q5_K: x (n, 256) -> levels (n, 256) in [0, nmax]; fills
+    d/dmin/scales. Per sub-block: offset mn = -min(x, 0) >= 0 and step s = (max - min) / nmax,
+    stored as `_pack_k4_scales` does; the weights round against the stored step and offset."""
+    x8 = x.reshape(-1, 8, 32)
+    mn = -np.minimum(x8.min(axis=2), 0)  # (n, 8)
+    s = (x8.max(axis=2) + mn) / np.float32(nmax)
+    d, dmin, sc, m = _pack_k4_scales(s, mn, out)
+    return _levels(x, d * sc, -(dmin * m), (0, nmax))
 
 
 def _pack_k4_scales(s: np.ndarray, mn: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -389,27 +400,23 @@ def _pack_k4_scales(s: np.ndarray, mn: np.ndarray, out: np.ndarray) -> tuple[np.
     return _f32(d), _f32(dmin), sc.astype(np.float32), m.astype(np.float32)
 
 
-def _q_k4(x: np.ndarray, out: np.ndarray, nmax: int, rmin: float, nstep: int,
-          w: np.ndarray | None = None) -> np.ndarray:
-    """Searched Q4_K/Q5_K: x (n, 256) -> q (n, 8, 32) in [0, nmax]; fills d/dmin/scales.
-
-    Each 32-weight sub-block gets the step and offset of `_affine_scale`; the eight of each are
-    stored as 6-bit multiples of the super-block's fp16 d and dmin, and the weights are rounded
-    against the stored step and offset.
-    """
-    x = x.reshape(-1, 8, 32)
+def _fit_k4(x: np.ndarray, out: np.ndarray, nmax: int, rmin: float, nstep: int,
+            w: np.ndarray | None = None) -> _Steps:
+    """Searched Q4_K/Q5_K scales: each 32-weight sub-block gets the step and offset of
+    `_affine_scale`; the eight of each are stored as 6-bit multiples of the super-block's fp16
+    d and dmin (fills d/dmin/scales)."""
     s, mn = _affine_scale(x.reshape(-1, 32), nmax, rmin, 0.1, nstep,
                           None if w is None else w.reshape(-1, 32))
     d, dmin, sc, m = _pack_k4_scales(s.reshape(-1, 8), mn.reshape(-1, 8), out)
-    step, off = d * sc, dmin * m  # what the dequantizer will use, (n, 8)
-    return np.rint((x + off[:, :, None]) * _inv(step)[:, :, None]).clip(0, nmax).astype(np.uint8)
+    return d * sc, -(dmin * m)  # x = (d sc) q - (dmin m), as the dequantizer computes it
 
 
 def _pack_q4_k(q: np.ndarray, out: np.ndarray) -> None:
-    out["qs"] = _pack_nibbles(q.reshape(-1, 4, 64)).reshape(-1, 128)
+    out["qs"] = _pack_nibbles(q.astype(np.uint8).reshape(-1, 4, 64)).reshape(-1, 128)
 
 
 def _pack_q5_k(q: np.ndarray, out: np.ndarray) -> None:
+    q = q.astype(np.uint8).reshape(-1, 8, 32)
     out["qs"] = _pack_nibbles((q & 15).reshape(-1, 4, 64)).reshape(-1, 128)
     out["qh"] = np.packbits(q >> 4, axis=1, bitorder="little")[:, 0, :]
 
@@ -422,12 +429,12 @@ def _rtn_q5_k(x: np.ndarray, out: np.ndarray) -> None:
     _pack_q5_k(_rtn_k4(x, out, 31), out)
 
 
-def _q_q4_k(x: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> None:
-    _pack_q4_k(_q_k4(x, out, 15, -1.0, 20, w), out)
+def _fit_q4_k(x: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> _Steps:
+    return _fit_k4(x, out, 15, -1.0, 20, w)
 
 
-def _q_q5_k(x: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> None:
-    _pack_q5_k(_q_k4(x, out, 31, -0.5, 15, w), out)
+def _fit_q5_k(x: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> _Steps:
+    return _fit_k4(x, out, 31, -0.5, 15, w)
 
 
 Q6_K = np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])
@@ -449,13 +456,12 @@ def _dq_q6_k(b: np.ndarray, out: np.ndarray) -> None:
     np.multiply(d[:, :, None], q, out=out.reshape(-1, 16, 16))
 
 
-def _pack_q6_k(q: np.ndarray, sc: np.ndarray, d: np.ndarray, out: np.ndarray) -> None:
-    """q (n, 256) in 0..63, int8 sub-block scales (n, 16) and fp16 d (n,) -> Q6_K blocks."""
-    q = q.reshape(-1, 2, 4, 32)  # [half, quarter, l]
+def _pack_q6_k(q: np.ndarray, out: np.ndarray) -> None:
+    """q (n, 256) in -32..31 -> the Q6_K blocks' ql and qh."""
+    q = (q + 32).astype(np.uint8).reshape(-1, 2, 4, 32)  # [half, quarter, l]
     out["ql"] = (q[:, :, 0:2] & 15 | q[:, :, 2:4] << 4).reshape(-1, 128)
     hi = q >> 4 << _SH6
     out["qh"] = (hi[:, :, 0] | hi[:, :, 1] | hi[:, :, 2] | hi[:, :, 3]).reshape(-1, 64)
-    out["scales"], out["d"] = sc, d
 
 
 def _rtn_q6_k(x: np.ndarray, out: np.ndarray) -> None:
@@ -465,23 +471,19 @@ def _rtn_q6_k(x: np.ndarray, out: np.ndarray) -> None:
     s = _signed_absmax(x)[:, :, 0] / np.float32(-32)  # (n, 16)
     d = (np.abs(s).max(axis=1) / np.float32(127)).astype(np.float16)  # (n,)
     sc = np.rint(s * _inv(_f32(d))).clip(-128, 127).astype(np.int8)
-    step = _f32(d) * sc  # (n, 16)
-    q = (np.rint(x * _inv(step)[:, :, None]).clip(-32, 31) + 32).astype(np.uint8)
-    _pack_q6_k(q, sc, d, out)
+    out["scales"], out["d"] = sc, d
+    _pack_q6_k(_levels(x, _f32(d) * sc, None, (-32, 31)), out)
 
 
-def _q_q6_k(x: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> None:
-    """Searched Q6_K: each 16-weight sub-block's step from `_symmetric_scale`; the sixteen steps
-    are int8 multiples of the fp16 d that maps the largest onto -128, and the weights are rounded
-    against the stored steps."""
-    x = x.reshape(-1, 16, 16)
-    xs = x.reshape(-1, 16)
-    s = _symmetric_scale(xs, 32, w=None if w is None else w.reshape(-1, 16)).reshape(-1, 16)
+def _fit_q6_k(x: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> _Steps:
+    """Searched Q6_K scales: each 16-weight sub-block's step from `_symmetric_scale`; the
+    sixteen steps are int8 multiples of the fp16 d that maps the largest onto -128."""
+    s = _symmetric_scale(x.reshape(-1, 16), 32, w=None if w is None else w.reshape(-1, 16))
+    s = s.reshape(-1, 16)
     d = (_signed_absmax(s)[:, 0] / np.float32(-128)).astype(np.float16)  # (n,)
     sc = np.rint(s * _inv(_f32(d))).clip(-128, 127).astype(np.int8)
-    step = _f32(d) * sc  # (n, 16)
-    q = (np.rint(x * _inv(step)[:, :, None]).clip(-32, 31) + 32).astype(np.uint8)
-    _pack_q6_k(q, sc, d, out)
+    out["scales"], out["d"] = sc, d
+    return _f32(d) * sc, None  # (n, 16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,25 +495,39 @@ class _Format:
     qk: int  # weights per block
     dtype: np.dtype  # one block
     dequant: Callable[[np.ndarray, np.ndarray], None]  # blocks (n,) -> float32 out (n, qk)
-    quant: Callable[..., None]  # float32 (n, qk), blocks (n,) to fill[, importance (n, qk)]
+    quant: Callable[[np.ndarray, np.ndarray], None] | None = None  # float32 (n, qk) -> blocks
     rtn: Callable[[np.ndarray, np.ndarray], None] | None = None  # round to nearest, no search
-    weighted: bool = False  # `quant` takes per-weight importance
+    # searched formats, instead of `quant`: `fit` fills the blocks' scales from float32 (n, qk)
+    # (weighted per weight when given importance (n, qk)) and returns each sub-block's step
+    # and offset; the weights are then rounded against those to levels within `bounds`, which
+    # `pack` stores
+    fit: Callable[..., _Steps] | None = None
+    pack: Callable[[np.ndarray, np.ndarray], None] | None = None
+    bounds: tuple[int, int] = (0, 0)
+
+    def encode(self, x: np.ndarray, out: np.ndarray, w: np.ndarray | None = None) -> None:
+        if self.fit is None:
+            self.quant(x, out)
+            return
+        assert self.pack is not None
+        self.pack(_levels(x, *self.fit(x, out, w), self.bounds), out)
 
 
 _FORMATS: dict[T, _Format] = {
     T.F32: _Format(1, np.dtype("<f4"), _dq_f32, _q_f32),
     T.F16: _Format(1, np.dtype("<f2"), _dq_f16, _q_f16),
     T.BF16: _Format(1, np.dtype("<u2"), _dq_bf16, _q_bf16),
-    T.Q8_0: _Format(QK, Q8_0, _dq_q8_0, _q_q8_0, _rtn_q8_0, True),
-    T.Q4_0: _Format(QK, Q4_0, _dq_q4_0, _q_q4_0, _rtn_q4_0, True),
+    T.Q8_0: _Format(QK, Q8_0, _dq_q8_0, None, _rtn_q8_0, _fit_q8_0, _pack_q8_0, (-128, 127)),
+    T.Q4_0: _Format(QK, Q4_0, _dq_q4_0, None, _rtn_q4_0, _fit_q4_0, _pack_q4_0, (-8, 7)),
     T.Q4_1: _Format(QK, Q4_1, _dq_q4_1, _q_q4_1),
     T.Q5_0: _Format(QK, Q5_0, _dq_q5_0, _q_q5_0),
     T.Q5_1: _Format(QK, Q5_1, _dq_q5_1, _q_q5_1),
-    T.Q4_K: _Format(QK_K, Q4_K, _dq_q4_k, _q_q4_k, _rtn_q4_k, True),
-    T.Q5_K: _Format(QK_K, Q5_K, _dq_q5_k, _q_q5_k, _rtn_q5_k, True),
-    T.Q6_K: _Format(QK_K, Q6_K, _dq_q6_k, _q_q6_k, _rtn_q6_k, True),
+    T.Q4_K: _Format(QK_K, Q4_K, _dq_q4_k, None, _rtn_q4_k, _fit_q4_k, _pack_q4_k, (0, 15)),
+    T.Q5_K: _Format(QK_K, Q5_K, _dq_q5_k, None, _rtn_q5_k, _fit_q5_k, _pack_q5_k, (0, 31)),
+    T.Q6_K: _Format(QK_K, Q6_K, _dq_q6_k, None, _rtn_q6_k, _fit_q6_k, _pack_q6_k, (-32, 31)),
 }
 SUPPORTED: frozenset[T] = frozenset(_FORMATS)
+SEARCHED: frozenset[T] = frozenset(q for q, f in _FORMATS.items() if f.fit is not None)
 
 
 def _format(qtype: T | int) -> tuple[T, _Format]:
@@ -582,6 +598,47 @@ def importance_weights(importance: np.ndarray, n_cols: int) -> np.ndarray:
     return (imp + 1e-3).astype(np.float32)
 
 
+@dataclass
+class BlockScales:
+    """One block a row with its scales fitted and its quants still to choose, for an encoder
+    that picks the levels itself (runtime/gptq.py). Weight j of a block is stored as a level
+    within `bounds` and dequantizes to step[:, s] * level + offset[:, s], s its sub-block."""
+
+    blocks: np.ndarray  # (n,) of the format's block dtype, scales filled
+    qk: int  # weights a block
+    step: np.ndarray  # (n, sub-blocks) float32
+    offset: np.ndarray | None  # like step, or None for the symmetric formats
+    bounds: tuple[int, int]
+    pack: Callable[[np.ndarray, np.ndarray], None]
+
+    def round(self, x: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Weight j of each row's block, x (n,) -> (its nearest level, the value the
+        dequantizer gives that level)."""
+        s = j * self.step.shape[1] // self.qk
+        step = self.step[:, s]
+        off = np.float32(0) if self.offset is None else self.offset[:, s]
+        level = np.rint((x.astype(np.float32) - off) * _inv(step)).clip(*self.bounds)
+        return level.astype(np.int16), step * level.astype(np.float32) + off
+
+    def set_levels(self, levels: np.ndarray) -> np.ndarray:
+        """Stores levels (n, qk) in the blocks' quants; returns the blocks."""
+        self.pack(levels, self.blocks)
+        return self.blocks
+
+
+def fit_scales(x: np.ndarray, qtype: T, importance: np.ndarray | None = None) -> BlockScales:
+    """The searched fit of one block a row, x (n, qk) float32, weighted per weight by
+    `importance` (n, qk) when given: scales stored, levels not yet (`BlockScales`)."""
+    qtype, f = _format(qtype)
+    if f.fit is None or f.pack is None:
+        raise QuantError(f"{qtype.name} has no searched scales")
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, f.qk)
+    blocks = np.zeros(len(x), f.dtype)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        step, offset = f.fit(x, blocks, importance)
+    return BlockScales(blocks, f.qk, step, offset, f.bounds, f.pack)
+
+
 def quantize(x: np.ndarray, qtype: T, *, search: bool = True,
              importance: np.ndarray | None = None) -> np.ndarray:
     """float32 (..., n_cols) -> uint8 (..., row_bytes(qtype, n_cols)), in llama.cpp's layout.
@@ -599,9 +656,9 @@ def quantize(x: np.ndarray, qtype: T, *, search: bool = True,
     xb = x.reshape(-1, f.qk)  # (n_blocks, qk)
     out = np.zeros(len(xb), f.dtype)
     step = _CHUNK * QK_K // f.qk
-    encode = f.quant if search or f.rtn is None else f.rtn
+    encode = f.encode if search or f.rtn is None else f.rtn
     wb = None  # the importance of each block's weights: row-major blocks cycle over the columns
-    if importance is not None and search and f.weighted:
+    if importance is not None and search and f.fit is not None:
         wb = importance_weights(importance, x.shape[-1]).reshape(-1, f.qk)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         for i in range(0, len(xb), step):

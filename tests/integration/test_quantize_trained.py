@@ -125,6 +125,33 @@ def test_importance_weighting_lowers_the_weighted_error_on_trained_weights(train
         assert err[1] < 0.97 * err[0], (qtype.name, err)
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q4_0], ids=lambda q: q.name)
+def test_gptq_brings_a_uniform_file_closer_to_f16(trained, tmp_path, qtype):
+    """The same uniform type, the same importance-weighted scales: choosing the levels under
+    the calibration inputs' Gram matrices (GPTQ) instead of to nearest lowers the KL to F16 on
+    held-out text (measured 0.51x for Q4_0, 0.59x for Q4_K) and the perplexity with it."""
+    from runtime.mixed_quant import (
+        calibration_ids,
+        calibration_stats,
+        float_weights,
+        open_float_source,
+        uniform_types,
+        write,
+    )
+
+    src = open_float_source(trained.f16, tmp_path)
+    weights = float_weights(src)
+    ids = calibration_ids(src, trained.calibration_text.read_text(), None, "calibration")
+    stats = calibration_stats(src, weights, ids, grams=True)
+    nearest, gptq = (write(src, weights, uniform_types(src, qtype), tmp_path / f"{tag}.gguf",
+                           stats.importance, grams=grams)
+                     for tag, grams in (("nearest", None), ("gptq", stats.grams)))
+    text = trained.eval_text.read_text()
+    a, b = (evaluate(str(p), text, n_ctx=CTX, base_path=str(trained.f16)) for p in (gptq, nearest))
+    assert a.kl_mean < 0.8 * b.kl_mean, (a.kl_mean, b.kl_mean)
+    assert a.ppl < b.ppl, (a.ppl, b.ppl)
+
+
 def test_scale_search_loses_less_than_round_to_nearest_on_trained_weights(trained, tmp_path):
     """Every matrix of the trained model, in every searched type its rows allow: the searched
     encoder's squared error is at most round to nearest's (measured 10-18 % less)."""

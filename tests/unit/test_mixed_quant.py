@@ -153,6 +153,7 @@ def test_quantize_meets_the_bpw_target_and_writes_a_gguf_we_load(models, tmp_pat
     # the importance matrix averages over all the calibration text, not the 32 tokens of the
     # sensitivity runs
     assert plan["imatrix"] is True and plan["imatrix_source"].startswith("calibration.txt, ")
+    assert plan["gptq"] is True and plan["gptq_note"] == ""  # the calibrated default
     assert int(plan["imatrix_source"].split(", ")[1].split()[0]) > 32
     src = open_model(out)
     assert src.metadata["quantize.imatrix.dataset"] == "calibration.txt"
@@ -176,7 +177,7 @@ def test_quantize_meets_the_bpw_target_and_writes_a_gguf_we_load(models, tmp_pat
              "--plan-only", "--no-imatrix")
     assert r.code == 0, r.err
     assert "bits/weight" in r.out and "blk.0.ffn_down.weight" in r.out
-    assert "importance matrix: none" in r.out
+    assert "importance matrix: none" in r.out and "levels: nearest, --no-imatrix" in r.out
     assert not (tmp_path / "no.gguf").exists()
 
     r = claw("runtime", "eval", str(out), "--text", str(text), "--base", str(files[T.F16]),
@@ -213,6 +214,49 @@ def test_importance_matrix_is_the_mean_square_of_the_real_activations(models, tm
     ratio = importance_matrix(src, louder, ids)["blk.0.attn_q.weight"] / imp["blk.0.attn_q.weight"]
     assert ratio[7] == pytest.approx(100, rel=1e-3)
     assert np.allclose(np.delete(ratio, 7), 1, rtol=1e-4)
+
+
+def test_gram_matrices_are_the_second_moments_of_the_real_inputs(models, tmp_path):
+    """With grams, each matrix's Gram matrix is the mean of x x^T over its real inputs (the
+    normed embeddings for the first attention projections, by hand here), its diagonal is the
+    importance, and matrices fed the same input share one array."""
+    from runtime.backends.numpy_backend import rms_norm
+    from runtime.mixed_quant import calibration_stats, float_weights, open_float_source
+
+    _, files, text = models
+    src = open_float_source(files[T.F16], tmp_path)
+    weights = float_weights(src)
+    ids = src.load_tokenizer().encode(text.read_text()[:400], parse_special=False)[:48]
+    stats = calibration_stats(src, weights, ids, grams=True)
+    assert stats.grams is not None and set(stats.grams) == set(stats.importance) - {
+        "token_embd.weight"}
+    x = np.concatenate([src.tensors["token_embd.weight"].rows(t, t + 1) for t in ids])
+    h = rms_norm(x, weights["blk.0.attn_norm.weight"], src.config.norm_eps).astype(np.float64)
+    np.testing.assert_allclose(stats.grams["blk.0.attn_q.weight"], h.T @ h / len(h),
+                               rtol=1e-4, atol=1e-9)
+    assert stats.grams["blk.0.attn_k.weight"] is stats.grams["blk.0.attn_q.weight"]
+    assert stats.grams["blk.0.ffn_up.weight"] is stats.grams["blk.0.ffn_gate.weight"]
+    assert stats.grams["blk.0.ffn_down.weight"] is not stats.grams["blk.0.ffn_gate.weight"]
+    for name, gram in stats.grams.items():
+        np.testing.assert_allclose(np.diag(gram), stats.importance[name], rtol=1e-9)
+    assert calibration_stats(src, weights, ids).grams is None  # the importance alone
+
+
+def test_gptq_gives_way_to_the_gram_limit_and_says_so(models, tmp_path, monkeypatch):
+    """A model whose Gram matrices would pass GRAM_LIMIT is quantized with nearest levels, and
+    the plan says why; the file is still written and loads."""
+    from runtime import mixed_quant
+    from runtime.model_file import open_model
+
+    _, files, text = models
+    monkeypatch.setattr(mixed_quant, "GRAM_LIMIT", 1024)
+    out = tmp_path / "mixed.gguf"
+    plan = mixed_quant.quantize_model(files[T.F16], out, target_bpw=5, calibration=text,
+                                      calibration_tokens=32)
+    assert plan.gptq is False and plan.imatrix is not None
+    assert plan.gptq_note.endswith("bytes, over the limit of 1,024")
+    assert open_model(out).tensors["blk.0.ffn_down.weight"].qtype.name == next(
+        t.choice.name for t in plan.tensors if t.name == "blk.0.ffn_down.weight")
 
 
 def test_bad_quantize_and_eval_input_is_one_line_and_exit_2(models, tmp_path, claw):
