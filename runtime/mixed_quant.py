@@ -289,8 +289,8 @@ def calibration_stats(source: ModelSource, weights: dict[str, np.ndarray],
     and with `grams` the mean of x x^T, over full-precision forward passes of `ids` in windows
     of the model's context (each from an empty cache). A matrix that never multiplies (an
     untied token embedding is looked up, not multiplied) has no entry and is encoded
-    unweighted; a tied embedding gets no Gram matrix, since its rows are also looked up as
-    they are, where compensated levels would only add error."""
+    unweighted. A tied embedding gets no Gram matrix: its rows are also looked up as they are,
+    a use that levels compensated for the head's inputs alone do not account for."""
     full, ctx = with_tensors(source, weights), source.config.context_length
     stats: dict[str, dict] = {"sums": {}, "rows": {}, "grams": {}, "alias": {}}
     for start in range(0, len(ids), ctx):
