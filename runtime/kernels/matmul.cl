@@ -1767,18 +1767,22 @@ qtile_k45x8(blk_t W, const global char* XQ, const global float* XD, global float
         xs[t] = (const global int*)(XD + (size_t)n_tok * nb) + (size_t)min(t0 + t, n_tok - 1) * nb;
     blk_t b = W + (size_t)g * (n_cols / 256) * block;
     for (int c = 0; c < nb; c += 8, b += block) {
-        v8sf_x8 sc[8], m[8];
-        _Pragma("unroll") for (int j = 0; j < 8; j++) x8_scale_min_k4(b, j, &sc[j], &m[j]);
-        const v8sf dmin = x8_scales(b + 16), dw = x8_scales(b);
-        _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {
-            v8sf sm = SPLATF(0.0f);
-            _Pragma("unroll") for (int j = 0; j < 8; j++)
-                sm += SPLATF(d[t][c + j]) * (m[j] * SPLATF((float)xs[t][c + j]));
-            acc[t] -= dmin * sm;
-        }
-        v8sf sa[QT_TOK];
+        v8sf sa[QT_TOK];  // first the mins term, then the scaled dots: no scale held across
         _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) sa[t] = SPLATF(0.0f);
         for (int j = 0; j < 8; j++) {
+            v8sf_x8 sc, m;
+            x8_scale_min_k4(b, j, &sc, &m);
+            _Pragma("unroll") for (int t = 0; t < QT_TOK; t++)
+                sa[t] += SPLATF(d[t][c + j]) * (m * SPLATF((float)xs[t][c + j]));
+        }
+        const v8sf dmin = x8_scales(b + 16), dw = x8_scales(b);
+        _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) {
+            acc[t] -= dmin * sa[t];
+            sa[t] = SPLATF(0.0f);
+        }
+        for (int j = 0; j < 8; j++) {
+            v8sf_x8 sc, m;
+            x8_scale_min_k4(b, j, &sc, &m);
             v8si wt[8];
             _Pragma("unroll") for (int k = 0; k < 8; k++)
                 wt[k] = (v8si)(q5 ? x8_weights_q5_k(b, j, k) : x8_weights_q4_k(b, j, k));
@@ -1787,7 +1791,7 @@ qtile_k45x8(blk_t W, const global char* XQ, const global float* XD, global float
                 v8si s = SPLAT8(0);
                 _Pragma("unroll") for (int k = 0; k < 8; k++)
                     s = __builtin_ia32_vpdpbusd256(s, wt[k], SPLAT8(xi[k]));
-                sa[t] += SPLATF(d[t][c + j]) * (sc[j] * __builtin_convertvector(s, v8sf));
+                sa[t] += SPLATF(d[t][c + j]) * (sc * __builtin_convertvector(s, v8sf));
             }
         }
         _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) acc[t] += dw * sa[t];
