@@ -93,7 +93,7 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", a, b)
 
 
-_Steps = tuple[np.ndarray, "np.ndarray | None"]  # per sub-block: step (n, s), offset or None
+_Steps = tuple[np.ndarray, np.ndarray | None]  # per sub-block: step (n, s), offset or None
 
 
 def _levels(x: np.ndarray, step: np.ndarray, offset: np.ndarray | None,
