@@ -238,10 +238,11 @@ class _Runner:
 
 class _ActivationRecorder:
     """Stands in for a backend's weight store: every `matmul(x, name)` adds x's squared entries
-    per column to the sums of `name` (and, with `grams`, x^T x to its Gram sum; matrices fed
-    the very same input, Q/K/V and gate/up, share one), then multiplies as the store does."""
+    per column to the sums of `name` (and, with `grams`, x^T x to its float32 Gram sum, while
+    all of them fit GRAM_LIMIT; matrices fed the very same input, Q/K/V and gate/up, share
+    one), then multiplies as the store does."""
 
-    def __init__(self, store: Any, stats: dict[str, dict], grams: bool):
+    def __init__(self, store: Any, stats: dict[str, Any], grams: bool):
         self.store, self.stats, self.grams = store, stats, grams
         self.last: tuple[np.ndarray, str] | None = None
 
@@ -260,27 +261,31 @@ class _ActivationRecorder:
             if self.last is not None and self.last[0] is x:
                 alias[name] = alias.get(self.last[1], self.last[1])
             else:
-                f64 = flat.astype(np.float64)
-                grams[name] = grams.get(name, 0.0) + f64.T @ f64
                 self.last = (x, name)
+                if name not in grams and name not in self.stats["sized"]:
+                    self.stats["sized"].add(name)
+                    self.stats["gram_bytes"] += 4 * flat.shape[1] ** 2
+                    if self.stats["gram_bytes"] <= GRAM_LIMIT:
+                        grams[name] = np.zeros((flat.shape[1],) * 2, np.float32)
+                    else:
+                        grams.clear()  # they will not all fit: none are kept
+                if name in grams:
+                    grams[name] += flat.T @ flat
         return self.store.matmul(x, name)
 
 
 @dataclass
 class Calibration:
     """Second moments of each weight matrix's inputs on calibration text: per column
-    (`importance`) and, when recorded, the whole Gram matrix (`grams`)."""
+    (`importance`) and, when recorded, the whole Gram matrix (`grams`; None with the bytes
+    they would have needed in `gram_bytes` when those passed GRAM_LIMIT)."""
 
     importance: dict[str, np.ndarray]
     grams: dict[str, np.ndarray] | None = None
+    gram_bytes: int = 0
 
 
-GRAM_LIMIT = 2 << 30  # bytes of float64 Gram matrices kept at most; beyond, importance only
-
-
-def gram_bytes(source: ModelSource) -> int:
-    """At most what the Gram matrices would take: one per 2-D tensor, before any sharing."""
-    return sum(8 * ref.shape[-1] ** 2 for ref in source.tensors.values() if len(ref.shape) == 2)
+GRAM_LIMIT = 4 << 30  # bytes of float32 Gram matrices kept at most; beyond, importance only
 
 
 def calibration_stats(source: ModelSource, weights: dict[str, np.ndarray],
@@ -292,19 +297,20 @@ def calibration_stats(source: ModelSource, weights: dict[str, np.ndarray],
     unweighted. A tied embedding gets no Gram matrix: its rows are also looked up as they are,
     a use that levels compensated for the head's inputs alone do not account for."""
     full, ctx = with_tensors(source, weights), source.config.context_length
-    stats: dict[str, dict] = {"sums": {}, "rows": {}, "grams": {}, "alias": {}}
+    stats: dict[str, Any] = {"sums": {}, "rows": {}, "grams": {}, "alias": {}, "sized": set(),
+                             "gram_bytes": 0}
     for start in range(0, len(ids), ctx):
         runner = _Runner(full, ids[start:start + ctx])
         runner.backend.w = _ActivationRecorder(runner.backend.w, stats, grams)
         runner.head(runner.backend, runner.hidden_states()[-1])
     rows = stats["rows"]
     importance = {name: total / rows[name] for name, total in stats["sums"].items()}
-    if not grams:
-        return Calibration(importance)
-    means = {name: g / rows[name] for name, g in stats["grams"].items()}
+    if not grams or stats["gram_bytes"] > GRAM_LIMIT:
+        return Calibration(importance, None, stats["gram_bytes"])
+    means = {name: g / np.float32(rows[name]) for name, g in stats["grams"].items()}
     means.update({name: means[first] for name, first in stats["alias"].items()})
     means.pop("token_embd.weight", None)
-    return Calibration(importance, means)
+    return Calibration(importance, means, stats["gram_bytes"])
 
 
 def importance_matrix(source: ModelSource, weights: dict[str, np.ndarray],
@@ -594,10 +600,10 @@ def quantize_model(src: Path, out: Path | None, *, target_bpw: float | None = No
                 else "--no-imatrix" if not imatrix else "")
         if imatrix and calibration is not None:
             imatrix_ids = calibration_ids(source, text, None, str(calibration))
-            if gptq and gram_bytes(source) > GRAM_LIMIT:
-                note = (f"its Gram matrices would take up to {gram_bytes(source):,} bytes, "
-                        f"over the limit of {GRAM_LIMIT:,}")
-            stats = calibration_stats(source, weights, imatrix_ids, grams=not note)
+            stats = calibration_stats(source, weights, imatrix_ids, grams=gptq)
+            if gptq and stats.grams is None:
+                note = (f"its Gram matrices would take {stats.gram_bytes:,} bytes, over the "
+                        f"limit of {GRAM_LIMIT:,}")
             extra = imatrix_metadata(Path(calibration).name, stats.importance)
         plan = make_plan(source, target_bpw=target_bpw, max_bytes=max_bytes,
                          header_bytes=header_bytes(source, extra))

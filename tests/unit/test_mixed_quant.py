@@ -233,12 +233,12 @@ def test_gram_matrices_are_the_second_moments_of_the_real_inputs(models, tmp_pat
     x = np.concatenate([src.tensors["token_embd.weight"].rows(t, t + 1) for t in ids])
     h = rms_norm(x, weights["blk.0.attn_norm.weight"], src.config.norm_eps).astype(np.float64)
     np.testing.assert_allclose(stats.grams["blk.0.attn_q.weight"], h.T @ h / len(h),
-                               rtol=1e-4, atol=1e-9)
+                               rtol=1e-4, atol=1e-6)
     assert stats.grams["blk.0.attn_k.weight"] is stats.grams["blk.0.attn_q.weight"]
     assert stats.grams["blk.0.ffn_up.weight"] is stats.grams["blk.0.ffn_gate.weight"]
     assert stats.grams["blk.0.ffn_down.weight"] is not stats.grams["blk.0.ffn_gate.weight"]
     for name, gram in stats.grams.items():
-        np.testing.assert_allclose(np.diag(gram), stats.importance[name], rtol=1e-9)
+        np.testing.assert_allclose(np.diag(gram), stats.importance[name], rtol=1e-5)
     assert calibration_stats(src, weights, ids).grams is None  # the importance alone
 
 
