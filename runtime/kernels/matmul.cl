@@ -872,11 +872,14 @@ inline void qacc_q5_1(float8* acc, blk_t row, int c, const global char* x,
 // -dmin * sum_j dx_j (m_j sum(x_j)), then d * sum_j dx_j (sc_j dot_j), the sums over the 8
 // sub-blocks in turn; lane 0 adds the same (see lane0). The products in brackets are exact
 // (integers below 2^24), so each term rounds where the interleaved kernels' does.
+// Bit j of each byte of qh as bit 4 (Q5_K's 5th bit of sub-block j): one shift where j is
+// known when compiling (an unrolled loop), as bit 4 is then four places from bit j at most.
+#define BIT5_K(qh, j) ((v32qi)((j) < 4 ? (qh) << (4 - (j)) : (qh) >> ((j) - 4)) & (char)16)
 // Sub-block j's 32 unsigned weights.
 inline v32qi k_weights_q4_k(blk_t b, int j) { return k_nibbles(b + 16, j); }
 inline v32qi k_weights_q5_k(blk_t b, int j) {
     const v16hi qh = *(const global v16hi_u*)(b + 16);
-    return k_nibbles(b + 48, j) | ((v32qi)((qh >> j) << 4) & (char)16);
+    return k_nibbles(b + 48, j) | BIT5_K(qh, j);
 }
 #define QACC_K45(T, BS)                                                                        \
 inline void qacc_##T(float8* acc, blk_t row, int c, const global char* x,                     \
@@ -1293,7 +1296,7 @@ inline v32qi x8_nibbles_k(blk_t qs, int j, int k) {
 inline v32qi x8_weights_q4_k(blk_t b, int j, int k) { return x8_nibbles_k(b + 128, j, k); }
 inline v32qi x8_weights_q5_k(blk_t b, int j, int k) {  // the 5th bit: bit j of the qh byte
     const v16hi qh = (v16hi)*(const global v32qi_u*)(b + 128 + 32 * k);
-    return x8_nibbles_k(b + 384, j, k) | ((v32qi)((qh >> j) << 4) & (char)16);
+    return x8_nibbles_k(b + 384, j, k) | BIT5_K(qh, j);
 }
 // The 8 rows' integer dot products of sub-block j with its 32 int8 values, then acc += a
 // super-block of the group . x (its 8 activation blocks: int8 values x, scales dx, sums xs),
@@ -1769,7 +1772,7 @@ qtile_k45x8(blk_t W, const global char* XQ, const global float* XD, global float
     for (int c = 0; c < nb; c += 8, b += block) {
         v8sf sa[QT_TOK];  // first the mins term, then the scaled dots: no scale held across
         _Pragma("unroll") for (int t = 0; t < QT_TOK; t++) sa[t] = SPLATF(0.0f);
-        for (int j = 0; j < 8; j++) {
+        _Pragma("unroll") for (int j = 0; j < 8; j++) {
             v8sf_x8 sc, m;
             x8_scale_min_k4(b, j, &sc, &m);
             _Pragma("unroll") for (int t = 0; t < QT_TOK; t++)
@@ -1780,7 +1783,7 @@ qtile_k45x8(blk_t W, const global char* XQ, const global float* XD, global float
             acc[t] -= dmin * sa[t];
             sa[t] = SPLATF(0.0f);
         }
-        for (int j = 0; j < 8; j++) {
+        _Pragma("unroll") for (int j = 0; j < 8; j++) {
             v8sf_x8 sc, m;
             x8_scale_min_k4(b, j, &sc, &m);
             v8si wt[8];
