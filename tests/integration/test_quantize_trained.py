@@ -27,6 +27,16 @@ def trained():
     return tm.trained_or_skip()
 
 
+def calibrated_source(trained, tmp_path, n_tokens: int | None):
+    """The trained F16 model opened for quantizing, its float weights and the calibration
+    text's token ids (the first n_tokens; None: the importance matrix's several windows)."""
+    from runtime.mixed_quant import calibration_ids, float_weights, open_float_source
+
+    src = open_float_source(trained.f16, tmp_path)
+    ids = calibration_ids(src, trained.calibration_text.read_text(), n_tokens, "calibration")
+    return src, float_weights(src), ids
+
+
 @pytest.fixture(scope="module")
 def f16_ppl(trained):
     return evaluate(str(trained.f16), trained.eval_text.read_text(), n_ctx=CTX)
@@ -100,16 +110,9 @@ def test_importance_weighting_lowers_the_weighted_error_on_trained_weights(train
     importance (what the matrix's output error is, to first order) is below the unweighted
     fit's, summed over the matrices of each type."""
     from runtime import quant
-    from runtime.mixed_quant import (
-        calibration_ids,
-        float_weights,
-        importance_matrix,
-        open_float_source,
-    )
+    from runtime.mixed_quant import importance_matrix
 
-    src = open_float_source(trained.f16, tmp_path)
-    weights = float_weights(src)
-    ids = calibration_ids(src, trained.calibration_text.read_text(), CTX, "calibration")
+    src, weights, ids = calibrated_source(trained, tmp_path, CTX)
     imp = importance_matrix(src, weights, ids)
     assert len(imp) == 15  # 2 layers x 7 matrices and the output head; the embedding is looked up
     for qtype in (T.Q8_0, T.Q6_K, T.Q5_K, T.Q4_K, T.Q4_0):
@@ -130,18 +133,9 @@ def test_gptq_brings_a_uniform_file_closer_to_f16(trained, tmp_path, qtype):
     """The same uniform type, the same importance-weighted scales: choosing the levels under
     the calibration inputs' Gram matrices (GPTQ) instead of to nearest lowers the KL to F16 on
     held-out text (measured 0.51x for Q4_0, 0.59x for Q4_K) and the perplexity with it."""
-    from runtime.mixed_quant import (
-        calibration_ids,
-        calibration_stats,
-        float_weights,
-        open_float_source,
-        uniform_types,
-        write,
-    )
+    from runtime.mixed_quant import calibration_stats, uniform_types, write
 
-    src = open_float_source(trained.f16, tmp_path)
-    weights = float_weights(src)
-    ids = calibration_ids(src, trained.calibration_text.read_text(), None, "calibration")
+    src, weights, ids = calibrated_source(trained, tmp_path, None)
     stats = calibration_stats(src, weights, ids, grams=True)
     nearest, gptq = (write(src, weights, uniform_types(src, qtype), tmp_path / f"{tag}.gguf",
                            stats.importance, grams=grams)
