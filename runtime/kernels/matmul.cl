@@ -1802,13 +1802,21 @@ qtile_k45x8(blk_t W, const global char* XQ, const global float* XD, global float
     for (int t = 0; t < QT_TOK && t0 + t < n_tok; t++)
         x8_store(Y + y_off + (size_t)(t0 + t) * y_stride + 8 * g, acc[t], accumulate);
 }
+// The kernel calls a VNNI_FN function, never inlines one: where PoCL compiles kernels for a
+// target without AVX-512 (its LLVM names Zen 4 znver3), an always_inline VNNI_FN body in the
+// kernel itself fails to build.
 #define QGEMM8_K45_KERNEL(T, Q5)                                                               \
+VNNI_FN static void qtile_##T##x8(blk_t W, const global char* XQ, const global float* XD,     \
+                                  global float* Y, int n_cols, int n_tok, int y_stride,        \
+                                  int y_off, int accumulate, int g, int t0) {                  \
+    qtile_k45x8(W, XQ, XD, Y, n_cols, n_tok, y_stride, y_off, accumulate, g, t0, Q5);         \
+}                                                                                              \
 kernel void qgemm8_##T##x8(blk_t W, const global char* XQ, const global float* XD,            \
                            global float* Y, int n_cols, int n_rows, int n_tok, int y_stride,   \
                            int y_off, int accumulate) {                                        \
     if (get_global_id(0) * 8 >= n_rows) return;                                                \
-    qtile_k45x8(W, XQ, XD, Y, n_cols, n_tok, y_stride, y_off, accumulate, get_global_id(0),    \
-                get_global_id(1) * QT_TOK, Q5);                                                \
+    qtile_##T##x8(W, XQ, XD, Y, n_cols, n_tok, y_stride, y_off, accumulate, get_global_id(0), \
+                  get_global_id(1) * QT_TOK);                                                  \
 }
 QGEMM8_K45_KERNEL(q4_k, 0)
 QGEMM8_K45_KERNEL(q5_k, 1)

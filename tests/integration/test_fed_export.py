@@ -67,7 +67,8 @@ def ids_of(trained) -> list[int]:
 
 def test_f32_export_matches_peft_merge_and_unload(trained, run, tmp_path):
     from runtime.backends.numpy_backend import NumpyBackend
-    from runtime.model_file import open_model
+    from runtime.convert import permute_for_llama_cpp
+    from runtime.model_file import gguf_name, open_model
 
     run_dir, merged = run
     out = tmp_path / "tuned-f32.gguf"
@@ -77,15 +78,33 @@ def test_f32_export_matches_peft_merge_and_unload(trained, run, tmp_path):
     result = json.loads(r.out)
     assert result["types"] == {"F32": len(open_model(trained.f32).tensors)}
     assert len(result["merged"]) == 7 * 2 and result["file_bytes"] == out.stat().st_size
+    exported = open_model(out)
+    cfg = exported.config
+    for hf_name, theirs in merged.state_dict().items():
+        if not hf_name.endswith(tuple(f"{t}.weight" for t in TARGETS)):
+            continue
+        theirs = theirs.numpy()
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.n_heads if "q_proj" in hf_name else cfg.n_kv_heads
+            theirs = permute_for_llama_cpp(theirs, heads)
+        ours_w = exported.tensors[gguf_name(hf_name)].to_float32()
+        # peft adds s·(B @ A) summed in float32, we round it from float64: a few ulps apart
+        ulps = np.abs(ours_w - theirs) / np.spacing(np.abs(theirs).max())
+        assert ulps.max() <= 4, (hf_name, ulps.max())
+
     ids = ids_of(trained)
     with torch.no_grad():
         ref = merged(torch.tensor([ids])).logits[0].numpy()
-    ours = NumpyBackend(open_model(out))
+    ours = NumpyBackend(exported)
     logits = ours.forward(ids, ours.new_cache(len(ids)), all_logits=True)
     base = NumpyBackend(open_model(trained.f32))
     before = base.forward(ids, base.new_cache(len(ids)), all_logits=True)
     assert np.abs(before - ref).max() > 0.5  # the adapter changes the model measurably
-    assert np.abs(logits - ref).max() <= 1e-4, np.abs(logits - ref).max()  # measured 7e-6
+    # float32 rounding through two layers, numpy against torch, on a model trained on the
+    # machine at hand: 7e-6 of logits up to ~10 on one machine, 6.9e-4 on a CI machine. The
+    # weights above are the exact check; a wrong scale, row order or module moves logits > 0.1
+    err = np.abs(logits - ref).max()
+    assert err <= 5e-4 * np.abs(ref).max(), (err, np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")
